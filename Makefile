@@ -1,0 +1,17 @@
+# One command to install, one to test. PYTHON is the interpreter of the environment to install into.
+PYTHON ?= python3
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install test lint bench
+install:
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install -c requirements.lock -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check kip experiments methods tests bench
+
+bench:
+	$(PYTHON) -m bench.kip_step

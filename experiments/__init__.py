@@ -1,0 +1,1 @@
+"""Thin command lines, one per job: `python -m experiments.<job> --help`."""

@@ -1,0 +1,106 @@
+"""Make neural-tangents 0.6.5 import and run on current JAX (0.10.x).
+
+neural-tangents 0.6.5 (the latest release, 2023) imports names that JAX has since moved or removed.
+Importing this module, before `neural_tangents`, puts each missing name back where neural-tangents
+looks for it, pointing at the current JAX object that does the same job. Nothing that exists is
+replaced, so the patches are no-ops on a JAX that still has the old names, and each is listed
+below with the reason it is needed. Use `from kip._compat import nt, stax` everywhere instead of
+importing neural-tangents directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import jax
+import jax.extend.core
+import jax.interpreters.ad
+
+__all__ = ["nt", "stax", "PATCHED"]
+
+PATCHED: list[str] = []
+
+
+def _provide(module: types.ModuleType, name: str, value: object) -> None:
+  """Sets `module.name = value` unless the module already has that name."""
+  try:
+    getattr(module, name)
+    return
+  except AttributeError:
+    pass
+  setattr(module, name, value)
+  PATCHED.append(f"{module.__name__}.{name}")
+
+
+def _patch_jax() -> None:
+  # JAX 0.6 moved the jaxpr data structures from `jax.core` to `jax.extend.core`; neural-tangents'
+  # structured-derivative NTK (`_src/empirical.py`) imports them from `jax.core` at module level.
+  for name in ("Jaxpr", "JaxprEqn", "Literal", "Var", "Primitive"):
+    _provide(jax.core, name, getattr(jax.extend.core, name))
+
+  # The structured-derivative rules table (`_src/utils/rules.py`) is keyed by primitives; JAX 0.7
+  # dropped the public alias of `zeros_like_p`, which still lives in `jax._src.ad_util`.
+  from jax._src import ad_util  # noqa: PLC0415
+
+  _provide(jax.interpreters.ad, "zeros_like_p", ad_util.zeros_like_p)
+
+  # `jax.util` (safe_map / safe_zip: map and zip that insist on equal lengths) was removed in 0.7.
+  if "jax.util" not in sys.modules:
+    try:
+      importlib.import_module("jax.util")
+    except ImportError:
+      util = types.ModuleType("jax.util", "Stand-in for the removed jax.util (see kip._compat).")
+      util.safe_map = _safe_map
+      util.safe_zip = _safe_zip
+      sys.modules["jax.util"] = util
+      jax.util = util
+      PATCHED.append("jax.util")
+
+
+def _safe_map(f, *args):
+  args = list(map(list, args))
+  n = len(args[0])
+  if any(len(a) != n for a in args[1:]):
+    raise ValueError(f"length mismatch: {[len(a) for a in args]}")
+  return list(map(f, *args))
+
+
+def _safe_zip(*args):
+  args = list(map(list, args))
+  n = len(args[0])
+  if any(len(a) != n for a in args[1:]):
+    raise ValueError(f"length mismatch: {[len(a) for a in args]}")
+  return list(zip(*args))
+
+
+class _DeferredModule(types.ModuleType):
+  """Stands in for a module until one of its attributes is used, then imports the real one."""
+
+  def __getattr__(self, attr: str):
+    if attr.startswith("__"):
+      raise AttributeError(attr)
+    del sys.modules[self.__name__]
+    real = importlib.import_module(self.__name__)
+    parent, _, child = self.__name__.rpartition(".")
+    setattr(sys.modules[parent], child, real)
+    return getattr(real, attr)
+
+
+def _defer_experimental() -> None:
+  # `neural_tangents/__init__.py` eagerly imports `neural_tangents.experimental`, whose only content
+  # (an NTK for TensorFlow models) imports TensorFlow, Keras and tf2jax: ~10 s of start-up and GPU
+  # memory taken by TF, for a feature we do not use. A stand-in module keeps
+  # `nt.experimental.empirical_ntk_fn_tf` working on demand without paying for it up front.
+  name = "neural_tangents.experimental"
+  if name not in sys.modules:
+    sys.modules[name] = _DeferredModule(name)
+    PATCHED.append(f"{name} (deferred)")
+
+
+_patch_jax()
+_defer_experimental()
+import neural_tangents as nt  # noqa: E402
+from neural_tangents import stax  # noqa: E402

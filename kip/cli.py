@@ -1,0 +1,107 @@
+"""Command-line plumbing shared by `experiments/`: flags generated from a config dataclass, the
+workdir and its `config.json`, and one-line errors for mistakes a user can make.
+
+A job's config is one frozen dataclass; each field's `metadata` holds its help (and choices), so
+a flag and its default exist once. Booleans become `--flag/--no-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+
+from kip.data import DataError
+from kip.io import FileFormatError, atomic_write
+from kip.loop import NonFiniteLossError
+
+__all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log"]
+
+
+class UserError(ValueError):
+  """A mistake on the command line or in the workdir; reported in one line."""
+
+
+USER_ERRORS = (UserError, DataError, FileFormatError, NonFiniteLossError)
+
+
+def field(default, help: str, choices: Sequence | None = None, **kwargs):  # noqa: A002
+  """A config field with its flag's help text (and choices)."""
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices}, **kwargs)
+
+
+def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
+                 positional: Sequence[str] = ()):
+  """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`."""
+  parser = argparse.ArgumentParser(
+      description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  hints = typing.get_type_hints(config_cls)
+  for f in dataclasses.fields(config_cls):
+    kind = hints[f.name]
+    name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
+    kwargs = {"help": f.metadata.get("help", ""), "default": f.default}
+    if f.name in positional:
+      kwargs.pop("default")
+    if kind is bool:
+      kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+      kwargs["type"] = kind if kind in (int, float, str) else str
+      if f.metadata.get("choices"):
+        kwargs["choices"] = f.metadata["choices"]
+    parser.add_argument(name, **kwargs)
+  args = parser.parse_args(argv)
+  return config_cls(**vars(args))
+
+
+def log(message: str) -> None:
+  """Human-readable progress lines (metrics go to metrics.jsonl, not here)."""
+  print(message, file=sys.stderr, flush=True)
+
+
+def describe_devices() -> str:
+  import jax  # noqa: PLC0415
+
+  devices = jax.devices()
+  return f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
+
+
+def prepare_workdir(config, job: str, name_parts: Sequence[str],
+                    ignore: Sequence[str] = ("workdir", "manual_dir", "data_dir", "progress",
+                                             "steps", "eval_every")) -> str:
+  """Creates the workdir (default: a new folder under ./runs) and writes or checks config.json.
+
+  Re-running in a workdir that holds a run with other settings is refused (fields in `ignore`
+  may differ: paths, display, and `steps`, so a finished run can be extended).
+  """
+  workdir = config.workdir or os.path.join(
+      "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
+  current = dataclasses.asdict(config) | {"workdir": workdir, "job": job}
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    differ = [k for k in current if k not in ignore and previous.get(k) != current[k]]
+    if differ:
+      changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
+      raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
+                      "--workdir to start afresh")
+  os.makedirs(workdir, exist_ok=True)
+  atomic_write(path, (json.dumps(current, indent=2) + "\n").encode())
+  return workdir
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
+  """Runs a job's main: user errors print one line and exit 2, Ctrl-C says how to resume."""
+  try:
+    sys.exit(main(None) or 0)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: re-run the same command (same --workdir) to resume", file=sys.stderr)
+    sys.exit(130)

@@ -1,0 +1,197 @@
+"""Distilled sets on disk: our `distilled.npz` and the KIP/LS authors' released `.npz` files.
+
+Both share the released layout: `images` (N, H, W, C) float32 in preprocessed space and `labels`
+(N, C) float32. Ours adds metadata keys (dataset, preprocessing and its parameters, kernel, step,
+seed, config) that a reader of the released format ignores. Released files are recognised by their
+published names (and the common renames), from which ssize, ZCA, label learning, augmentation and
+checkpoint are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from kip.data import DATASETS, Preprocessor
+
+__all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "save_distilled",
+           "load_distilled", "parse_release_name"]
+
+
+class FileFormatError(ValueError):
+  """A distilled-set file that cannot be used as one; the message says what is wrong."""
+
+
+def atomic_write(path: str, content: bytes | dict[str, np.ndarray]) -> None:
+  """Writes bytes, or a dict of arrays as .npz, to a temporary file, then renames it to `path`.
+
+  A crash leaves either the old file or the new one, never half of one.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  if isinstance(content, dict):
+    buffer = io.BytesIO()
+    np.savez(buffer, **content)
+    content = buffer.getvalue()
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+@dataclasses.dataclass
+class DistilledSet:
+  """images: (N, H, W, C) float32, preprocessed; labels: (N, C) float32.
+
+  meta: dataset, kernel, step, seed, ... (strings and numbers); preprocessor: how `images` were
+  mapped from pixels, when known (ours always; released sets through `release`).
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  meta: dict = dataclasses.field(default_factory=dict)
+  preprocessor: Preprocessor | None = None
+  release: ReleaseInfo | None = None
+
+  @property
+  def dataset(self) -> str | None:
+    return self.meta.get("dataset") or (self.release.dataset if self.release else None)
+
+  @property
+  def zca(self) -> bool | None:
+    """Whether the images live in ZCA space (None: unknown)."""
+    if self.preprocessor is not None:
+      return self.preprocessor.zca is not None
+    return self.release.zca if self.release else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseInfo:
+  """What a released file's name says: `kip/mnist/ConvNet_ssize100_nozca_l_noaug_ckpt1000.npz`."""
+
+  method: str | None  # "kip" or "ls"
+  dataset: str | None
+  arch: str | None
+  ssize: int
+  zca: bool
+  learned_labels: bool | None
+  augmented: bool | None
+  checkpoint: int | None
+
+
+_RELEASE_RE = re.compile(
+    r"ssize(?P<ssize>\d+)_(?P<zca>zca|nozca)(?:_(?P<labels>l|nol))?(?:_(?P<aug>aug|noaug))?"
+    r"(?:_ckpt(?P<ckpt>\d+))?$")
+
+
+def parse_release_name(path: str) -> ReleaseInfo | None:
+  """Reads the released-set naming scheme leniently; None when the name does not follow it.
+
+  Accepts `kip/{dataset}/{Arch}_ssize{N}_{zca|nozca}_{l|nol}_{aug|noaug}_ckpt{K}.npz`,
+  `ls/{dataset}/{Arch}_ssize{N}_{zca|nozca}.npz`, copies without the `Arch_` prefix and DC-Bench's
+  `kip_{dataset}_{Arch}_ssize{N}_...npz`; method and dataset may also come from the folders.
+  """
+  stem = os.path.basename(path)
+  stem = stem[:-4] if stem.endswith(".npz") else stem
+  match = _RELEASE_RE.search(stem)
+  if match is None:
+    return None
+  prefix = stem[:match.start()].strip("_")
+  folders = os.path.normpath(path).split(os.sep)[:-1]
+  method = next((p for p in reversed(folders) if p in ("kip", "ls")), None)
+  dataset = next((p for p in reversed(folders) if p in DATASETS), None)
+  head, _, rest = prefix.partition("_")
+  if head in ("kip", "ls"):
+    method, prefix = head, rest
+  for name in sorted(DATASETS, key=len, reverse=True):  # fashion_mnist before mnist
+    if prefix == name or prefix.startswith(name + "_"):
+      dataset, prefix = name, prefix[len(name):].strip("_")
+      break
+  return ReleaseInfo(
+      method=method, dataset=dataset, arch=prefix or None, ssize=int(match["ssize"]),
+      zca=match["zca"] == "zca",
+      learned_labels=None if match["labels"] is None else match["labels"] == "l",
+      augmented=None if match["aug"] is None else match["aug"] == "aug",
+      checkpoint=None if match["ckpt"] is None else int(match["ckpt"]))
+
+
+def save_distilled(path: str, distilled: DistilledSet) -> None:
+  """Writes `distilled` atomically in the released layout plus our metadata keys."""
+  arrays = {"images": np.asarray(distilled.images, np.float32),
+            "labels": np.asarray(distilled.labels, np.float32)}
+  for key, value in distilled.meta.items():
+    arrays[key] = np.asarray(json.dumps(value) if isinstance(value, dict) else value)
+  if distilled.preprocessor is not None:
+    arrays.update(distilled.preprocessor.to_arrays())
+  _check(arrays["images"], arrays["labels"], path, distilled.dataset)
+  atomic_write(path, arrays)
+
+
+_META_KEYS = ("dataset", "kernel", "kernel_type", "method", "step", "seed", "ipc", "config")
+
+
+def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
+  """Loads ours or a released KIP/LS set; raises FileFormatError with one line on bad files.
+
+  Args:
+    dataset: the dataset the caller will use the set with; checked against the file's own.
+  """
+  if not os.path.exists(path):
+    raise FileFormatError(f"{path}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
+  except Exception as e:  # noqa: BLE001  (zip, pickle and value errors all mean "not an npz")
+    raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
+  for key in ("images", "labels"):
+    if key not in arrays:
+      alt = {"x_proto": "FRePo", "x_syn": "a trajectory-matching run"}
+      hint = next((f" (looks like {v}'s format)" for k, v in alt.items() if k in arrays), "")
+      raise FileFormatError(f"{path}: missing key {key!r}{hint}; found {sorted(arrays)}")
+  meta = {}
+  for key in _META_KEYS:
+    if key in arrays:
+      value = arrays[key].item()
+      meta[key] = json.loads(value) if key == "config" else value
+  release = None if "dataset" in meta else parse_release_name(path)
+  distilled = DistilledSet(np.asarray(arrays["images"], np.float32),
+                           np.asarray(arrays["labels"], np.float32), meta,
+                           Preprocessor.from_arrays(arrays), release)
+  if dataset is not None and distilled.dataset not in (None, dataset):
+    raise FileFormatError(f"{path}: made from {distilled.dataset}, not {dataset}")
+  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset)
+  return distilled
+
+
+def _check(images: np.ndarray, labels: np.ndarray, path: str, dataset: str | None) -> None:
+  if images.ndim != 4:
+    raise FileFormatError(f"{path}: images must be (N, H, W, C), got shape {images.shape}")
+  if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+    raise FileFormatError(f"{path}: images look NCHW {images.shape}; transpose to NHWC "
+                          "(N, H, W, C) first")
+  if labels.ndim != 2 or len(labels) != len(images):
+    raise FileFormatError(f"{path}: labels must be (N, C) with N = {len(images)}, got "
+                          f"{labels.shape}")
+  if dataset is not None and dataset in DATASETS:
+    shape, num_classes = DATASETS[dataset]
+    if labels.shape[1] != num_classes:
+      raise FileFormatError(f"{path}: labels have width {labels.shape[1]}, but {dataset} has "
+                            f"{num_classes} classes")
+    if images.shape[1:] != shape:
+      raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are {shape}")
+  for key, value in (("images", images), ("labels", labels)):
+    if not np.all(np.isfinite(value)):
+      raise FileFormatError(f"{path}: {key} contain NaN or infinite values")

@@ -1,0 +1,82 @@
+"""The pieces every kernel job assembles: preprocessed data, the initial support set, the KRR
+evaluator on the full test split, and the distilled-set writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from kip.data import (Preprocessor, centered_one_hot, check_dataset, class_balanced_indices,
+                      fit_preprocessor, load_dataset)
+from kip.io import DistilledSet, save_distilled
+from kip.kernels import Kernel, rows_per_block
+from kip.krr import evaluate
+
+__all__ = ["Data", "prepare_data", "initial_support", "make_evaluator", "write_distilled"]
+
+
+class Data(NamedTuple):
+  """Preprocessed splits. x_*: (n, H, W, C) float32; y_train: (n, C) centred one-hot;
+  labels_*: (n,) int32."""
+
+  x_train: np.ndarray
+  y_train: np.ndarray
+  labels_train: np.ndarray
+  x_test: np.ndarray
+  labels_test: np.ndarray
+  preprocessor: Preprocessor
+  num_classes: int
+
+
+def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
+                 manual_dir: str | None = None, val_size: int = 0, seed: int = 0,
+                 preprocessor: Preprocessor | None = None) -> Data:
+  """Loads `dataset`, fits the preprocessing on its training split (unless one is given) and
+  applies it to train and test. With `val_size`, the held-out validation split is the test set."""
+  _, num_classes = check_dataset(dataset)
+  splits = load_dataset(dataset, data_dir=data_dir or None, manual_dir=manual_dir or None,
+                        val_size=val_size, seed=seed)
+  train = splits["train"]
+  test = splits["validation"] if val_size else splits["test"]
+  preprocessor = preprocessor or fit_preprocessor(train.images, zca=zca)
+  return Data(preprocessor.apply(train.images), centered_one_hot(train.labels, num_classes),
+              train.labels, preprocessor.apply(test.images), test.labels, preprocessor,
+              num_classes)
+
+
+def initial_support(data: Data, ipc: int, seed: int, init: str = "real"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """`ipc` images per class: class-balanced real training images, or Gaussian noise with the
+  training set's per-pixel scale; labels are centred one-hot. Returns (n_s, H, W, C), (n_s, C)."""
+  rng = np.random.default_rng([seed, 0])
+  idx = class_balanced_indices(data.labels_train, ipc, rng, data.num_classes)
+  labels = data.labels_train[idx]
+  if init == "real":
+    x = data.x_train[idx]
+  elif init == "noise":
+    scale = data.x_train[:10000].std()
+    x = (rng.standard_normal((len(idx),) + data.x_train.shape[1:]) * scale).astype(np.float32)
+  else:
+    raise ValueError(f"unknown init {init!r}; choose real or noise")
+  return x, centered_one_hot(labels, data.num_classes)
+
+
+def make_evaluator(kernel: Kernel, data: Data, *, reg: float, block_memory_mb: float = 1024
+                   ) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
+  """(x_support, y_support) -> {"test_acc", "test_mse"} by KRR on the whole test split."""
+
+  def evaluator(x_support, y_support):
+    rows = rows_per_block(kernel, data.x_test.shape[1:], len(x_support), block_memory_mb * 2**20)
+    return evaluate(kernel.kernel_fn, x_support, y_support, data.x_test, data.labels_test,
+                    reg=reg, block_rows=min(rows, len(data.x_test)))
+
+  return evaluator
+
+
+def write_distilled(path: str, x: np.ndarray, y: np.ndarray, data: Data, meta: dict) -> None:
+  """Saves the support set with its preprocessing and metadata (atomically)."""
+  save_distilled(path, DistilledSet(np.asarray(x), np.asarray(y), meta, data.preprocessor))
