@@ -1,6 +1,6 @@
 # One command to install, one to test. PYTHON is the interpreter of the environment to install into.
 PYTHON ?= python3
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+
 
 .PHONY: install test lint bench
 install:

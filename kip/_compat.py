@@ -73,7 +73,7 @@ def _safe_zip(*args):
   n = len(args[0])
   if any(len(a) != n for a in args[1:]):
     raise ValueError(f"length mismatch: {[len(a) for a in args]}")
-  return list(zip(*args))
+  return list(zip(*args, strict=True))
 
 
 class _DeferredModule(types.ModuleType):

@@ -35,11 +35,17 @@ def field(default, help: str, choices: Sequence | None = None, **kwargs):  # noq
   return dataclasses.field(default=default, metadata={"help": help, "choices": choices}, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):
+    # One line instead of argparse's usage block; --help has the rest.
+    raise UserError(f"{message} (see --help)")
+
+
 def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
                  positional: Sequence[str] = ()):
   """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`."""
-  parser = argparse.ArgumentParser(
-      description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = _Parser(description=description,
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
     kind = hints[f.name]

@@ -126,7 +126,8 @@ def load_dataset(
 
 def _import_tfds():
   # Imported here, not at module level: TensorFlow costs seconds to import and must never take
-  # accelerator memory that JAX needs.
+  # accelerator memory that JAX needs. Its C++ start-up chatter (CUDA probes) is silenced.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import tensorflow as tf  # noqa: PLC0415
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -201,8 +202,8 @@ class Preprocessor:
       return None
     zca = np.asarray(arrays["pre_zca"], np.float64) if "pre_zca" in arrays else None
     reg = float(arrays["zca_reg"]) if "zca_reg" in arrays else None
-    return cls(np.asarray(arrays["pre_mean"], np.float64), np.asarray(arrays["pre_std"], np.float64),
-               zca, reg)
+    mean = np.asarray(arrays["pre_mean"], np.float64)
+    return cls(mean, np.asarray(arrays["pre_std"], np.float64), zca, reg)
 
 
 def _layer_norm(x: np.ndarray) -> np.ndarray:

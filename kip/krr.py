@@ -97,7 +97,8 @@ def label_solve(kernel_fn: Callable, x_support: jax.Array, x_target: np.ndarray,
   """
   n_s, n_t = len(x_support), len(x_target)
   if n_t < n_s:
-    raise ValueError(f"Label Solve needs at least as many targets as support images ({n_t} < {n_s})")
+    raise ValueError(
+        f"Label Solve needs at least as many targets as support images ({n_t} < {n_s})")
   x_support = jnp.asarray(x_support)
   gram = np.zeros((n_s, n_s))
   rhs = np.zeros((n_s, y_target.shape[1]))

@@ -10,8 +10,14 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from kip.data import (Preprocessor, centered_one_hot, check_dataset, class_balanced_indices,
-                      fit_preprocessor, load_dataset)
+from kip.data import (
+  Preprocessor,
+  centered_one_hot,
+  check_dataset,
+  class_balanced_indices,
+  fit_preprocessor,
+  load_dataset,
+)
 from kip.io import DistilledSet, save_distilled
 from kip.kernels import Kernel, rows_per_block
 from kip.krr import evaluate

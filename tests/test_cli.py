@@ -1,0 +1,107 @@
+"""The command lines end to end on real MNIST at a small size, and their one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from kip.io import load_distilled
+from kip.loop import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def kip_args(workdir, manual_dir, data_dir, steps):
+  return ["--dataset", "mnist", "--ipc", "2", "--kernel", "fc", "--steps", str(steps),
+          "--target-batch", "500", "--eval-every", "10", "--checkpoint-every", "10",
+          "--workdir", str(workdir), "--manual-dir", manual_dir, "--data-dir", data_dir,
+          "--no-progress"]
+
+
+def test_kip_command_distils_real_mnist_and_resumes(tmp_path, manual_dir, data_dir):
+  full = run_cli("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30))
+  assert full.returncode == 0, full.stderr
+  assert "final KRR test accuracy" in full.stdout
+  for name in ("config.json", "metrics.jsonl", "distilled.npz", "checkpoints"):
+    assert (tmp_path / "full" / name).exists()
+  records = read_metrics(tmp_path / "full" / "metrics.jsonl")
+  evals = [r for r in records if "test_acc" in r]
+  assert [r["step"] for r in evals] == [0, 10, 20, 30]
+  # Step 0 is the random class-balanced real subset: KIP must beat it clearly.
+  assert evals[-1]["test_acc"] > evals[0]["test_acc"] + 0.05
+  assert records[-1]["loss"] < records[1]["loss"]
+  distilled = load_distilled(str(tmp_path / "full" / "distilled.npz"), "mnist")
+  assert distilled.images.shape == (20, 28, 28, 1) and distilled.meta["step"] == 30
+
+  # The same command in two sittings (stopped after 20 steps, then run to 30) ends the same.
+  part = run_cli("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 20))
+  assert part.returncode == 0, part.stderr
+  rest = run_cli("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 30))
+  assert rest.returncode == 0 and "resuming from step 20" in rest.stderr
+  resumed = load_distilled(str(tmp_path / "part" / "distilled.npz"), "mnist")
+  np.testing.assert_allclose(resumed.images, distilled.images, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(resumed.labels, distilled.labels, rtol=1e-5, atol=1e-6)
+
+  # evaluate reproduces the run's own final accuracy from the file alone.
+  ev = run_cli("experiments.evaluate", "--support", str(tmp_path / "full" / "distilled.npz"),
+               "--dataset", "mnist", "--kernel", "fc", "--data-dir", data_dir, "--json-out")
+  assert ev.returncode == 0, ev.stderr
+  assert json.loads(ev.stdout)["test_acc"] == pytest.approx(evals[-1]["test_acc"], abs=2e-4)
+
+  # A different setting in the same workdir is refused in one line.
+  clash = run_cli("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30),
+                  "--lr", "0.1")
+  assert clash.returncode == 2 and "other settings (lr: 0.04 -> 0.1)" in clash.stderr
+  assert "Traceback" not in clash.stderr
+
+
+def test_label_solve_beats_one_hot_labels(tmp_path, manual_dir, data_dir):
+  out = run_cli("experiments.label_solve", "--dataset", "mnist", "--ipc", "2", "--kernel", "fc",
+                "--target-size", "5000", "--workdir", str(tmp_path), "--manual-dir", manual_dir,
+                "--data-dir", data_dir, "--no-progress")
+  assert out.returncode == 0, out.stderr
+  records = {r["labels"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+  assert records["label_solve"]["test_acc"] > records["one_hot"]["test_acc"]
+  assert load_distilled(str(tmp_path / "distilled.npz")).labels.shape == (20, 10)
+
+
+def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
+  """A file with only `images` and `labels`, named as the authors name theirs (nozca): the test
+  split gets standardisation fitted on train, and real images score as they should."""
+  from kip.data import centered_one_hot, class_balanced_indices, fit_preprocessor
+
+  train = mnist["train"]
+  idx = class_balanced_indices(train.labels, 10, np.random.default_rng(0))
+  images = fit_preprocessor(train.images).apply(train.images[idx])
+  folder = tmp_path / "kip" / "mnist"
+  folder.mkdir(parents=True)
+  path = folder / "ConvNet_ssize100_nozca_nol_noaug_ckpt0.npz"
+  np.savez(path, images=images, labels=centered_one_hot(train.labels[idx], 10))
+  out = run_cli("experiments.evaluate", "--support", str(path), "--dataset", "mnist",
+                "--data-dir", data_dir, "--json-out")
+  assert out.returncode == 0, out.stderr
+  assert 0.6 < json.loads(out.stdout)["test_acc"] < 0.9  # 10 real images per class, FC NTK
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.kip", ["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    ("experiments.kip", ["--kernel", "resnet"], "invalid choice: 'resnet'"),
+    ("experiments.kip", ["--ipc", "ten"], "invalid int value"),
+    ("experiments.evaluate", ["--support", "missing.npz"], "missing.npz: no such file"),
+    ("experiments.label_solve", ["--support", "missing.npz"], "missing.npz: no such file"),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, message):
+  out = run_cli(module, *args, "--workdir", str(tmp_path / "w")) if module != \
+      "experiments.evaluate" else run_cli(module, *args)
+  assert out.returncode == 2
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and message in lines[0], out.stderr
+  assert not (tmp_path / "w" / "distilled.npz").exists()
+
+
+def test_malformed_file_is_rejected_in_one_line(tmp_path):
+  path = tmp_path / "nchw.npz"
+  np.savez(path, images=np.zeros((10, 1, 28, 28)), labels=np.zeros((10, 10)))
+  out = run_cli("experiments.evaluate", "--support", str(path), "--dataset", "mnist")
+  assert out.returncode == 2 and "NCHW" in out.stderr and "Traceback" not in out.stderr

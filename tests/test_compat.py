@@ -1,0 +1,157 @@
+"""neural-tangents 0.6.5 on current JAX: kernels against closed forms, Monte Carlo and finite
+differences, `nt.batch` and `nt.empirical_ntk_fn` against independent computations."""
+
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kip._compat import PATCHED, nt, stax
+
+W_STD, B_STD = math.sqrt(2.0), 0.1
+
+
+def arccos_fc(x1, x2, depth):
+  """Closed-form NNGP and NTK of Flatten, depth x [Dense, ReLU], Dense, in float64 NumPy.
+
+  ReLU: E[relu(u) relu(v)] = sqrt(q1 q2)/(2 pi) (sin t + (pi - t) cos t) and
+  E[relu'(u) relu'(v)] = (pi - t)/(2 pi), with cos t = q12 / sqrt(q1 q2) (Cho & Saul 2009).
+  """
+  x1 = x1.reshape(len(x1), -1).astype(np.float64)
+  x2 = x2.reshape(len(x2), -1).astype(np.float64)
+  d = x1.shape[1]
+  q12 = W_STD**2 * x1 @ x2.T / d + B_STD**2
+  q1 = W_STD**2 * (x1**2).sum(1) / d + B_STD**2
+  q2 = W_STD**2 * (x2**2).sum(1) / d + B_STD**2
+  ntk = q12.copy()
+  for _ in range(depth):
+    norms = np.sqrt(np.outer(q1, q2))
+    t = np.arccos(np.clip(q12 / norms, -1, 1))
+    relu = norms / (2 * np.pi) * (np.sin(t) + (np.pi - t) * np.cos(t))
+    relu_dot = (np.pi - t) / (2 * np.pi)
+    new_q12 = W_STD**2 * relu + B_STD**2
+    ntk = new_q12 + W_STD**2 * relu_dot * ntk
+    q12 = new_q12
+    q1 = W_STD**2 * q1 / 2 + B_STD**2
+    q2 = W_STD**2 * q2 / 2 + B_STD**2
+  return q12, ntk
+
+
+def fc_kernel(depth):
+  layers = [stax.Flatten()]
+  for _ in range(depth):
+    layers += [stax.Dense(512, W_STD, B_STD), stax.Relu()]
+  return stax.serial(*layers, stax.Dense(1, W_STD, B_STD))
+
+
+def rel_frobenius(a, b):
+  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_fc_kernels_match_arccos_closed_form(depth):
+  rng = np.random.default_rng(depth)
+  x1 = rng.normal(size=(7, 4, 4, 2)).astype(np.float32)
+  x2 = rng.normal(size=(5, 4, 4, 2)).astype(np.float32)
+  _, _, kernel_fn = fc_kernel(depth)
+  nngp_ref, ntk_ref = arccos_fc(x1, x2, depth)
+  k = kernel_fn(x1, x2, ("nngp", "ntk"))
+  assert rel_frobenius(k.nngp, nngp_ref) < 1e-5
+  assert rel_frobenius(k.ntk, ntk_ref) < 1e-5
+  with jax.enable_x64(True):  # float64 through neural-tangents: agreement to round-off
+    k64 = kernel_fn(jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64), "ntk")
+    assert k64.dtype == jnp.float64
+    assert rel_frobenius(k64, ntk_ref) < 1e-12
+
+
+def test_nt_batch_matches_closed_form():
+  rng = np.random.default_rng(0)
+  x1 = rng.normal(size=(12, 10)).astype(np.float32)
+  x2 = rng.normal(size=(8, 10)).astype(np.float32)
+  _, _, kernel_fn = fc_kernel(2)
+  batched = nt.batch(kernel_fn, batch_size=4, store_on_device=False)
+  _, ntk_ref = arccos_fc(x1, x2, 2)
+  assert rel_frobenius(batched(x1, x2, "ntk"), ntk_ref) < 1e-5
+
+
+def test_conv_kernel_matches_finite_width_monte_carlo():
+  """One hidden 3x3 conv layer: the NNGP and NTK are expectations over random finite networks of
+  quantities that are exactly unbiased at any width (the pre-activations of the first layer are
+  exactly Gaussian), so the Monte Carlo mean must land within a few standard errors."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 6, 6, 2)).astype(np.float32)
+  _, _, kernel_fn = stax.serial(stax.Conv(1, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD),
+                                stax.Relu(), stax.Flatten(), stax.Dense(1, W_STD, B_STD))
+  exact = kernel_fn(x, x, ("nngp", "ntk"))
+
+  width, samples = 64, 400
+  fan_in, pixels = 9 * x.shape[-1], 36
+  patches = np.stack([np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, i:i + 6, j:j + 6]
+                      for i in range(3) for j in range(3)], axis=3).reshape(3, pixels, fan_in)
+
+  def one_sample(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    w1 = jax.random.normal(k1, (fan_in, width))
+    b1 = jax.random.normal(k2, (width,))
+    w2 = jax.random.normal(k3, (pixels * width,))
+    h = W_STD / np.sqrt(fan_in) * patches @ w1 + B_STD * b1  # (n, pixels, width)
+    act = jax.nn.relu(h).reshape(3, -1)
+    deriv = (h > 0).reshape(3, -1)
+    n_out = pixels * width
+    nngp = W_STD**2 / n_out * act @ act.T + B_STD**2
+    # NTK parameterisation: d f / d (first-layer weights and biases) contributes
+    # W_std^2 / n_out * sum_units w2^2 relu'(h) relu'(h') (W_std^2 <patch, patch'>/fan_in + b^2).
+    inner = W_STD**2 / fan_in * jnp.einsum("apf,bpf->abp", patches, patches) + B_STD**2
+    g = deriv.reshape(3, pixels, width) * w2.reshape(pixels, width)
+    first = W_STD**2 / n_out * jnp.einsum("apw,bpw,abp->ab", g, g, inner)
+    return nngp, nngp + first
+
+  nngps, ntks = jax.vmap(one_sample)(jax.random.split(jax.random.key(0), samples))
+  for mc, ref in ((nngps, exact.nngp), (ntks, exact.ntk)):
+    mean = np.asarray(mc).mean(0)
+    stderr = np.asarray(mc).std(0) / np.sqrt(samples)
+    assert np.all(np.abs(mean - np.asarray(ref)) < 5 * stderr + 1e-6), (mean, ref, stderr)
+
+
+def test_gradient_through_kernel_matches_finite_differences():
+  rng = np.random.default_rng(2)
+  _, _, kernel_fn = stax.serial(stax.Conv(4, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD),
+                                stax.Relu(), stax.AvgPool((2, 2), (2, 2)), stax.Flatten(),
+                                stax.Dense(1, W_STD, B_STD))
+  with jax.enable_x64(True):
+    xs = jnp.asarray(rng.normal(size=(3, 4, 4, 1)))
+    xt = jnp.asarray(rng.normal(size=(2, 4, 4, 1)))
+
+    def loss(x):
+      return jnp.sum(kernel_fn(xt, x, "ntk") ** 2) + jnp.sum(kernel_fn(x, x, "ntk"))
+
+    grad = np.asarray(jax.grad(loss)(xs))
+    assert np.all(np.isfinite(grad))
+    direction = rng.normal(size=xs.shape)
+    eps = 1e-5
+    fd = (loss(xs + eps * direction) - loss(xs - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(np.sum(grad * direction), float(fd), rtol=1e-6)
+
+
+def test_empirical_ntk_matches_explicit_jacobian_contraction():
+  init_fn, apply_fn, _ = stax.serial(stax.Dense(16, W_STD, B_STD), stax.Relu(),
+                                     stax.Dense(3, W_STD, B_STD))
+  x = np.random.default_rng(3).normal(size=(4, 5)).astype(np.float32)
+  _, params = init_fn(jax.random.key(0), x.shape)
+  ntk = nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0)(x, None, params)
+  jac = jax.jacobian(apply_fn)(params, x)  # pytree of (n, out, *param_shape)
+  flat = np.concatenate([np.asarray(j, np.float64).reshape(4, 3, -1)
+                         for j in jax.tree_util.tree_leaves(jac)], axis=-1)
+  reference = np.einsum("aip,bjp->abij", flat, flat)
+  assert rel_frobenius(ntk, reference) < 1e-5
+
+
+def test_patches_are_listed_and_tensorflow_is_not_imported():
+  assert "jax.core.Jaxpr" in PATCHED or hasattr(jax.core, "Jaxpr")
+  code = "import sys, kip._compat; print('tensorflow' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"

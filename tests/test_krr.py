@@ -1,0 +1,79 @@
+"""KRR and Label Solve against float64 NumPy."""
+
+import numpy as np
+import pytest
+
+from kip.kernels import kernel_in_blocks, make_kernel
+from kip.krr import add_ridge, evaluate, krr_predict, label_solve
+
+RNG = np.random.default_rng(0)
+
+
+def spd(n):
+  a = RNG.normal(size=(n, n))
+  return a @ a.T + n * np.eye(n)
+
+
+def test_krr_predict_matches_float64_solve():
+  k_ss, k_ts = spd(20), RNG.normal(size=(7, 20))
+  y = RNG.normal(size=(20, 3))
+  reg = 1e-3
+  ridge = k_ss + reg * np.trace(k_ss) / 20 * np.eye(20)
+  expected = k_ts @ np.linalg.solve(ridge, y)
+  got = krr_predict(k_ts.astype(np.float32), k_ss.astype(np.float32), y.astype(np.float32), reg)
+  assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+  np.testing.assert_allclose(add_ridge(np.eye(4), 0.5), 1.5 * np.eye(4))
+
+
+def fc_numpy(x1, x2):
+  """The depth-1 FC NTK in float64, for references independent of neural-tangents."""
+  from test_compat import arccos_fc
+
+  return arccos_fc(x1, x2, 1)[1]
+
+
+def test_kernel_blocks_match_whole_kernel_reference():
+  kernel = make_kernel("fc")
+  x1 = RNG.normal(size=(23, 3, 3, 1)).astype(np.float32)
+  x2 = RNG.normal(size=(6, 3, 3, 1)).astype(np.float32)
+  got = kernel_in_blocks(kernel.kernel_fn, x1, x2, block_rows=5)
+  assert got.shape == (23, 6)
+  np.testing.assert_allclose(got, fc_numpy(x1, x2), rtol=1e-5)
+
+
+def test_evaluate_matches_numpy_krr():
+  kernel = make_kernel("fc")
+  xs = RNG.normal(size=(10, 2, 2, 1)).astype(np.float32)
+  ys = np.eye(3)[RNG.integers(0, 3, 10)] - 1 / 3
+  xt = RNG.normal(size=(37, 2, 2, 1)).astype(np.float32)
+  labels = RNG.integers(0, 3, 37)
+  k_ss, k_ts = fc_numpy(xs, xs), fc_numpy(xt, xs)
+  pred = k_ts @ np.linalg.solve(k_ss + 1e-6 * np.trace(k_ss) / 10 * np.eye(10), ys)
+  result = evaluate(kernel.kernel_fn, xs, ys.astype(np.float32), xt, labels, block_rows=8)
+  assert result["test_acc"] == pytest.approx(np.mean(pred.argmax(1) == labels))
+  targets = np.eye(3)[labels] - 1 / 3
+  assert result["test_mse"] == pytest.approx(0.5 * np.mean((pred - targets) ** 2), rel=1e-3)
+
+
+def test_label_solve_is_the_least_squares_optimum():
+  """The solved labels minimise ||K_ts (K_ss + ridge)^-1 y_s - y_t||: compare with NumPy's
+  least squares in float64, and check they beat the one-hot labels on the target loss."""
+  kernel = make_kernel("fc")
+  xs = RNG.normal(size=(6, 3, 3, 1)).astype(np.float32)
+  xt = RNG.normal(size=(50, 3, 3, 1)).astype(np.float32)
+  yt = (np.eye(2)[RNG.integers(0, 2, 50)] - 0.5).astype(np.float32)
+  reg = 1e-6
+  got = label_solve(kernel.kernel_fn, xs, xt, yt, reg=reg, block_rows=16)
+  k_ss, k_ts = fc_numpy(xs, xs), fc_numpy(xt, xs)
+  ridge = k_ss + reg * np.trace(k_ss) / 6 * np.eye(6)
+  z, *_ = np.linalg.lstsq(k_ts, yt.astype(np.float64), rcond=None)
+  expected = ridge @ z
+
+  def loss(y):
+    return np.mean((k_ts @ np.linalg.solve(ridge, y) - yt) ** 2)
+
+  assert loss(got) == pytest.approx(loss(expected), rel=1e-3)
+  assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-2
+  assert loss(got) < loss(np.eye(2)[RNG.integers(0, 2, 6)] - 0.5)
+  with pytest.raises(ValueError, match="at least as many targets"):
+    label_solve(kernel.kernel_fn, xt, xs, yt[:6])
