@@ -44,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
                  positional: Sequence[str] = ()):
   """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`."""
-  parser = _Parser(description=description,
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  parser = _Parser(prog=f"python -m {spec.name}" if spec else None, description=description,
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):

@@ -134,7 +134,16 @@ def read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+      # A run killed mid-append leaves at most a partial last line; its step is redone anyway.
+  return records
 
 
 def _last_eval(path: str) -> dict[str, float]:

@@ -92,3 +92,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt_00000003.npz"]
   with open(tmp_path / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
+
+
+def test_partial_last_metrics_line_from_a_kill_is_ignored(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+  assert [r["step"] for r in read_metrics(path)] == [0, 1]
+  path.write_text('{"step": 0}\n{"ste\n{"step": 2}\n')
+  with pytest.raises(json.JSONDecodeError):
+    read_metrics(path)
