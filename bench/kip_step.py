@@ -2,9 +2,9 @@
 writes it (a jitted `kernel_fn`, `jax.value_and_grad` of the KRR loss, a separate Adam update).
 
 For `fc` and `conv` kernels at a few support and target sizes on MNIST-shaped images, measures
-steps/s (best of 5 interleaved timings), kernel entries/s ((n_t + n_s) x n_s entries per step)
-and the compiled step's peak device memory (XLA's memory analysis: arguments + outputs +
-temporaries). Prints a table, writes JSON.
+steps/s (best of 5 interleaved timings; speed-up = median of the per-round ratios), kernel
+entries/s ((n_t + n_s) x n_s entries per step) and the compiled step's peak device memory (XLA's
+memory analysis: arguments + outputs + temporaries). Prints a table, writes JSON.
 
   python -m bench.kip_step                    # the full table
   python -m bench.kip_step --quick            # two sizes, for a smoke check
@@ -124,7 +124,11 @@ def measure(arch: str, n_support: int, n_target: int, min_seconds: float, rounds
     row[f"{name}_entries_per_s"] = row[f"{name}_steps_per_s"] * entries
   row["ours_peak_bytes"] = _peak(ours.update, state, key, *batches[0])
   row["colab_peak_bytes"] = base_memory(carry, *batches[0])
-  row["speedup"] = row["ours_steps_per_s"] / row["colab_steps_per_s"]
+  # Median of the per-round ratios: each round times both sides back to back, so a burst of load
+  # from elsewhere on the machine shifts one ratio, not the median.
+  row["speedup"] = float(np.median(np.array(rates["ours"]) / np.array(rates["colab"])))
+  row["speedup_min_max"] = [float(np.min(np.array(rates["ours"]) / np.array(rates["colab"]))),
+                            float(np.max(np.array(rates["ours"]) / np.array(rates["colab"])))]
   return row
 
 

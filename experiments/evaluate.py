@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+
 from kip import cli
 from kip.data import DATASETS
 from kip.io import load_distilled
@@ -32,6 +35,7 @@ class Config:
                choices=("auto", "yes", "no"))
   reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s")
   block_memory_mb: float = f(1024.0, "memory budget of one kernel block, in MiB")
+  float64: bool = f(False, "kernels and the solve in float64 (slower)")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
   json_out: bool = f(False, "print the result as one JSON line")
@@ -50,8 +54,11 @@ def evaluate_file(config: Config) -> dict[str, float]:
                       manual_dir=config.manual_dir, preprocessor=preprocessor)
   preprocessor = data.preprocessor
   kernel = make_kernel(config.kernel, depth=config.depth, kernel_type=config.kernel_type)
-  evaluator = make_evaluator(kernel, data, reg=config.reg, block_memory_mb=config.block_memory_mb)
-  result = evaluator(distilled.images, distilled.labels)
+  with jax.enable_x64(config.float64):
+    evaluator = make_evaluator(kernel, data, reg=config.reg,
+                               block_memory_mb=config.block_memory_mb,
+                               dtype=jnp.float64 if config.float64 else jnp.float32)
+    result = evaluator(distilled.images, distilled.labels)
   return result | {"n_support": len(distilled.images), "preprocessing": preprocessor.name,
                    "kernel": kernel.name}
 

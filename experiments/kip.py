@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
+
 from kip import cli
 from kip.data import DATASETS
 from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel
@@ -39,6 +42,7 @@ class Config:
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)")
   val_size: int = f(0, "hold out this many training images and evaluate on them instead of test")
   block_memory_mb: float = f(1024.0, "memory budget of one evaluation kernel block, in MiB")
+  float64: bool = f(False, "kernels, solves and the support set in float64 (slower)")
   workdir: str = f("", "run folder (default: a new folder under ./runs); re-use it to resume")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
@@ -47,6 +51,11 @@ class Config:
 
 def distill(config: Config, workdir: str) -> dict[str, float]:
   """Runs KIP as configured in `workdir`; returns the final test metrics."""
+  with jax.enable_x64(config.float64):
+    return _distill(config, workdir, jnp.float64 if config.float64 else jnp.float32)
+
+
+def _distill(config: Config, workdir: str, dtype) -> dict[str, float]:
   data = prepare_data(config.dataset, zca=config.zca, data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
@@ -54,7 +63,7 @@ def distill(config: Config, workdir: str) -> dict[str, float]:
   kernel = make_kernel(config.kernel, depth=config.depth, kernel_type=config.kernel_type)
   x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
   method = make_kip(kernel.kernel_fn, lr=config.lr, learn_labels=config.learn_labels,
-                    reg=config.reg)
+                    reg=config.reg, dtype=dtype)
   meta = {"method": "kip", "dataset": config.dataset, "kernel": kernel.name,
           "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
 
@@ -67,7 +76,7 @@ def distill(config: Config, workdir: str) -> dict[str, float]:
   return run(method, workdir=workdir, config=loop_config, x_train=data.x_train,
              y_train=data.y_train, labels_train=data.labels_train, x_init=x_init, y_init=y_init,
              evaluate=make_evaluator(kernel, data, reg=config.reg,
-                                     block_memory_mb=config.block_memory_mb),
+                                     block_memory_mb=config.block_memory_mb, dtype=dtype),
              save_support=save, log=cli.log, progress=config.progress)
 
 

@@ -114,15 +114,15 @@ def rows_per_block(kernel: Kernel, image_shape: tuple[int, ...], n_cols: int,
 
 def kernel_in_blocks(kernel_fn: Callable, x1: np.ndarray, x2: jax.Array, block_rows: int,
                      progress: Callable | None = None) -> np.ndarray:
-  """K(x1, x2) as a host (n1, n2) float32 array, `block_rows` rows of x1 at a time.
+  """K(x1, x2) as a host (n1, n2) array (the kernel's dtype), `block_rows` rows of x1 at a time.
 
   Each block is padded to `block_rows` so the jitted kernel compiles once; results stream to host
   memory, so only one block lives on the device.
   """
   fn = jax.jit(kernel_fn)  # jit caches by function, so repeated calls compile once
   n1 = len(x1)
-  out = np.empty((n1, len(x2)), np.float32)
   x2 = jnp.asarray(x2)
+  out = None
   with jax.default_matmul_precision("highest"):
     for start in range(0, n1, block_rows):
       block = np.asarray(x1[start:start + block_rows])
@@ -130,7 +130,10 @@ def kernel_in_blocks(kernel_fn: Callable, x1: np.ndarray, x2: jax.Array, block_r
       if rows < block_rows:
         block = np.concatenate([block, np.zeros((block_rows - rows,) + block.shape[1:],
                                                 block.dtype)])
-      out[start:start + rows] = np.asarray(fn(jnp.asarray(block), x2))[:rows]
+      k = np.asarray(fn(jnp.asarray(block, x2.dtype), x2))[:rows]
+      if out is None:
+        out = np.empty((n1, len(x2)), k.dtype)
+      out[start:start + rows] = k
       if progress is not None:
         progress(rows)
   return out

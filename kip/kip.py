@@ -44,7 +44,8 @@ class KipState(NamedTuple):
 
 
 def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: float = 0.04,
-             learn_labels: bool = True, reg: float = DEFAULT_REG) -> Method:
+             learn_labels: bool = True, reg: float = DEFAULT_REG,
+             dtype=jnp.float32) -> Method:
   """KIP with Adam(lr) on the support images, and on the labels when `learn_labels`.
 
   Args:
@@ -52,6 +53,7 @@ def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: floa
     lr: Adam learning rate (the authors' colab: 0.04).
     learn_labels: also learn the support labels; otherwise they stay as initialised.
     reg: ridge strength relative to tr(K_ss)/n_s (the authors': 1e-6).
+    dtype: of the support set and its optimiser state; float64 needs `jax.enable_x64()`.
   """
   optimizer = optax.adam(lr)
 
@@ -71,13 +73,14 @@ def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: floa
 
   def init(key: jax.Array, x_init: jax.Array, y_init: jax.Array) -> KipState:
     del key  # initialisation is deterministic given the initial support set
-    x_init, y_init = jnp.asarray(x_init, jnp.float32), jnp.asarray(y_init, jnp.float32)
+    x_init, y_init = jnp.asarray(x_init, dtype), jnp.asarray(y_init, dtype)
     return KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)))
 
   @jax.jit
   def update(state: KipState, key: jax.Array, x_target: jax.Array, y_target: jax.Array):
     del key  # KIP's step is deterministic given the target batch
     params = trainable(state.x, state.y)
+    x_target, y_target = x_target.astype(state.x.dtype), y_target.astype(state.x.dtype)
     (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, state.y, x_target, y_target)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)

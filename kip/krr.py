@@ -57,8 +57,11 @@ def accuracy(pred: jax.Array, labels: jax.Array) -> jax.Array:
 
 def evaluate(kernel_fn: Callable, x_support: jax.Array, y_support: jax.Array,
              x_test: np.ndarray, labels_test: np.ndarray, *, reg: float = DEFAULT_REG,
-             block_rows: int = 1000, progress: Callable | None = None) -> dict[str, float]:
+             block_rows: int = 1000, progress: Callable | None = None,
+             dtype=None) -> dict[str, float]:
   """KRR test accuracy and MSE of a support set, the test kernel computed in blocks.
+
+  `dtype=jnp.float64` (inside `jax.enable_x64()`) computes kernels and solve in float64.
 
   Args:
     x_support: (n_s, H, W, C) float32; y_support: (n_s, C) float32.
@@ -67,8 +70,8 @@ def evaluate(kernel_fn: Callable, x_support: jax.Array, y_support: jax.Array,
   Returns:
     {"test_acc", "test_mse"}, MSE against centred one-hot targets, KIP's loss convention.
   """
-  x_support = jnp.asarray(x_support)
-  y_support = jnp.asarray(y_support)
+  x_support = jnp.asarray(x_support, dtype)
+  y_support = jnp.asarray(y_support, dtype)
   with jax.default_matmul_precision("highest"):
     alpha = krr_fit(kernel_fn(x_support, x_support), y_support, reg)
   k_ts = kernel_in_blocks(kernel_fn, x_test, x_support, block_rows, progress)

@@ -71,14 +71,14 @@ def initial_support(data: Data, ipc: int, seed: int, init: str = "real"
   return x, centered_one_hot(labels, data.num_classes)
 
 
-def make_evaluator(kernel: Kernel, data: Data, *, reg: float, block_memory_mb: float = 1024
-                   ) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
+def make_evaluator(kernel: Kernel, data: Data, *, reg: float, block_memory_mb: float = 1024,
+                   dtype=None) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
   """(x_support, y_support) -> {"test_acc", "test_mse"} by KRR on the whole test split."""
 
   def evaluator(x_support, y_support):
     rows = rows_per_block(kernel, data.x_test.shape[1:], len(x_support), block_memory_mb * 2**20)
     return evaluate(kernel.kernel_fn, x_support, y_support, data.x_test, data.labels_test,
-                    reg=reg, block_rows=min(rows, len(data.x_test)))
+                    reg=reg, block_rows=min(rows, len(data.x_test)), dtype=dtype)
 
   return evaluator
 

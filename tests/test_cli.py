@@ -105,3 +105,46 @@ def test_malformed_file_is_rejected_in_one_line(tmp_path):
   np.savez(path, images=np.zeros((10, 1, 28, 28)), labels=np.zeros((10, 10)))
   out = run_cli("experiments.evaluate", "--support", str(path), "--dataset", "mnist")
   assert out.returncode == 2 and "NCHW" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual_dir, data_dir):
+  """A real interrupt of the real command (SIGINT once a checkpoint exists), then the same
+  command again: it resumes and ends with the uninterrupted run's distilled set."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT
+
+  def args(workdir):
+    return ["--dataset", "mnist", "--ipc", "1", "--steps", "300", "--target-batch", "200",
+            "--eval-every", "100", "--checkpoint-every", "5", "--workdir", str(workdir),
+            "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
+
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.kip", *args(tmp_path / "cut")],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / "cut" / "checkpoints" / "ckpt_00000010.npz").exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  cut_at = read_metrics(tmp_path / "cut" / "metrics.jsonl")[-1]["step"]
+  assert proc.returncode == 130 and "re-run the same command" in err, err
+  assert cut_at < 300  # it really stopped part-way
+
+  again = run_cli("experiments.kip", *args(tmp_path / "cut"))
+  assert again.returncode == 0 and "resuming from step" in again.stderr, again.stderr
+  straight = run_cli("experiments.kip", *args(tmp_path / "straight"))
+  assert straight.returncode == 0, straight.stderr
+  a = load_distilled(str(tmp_path / "cut" / "distilled.npz"))
+  b = load_distilled(str(tmp_path / "straight" / "distilled.npz"))
+  assert a.meta["step"] == b.meta["step"] == 300
+  np.testing.assert_allclose(a.images, b.images, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a.labels, b.labels, rtol=1e-5, atol=1e-6)
+  steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+  assert steps == list(range(301))

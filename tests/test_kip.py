@@ -76,3 +76,15 @@ def test_kip_on_real_mnist_beats_its_initial_support(mnist):
                              centered_one_hot(train.labels[batch], 10))
   after = evaluate(kernel.kernel_fn, *method.support(state), x_test, l_test)["test_acc"]
   assert after > before + 0.05, (before, after)
+
+
+def test_float64_kip_loss_matches_numpy_to_round_off():
+  import jax.numpy as jnp
+
+  xs, ys, xt, yt = problem()
+  with jax.enable_x64(True):
+    method = make_kip(make_kernel("fc").kernel_fn, dtype=jnp.float64)
+    state = method.init(jax.random.key(0), xs, ys)
+    state, metrics = method.update(state, jax.random.key(0), xt, yt)
+    assert state.x.dtype == jnp.float64
+  assert float(metrics["loss"]) == pytest.approx(numpy_loss(xs, ys, xt, yt), rel=1e-9)

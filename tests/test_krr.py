@@ -77,3 +77,28 @@ def test_label_solve_is_the_least_squares_optimum():
   assert loss(got) < loss(np.eye(2)[RNG.integers(0, 2, 6)] - 0.5)
   with pytest.raises(ValueError, match="at least as many targets"):
     label_solve(kernel.kernel_fn, xt, xs, yt[:6])
+
+
+def test_float64_on_request_matches_numpy_to_round_off():
+  import jax
+  import jax.numpy as jnp
+
+  k_ss, k_ts = spd(30), RNG.normal(size=(9, 30))
+  y = RNG.normal(size=(30, 4))
+  ridge = k_ss + 1e-6 * np.trace(k_ss) / 30 * np.eye(30)
+  expected = k_ts @ np.linalg.solve(ridge, y)
+  with jax.enable_x64(True):
+    got = krr_predict(jnp.asarray(k_ts), jnp.asarray(k_ss), jnp.asarray(y))
+    assert got.dtype == jnp.float64
+    kernel = make_kernel("fc")
+    xs = RNG.normal(size=(8, 2, 2, 1))
+    xt = RNG.normal(size=(13, 2, 2, 1))
+    ys = np.eye(2)[np.arange(8) % 2] - 0.5
+    labels = RNG.integers(0, 2, 13)
+    result = evaluate(kernel.kernel_fn, xs, ys, xt, labels, block_rows=5, dtype=jnp.float64)
+  assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-12
+  pred = fc_numpy(xt, xs) @ np.linalg.solve(
+      fc_numpy(xs, xs) + 1e-6 * np.trace(fc_numpy(xs, xs)) / 8 * np.eye(8), ys)
+  targets = np.eye(2)[labels] - 0.5
+  # 1e-8, not round-off: neural-tangents clips and guards its arccos; float32 would be ~1e-6.
+  assert result["test_mse"] == pytest.approx(0.5 * np.mean((pred - targets) ** 2), rel=1e-8)
