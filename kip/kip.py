@@ -10,6 +10,7 @@ hyperparameters in the closure, arrays in the state, `update` compiled once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,7 +27,8 @@ class Method(NamedTuple):
   """The protocol every distiller follows (see DESIGN.md).
 
   init(key, x_init, y_init) -> state
-  update(state, key, x_target, y_target) -> (state, metrics)   jit-compiled, pure
+  update(state, key, x_target, y_target) -> (state, metrics)   jit-compiled, pure; it may donate
+      `state` (reuse its buffers), so use only the state it returns
   support(state) -> (x_support, y_support)
   """
 
@@ -76,7 +78,8 @@ def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: floa
     x_init, y_init = jnp.asarray(x_init, dtype), jnp.asarray(y_init, dtype)
     return KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)))
 
-  @jax.jit
+  # The state is donated: the new support and Adam moments reuse its buffers in place.
+  @functools.partial(jax.jit, donate_argnums=0)
   def update(state: KipState, key: jax.Array, x_target: jax.Array, y_target: jax.Array):
     del key  # KIP's step is deterministic given the target batch
     params = trainable(state.x, state.y)
