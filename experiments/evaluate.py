@@ -19,7 +19,7 @@ from kip.data import DATASETS
 from kip.io import load_distilled
 from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel
 from kip.krr import DEFAULT_REG
-from kip.pipeline import make_evaluator, prepare_data
+from kip.pipeline import data_for_set, make_evaluator
 
 f = cli.field
 
@@ -45,13 +45,9 @@ def evaluate_file(config: Config) -> dict[str, float]:
   if not config.support:
     raise cli.UserError("--support FILE.npz is required")
   distilled = load_distilled(config.support, config.dataset)
-  preprocessor = distilled.preprocessor
-  zca = {"yes": True, "no": False}.get(config.zca, distilled.zca)
-  if preprocessor is not None and zca is not None and zca != (preprocessor.zca is not None):
-    preprocessor = None
-  # Without a stored preprocessing (a released set), it is refitted on the real training split.
-  data = prepare_data(config.dataset, zca=bool(zca), data_dir=config.data_dir,
-                      manual_dir=config.manual_dir, preprocessor=preprocessor)
+  zca = {"yes": True, "no": False}.get(config.zca)
+  data = data_for_set(distilled, config.dataset, zca=zca, data_dir=config.data_dir,
+                      manual_dir=config.manual_dir)
   preprocessor = data.preprocessor
   kernel = make_kernel(config.kernel, depth=config.depth, kernel_type=config.kernel_type)
   with jax.enable_x64(config.float64):

@@ -100,7 +100,32 @@ def _defer_experimental() -> None:
     PATCHED.append(f"{name} (deferred)")
 
 
+def _eigvalsh(a, *args, eigvals=None, **kwargs):
+  import scipy.linalg  # noqa: PLC0415
+
+  if eigvals is not None:
+    kwargs["subset_by_index"] = eigvals
+  return scipy.linalg.eigvalsh(a, *args, **kwargs)
+
+
+def _patch_scipy() -> None:
+  # `nt.predict.max_learning_rate` calls `scipy.linalg.eigvalsh(..., eigvals=(lo, hi))`; SciPy 1.14
+  # removed that keyword for `subset_by_index`, which means the same. Only `predict.sp` is swapped,
+  # for a namespace whose `linalg.eigvalsh` translates the keyword; SciPy itself is untouched.
+  import inspect  # noqa: PLC0415
+
+  import scipy.linalg  # noqa: PLC0415
+
+  if "eigvals" in inspect.signature(scipy.linalg.eigvalsh).parameters:
+    return
+  predict = sys.modules["neural_tangents._src.predict"]
+  predict.sp = types.SimpleNamespace(linalg=types.SimpleNamespace(eigvalsh=_eigvalsh))
+  PATCHED.append("neural_tangents._src.predict.sp.linalg.eigvalsh (eigvals= keyword)")
+
+
 _patch_jax()
 _defer_experimental()
 import neural_tangents as nt  # noqa: E402
 from neural_tangents import stax  # noqa: E402
+
+_patch_scipy()

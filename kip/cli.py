@@ -53,7 +53,7 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
     name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
     kwargs = {"help": f.metadata.get("help", ""), "default": f.default}
     if f.name in positional:
-      kwargs.pop("default")
+      kwargs["nargs"] = "?"  # optional: the field's default applies when it is left out
     if kind is bool:
       kwargs["action"] = argparse.BooleanOptionalAction
     else:

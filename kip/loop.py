@@ -24,7 +24,8 @@ from kip.data import sample_target_batch
 from kip.io import atomic_write
 from kip.kip import Method
 
-__all__ = ["LoopConfig", "NonFiniteLossError", "run", "read_metrics"]
+__all__ = ["LoopConfig", "NonFiniteLossError", "run", "read_metrics", "truncate_metrics",
+           "save_checkpoint", "restore_checkpoint", "latest_checkpoint"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,10 +72,10 @@ def run(
   root_key = jax.random.key(config.seed)
   state = method.init(jax.random.fold_in(root_key, 0), x_init, y_init)
   start_step, elapsed = 0, 0.0
-  restored = _restore(workdir, state)
+  restored = restore_checkpoint(workdir, state)
   if restored is not None:
     state, start_step, elapsed = restored
-    _truncate_metrics(metrics_path, start_step)
+    truncate_metrics(metrics_path, start_step)
     log(f"resuming from step {start_step} ({workdir})")
 
   def write_metrics(record: dict) -> None:
@@ -83,7 +84,7 @@ def run(
 
   last_eval: dict[str, float] = {}
   if start_step == 0:
-    _truncate_metrics(metrics_path, -1)
+    truncate_metrics(metrics_path, -1)
     last_eval = evaluate(*method.support(state))
     write_metrics({"step": 0, "wall_time": 0.0, **last_eval})
     log(f"step 0: test_acc {last_eval['test_acc']:.4f}  test_mse {last_eval['test_mse']:.5f}")
@@ -102,7 +103,7 @@ def run(
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     if not math.isfinite(record["loss"]):
       bar.close()
-      last = _latest_checkpoint(workdir)
+      last = latest_checkpoint(workdir)
       raise NonFiniteLossError(
           f"loss became {record['loss']} at step {step}; stopped. The last good checkpoint "
           f"(step {last[0] if last else 0}) and distilled set are kept in {workdir}; "
@@ -121,7 +122,7 @@ def run(
     if step % config.checkpoint_every == 0 or step == config.steps:
       x, y = method.support(state)
       save_support(np.asarray(x), np.asarray(y), step)
-      _save_checkpoint(workdir, state, step, record["wall_time"], config.keep_checkpoints)
+      save_checkpoint(workdir, state, step, record["wall_time"], config.keep_checkpoints)
   bar.close()
   if start_step == config.steps:
     x, y = method.support(state)  # already finished: make sure the set on disk is this one
@@ -153,7 +154,7 @@ def _last_eval(path: str) -> dict[str, float]:
   return {k: v for k, v in evals[-1].items() if k.startswith("test_")}
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
+def truncate_metrics(path: str, last_step: int) -> None:
   """Drops records after `last_step` (they belong to steps the checkpoint does not hold)."""
   records = [r for r in read_metrics(path) if r["step"] <= last_step]
   atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
@@ -164,12 +165,15 @@ def _checkpoints(workdir: str) -> list[tuple[int, str]]:
   return sorted((int(os.path.basename(p)[5:-4]), p) for p in paths)
 
 
-def _latest_checkpoint(workdir: str) -> tuple[int, str] | None:
+def latest_checkpoint(workdir: str) -> tuple[int, str] | None:
+  """(step, path) of the newest checkpoint in `workdir`, or None."""
   found = _checkpoints(workdir)
   return found[-1] if found else None
 
 
-def _save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int) -> None:
+def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int = 2) -> None:
+  """Writes the pytree `state`'s leaves to `workdir/checkpoints/ckpt_<step>.npz` (atomically),
+  keeping the newest `keep` checkpoints."""
   leaves = jax.tree_util.tree_leaves(state)
   arrays = {f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
   arrays["step"] = np.asarray(step)
@@ -180,9 +184,9 @@ def _save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int
     os.remove(old)
 
 
-def _restore(workdir: str, template):
+def restore_checkpoint(workdir: str, template):
   """(state, step, wall_time) from the latest checkpoint, or None when there is none."""
-  latest = _latest_checkpoint(workdir)
+  latest = latest_checkpoint(workdir)
   if latest is None:
     return None
   leaves, treedef = jax.tree_util.tree_flatten(template)

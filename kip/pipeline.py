@@ -22,7 +22,8 @@ from kip.io import DistilledSet, save_distilled
 from kip.kernels import Kernel, rows_per_block
 from kip.krr import evaluate
 
-__all__ = ["Data", "prepare_data", "initial_support", "make_evaluator", "write_distilled"]
+__all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "make_evaluator",
+           "write_distilled"]
 
 
 class Data(NamedTuple):
@@ -52,6 +53,23 @@ def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None
   return Data(preprocessor.apply(train.images), centered_one_hot(train.labels, num_classes),
               train.labels, preprocessor.apply(test.images), test.labels, preprocessor,
               num_classes)
+
+
+def data_for_set(distilled: DistilledSet, dataset: str, *, zca: bool | None = None,
+                 data_dir: str | None = None, manual_dir: str | None = None) -> Data:
+  """The real splits in the distilled set's own preprocessed space.
+
+  The set's stored preprocessing is used when it has one (ours); a released set's is refitted on
+  the real training split as its name says (`zca`: standardisation + KIP's layer norm + ZCA;
+  `nozca`: standardisation). `zca` forces either reading (None: from the file; a file that says
+  nothing is taken as standardised only).
+  """
+  preprocessor = distilled.preprocessor
+  zca = bool(distilled.zca) if zca is None else zca
+  if preprocessor is not None and zca != (preprocessor.zca is not None):
+    preprocessor = None
+  return prepare_data(dataset, zca=zca, data_dir=data_dir, manual_dir=manual_dir,
+                      preprocessor=preprocessor)
 
 
 def initial_support(data: Data, ipc: int, seed: int, init: str = "real"

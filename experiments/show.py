@@ -1,0 +1,90 @@
+"""Look at a distilled set or a run's accuracy curve:
+
+  python -m experiments.show FILE.npz --out grid.png
+  python -m experiments.show --metrics RUN/metrics.jsonl --out curve.png
+
+The grid has one row per class (the argmax of each image's label), each image captioned with its
+label's value for that class (learned labels differ from the one-hot 0.9). Images are mapped back
+from preprocessed space with the set's own preprocessing (ours); for a released set it is refitted
+on the real training split (needs the data, see --manual-dir); without either, each image is
+stretched to [0, 1]. --metrics takes a KIP run's or a transfer row's metrics.jsonl (several,
+comma-separated, share one plot; transfer rows show mean +- std over seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from kip import cli
+from kip.io import load_distilled
+from kip.plots import plot_curves, plot_image_grid, read_curve
+
+f = cli.field
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  support: str = f("", "the distilled set (.npz) to draw as a grid")
+  metrics: str = f("", "metrics.jsonl file(s), comma-separated, to plot test accuracy against step")
+  out: str = f("", "PNG to write (default: grid.png or curve.png next to the input)")
+  dataset: str = f("", "dataset of a released set, to refit its preprocessing (default: from "
+                       "the file)")
+  per_class: int = f(10, "images per class row")
+  manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
+  data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
+
+
+def show_set(config: Config) -> str:
+  distilled = load_distilled(config.support, config.dataset or None)
+  preprocessor = distilled.preprocessor
+  dataset = config.dataset or distilled.dataset
+  note = ""
+  if preprocessor is None and dataset:
+    from kip.pipeline import data_for_set  # noqa: PLC0415  (loads TF only when needed)
+
+    preprocessor = data_for_set(distilled, dataset, data_dir=config.data_dir,
+                                manual_dir=config.manual_dir).preprocessor
+  if preprocessor is not None:
+    images = preprocessor.invert(distilled.images)
+  else:
+    low = distilled.images.min(axis=(1, 2, 3), keepdims=True)
+    high = distilled.images.max(axis=(1, 2, 3), keepdims=True)
+    images = (distilled.images - low) / np.maximum(high - low, 1e-12)
+    note = ", each image stretched to [0, 1]"
+  out = config.out or os.path.join(os.path.dirname(config.support) or ".", "grid.png")
+  n, num_classes = distilled.labels.shape
+  title = (f"{os.path.basename(config.support)}: {n} images, {dataset or 'unknown dataset'}"
+           f"{note}")
+  plot_image_grid(images, distilled.labels, out, per_class=config.per_class, title=title)
+  return out
+
+
+def show_metrics(config: Config) -> str:
+  paths = [p.strip() for p in config.metrics.split(",") if p.strip()]
+  curves = []
+  for path in paths:
+    if not os.path.exists(path):
+      raise cli.UserError(f"{path}: no such file")
+    try:
+      curves.append(read_curve(path))
+    except ValueError as e:
+      raise cli.UserError(str(e)) from e
+  out = config.out or os.path.join(os.path.dirname(paths[0]) or ".", "curve.png")
+  plot_curves(curves, out)
+  return out
+
+
+def main(argv=None) -> int:
+  config = cli.parse_config(Config, argv, __doc__, positional=("support",))
+  if bool(config.support) == bool(config.metrics):
+    raise cli.UserError("give either a distilled set (FILE.npz) or --metrics FILE.jsonl")
+  out = show_set(config) if config.support else show_metrics(config)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

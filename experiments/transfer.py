@@ -1,0 +1,204 @@
+"""Train finite-width networks on a distilled set and compare with real-data baselines:
+`python -m experiments.transfer --support FILE.npz --dataset mnist --net convnet --protocol kip`.
+
+The set may be ours or one released by the KIP/LS authors. Each seed trains its own network
+(all seeds at once, vmapped); accuracy is measured on the whole real test split in the set's own
+preprocessed space. Rows: the set; `random`, a class-balanced random subset of real training
+images of the same size (a different subset per seed), with one-hot labels; `full`, the whole
+training split (capped at --full-steps, so it stays affordable on a CPU). Protocols (see
+kip/train.py): `kip` = the KIP authors' transfer colab (MSE on the set's labels, SGD momentum,
+lr from the empirical NTK, cosine decay); `dc` = the DC/DSA/MTT evaluation (cross-entropy, SGD
+0.01, lr x0.1 at half, DSA augmentation). Prints a table and writes transfer.json; per-row
+metrics.jsonl (test accuracy against step, for `experiments.show --metrics`) and checkpoints go to
+<workdir>/<row>/. Re-running the same command on the same --workdir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from kip import cli
+from kip.data import DATASETS, centered_one_hot, class_balanced_indices
+from kip.io import load_distilled
+from kip.nets import NETS, NORMS, PARAMETERIZATIONS, make_net
+from kip.pipeline import data_for_set
+from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate, write_json
+
+f = cli.field
+ROWS = ("distilled", "random", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
+  dataset: str = f("mnist", "tfds dataset the set was distilled from", choices=tuple(DATASETS))
+  net: str = f("convnet", "finite network to train", choices=NETS)
+  protocol: str = f("kip", "training protocol (kip: authors' colab; dc: DC/DSA/MTT evaluation)",
+                    choices=tuple(PROTOCOLS))
+  seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
+  seeds_at_once: int = f(0, "networks trained together in one vmapped step (0: all)")
+  steps: int = f(0, "training steps per network (0: the protocol's: kip 5000; dc 300 epochs, "
+                    "1000 with augmentation)")
+  full_steps: int = f(2000, "step budget of the full-training-set baseline")
+  width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)")
+  norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
+                choices=("auto", *NORMS))
+  parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
+  lr: float = f(0.0, "learning rate (0: the protocol's; kip: max stable rate of the NTK)")
+  augment: str = f("auto", "DSA strategy, e.g. color_crop_cutout_flip_scale_rotate, or none "
+                           "(auto: the protocol's)")
+  baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
+  eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
+  zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
+               choices=("auto", "yes", "no"))
+  seed: int = f(0, "first seed (networks, batches, baseline subsets)")
+  workdir: str = f("", "run folder (default: a new folder under ./runs)")
+  manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
+  data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
+  progress: bool = f(True, "show progress bars")
+
+
+def _rows(config: Config) -> list[str]:
+  names = [b.strip() for b in config.baselines.split(",") if b.strip() and b.strip() != "none"]
+  unknown = [b for b in names if b not in ROWS[1:]]
+  if unknown:
+    raise cli.UserError(f"unknown baseline {', '.join(unknown)}; choose random, full or none")
+  return ["distilled", *dict.fromkeys(names)]
+
+
+def _net_settings(config: Config) -> tuple[int, str]:
+  protocol = PROTOCOLS[config.protocol]
+  width = config.width or (64 if config.net == "resnet18" else protocol.width)
+  if config.norm != "auto":
+    norm = config.norm
+  else:
+    norm = {"resnet18": "batch", "mlp": "none"}.get(config.net, protocol.norm)
+  return width, norm
+
+
+def transfer(config: Config, workdir: str) -> dict:
+  """Trains every row's networks (resuming finished rows from `workdir`); returns the report."""
+  if not config.support:
+    raise cli.UserError("--support FILE.npz is required")
+  if config.seeds < 1:
+    raise cli.UserError("--seeds must be at least 1")
+  rows = _rows(config)
+  distilled = load_distilled(config.support, config.dataset)
+  data = data_for_set(distilled, config.dataset,
+                      zca={"yes": True, "no": False}.get(config.zca),
+                      data_dir=config.data_dir, manual_dir=config.manual_dir)
+  protocol = PROTOCOLS[config.protocol]
+  width, norm = _net_settings(config)
+  image_shape = distilled.images.shape[1:]
+  net = make_net(config.net, data.num_classes, width=width, norm=norm,
+                 parameterization=config.parameterization, image_shape=image_shape,
+                 dc_padding=protocol.dc_padding)
+  seeds = [config.seed + i for i in range(config.seeds)]
+  n_support = len(distilled.images)
+  cli.log(f"{config.support}: {n_support} images; test split: {len(data.x_test)} images, "
+          f"{data.preprocessor.name}; net {config.net} (width {width}, norm {norm}, "
+          f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
+  augment = None if config.augment == "auto" else config.augment
+  results = []
+  for row in rows:
+    row_dir = os.path.join(workdir, row)
+    done_path = os.path.join(row_dir, "result.json")
+    if os.path.exists(done_path):
+      with open(done_path) as fh:
+        results.append(json.load(fh))
+      cli.log(f"{row}: finished earlier, {_format_acc(results[-1])}")
+      continue
+    x, y, steps = _row_data(row, config, distilled, data, seeds)
+    total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment).steps
+    t0 = time.perf_counter()
+    trained: list[TrainResult] = []
+    at_once = config.seeds_at_once or len(seeds)
+    for start in range(0, len(seeds), at_once):
+      group = seeds[start:start + at_once]
+      part = (slice(start, start + len(group)),) if x.ndim == 5 else ()
+      suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
+      trained.append(train_and_evaluate(
+          net, protocol, x[part] if part else x, y[part] if part else y, data.x_test,
+          data.labels_test, seeds=group, steps=steps, lr=config.lr, augment=augment,
+          eval_every=config.eval_every or max(1, total_steps // 10),
+          workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
+          progress=config.progress, log=cli.log, description=row))
+    acc = np.concatenate([t.test_acc for t in trained])
+    result = {
+        "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
+        "n_images": int(x.shape[-4]), "net": config.net, "width": width, "norm": norm,
+        "protocol": config.protocol, "seeds": seeds,
+        "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
+        "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
+        "train_time": float(sum(t.train_time for t in trained)),
+        "wall_time": time.perf_counter() - t0,
+        "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
+        "params": trained[0].params,
+    }
+    write_json(done_path, result)
+    results.append(result)
+    cli.log(f"{row}: {_format_acc(result)}")
+  report = {"config": dataclasses.asdict(config), "preprocessing": data.preprocessor.name,
+            "test_images": len(data.x_test), "rows": results}
+  write_json(os.path.join(workdir, "transfer.json"), report)
+  return report
+
+
+def _row_data(row: str, config: Config, distilled, data, seeds):
+  """(x, y, steps) of a row; the random baseline has one subset per seed: (n_seeds, n, ...)."""
+  if row == "distilled":
+    return distilled.images, distilled.labels, config.steps
+  if row == "full":
+    return data.x_train, data.y_train, config.full_steps
+  n = len(distilled.images)
+  if n % data.num_classes:
+    raise cli.UserError(f"the set has {n} images, not a multiple of {data.num_classes} classes; "
+                        "the random baseline needs a class-balanced size")
+  ipc = n // data.num_classes
+  idx = np.stack([class_balanced_indices(data.labels_train, ipc, np.random.default_rng([s, 7]),
+                                         data.num_classes) for s in seeds])
+  return (data.x_train[idx], centered_one_hot(data.labels_train[idx], data.num_classes),
+          config.steps)
+
+
+def _format_acc(result: dict) -> str:
+  return (f"{100 * result['test_acc_mean']:.2f} +- {100 * result['test_acc_std']:.2f}% "
+          f"({len(result['seeds'])} seeds)")
+
+
+def format_table(report: dict) -> str:
+  header = ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "train time",
+            "img/s")
+  lines = [header]
+  for r in report["rows"]:
+    lines.append((r["set"], str(r["n_images"]), f"{r['net']}-{r['width']}", r["protocol"],
+                  f"{100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f}",
+                  str(r["steps"]), f"{r['lr']:.3g}", f"{r['train_time']:.0f} s",
+                  f"{r['images_per_s']:.0f}"))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+  text.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(text)
+
+
+def main(argv=None) -> int:
+  config = cli.parse_config(Config, argv, __doc__)
+  _rows(config)
+  workdir = cli.prepare_workdir(
+      config, "transfer", [config.dataset, config.net, config.protocol],
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once"))
+  cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
+  report = transfer(config, workdir)
+  print(format_table(report))
+  print(f"test split: {report['test_images']} images ({report['preprocessing']}); "
+        f"written {os.path.join(workdir, 'transfer.json')}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

@@ -1,0 +1,239 @@
+"""Finite-width Flax networks that distilled sets are transferred to.
+
+- `ConvNet`: KIP's ConvNet (an extra 3x3 conv + ReLU, then `depth` x [3x3 conv, norm, ReLU, 2x2
+  average pool], a linear readout) and ConvNet3 (no extra conv); also the DC-protocol ConvNet-3
+  (width 128, instance norm). Standard or NTK parameterisation, weights N(0, W_std^2 / fan_in) and
+  biases N(0, b_std^2) with W_std = sqrt(2), b_std = 0.1 as in `kip.kernels`: in NTK
+  parameterisation (and without normalisation) the empirical NTK tends to `kip.kernels`' kernel of
+  the same name as the width grows.
+- `MLP`: flatten, `depth` x [dense, ReLU], dense.
+- `ResNet18`: the ResNet-18 layout for small images (3x3 stem, four stages of two basic blocks,
+  global average pooling), for cross-architecture checks.
+
+Every network maps (n, H, W, C) float32 images to (n, num_classes) logits and takes `train` (batch
+norm's mode; other layers ignore it). `make_net` builds them by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
+           "make_net", "count_params"]
+
+W_STD, B_STD = math.sqrt(2.0), 0.1
+NETS = ("convnet", "convnet3", "mlp", "resnet18")
+NORMS = ("none", "instance", "layer", "batch")
+PARAMETERIZATIONS = ("standard", "ntk")
+
+
+def _weight_init(parameterization: str, w_std: float, fan_in: int):
+  # NTK parameterisation keeps unit-variance weights and moves W_std / sqrt(fan_in) into the
+  # forward pass, which is what makes its NTK converge to the infinite-width kernel.
+  scale = 1.0 if parameterization == "ntk" else w_std / math.sqrt(fan_in)
+  return nn.initializers.normal(scale)
+
+
+def _check_parameterization(parameterization: str) -> None:
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose standard or ntk")
+
+
+class Dense(nn.Module):
+  """A dense layer in standard or NTK parameterisation (see the module docstring)."""
+
+  features: int
+  parameterization: str = "standard"
+  w_std: float = W_STD
+  b_std: float = B_STD
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_parameterization(self.parameterization)
+    fan_in = x.shape[-1]
+    ntk = self.parameterization == "ntk"
+    kernel = self.param("kernel", _weight_init(self.parameterization, self.w_std, fan_in),
+                        (fan_in, self.features))
+    bias = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std), (self.features,))
+    y = x @ kernel
+    if ntk:
+      return self.w_std / math.sqrt(fan_in) * y + self.b_std * bias
+    return y + bias
+
+
+class Conv(nn.Module):
+  """A 2-D convolution (NHWC, HWIO kernel) in standard or NTK parameterisation."""
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  use_bias: bool = True
+  parameterization: str = "standard"
+  w_std: float = W_STD
+  b_std: float = B_STD
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_parameterization(self.parameterization)
+    fan_in = x.shape[-1] * self.kernel_size[0] * self.kernel_size[1]
+    ntk = self.parameterization == "ntk"
+    kernel = self.param("kernel", _weight_init(self.parameterization, self.w_std, fan_in),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if ntk:
+      y = self.w_std / math.sqrt(fan_in) * y
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std),
+                        (self.features,))
+      y = y + (self.b_std * bias if ntk else bias)
+    return y
+
+
+def _norm(kind: str, train: bool, name: str):
+  """instance: per image and channel over H, W (GroupNorm with one channel per group, as the DC
+  ConvNet's GroupNorm(C, C)); layer: per image over H, W, C; batch: over the batch."""
+  if kind == "none":
+    return lambda x: x
+  if kind == "instance":
+    return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
+  if kind == "layer":
+    return nn.GroupNorm(num_groups=1, epsilon=1e-5, name=name)
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+
+
+class ConvNet(nn.Module):
+  """KIP's ConvNet / ConvNet3 and the DC ConvNet-3.
+
+  Attributes:
+    extra_conv: KIP's ConvNet has an extra 3x3 conv + ReLU (no pooling) before the blocks.
+    first_padding: padding of the first conv; the DC ConvNet pads 28x28 grey images by 3 so the
+      blocks see 32x32, as for CIFAR (None: "SAME").
+    readout: `flatten` (KIP, DC) or `gap` (global average pooling).
+  """
+
+  num_classes: int
+  width: int = 1024
+  depth: int = 3
+  extra_conv: bool = True
+  norm: str = "none"
+  readout: str = "flatten"
+  parameterization: str = "standard"
+  first_padding: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    p = self.parameterization
+    padding = "SAME" if self.first_padding is None else [(self.first_padding,) * 2] * 2
+    layer = 0
+    if self.extra_conv:
+      x = nn.relu(Conv(self.width, padding=padding, parameterization=p, name="conv_0")(x))
+      padding, layer = "SAME", 1
+    for block in range(self.depth):
+      x = Conv(self.width, padding=padding, parameterization=p, name=f"conv_{layer}")(x)
+      padding, layer = "SAME", layer + 1
+      x = nn.relu(_norm(self.norm, train, f"norm_{block}")(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if self.readout == "gap":
+      x = x.mean(axis=(1, 2))
+    elif self.readout == "flatten":
+      x = x.reshape(len(x), -1)
+    else:
+      raise ValueError(f"unknown readout {self.readout!r}; choose flatten or gap")
+    return Dense(self.num_classes, parameterization=p, name="readout")(x)
+
+
+class MLP(nn.Module):
+  """Flatten, `depth` x [dense(width), ReLU], dense(num_classes)."""
+
+  num_classes: int
+  width: int = 1024
+  depth: int = 2
+  parameterization: str = "standard"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.reshape(len(x), -1)
+    for i in range(self.depth):
+      x = nn.relu(Dense(self.width, parameterization=self.parameterization, name=f"dense_{i}")(x))
+    return Dense(self.num_classes, parameterization=self.parameterization, name="readout")(x)
+
+
+class _BasicBlock(nn.Module):
+  features: int
+  strides: int
+  norm: str
+  parameterization: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    p = self.parameterization
+    s = (self.strides, self.strides)
+    y = Conv(self.features, strides=s, use_bias=False, parameterization=p, name="conv_a")(x)
+    y = nn.relu(_norm(self.norm, train, "norm_a")(y))
+    y = Conv(self.features, use_bias=False, parameterization=p, name="conv_b")(y)
+    y = _norm(self.norm, train, "norm_b")(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = Conv(self.features, (1, 1), strides=s, use_bias=False, parameterization=p,
+               name="shortcut")(x)
+      x = _norm(self.norm, train, "norm_shortcut")(x)
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 for small images: 3x3 stem, stages of 2 basic blocks at width x (1, 2, 4, 8)
+  (strides 1, 2, 2, 2), global average pooling, dense readout."""
+
+  num_classes: int
+  width: int = 64
+  norm: str = "batch"
+  parameterization: str = "standard"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    p = self.parameterization
+    x = Conv(self.width, use_bias=False, parameterization=p, name="stem")(x)
+    x = nn.relu(_norm(self.norm, train, "norm_stem")(x))
+    for stage, multiple in enumerate((1, 2, 4, 8)):
+      for block in range(2):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = _BasicBlock(self.width * multiple, strides, self.norm, p,
+                        name=f"stage{stage}_block{block}")(x, train)
+    return Dense(self.num_classes, parameterization=p, name="readout")(x.mean(axis=(1, 2)))
+
+
+def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
+             parameterization: str = "standard", image_shape: tuple[int, int, int] | None = None,
+             dc_padding: bool = False) -> nn.Module:
+  """The network `name` (one of `NETS`).
+
+  Args:
+    width: channels (convnets; the first stage of resnet18) or hidden units (mlp).
+    norm: one of `NORMS` (ignored by mlp).
+    image_shape: (H, W, C) of the inputs, needed only with `dc_padding`.
+    dc_padding: pad the first conv of a ConvNet by 3 on 28x28x1 images, as the DC ConvNet does.
+  """
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+  _check_parameterization(parameterization)
+  if name in ("convnet", "convnet3"):
+    first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
+    return ConvNet(num_classes, width=width, extra_conv=name == "convnet", norm=norm,
+                   parameterization=parameterization, first_padding=first_padding)
+  if name == "mlp":
+    return MLP(num_classes, width=width, parameterization=parameterization)
+  if name == "resnet18":
+    return ResNet18(num_classes, width=width, norm=norm, parameterization=parameterization)
+  raise ValueError(f"unknown net {name!r}; choose one of {', '.join(NETS)}")
+
+
+def count_params(params) -> int:
+  return int(sum(jnp.size(p) for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,375 @@
+"""Training finite-width networks on a (distilled) set and measuring them on the real test split.
+
+Two named protocols, each as its source describes it:
+
+- `kip`: the KIP authors' finite-network transfer colab (Nguyen et al., NeurIPS 2021). MSE
+  `0.5 * mean((f(x) - y)^2)` on the set's own labels (centred one-hot, or learned labels as
+  given), SGD with momentum 0.9, batch 100, 5000 steps, weight penalty `0.5 * 1e-3 * sum w^2`,
+  cosine decay to 0, learning rate = the maximum stable rate of the empirical NTK of 50 training
+  images at initialisation (`nt.empirical_ntk_fn` + `nt.predict.max_learning_rate`). Network: the
+  ConvNet at width 1024, no normalisation, standard parameterisation.
+- `dc`: the evaluation of DC / DSA / DM / MTT (Zhao et al., ICLR 2021 and later). Cross-entropy on
+  hard labels (the argmax of the set's labels), SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x
+  0.1 at half way, batch 256, 300 epochs, or 1000 epochs with DSA augmentation (on by default).
+  Network: ConvNet-3 at width 128 with instance norm.
+
+Several seeds train at once: the per-seed states are stacked and one jitted step is `vmap`ped over
+them (the training images are shared, batches and augmentations are drawn per seed). Randomness is
+a pure function of (seed, step), so a run resumed from a checkpoint equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from kip._compat import nt
+from kip.augment import DSA_STRATEGY, dsa, parse_strategy
+from kip.io import atomic_write
+from kip.loop import (
+  NonFiniteLossError,
+  read_metrics,
+  restore_checkpoint,
+  save_checkpoint,
+  truncate_metrics,
+)
+from kip.nets import count_params
+
+__all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
+           "max_stable_lr", "init_states", "make_train_step", "make_predict", "evaluate_states",
+           "train_and_evaluate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A transfer protocol. `steps` or `epochs` fixes its length; `lr=None` means the maximum
+  stable rate of the empirical NTK; `schedule` is `cosine` (to 0) or `step` (x0.1 at half)."""
+
+  name: str
+  source: str
+  loss: str
+  lr: float | None
+  momentum: float
+  weight_decay: float
+  batch_size: int
+  schedule: str
+  width: int
+  norm: str
+  steps: int | None = None
+  epochs: int | None = None
+  epochs_augmented: int | None = None
+  augment: str = ""
+  lr_ntk_images: int = 50
+  dc_padding: bool = False
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "kip": Protocol(
+        name="kip", source="KIP authors' nn_training colab (Nguyen et al., NeurIPS 2021)",
+        loss="mse", lr=None, momentum=0.9, weight_decay=1e-3, batch_size=100, schedule="cosine",
+        width=1024, norm="none", steps=5000),
+    "dc": Protocol(
+        name="dc", source="DC/DSA/DM/MTT evaluation (Zhao et al., ICLR 2021; Zhao & Bilen 2021)",
+        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
+        width=128, norm="instance", epochs=300, epochs_augmented=1000, augment=DSA_STRATEGY,
+        dc_padding=True),
+}
+
+
+class Schedule(NamedTuple):
+  """The concrete length of a run: `steps` of `batch_size` images, `steps_per_epoch` per pass."""
+
+  steps: int
+  batch_size: int
+  steps_per_epoch: int
+  augment: str
+
+
+def resolve_schedule(protocol: Protocol, n_train: int, *, steps: int = 0,
+                     augment: str | None = None) -> Schedule:
+  """Steps, batch and augmentation of `protocol` on `n_train` images (`steps` > 0 overrides;
+  `augment=None` keeps the protocol's strategy, '' or 'none' turns it off)."""
+  augment = protocol.augment if augment is None else augment
+  parse_strategy(augment)
+  batch = min(protocol.batch_size, n_train)
+  per_epoch = max(1, n_train // batch)  # fixed-size batches (jit), each epoch a new permutation
+  if steps <= 0:
+    if protocol.steps is not None:
+      steps = protocol.steps
+    else:
+      epochs = protocol.epochs_augmented if augment not in ("", "none") else protocol.epochs
+      steps = epochs * per_epoch
+  return Schedule(steps, batch, per_epoch, "" if augment == "none" else augment)
+
+
+class TrainState(NamedTuple):
+  """One network's state (a leading seed axis when stacked): params, batch-norm statistics
+  (empty when the net has none) and the optimiser's state."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class TrainResult(NamedTuple):
+  """test_acc: (n_seeds,) final accuracy on the whole test split; curve: [{"step", "test_acc":
+  [per seed]}]; lr: the learning rate used; train_time: seconds of training (no evaluation);
+  images_per_s: training images processed per second, all seeds together, after compilation."""
+
+  test_acc: np.ndarray
+  curve: list[dict]
+  lr: float
+  steps: int
+  train_time: float
+  images_per_s: float
+  params: int
+
+
+def _variables(params, batch_stats) -> dict:
+  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: float,
+                  memory_bytes: float = 2**30) -> float:
+  """The largest learning rate at which (momentum) gradient descent on the MSE
+  `0.5 * mean((f - y)^2)` is stable for the linearised network: `nt.predict.max_learning_rate`
+  of the empirical NTK (averaged over logits) of `x` (m, H, W, C) at these parameters."""
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def f(params, images):
+    return net.apply({"params": params, **rest}, images, train=False)
+
+  params = variables["params"]
+  num_outputs = jax.eval_shape(f, params, x[:1]).shape[-1]
+  jacobian_bytes = 4 * len(x) * num_outputs * count_params(params)
+  implementation = (nt.NtkImplementation.JACOBIAN_CONTRACTION if jacobian_bytes < memory_bytes
+                    else nt.NtkImplementation.NTK_VECTOR_PRODUCTS)
+  ntk_fn = jax.jit(nt.empirical_ntk_fn(f, vmap_axes=0, implementation=implementation))
+  with jax.default_matmul_precision("highest"):
+    ntk = np.asarray(ntk_fn(jnp.asarray(x), None, params), np.float64)
+  return float(nt.predict.max_learning_rate(ntk, y_train_size=len(x) * num_outputs,
+                                            momentum=momentum))
+
+
+def _optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientTransformation:
+  if protocol.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(lr, steps)
+  elif protocol.schedule == "step":
+    schedule = optax.piecewise_constant_schedule(lr, {steps // 2: 0.1})
+  else:
+    raise ValueError(f"unknown schedule {protocol.schedule!r}")
+  # Weight decay added to the gradient before momentum = the gradient of 0.5 * wd * sum w^2.
+  return optax.chain(optax.add_decayed_weights(protocol.weight_decay),
+                     optax.sgd(schedule, momentum=protocol.momentum))
+
+
+def _seed_keys(seeds: Sequence[int]) -> jax.Array:
+  return jnp.stack([jax.random.key(s) for s in seeds])
+
+
+def init_states(net: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int],
+                image_shape: tuple[int, ...]) -> TrainState:
+  """Stacked initial states, one per seed (init key `fold_in(key(seed), 0)`)."""
+
+  def init(key):
+    variables = net.init(jax.random.fold_in(key, 0), jnp.zeros((1, *image_shape)), train=False)
+    params = variables["params"]
+    return TrainState(params, variables.get("batch_stats", {}), tx.init(params))
+
+  return jax.jit(jax.vmap(init))(_seed_keys(seeds))
+
+
+def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
+                    schedule: Schedule, n_train: int, per_seed_data: bool = False) -> Callable:
+  """(states, seed_keys, step, x_train, y_train) -> (states, losses (n_seeds,)); jitted, states
+  donated. Batch `step` of a seed is a slice of that seed's permutation for the step's epoch.
+  With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed)."""
+  batch, per_epoch = schedule.batch_size, schedule.steps_per_epoch
+
+  def loss_fn(params, batch_stats, x, y):
+    variables = _variables(params, batch_stats)
+    if batch_stats:
+      logits, updated = net.apply(variables, x, train=True, mutable=["batch_stats"])
+      batch_stats = updated["batch_stats"]
+    else:
+      logits = net.apply(variables, x, train=True)
+    if loss == "mse":
+      value = 0.5 * jnp.mean((logits - y) ** 2)
+    else:
+      value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return value, batch_stats
+
+  def one_seed(state: TrainState, key, step, x_train, y_train):
+    key = jax.random.fold_in(jax.random.fold_in(key, 1), step // per_epoch)
+    perm = jax.random.permutation(key, n_train)
+    idx = jax.lax.dynamic_slice(perm, ((step % per_epoch) * batch,), (batch,))
+    x, y = x_train[idx], y_train[idx]
+    if schedule.augment:
+      x = dsa(jax.random.fold_in(jax.random.fold_in(key, 2), step), x, schedule.augment)
+    (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, x, y)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), value
+
+  data_axis = 0 if per_seed_data else None
+  return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, data_axis, data_axis)),
+                 donate_argnums=0)
+
+
+def make_predict(net: nn.Module) -> Callable:
+  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); jitted."""
+
+  def predict(state: TrainState, x):
+    return net.apply(_variables(state.params, state.batch_stats), x, train=False)
+
+  return jax.jit(jax.vmap(predict, in_axes=(0, None)))
+
+
+def evaluate_states(predict: Callable, states: TrainState, x_test: np.ndarray,
+                    labels_test: np.ndarray, batch: int = 500) -> np.ndarray:
+  """Accuracy of each stacked network on (n, H, W, C) / (n,) int: (n_seeds,) float64."""
+  correct = None
+  for start in range(0, len(x_test), batch):
+    xb = x_test[start:start + batch]
+    pad = batch - len(xb)
+    if pad:  # one compiled shape
+      xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+    pred = np.asarray(jnp.argmax(predict(states, jnp.asarray(xb)), -1))[:, :batch - pad]
+    hits = (pred == labels_test[start:start + batch]).sum(axis=1)
+    correct = hits if correct is None else correct + hits
+  return correct / len(x_test)
+
+
+def train_and_evaluate(
+    net: nn.Module,
+    protocol: Protocol,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    labels_test: np.ndarray,
+    *,
+    seeds: Sequence[int] = (0,),
+    steps: int = 0,
+    lr: float = 0.0,
+    augment: str | None = None,
+    eval_every: int = 0,
+    workdir: str | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    description: str = "training",
+) -> TrainResult:
+  """Trains one network per seed on (x_train, y_train) under `protocol`; returns their accuracy
+  on the whole test split.
+
+  Args:
+    x_train: (n, H, W, C) float32 images in the set's preprocessed space, shared by all seeds,
+      or (n_seeds, n, H, W, C): one set per seed (e.g. a different random subset each).
+    y_train: (n, C) float32 labels as stored (centred one-hot or learned), or (n_seeds, n, C);
+      `xent` protocols use their argmax.
+    x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int.
+    steps, lr, augment: overrides of the protocol (0 / None keep it).
+    eval_every: test-set evaluations along the way (0: only at the end), for the curve.
+    workdir: where to write metrics.jsonl and checkpoints; a later call with the same workdir
+      resumes from the last checkpoint (every `checkpoint_every` steps, default at evaluations).
+  """
+  per_seed = x_train.ndim == 5
+  if per_seed and (len(x_train) != len(seeds) or len(y_train) != len(seeds)):
+    raise ValueError(f"one training set per seed: got {len(x_train)} sets for {len(seeds)} seeds")
+  first = x_train[0] if per_seed else x_train
+  n_train = first.shape[0]
+  schedule = resolve_schedule(protocol, n_train, steps=steps, augment=augment)
+  labels = y_train if protocol.loss == "mse" else np.argmax(y_train, -1).astype(np.int32)
+  x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(labels)
+  seed_keys = _seed_keys(seeds)
+
+  if lr <= 0 and protocol.lr is None:
+    # The colab's choice: the NTK of one initialisation, at `lr_ntk_images` training images.
+    variables = net.init(jax.random.fold_in(jax.random.key(seeds[0]), 0), first[:1], train=False)
+    pick = np.random.default_rng(seeds[0]).permutation(n_train)[:protocol.lr_ntk_images]
+    lr = max_stable_lr(net, variables, first[np.sort(pick)], protocol.momentum)
+    log(f"learning rate {lr:.4g} (maximum stable rate of the empirical NTK)")
+  elif lr <= 0:
+    lr = protocol.lr
+  tx = _optimizer(protocol, lr, schedule.steps)
+  states = init_states(net, tx, seeds, first.shape[1:])
+  n_params = count_params(jax.tree_util.tree_map(lambda a: a[0], states.params))
+  step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed)
+  predict = make_predict(net)
+
+  start, train_time, curve = 0, 0.0, []
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    restored = restore_checkpoint(workdir, states)
+    if restored is not None:
+      states, start, train_time = restored
+      log(f"resuming {description} from step {start} ({workdir})")
+    truncate_metrics(metrics_path, start if restored is not None else -1)
+    curve = [r for r in read_metrics(metrics_path) if "test_acc" in r]
+  checkpoint_every = checkpoint_every or eval_every or max(1, schedule.steps // 10)
+
+  def record(step: int, acc: np.ndarray | None, loss: np.ndarray | None) -> None:
+    entry = {"step": step, "train_time": round(train_time, 3)}
+    if loss is not None:
+      entry["loss"] = [float(v) for v in loss]
+    if acc is not None:
+      entry |= {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
+      curve.append(entry)
+    if metrics_path:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+  if start == 0 and eval_every:
+    record(0, evaluate_states(predict, states, x_test, labels_test), None)
+  bar = tqdm(total=schedule.steps, initial=start, disable=not progress, unit="step",
+             dynamic_ncols=True, desc=f"{description}: compiling")
+  steady_time, steady_steps = 0.0, 0
+  for step in range(start, schedule.steps):
+    t0 = time.perf_counter()
+    states, loss = step_fn(states, seed_keys, step, x_dev, y_dev)
+    loss = np.asarray(loss)  # waits for the step; keeps the timing honest
+    elapsed = time.perf_counter() - t0
+    train_time += elapsed
+    if step > start:
+      steady_time, steady_steps = steady_time + elapsed, steady_steps + 1
+    else:
+      bar.set_description(description)
+    if not np.all(np.isfinite(loss)):
+      bar.close()
+      raise NonFiniteLossError(f"{description}: training loss became {loss} at step {step + 1}; "
+                               f"try a lower --lr than {lr:.4g}")
+    done = step + 1
+    acc = None
+    if (eval_every and done % eval_every == 0) or done == schedule.steps:
+      acc = evaluate_states(predict, states, x_test, labels_test)
+      bar.set_postfix(test_acc=f"{np.mean(acc):.4f}", refresh=False)
+    if acc is not None or done % 100 == 0:
+      record(done, acc, loss)
+    if workdir and (done % checkpoint_every == 0 or done == schedule.steps):
+      save_checkpoint(workdir, states, done, train_time)
+    bar.update(1)
+  bar.close()
+  if curve and curve[-1]["step"] == schedule.steps:
+    final = np.asarray(curve[-1]["test_acc"])
+  else:  # resumed after the last step had been taken
+    final = evaluate_states(predict, states, x_test, labels_test)
+  images = schedule.batch_size * len(seeds)
+  rate = images * steady_steps / steady_time if steady_steps else math.nan
+  return TrainResult(final, curve, float(lr), schedule.steps, train_time, rate, n_params)
+
+
+def write_json(path: str, payload: dict) -> None:
+  atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())

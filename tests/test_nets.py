@@ -1,0 +1,93 @@
+"""Finite networks: output shapes, parameter counts against closed forms, initial weight scales,
+and the NTK-parameterised ConvNet's empirical NTK tending to the infinite-width kernel."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from kip._compat import nt
+from kip.kernels import make_kernel
+from kip.nets import NETS, count_params, make_net
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+def test_every_net_maps_images_to_logits(name, shape):
+  net = make_net(name, 10, width=8, norm="batch" if name == "resnet18" else "none")
+  x = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+  variables = net.init(jax.random.key(0), x)
+  assert net.apply(variables, x).shape == (3, 10)
+
+
+def convnet_params(width, channels, side, extra_conv, num_classes=10):
+  """Conv weights + biases, then the readout on the flattened (side // 8)^2 * width features."""
+  # The first conv reads `channels`; the rest (3 with the extra conv, else 2) read `width`.
+  convs = 9 * channels * width + width + (3 if extra_conv else 2) * (9 * width * width + width)
+  readout = (side // 2 // 2 // 2) ** 2 * width * num_classes + num_classes
+  return convs + readout
+
+
+@pytest.mark.parametrize("name,extra", [("convnet", True), ("convnet3", False)])
+def test_convnet_parameter_count(name, extra):
+  net = make_net(name, 10, width=16)
+  params = net.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  assert count_params(params) == convnet_params(16, 1, 28, extra)
+
+
+def test_dc_convnet_pads_mnist_to_32():
+  # The DC ConvNet-3 pads the first conv by 3 on 28x28 grey images: 32 -> 16 -> 8 -> 4.
+  net = make_net("convnet3", 10, width=16, norm="instance", image_shape=(28, 28, 1),
+                 dc_padding=True)
+  params = net.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  assert params["readout"]["kernel"].shape == (4 * 4 * 16, 10)
+  # Instance norm: a per-channel scale and bias per block (GroupNorm with one channel a group).
+  assert params["norm_0"]["scale"].shape == (16,)
+
+
+def test_resnet18_has_the_standard_cifar_parameter_count():
+  # The widely used CIFAR ResNet-18 (3x3 stem, batch norm, 512 -> 10 readout): 11,173,962.
+  net = make_net("resnet18", 10, width=64, norm="batch")
+  variables = jax.eval_shape(net.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  assert count_params(variables["params"]) == 11_173_962
+
+
+def test_mlp_parameter_count():
+  net = make_net("mlp", 10, width=32)
+  params = net.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  assert count_params(params) == 784 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+
+
+def test_standard_parameterisation_initial_scales():
+  net = make_net("convnet", 10, width=256)
+  params = net.init(jax.random.key(1), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  kernel = np.asarray(params["conv_1"]["kernel"])  # fan_in 9 * 256
+  assert kernel.std() == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.02)
+  assert np.asarray(params["conv_1"]["bias"]).std() == pytest.approx(0.1, rel=0.2)
+  ntk_net = make_net("convnet", 10, width=256, parameterization="ntk")
+  ntk_params = ntk_net.init(jax.random.key(1), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  assert np.asarray(ntk_params["conv_1"]["kernel"]).std() == pytest.approx(1.0, rel=0.02)
+
+
+def test_ntk_parameterised_convnet_tends_to_the_infinite_width_kernel():
+  """The seed-averaged empirical NTK of ConvNet3 (8x8 images: 8 -> 4 -> 2 -> 1) approaches
+  `kip.kernels`' analytic convnet3 NTK as the width grows: the error falls by more than 2x from
+  width 16 to 256 and is below 10% at 256 (measured: ~30% and ~3%)."""
+  x = np.random.default_rng(0).standard_normal((6, 8, 8, 1)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    exact = np.asarray(make_kernel("convnet3", kernel_type="ntk").kernel_fn(x, x), np.float64)
+  errors = {}
+  for width in (16, 256):
+    net = make_net("convnet3", 1, width=width, parameterization="ntk")
+    ntk_fn = jax.jit(nt.empirical_ntk_fn(lambda p, x, net=net: net.apply({"params": p}, x),
+                                         trace_axes=(), vmap_axes=0))
+    samples = []
+    for seed in range(6):
+      params = net.init(jax.random.key(seed), x)["params"]
+      with jax.default_matmul_precision("highest"):
+        samples.append(np.asarray(ntk_fn(x, None, params), np.float64).reshape(6, 6))
+    mean = np.mean(samples, axis=0)
+    errors[width] = np.linalg.norm(mean - exact) / np.linalg.norm(exact)
+  assert errors[256] < errors[16] / 2
+  assert errors[256] < 0.1
