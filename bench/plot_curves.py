@@ -10,12 +10,7 @@ import argparse
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from kip.loop import read_metrics  # noqa: E402
+from kip.plots import plot_curves, read_curve
 
 
 def main(argv=None):
@@ -24,21 +19,13 @@ def main(argv=None):
   parser.add_argument("workdirs", nargs="+", help="run folders holding metrics.jsonl")
   parser.add_argument("--out", default="bench/results/curves.png", help="PNG to write")
   args = parser.parse_args(argv)
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  curves = []
   for workdir in args.workdirs:
-    evals = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "test_acc" in r]
     with open(os.path.join(workdir, "config.json")) as f:
       config = json.load(f)
     label = f"{config['dataset']} {config['kernel']} ipc {config['ipc']}"
-    ax.plot([r["step"] for r in evals], [100 * r["test_acc"] for r in evals], label=label)
-  ax.set_xlabel("KIP step")
-  ax.set_ylabel("KRR test accuracy (%)")
-  ax.set_xscale("symlog", linthresh=100)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  fig.savefig(args.out)
+    curves.append(read_curve(os.path.join(workdir, "metrics.jsonl"), label))
+  plot_curves(curves, args.out, xlabel="KIP step", ylabel="KRR test accuracy (%)", log_x=True)
   print(f"wrote {args.out}")
 
 

@@ -2,7 +2,7 @@
 `python -m experiments.transfer --support FILE.npz --dataset mnist --net convnet --protocol kip`.
 
 The set may be ours or one released by the KIP/LS authors. Each seed trains its own network
-(all seeds at once, vmapped); accuracy is measured on the whole real test split in the set's own
+(all seeds in one jitted step); accuracy is measured on the whole real test split in the set's own
 preprocessed space. Rows: the set; `random`, a class-balanced random subset of real training
 images of the same size (a different subset per seed), with one-hot labels; `full`, the whole
 training split (capped at --full-steps, so it stays affordable on a CPU). Protocols (see
@@ -41,7 +41,10 @@ class Config:
   protocol: str = f("kip", "training protocol (kip: authors' colab; dc: DC/DSA/MTT evaluation)",
                     choices=tuple(PROTOCOLS))
   seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
-  seeds_at_once: int = f(0, "networks trained together in one vmapped step (0: all)")
+  seeds_at_once: int = f(0, "networks trained together in one step (0: all)")
+  seed_batching: str = f("auto", "how seeds share a step: vmap (one batched program, for "
+                                 "GPU/TPU) or sequential (faster on CPU); auto picks",
+                         choices=("auto", "vmap", "sequential"))
   steps: int = f(0, "training steps per network (0: the protocol's: kip 5000; dc 300 epochs, "
                     "1000 with augmentation)")
   full_steps: int = f(2000, "step budget of the full-training-set baseline")
@@ -127,7 +130,8 @@ def transfer(config: Config, workdir: str) -> dict:
           data.labels_test, seeds=group, steps=steps, lr=config.lr, augment=augment,
           eval_every=config.eval_every or max(1, total_steps // 10),
           workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
-          progress=config.progress, log=cli.log, description=row))
+          progress=config.progress, log=cli.log, description=row,
+          seed_batching=config.seed_batching))
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
   _rows(config)
   workdir = cli.prepare_workdir(
       config, "transfer", [config.dataset, config.net, config.protocol],
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once"))
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching"))
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)
   print(format_table(report))

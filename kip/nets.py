@@ -44,6 +44,24 @@ def _check_parameterization(parameterization: str) -> None:
     raise ValueError(f"unknown parameterization {parameterization!r}; choose standard or ntk")
 
 
+def _affine(module: nn.Module, kernel_shape: tuple[int, ...], fan_in: int, apply,
+            use_bias: bool = True) -> jax.Array:
+  """`apply(kernel)` plus a bias, with `kernel` and `bias` created on `module` in its
+  parameterisation (NTK: unit-variance parameters, scales in the forward pass)."""
+  _check_parameterization(module.parameterization)
+  ntk = module.parameterization == "ntk"
+  kernel = module.param("kernel", _weight_init(module.parameterization, module.w_std, fan_in),
+                        kernel_shape)
+  y = apply(kernel)
+  if ntk:
+    y = module.w_std / math.sqrt(fan_in) * y
+  if use_bias:
+    bias = module.param("bias", nn.initializers.normal(1.0 if ntk else module.b_std),
+                        (kernel_shape[-1],))
+    y = y + (module.b_std * bias if ntk else bias)
+  return y
+
+
 class Dense(nn.Module):
   """A dense layer in standard or NTK parameterisation (see the module docstring)."""
 
@@ -54,16 +72,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_parameterization(self.parameterization)
     fan_in = x.shape[-1]
-    ntk = self.parameterization == "ntk"
-    kernel = self.param("kernel", _weight_init(self.parameterization, self.w_std, fan_in),
-                        (fan_in, self.features))
-    bias = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std), (self.features,))
-    y = x @ kernel
-    if ntk:
-      return self.w_std / math.sqrt(fan_in) * y + self.b_std * bias
-    return y + bias
+    return _affine(self, (fan_in, self.features), fan_in, lambda kernel: x @ kernel)
 
 
 class Conv(nn.Module):
@@ -80,20 +90,14 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_parameterization(self.parameterization)
     fan_in = x.shape[-1] * self.kernel_size[0] * self.kernel_size[1]
-    ntk = self.parameterization == "ntk"
-    kernel = self.param("kernel", _weight_init(self.parameterization, self.w_std, fan_in),
-                        (*self.kernel_size, x.shape[-1], self.features))
-    y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if ntk:
-      y = self.w_std / math.sqrt(fan_in) * y
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.normal(1.0 if ntk else self.b_std),
-                        (self.features,))
-      y = y + (self.b_std * bias if ntk else bias)
-    return y
+
+    def conv(kernel):
+      return jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    return _affine(self, (*self.kernel_size, x.shape[-1], self.features), fan_in, conv,
+                   self.use_bias)
 
 
 def _norm(kind: str, train: bool, name: str):

@@ -13,8 +13,9 @@ Two named protocols, each as its source describes it:
   0.1 at half way, batch 256, 300 epochs, or 1000 epochs with DSA augmentation (on by default).
   Network: ConvNet-3 at width 128 with instance norm.
 
-Several seeds train at once: the per-seed states are stacked and one jitted step is `vmap`ped over
-them (the training images are shared, batches and augmentations are drawn per seed). Randomness is
+Several seeds train at once: the per-seed states are stacked and one jitted step runs them all,
+`vmap`ped, or one after another for conv nets on CPU (`choose_seed_batching`); the training
+images are shared, batches and augmentations are drawn per seed. Randomness is
 a pure function of (seed, step), so a run resumed from a checkpoint equals an uninterrupted one.
 """
 
@@ -45,11 +46,12 @@ from kip.loop import (
   save_checkpoint,
   truncate_metrics,
 )
-from kip.nets import count_params
+from kip.nets import MLP, count_params
 
 __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
-           "max_stable_lr", "init_states", "make_train_step", "make_predict", "evaluate_states",
-           "train_and_evaluate"]
+           "max_stable_lr", "make_optimizer", "choose_seed_batching",
+           "over_seeds", "init_states", "make_train_step",
+           "make_predict", "evaluate_states", "train_and_evaluate", "write_json"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,8 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
                                             momentum=momentum))
 
 
-def _optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientTransformation:
+def make_optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientTransformation:
+  """The protocol's SGD with momentum, weight decay and learning-rate schedule over `steps`."""
   if protocol.schedule == "cosine":
     schedule = optax.cosine_decay_schedule(lr, steps)
   elif protocol.schedule == "step":
@@ -191,11 +194,53 @@ def init_states(net: nn.Module, tx: optax.GradientTransformation, seeds: Sequenc
   return jax.jit(jax.vmap(init))(_seed_keys(seeds))
 
 
+def choose_seed_batching(net: nn.Module, requested: str = "auto") -> str:
+  """`vmap` on accelerators and for the MLP; `sequential` for conv nets on CPU (bench/transfer.py:
+  vmapped conv nets run at 0.2-0.5x of one seed after another there, the MLP at ~1x, and the
+  sequential MLP pays per-seed dispatch)."""
+  if requested != "auto":
+    return requested
+  if jax.default_backend() != "cpu" or isinstance(net, MLP):
+    return "vmap"
+  return "sequential"
+
+
+def over_seeds(fn: Callable, in_axes: tuple, seed_batching: str = "auto",
+               donate_first: bool = False) -> Callable:
+  """`fn` jitted and mapped over a leading seed axis of the arguments whose `in_axes` is 0.
+
+  `vmap`: one batched program (a win on accelerators). `sequential`: the single-seed program
+  called once per seed and the results stacked; on XLA:CPU this is several times faster for conv
+  nets, because vmapping per-seed conv weights makes grouped convolutions (and `lax.map` puts the
+  conv inside a loop), both of which XLA:CPU runs far slower (bench/transfer.py measures it).
+  `auto`: see `choose_seed_batching`.
+  """
+  donate = (0,) if donate_first else ()
+  if seed_batching == "vmap":
+    return jax.jit(jax.vmap(fn, in_axes=in_axes), donate_argnums=donate)
+  if seed_batching != "sequential":
+    raise ValueError(f"unknown seed batching {seed_batching!r}; choose auto, vmap or sequential")
+  single = jax.jit(fn, donate_argnums=donate)
+
+  def sequential(*args):
+    n = len(jax.tree_util.tree_leaves(args[in_axes.index(0)])[0])
+    outputs = []
+    for i in range(n):
+      sliced = [jax.tree_util.tree_map(lambda a, i=i: a[i], arg) if axis == 0 else arg
+                for arg, axis in zip(args, in_axes, strict=True)]
+      outputs.append(single(*sliced))
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
+
+  return sequential
+
+
 def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
-                    schedule: Schedule, n_train: int, per_seed_data: bool = False) -> Callable:
-  """(states, seed_keys, step, x_train, y_train) -> (states, losses (n_seeds,)); jitted, states
+                    schedule: Schedule, n_train: int, per_seed_data: bool = False,
+                    seed_batching: str = "vmap") -> Callable:
+  """(states, seed_keys, step, x_train, y_train) -> (states, losses (n_seeds,)); compiled, states
   donated. Batch `step` of a seed is a slice of that seed's permutation for the step's epoch.
-  With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed)."""
+  With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed);
+  `seed_batching` is how seeds share the step (see `over_seeds`)."""
   batch, per_epoch = schedule.batch_size, schedule.steps_per_epoch
 
   def loss_fn(params, batch_stats, x, y):
@@ -224,17 +269,17 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
     return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), value
 
   data_axis = 0 if per_seed_data else None
-  return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, data_axis, data_axis)),
-                 donate_argnums=0)
+  return over_seeds(one_seed, (0, 0, None, data_axis, data_axis), seed_batching,
+                    donate_first=True)
 
 
-def make_predict(net: nn.Module) -> Callable:
-  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); jitted."""
+def make_predict(net: nn.Module, seed_batching: str = "vmap") -> Callable:
+  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); compiled."""
 
   def predict(state: TrainState, x):
     return net.apply(_variables(state.params, state.batch_stats), x, train=False)
 
-  return jax.jit(jax.vmap(predict, in_axes=(0, None)))
+  return over_seeds(predict, (0, None), seed_batching)
 
 
 def evaluate_states(predict: Callable, states: TrainState, x_test: np.ndarray,
@@ -270,6 +315,7 @@ def train_and_evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     description: str = "training",
+    seed_batching: str = "auto",
 ) -> TrainResult:
   """Trains one network per seed on (x_train, y_train) under `protocol`; returns their accuracy
   on the whole test split.
@@ -282,6 +328,7 @@ def train_and_evaluate(
     x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int.
     steps, lr, augment: overrides of the protocol (0 / None keep it).
     eval_every: test-set evaluations along the way (0: only at the end), for the curve.
+    seed_batching: `vmap`, `sequential` or `auto` (see `choose_seed_batching`).
     workdir: where to write metrics.jsonl and checkpoints; a later call with the same workdir
       resumes from the last checkpoint (every `checkpoint_every` steps, default at evaluations).
   """
@@ -303,11 +350,12 @@ def train_and_evaluate(
     log(f"learning rate {lr:.4g} (maximum stable rate of the empirical NTK)")
   elif lr <= 0:
     lr = protocol.lr
-  tx = _optimizer(protocol, lr, schedule.steps)
+  tx = make_optimizer(protocol, lr, schedule.steps)
   states = init_states(net, tx, seeds, first.shape[1:])
   n_params = count_params(jax.tree_util.tree_map(lambda a: a[0], states.params))
-  step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed)
-  predict = make_predict(net)
+  seed_batching = choose_seed_batching(net, seed_batching)
+  step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed, seed_batching)
+  predict = make_predict(net, seed_batching)
 
   start, train_time, curve = 0, 0.0, []
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None

@@ -155,3 +155,12 @@ def test_patches_are_listed_and_tensorflow_is_not_imported():
   code = "import sys, kip._compat; print('tensorflow' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_max_learning_rate_runs_on_current_scipy():
+  # SciPy 1.14 renamed eigvalsh's `eigvals=` keyword; nt.predict still passes it (see _compat).
+  kernel = np.diag([1.0, 2.0, 5.0]) + 0.1
+  top = np.linalg.eigvalsh(kernel)[-1]
+  for momentum in (0.0, 0.9):
+    rate = nt.predict.max_learning_rate(kernel, y_train_size=3, momentum=momentum)
+    assert rate == pytest.approx(2 * (1 + momentum) * 3 / top, rel=1e-6)  # float32 inside

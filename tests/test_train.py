@@ -103,12 +103,13 @@ def test_dc_protocol_with_augmentation_learns_real_mnist(small):
   assert result.test_acc[0] > 0.5
 
 
-def test_vmapped_seeds_equal_separate_runs(small):
+@pytest.mark.parametrize("seed_batching", ["vmap", "sequential"])
+def test_seeds_trained_together_equal_separate_runs(small, seed_batching):
   x, y, x_test, labels_test = small
-  net = make_net("mlp", 10, width=32)
+  net = make_net("convnet3", 10, width=8)
   kwargs = dict(steps=30, lr=0.05, eval_every=10, progress=False, log=lambda s: None)
   both = train_and_evaluate(net, PROTOCOLS["kip"], x, y, x_test, labels_test, seeds=[3, 4],
-                            **kwargs)
+                            seed_batching=seed_batching, **kwargs)
   alone = train_and_evaluate(net, PROTOCOLS["kip"], x, y, x_test, labels_test, seeds=[4],
                              **kwargs)
   for a, b in zip(both.curve, alone.curve, strict=True):

@@ -1,0 +1,140 @@
+"""`experiments.transfer`, `experiments.show` and the demo notebook, end to end on real MNIST at
+a tiny size: a released-layout set and one of ours load and train, rows resume, pictures are
+written, and user mistakes end in one line."""
+
+import json
+import os
+
+import matplotlib.image
+import nbformat
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from nbclient import NotebookClient
+
+from kip.data import centered_one_hot, class_balanced_indices, fit_preprocessor
+from kip.io import DistilledSet, save_distilled
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sets(mnist, tmp_path_factory):
+  """Five real images per class, saved (a) in the released layout (only `images` and `labels`,
+  named as the authors name theirs) and (b) as ours (with the preprocessing and metadata)."""
+  folder = tmp_path_factory.mktemp("sets")
+  pre = fit_preprocessor(mnist["train"].images)
+  idx = class_balanced_indices(mnist["train"].labels, 5, np.random.default_rng(1), 10)
+  images = pre.apply(mnist["train"].images[idx])
+  labels = centered_one_hot(mnist["train"].labels[idx], 10)
+  released = folder / "kip" / "mnist" / "ConvNet_ssize50_nozca_nol_noaug_ckpt0.npz"
+  released.parent.mkdir(parents=True)
+  np.savez(released, images=images, labels=labels)
+  ours = folder / "distilled.npz"
+  save_distilled(str(ours), DistilledSet(images, labels, {"dataset": "mnist", "step": 0}, pre))
+  return {"released": str(released), "ours": str(ours)}
+
+
+def transfer_args(support, workdir, manual_dir, data_dir, *extra):
+  return ["--support", support, "--dataset", "mnist", "--net", "mlp", "--width", "256",
+          "--steps", "60", "--seeds", "2", "--eval-every", "30", "--workdir", str(workdir),
+          "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress", *extra]
+
+
+def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
+    sets, tmp_path, manual_dir, data_dir):
+  args = transfer_args(sets["released"], tmp_path / "run", manual_dir, data_dir)
+  first = run_cli("experiments.transfer", *args)
+  assert first.returncode == 0, first.stderr
+  assert "ConvNet_ssize50_nozca_nol_noaug_ckpt0.npz" in first.stdout and "random" in first.stdout
+  report = json.loads((tmp_path / "run" / "transfer.json").read_text())
+  rows = {r["row"]: r for r in report["rows"]}
+  assert set(rows) == {"distilled", "random"} and report["test_images"] == 10000
+  for row in rows.values():
+    assert len(row["test_acc"]) == 2 and row["n_images"] == 50 and row["steps"] == 60
+    assert row["test_acc_mean"] > 0.4  # 50 real images, 60 steps: ~0.6; chance 0.1
+    assert row["test_acc_std"] == pytest.approx(np.std(row["test_acc"]))
+  curve = [json.loads(line) for line in open(tmp_path / "run" / "random" / "metrics.jsonl")]
+  assert [c["step"] for c in curve if "test_acc" in c] == [0, 30, 60]
+
+  again = run_cli("experiments.transfer", *args)
+  assert again.returncode == 0, again.stderr
+  assert again.stderr.count("finished earlier") == 2
+  assert json.loads((tmp_path / "run" / "transfer.json").read_text())["rows"] == report["rows"]
+
+  changed = run_cli("experiments.transfer", *transfer_args(
+      sets["released"], tmp_path / "run", manual_dir, data_dir, "--protocol", "dc"))
+  assert changed.returncode == 2
+  assert changed.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "protocol: 'kip' -> 'dc'" in changed.stderr
+
+
+def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, data_dir):
+  result = run_cli("experiments.transfer", "--support", sets["ours"], "--dataset", "mnist",
+                   "--net", "convnet3", "--width", "16", "--protocol", "dc", "--steps", "40",
+                   "--seeds", "2", "--baselines", "none", "--workdir", str(tmp_path / "dc"),
+                   "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
+  assert result.returncode == 0, result.stderr
+  (row,) = json.loads((tmp_path / "dc" / "transfer.json").read_text())["rows"]
+  assert row["protocol"] == "dc" and row["norm"] == "instance" and row["lr"] == 0.01
+  assert row["test_acc_mean"] > 0.2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--baselines", "bogus"], "unknown baseline bogus"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--net", "vgg"], "invalid choice: 'vgg'"),
+])
+def test_transfer_user_errors_are_one_line(sets, tmp_path, manual_dir, data_dir, flags, message):
+  result = run_cli("experiments.transfer", *transfer_args(sets["ours"], tmp_path / "x",
+                                                          manual_dir, data_dir), *flags)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_show_draws_the_grid_and_the_curves(sets, tmp_path, manual_dir, data_dir):
+  grid = run_cli("experiments.show", sets["ours"], "--out", str(tmp_path / "grid.png"))
+  assert grid.returncode == 0, grid.stderr
+  image = matplotlib.image.imread(tmp_path / "grid.png")
+  assert image.shape[0] > image.shape[1]  # ten class rows of five images
+  # A released set: its preprocessing is refitted on the real training split.
+  released = run_cli("experiments.show", sets["released"], "--out", str(tmp_path / "r.png"),
+                     "--manual-dir", manual_dir, "--data-dir", data_dir)
+  assert released.returncode == 0, released.stderr
+  assert os.path.getsize(tmp_path / "r.png") > 10_000
+
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("".join(json.dumps({"step": s, "test_acc": [a, a + 0.02]}) + "\n"
+                             for s, a in ((0, 0.1), (10, 0.5), (20, 0.7))))
+  curve = run_cli("experiments.show", "--metrics", str(metrics), "--out",
+                  str(tmp_path / "curve.png"))
+  assert curve.returncode == 0, curve.stderr
+  assert matplotlib.image.imread(tmp_path / "curve.png").ndim == 3
+
+  neither = run_cli("experiments.show")
+  assert neither.returncode == 2 and "give either a distilled set" in neither.stderr
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
+  bad = run_cli("experiments.show", "--metrics", str(empty))
+  assert bad.returncode == 2 and "no test_acc records" in bad.stderr
+
+
+def test_demo_notebook_runs_headless(sets, tmp_path, manual_dir, data_dir, monkeypatch):
+  notebook = nbformat.read(ROOT / "notebooks" / "transfer_demo.ipynb", as_version=4)
+  parameters = notebook.cells[1]
+  assert parameters.source.startswith("# Parameters")
+  parameters.source += "\n".join([
+      "", f"SUPPORT = {sets['ours']!r}", "WIDTH = 16", "STEPS = 20", "SEEDS = 2",
+      "EVAL_EVERY = 10", "TEST_IMAGES = 500", f"OUT_DIR = {str(tmp_path)!r}",
+      f"MANUAL_DIR = {manual_dir!r}"])
+  monkeypatch.setenv("KIP_DATA_DIR", data_dir)
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+  client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(ROOT)}})
+  client.execute()
+  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
+                    for o in c.outputs)
+  assert "distilled:" in printed and "random subset:" in printed
+  assert (tmp_path / "grid.png").exists() and (tmp_path / "curve.png").exists()
