@@ -118,9 +118,13 @@ def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual
 
   from conftest import ROOT
 
+  STEPS = 1500  # noqa: N806
+
   def args(workdir):
-    return ["--dataset", "mnist", "--ipc", "1", "--steps", "300", "--target-batch", "200",
-            "--eval-every", "100", "--checkpoint-every", "5", "--workdir", str(workdir),
+    # Long enough (~1500 fsynced checkpoints' worth of steps) that the interrupt lands mid-run
+    # even when a loaded machine delays this test's polling.
+    return ["--dataset", "mnist", "--ipc", "1", "--steps", str(STEPS), "--target-batch", "200",
+            "--eval-every", "500", "--checkpoint-every", "5", "--workdir", str(workdir),
             "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
 
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -135,7 +139,7 @@ def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual
   _, err = proc.communicate(timeout=120)
   cut_at = read_metrics(tmp_path / "cut" / "metrics.jsonl")[-1]["step"]
   assert proc.returncode == 130 and "re-run the same command" in err, err
-  assert cut_at < 300  # it really stopped part-way
+  assert cut_at < STEPS  # it really stopped part-way
 
   again = run_cli("experiments.kip", *args(tmp_path / "cut"))
   assert again.returncode == 0 and "resuming from step" in again.stderr, again.stderr
@@ -143,8 +147,8 @@ def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual
   assert straight.returncode == 0, straight.stderr
   a = load_distilled(str(tmp_path / "cut" / "distilled.npz"))
   b = load_distilled(str(tmp_path / "straight" / "distilled.npz"))
-  assert a.meta["step"] == b.meta["step"] == 300
+  assert a.meta["step"] == b.meta["step"] == STEPS
   np.testing.assert_allclose(a.images, b.images, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(a.labels, b.labels, rtol=1e-5, atol=1e-6)
   steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
-  assert steps == list(range(301))
+  assert steps == list(range(STEPS + 1))
