@@ -42,8 +42,9 @@ def read_curve(metrics_path: str, label: str | None = None) -> Curve:
   accs = [np.atleast_1d(np.asarray(r["test_acc"], np.float64)) for r in evals]
   mean = np.array([a.mean() for a in accs])
   std = np.array([a.std() for a in accs]) if max(len(a) for a in accs) > 1 else None
-  if label is None:
-    label = os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
+  if label is None:  # e.g. "transfer-mnist-convnet/random": the run and the row
+    folders = os.path.dirname(os.path.abspath(metrics_path)).split(os.sep)
+    label = "/".join(folders[-2:])
   return Curve(label, steps, mean, std)
 
 
