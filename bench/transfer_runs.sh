@@ -22,3 +22,11 @@ run conv-convnet3-dc --support "$CONV" --net convnet3 --protocol dc --augment no
 run conv-mlp-kip --support "$CONV" --net mlp --protocol kip --eval-every 500 \
     --baselines random,full --full-steps 5000
 run fc-mlp-kip --support "$FC" --net mlp --protocol kip --eval-every 500 --baselines none
+# The same conv set in the released layout (only `images` and `labels`, a released-style name):
+# preprocessing refitted from the name; must reproduce the conv-mlp-kip distilled row exactly.
+RELEASED=runs/released_copy/kip/mnist/ConvNet_ssize100_nozca_nol_noaug_ckpt200.npz
+mkdir -p "$(dirname "$RELEASED")"
+python -c "import numpy as np, sys; d = np.load(sys.argv[1]); \
+np.savez(sys.argv[2], images=d['images'], labels=d['labels'])" "$CONV" "$RELEASED"
+run released-mlp-kip --support "$RELEASED" --net mlp --protocol kip --eval-every 500 \
+    --baselines none
