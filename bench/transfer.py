@@ -15,7 +15,6 @@ Steady state only: compilation is excluded, and each figure is the median of --r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 from kip.data import centered_one_hot, fit_preprocessor, load_dataset
+from kip.io import write_json
 from kip.nets import count_params, make_net
 from kip.train import PROTOCOLS, init_states, make_optimizer, make_train_step, resolve_schedule
 
@@ -131,9 +131,7 @@ def main(argv=None) -> None:
                   "jax": jax.__version__},
       "rows": rows,
   }
-  from kip.io import atomic_write  # noqa: PLC0415
-
-  atomic_write(args.out, (json.dumps(report, indent=2) + "\n").encode())
+  write_json(args.out, report)
   print(f"wrote {args.out}")
 
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from kip import cli
 from kip.data import DATASETS, centered_one_hot, class_balanced_indices
-from kip.io import load_distilled
+from kip.io import load_distilled, write_json
 from kip.nets import NETS, NORMS, PARAMETERIZATIONS, make_net
 from kip.pipeline import data_for_set
-from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate, write_json
+from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
 
 f = cli.field
 ROWS = ("distilled", "random", "full")

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 from kip.data import DataError
-from kip.io import FileFormatError, atomic_write
+from kip.io import FileFormatError, write_json
 from kip.loop import NonFiniteLossError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log"]
@@ -98,7 +98,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
                       "--workdir to start afresh")
   os.makedirs(workdir, exist_ok=True)
-  atomic_write(path, (json.dumps(current, indent=2) + "\n").encode())
+  write_json(path, current)
   return workdir
 
 

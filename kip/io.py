@@ -20,7 +20,8 @@ import numpy as np
 
 from kip.data import DATASETS, Preprocessor
 
-__all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "save_distilled",
+__all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "write_json",
+           "save_distilled",
            "load_distilled", "parse_release_name"]
 
 
@@ -50,6 +51,11 @@ def atomic_write(path: str, content: bytes | dict[str, np.ndarray]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json(path: str, payload) -> None:
+  """Writes `payload` as indented JSON, atomically (see `atomic_write`)."""
+  atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 @dataclasses.dataclass

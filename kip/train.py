@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from kip._compat import nt
 from kip.augment import DSA_STRATEGY, dsa, parse_strategy
-from kip.io import atomic_write
 from kip.loop import (
   NonFiniteLossError,
   read_metrics,
@@ -51,7 +50,7 @@ from kip.nets import MLP, count_params
 __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
            "max_stable_lr", "make_optimizer", "choose_seed_batching",
            "over_seeds", "init_states", "make_train_step",
-           "make_predict", "evaluate_states", "train_and_evaluate", "write_json"]
+           "make_predict", "evaluate_states", "train_and_evaluate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +416,3 @@ def train_and_evaluate(
   images = schedule.batch_size * len(seeds)
   rate = images * steady_steps / steady_time if steady_steps else math.nan
   return TrainResult(final, curve, float(lr), schedule.steps, train_time, rate, n_params)
-
-
-def write_json(path: str, payload: dict) -> None:
-  atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
