@@ -6,12 +6,19 @@ looks for it, pointing at the current JAX object that does the same job. Nothing
 replaced, so the patches are no-ops on a JAX that still has the old names, and each is listed
 below with the reason it is needed. Use `from kip._compat import nt, stax` everywhere instead of
 importing neural-tangents directly.
+
+One patch is for speed, not compatibility: on CPU, the covariance of a convolution with full
+spatial covariances (the pooled ConvNet kernels) is computed by summing shifted slices instead of
+neural-tangents' depthwise convolutions with a diagonal filter; same numbers, same layout, about
+10x faster (see `_shifted_full_spatial_conv`). Every neural-tangents internal we touch is here.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
+import math
 import sys
 import types
 
@@ -129,3 +136,51 @@ import neural_tangents as nt  # noqa: E402
 from neural_tangents import stax  # noqa: E402
 
 _patch_scipy()
+
+
+def _shifted_full_spatial_conv(original):
+  """neural-tangents' `_conv_kernel_full_spatial_shared`, by shifted sums on CPU.
+
+  The covariance of a stride-1 convolution's outputs at positions (h, h', w, w') is the mean of
+  the input covariance at (h + dh, h' + dh, w + dw, w' + dw) over the filter offsets (dh, dw):
+  neural-tangents computes it, one spatial axis pair at a time, as a convolution with a diagonal
+  filter after moving the pair to the end. XLA:CPU runs those one-channel convolutions slowly;
+  a fused sum of f_h * f_w shifted slices gives the same numbers about 10x faster (measured on
+  28x28 MNIST covariances). Like the original, the output lists the spatial axis pairs in reverse
+  order. Other strides and paddings, and other platforms, use the original.
+  """
+
+  def conv(lhs, filter_shape, strides, padding, batch_ndim):
+    if (lhs is None or lhs.ndim == 0 or jax.default_backend() != "cpu"
+        or any(s != 1 for s in strides) or padding.name not in ("SAME", "VALID")):
+      return original(lhs, filter_shape, strides, padding, batch_ndim)
+    pads, sizes = [(0, 0)] * batch_ndim, []
+    for i, f in enumerate(filter_shape):
+      lo, hi = ((f - 1) // 2, f // 2) if padding.name == "SAME" else (0, 0)
+      pads += [(lo, hi)] * 2
+      sizes.append(lhs.shape[batch_ndim + 2 * i] + lo + hi - f + 1)
+    padded = jax.numpy.pad(lhs, pads)
+    out = None
+    for offsets in itertools.product(*(range(f) for f in filter_shape)):
+      index = [slice(None)] * batch_ndim
+      for d, n in zip(offsets, sizes, strict=True):
+        index += [slice(d, d + n)] * 2
+      term = padded[tuple(index)]
+      out = term if out is None else out + term
+    out = out / math.prod(filter_shape)
+    reverse = [batch_ndim + 2 * i + j for i in reversed(range(len(filter_shape))) for j in (0, 1)]
+    return jax.numpy.transpose(out, list(range(batch_ndim)) + reverse)
+
+  conv.original = original
+  return conv
+
+
+def _patch_full_spatial_conv() -> None:
+  linear = sys.modules["neural_tangents._src.stax.linear"]
+  original = linear._conv_kernel_full_spatial_shared
+  if getattr(original, "original", None) is None:
+    linear._conv_kernel_full_spatial_shared = _shifted_full_spatial_conv(original)
+    PATCHED.append("neural_tangents._src.stax.linear._conv_kernel_full_spatial_shared (speed)")
+
+
+_patch_full_spatial_conv()

@@ -164,3 +164,49 @@ def test_max_learning_rate_runs_on_current_scipy():
   for momentum in (0.0, 0.9):
     rate = nt.predict.max_learning_rate(kernel, y_train_size=3, momentum=momentum)
     assert rate == pytest.approx(2 * (1 + momentum) * 3 / top, rel=1e-6)  # float32 inside
+
+
+def _nt_linear():
+  return sys.modules["neural_tangents._src.stax.linear"]
+
+
+@pytest.mark.parametrize("filter_shape,padding,batch_ndim,shape", [
+    ((3, 3), "SAME", 2, (2, 3, 7, 7, 5, 5)),
+    ((3, 3), "VALID", 1, (3, 7, 7, 6, 6)),
+    ((2, 3), "SAME", 1, (2, 6, 6, 5, 5)),
+    ((1, 1), "SAME", 2, (1, 2, 4, 4, 4, 4)),
+])
+def test_shifted_full_spatial_conv_equals_neural_tangents_convolutions(filter_shape, padding,
+                                                                     batch_ndim, shape):
+  linear = _nt_linear()
+  patched = linear._conv_kernel_full_spatial_shared
+  lhs = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+  pad = linear.Padding[padding]
+  ours = np.asarray(patched(lhs, filter_shape, (1, 1), pad, batch_ndim))
+  theirs = np.asarray(patched.original(lhs, filter_shape, (1, 1), pad, batch_ndim))
+  assert ours.shape == theirs.shape
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  if filter_shape == (3, 3) and padding == "VALID":
+    # Independent float64 reference: out[b, w, w', h, h'] = mean over (dh, dw) of
+    # in[b, h+dh, h'+dh, w+dw, w'+dw] (the spatial pairs come out in reverse order).
+    x = np.asarray(lhs, np.float64)
+    ref = np.zeros((3, 4, 4, 5, 5))
+    for dh in range(3):
+      for dw in range(3):
+        ref += x[:, dh:dh + 5, dh:dh + 5, dw:dw + 4, dw:dw + 4].transpose(0, 3, 4, 1, 2) / 9
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_convnet_kernel_unchanged_by_the_speed_patch(monkeypatch):
+  from kip.kernels import make_kernel
+
+  rng = np.random.default_rng(1)
+  x1 = jnp.asarray(rng.standard_normal((3, 8, 8, 2)), jnp.float32)
+  x2 = jnp.asarray(rng.standard_normal((2, 8, 8, 2)), jnp.float32)
+  kernel = make_kernel("convnet", width=1)
+  ours = np.asarray(kernel.kernel_fn(x1, x2))
+  linear = _nt_linear()
+  monkeypatch.setattr(linear, "_conv_kernel_full_spatial_shared",
+                      linear._conv_kernel_full_spatial_shared.original)
+  theirs = np.asarray(kernel.kernel_fn(x1, x2))
+  assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
