@@ -15,6 +15,7 @@ neural-tangents' depthwise convolutions with a diagonal filter; same numbers, sa
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -138,6 +139,43 @@ from neural_tangents import stax  # noqa: E402
 _patch_scipy()
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shifted_sum(x, filter_shape, pads, batch_ndim):
+  """out[..., i, i', j, j'] = sum over offsets (a, b) of the zero-padded x at (i+a, i'+a, j+b, j'+b).
+
+  `pads[k] = (lo, hi)` pads both axes of spatial pair k. Its own adjoint, with mirrored padding, is
+  the VJP: JAX's transpose of the slices would materialise f_h * f_w padded copies (15x slower).
+  """
+  padded = jax.numpy.pad(x, [(0, 0)] * batch_ndim + [p for p in pads for _ in (0, 1)])
+  sizes = [padded.shape[batch_ndim + 2 * k] - f + 1 for k, f in enumerate(filter_shape)]
+  out = None
+  for offsets in itertools.product(*(range(f) for f in filter_shape)):
+    index = [slice(None)] * batch_ndim
+    for d, n in zip(offsets, sizes, strict=True):
+      index += [slice(d, d + n)] * 2
+    term = padded[tuple(index)]
+    out = term if out is None else out + term
+  return out
+
+
+def _shifted_sum_fwd(x, filter_shape, pads, batch_ndim):
+  return _shifted_sum(x, filter_shape, pads, batch_ndim), x.shape
+
+
+def _shifted_sum_bwd(filter_shape, pads, batch_ndim, in_shape, g):
+  # x_bar[j] = sum_d g[j - d + lo]: the same sum over g padded by (f - 1 - lo) before and by
+  # whatever brings it back to the input's length after.
+  mirrored = []
+  for k, ((lo, _), f) in enumerate(zip(pads, filter_shape, strict=True)):
+    before = f - 1 - lo
+    mirrored.append((before, in_shape[batch_ndim + 2 * k] + f - 1 - g.shape[batch_ndim + 2 * k]
+                     - before))
+  return (_shifted_sum(g, filter_shape, tuple(mirrored), batch_ndim),)
+
+
+_shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
+
+
 def _shifted_full_spatial_conv(original):
   """neural-tangents' `_conv_kernel_full_spatial_shared`, by shifted sums on CPU.
 
@@ -154,20 +192,10 @@ def _shifted_full_spatial_conv(original):
     if (lhs is None or lhs.ndim == 0 or jax.default_backend() != "cpu"
         or any(s != 1 for s in strides) or padding.name not in ("SAME", "VALID")):
       return original(lhs, filter_shape, strides, padding, batch_ndim)
-    pads, sizes = [(0, 0)] * batch_ndim, []
-    for i, f in enumerate(filter_shape):
-      lo, hi = ((f - 1) // 2, f // 2) if padding.name == "SAME" else (0, 0)
-      pads += [(lo, hi)] * 2
-      sizes.append(lhs.shape[batch_ndim + 2 * i] + lo + hi - f + 1)
-    padded = jax.numpy.pad(lhs, pads)
-    out = None
-    for offsets in itertools.product(*(range(f) for f in filter_shape)):
-      index = [slice(None)] * batch_ndim
-      for d, n in zip(offsets, sizes, strict=True):
-        index += [slice(d, d + n)] * 2
-      term = padded[tuple(index)]
-      out = term if out is None else out + term
-    out = out / math.prod(filter_shape)
+    filter_shape = tuple(int(f) for f in filter_shape)
+    pads = tuple(((f - 1) // 2, f // 2) if padding.name == "SAME" else (0, 0)
+                 for f in filter_shape)
+    out = _shifted_sum(lhs, filter_shape, pads, batch_ndim) / math.prod(filter_shape)
     reverse = [batch_ndim + 2 * i + j for i in reversed(range(len(filter_shape))) for j in (0, 1)]
     return jax.numpy.transpose(out, list(range(batch_ndim)) + reverse)
 
