@@ -141,7 +141,7 @@ _patch_scipy()
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _shifted_sum(x, filter_shape, pads, batch_ndim):
-  """out[..., i, i', j, j'] = sum over offsets (a, b) of the zero-padded x at (i+a, i'+a, j+b, j'+b).
+  """out[..., i, i', j, j'] = sum over offsets (a, b) of zero-padded x[..., i+a, i'+a, j+b, j'+b].
 
   `pads[k] = (lo, hi)` pads both axes of spatial pair k. Its own adjoint, with mirrored padding, is
   the VJP: JAX's transpose of the slices would materialise f_h * f_w padded copies (15x slower).
