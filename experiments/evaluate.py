@@ -19,7 +19,7 @@ from kip.data import DATASETS
 from kip.io import load_distilled
 from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel
 from kip.krr import DEFAULT_REG
-from kip.pipeline import data_for_set, make_evaluator
+from kip.pipeline import data_for_set, make_evaluator, shard_kernels
 
 f = cli.field
 
@@ -34,14 +34,20 @@ class Config:
   zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
                choices=("auto", "yes", "no"))
   reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s")
-  block_memory_mb: float = f(1024.0, "memory budget of one kernel block, in MiB")
+  memory_mb: float = f(0.0, "per-device memory budget for kernel tiles, in MiB (0: half of each "
+                       "device's free memory; on CPU, of the available RAM)")
+  distributed: bool = f(False, "multi-host: call jax.distributed.initialize() (see "
+                               "experiments.kip --help)")
   float64: bool = f(False, "kernels and the solve in float64 (slower)")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
   json_out: bool = f(False, "print the result as one JSON line")
 
 
-def evaluate_file(config: Config) -> dict[str, float]:
+def evaluate_file(config: Config, mesh=None, memory_bytes: float | None = None
+                  ) -> dict[str, float]:
+  """KRR test metrics of `config.support`, the test kernel across `mesh` (default: every
+  device) within `memory_bytes` per device."""
   if not config.support:
     raise cli.UserError("--support FILE.npz is required")
   distilled = load_distilled(config.support, config.dataset)
@@ -51,8 +57,8 @@ def evaluate_file(config: Config) -> dict[str, float]:
   preprocessor = data.preprocessor
   kernel = make_kernel(config.kernel, depth=config.depth, kernel_type=config.kernel_type)
   with jax.enable_x64(config.float64):
-    evaluator = make_evaluator(kernel, data, reg=config.reg,
-                               block_memory_mb=config.block_memory_mb,
+    _, kernel_fn = shard_kernels(kernel, mesh, memory_bytes)
+    evaluator = make_evaluator(kernel_fn, data, reg=config.reg,
                                dtype=jnp.float64 if config.float64 else jnp.float32)
     result = evaluator(distilled.images, distilled.labels)
   return result | {"n_support": len(distilled.images), "preprocessing": preprocessor.name,
@@ -61,13 +67,14 @@ def evaluate_file(config: Config) -> dict[str, float]:
 
 def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__)
-  result = evaluate_file(config)
+  mesh, memory_bytes = cli.setup_devices(config)
+  result = evaluate_file(config, mesh, memory_bytes)
   if config.json_out:
-    print(json.dumps(result))
+    cli.report(json.dumps(result))
   else:
-    print(f"{config.support}: {result['n_support']} images, {result['kernel']} kernel, "
-          f"{result['preprocessing']}: KRR test accuracy {100 * result['test_acc']:.2f}% "
-          f"(MSE {result['test_mse']:.5f})")
+    cli.report(f"{config.support}: {result['n_support']} images, {result['kernel']} kernel, "
+               f"{result['preprocessing']}: KRR test accuracy {100 * result['test_acc']:.2f}% "
+               f"(MSE {result['test_mse']:.5f})")
   return 0
 
 

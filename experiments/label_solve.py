@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from kip import cli
 from kip.data import DATASETS, centered_one_hot
 from kip.io import DistilledSet, atomic_write, load_distilled
-from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel, rows_per_block
-from kip.krr import DEFAULT_REG, label_solve
-from kip.pipeline import initial_support, make_evaluator, prepare_data, write_distilled
+from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel
+from kip.krr import DEFAULT_REG, evaluate_labels, label_solve
+from kip.pipeline import initial_support, prepare_data, shard_kernels, write_distilled
 
 f = cli.field
 
@@ -38,16 +38,20 @@ class Config:
   reg: float = f(DEFAULT_REG, "ridge, relative to the trace over n")
   seed: int = f(0, "seed of the support and target draws")
   val_size: int = f(0, "hold out this many training images and evaluate on them instead of test")
-  block_memory_mb: float = f(1024.0, "memory budget of one kernel block, in MiB")
+  memory_mb: float = f(0.0, "per-device memory budget for kernel tiles, in MiB (0: half of each "
+                       "device's free memory; on CPU, of the available RAM)")
+  distributed: bool = f(False, "multi-host: call jax.distributed.initialize() (see "
+                               "experiments.kip --help); needs --workdir")
   workdir: str = f("", "run folder (default: a new folder under ./runs)")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
   progress: bool = f(True, "show a progress bar")
 
 
-def solve(config: Config, workdir: str, given: DistilledSet | None = None
-          ) -> dict[str, dict[str, float]]:
-  """Label Solve as configured (for the images of `given`, if any); returns
+def solve(config: Config, workdir: str, given: DistilledSet | None = None, mesh=None,
+          memory_bytes: float | None = None) -> dict[str, dict[str, float]]:
+  """Label Solve as configured (for the images of `given`, if any), its kernel blocks across
+  `mesh` (default: every device) within `memory_bytes` per device; returns
   {"one_hot": metrics, "label_solve": metrics}."""
   data = prepare_data(config.dataset, zca=config.zca, data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed,
@@ -62,23 +66,26 @@ def solve(config: Config, workdir: str, given: DistilledSet | None = None
   if config.target_size:
     idx = np.random.default_rng([config.seed, 1]).permutation(len(x_target))[:config.target_size]
     x_target, y_target = x_target[idx], y_target[idx]
-  evaluate = make_evaluator(kernel, data, reg=config.reg, block_memory_mb=config.block_memory_mb)
-  results = {"one_hot": evaluate(x_support, y_one_hot)}
-  rows = min(rows_per_block(kernel, x_target.shape[1:], len(x_support),
-                            config.block_memory_mb * 2**20), len(x_target))
+  _, kernel_fn = shard_kernels(kernel, mesh, memory_bytes)
   with tqdm(total=len(x_target), disable=not config.progress, unit="img",
             desc="Label Solve: K(target, support)") as bar:
-    y_solved = label_solve(kernel.kernel_fn, x_support, x_target, y_target, reg=config.reg,
-                           block_rows=rows, progress=bar.update)
-  results["label_solve"] = evaluate(x_support, y_solved)
+    y_solved = label_solve(kernel_fn, x_support, x_target, y_target, reg=config.reg,
+                           progress=bar.update)
+  with tqdm(total=len(data.x_test), disable=not config.progress, unit="img",
+            desc="KRR evaluation: K(test, support)") as bar:
+    one_hot, solved = evaluate_labels(kernel_fn, x_support, [y_one_hot, y_solved], data.x_test,
+                                      data.labels_test, reg=config.reg, progress=bar.update)
+  results = {"one_hot": one_hot, "label_solve": solved}
   meta = {"method": "label_solve", "dataset": config.dataset, "kernel": kernel.name, "step": 0,
           "seed": config.seed, "ipc": len(x_support) // data.num_classes,
           "config": dataclasses.asdict(config)}
-  write_distilled(os.path.join(workdir, "distilled.npz"), x_support, y_solved, data, meta)
+  if cli.is_writer():
+    write_distilled(os.path.join(workdir, "distilled.npz"), x_support, y_solved, data, meta)
   records = [{"step": 0, "labels": name, "n_target": len(x_target), **m}
              for name, m in results.items()]
-  atomic_write(os.path.join(workdir, "metrics.jsonl"),
-               "".join(json.dumps(r) + "\n" for r in records).encode())
+  if cli.is_writer():
+    atomic_write(os.path.join(workdir, "metrics.jsonl"),
+                 "".join(json.dumps(r) + "\n" for r in records).encode())
   return results
 
 
@@ -86,13 +93,16 @@ def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__)
   # Read the given set before creating the workdir, so a bad file leaves nothing behind.
   given = load_distilled(config.support, config.dataset) if config.support else None
+  mesh, memory_bytes = cli.setup_devices(config)
   workdir = cli.prepare_workdir(config, "label_solve",
                                 [config.dataset, config.kernel, f"ipc{config.ipc}"])
-  cli.log(f"devices: {cli.describe_devices()}; workdir: {workdir}")
-  results = solve(config, workdir, given)
+  cli.log(f"devices: {cli.describe_devices()}; kernel tiles within {memory_bytes / 2**20:.0f} "
+          f"MiB per device; workdir: {workdir}")
+  results = solve(config, workdir, given, mesh, memory_bytes)
   for name, m in results.items():
-    print(f"{name:>11}: KRR test accuracy {100 * m['test_acc']:.2f}% (MSE {m['test_mse']:.5f})")
-  print(f"distilled set: {os.path.join(workdir, 'distilled.npz')}")
+    cli.report(f"{name:>11}: KRR test accuracy {100 * m['test_acc']:.2f}% "
+               f"(MSE {m['test_mse']:.5f})")
+  cli.report(f"distilled set: {os.path.join(workdir, 'distilled.npz')}")
   return 0
 
 

@@ -20,7 +20,8 @@ from kip.data import DataError
 from kip.io import FileFormatError, write_json
 from kip.loop import NonFiniteLossError
 
-__all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log"]
+__all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
+           "report", "is_writer", "setup_devices", "describe_devices"]
 
 
 class UserError(ValueError):
@@ -65,25 +66,64 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
   return config_cls(**vars(args))
 
 
+_QUIET = False  # processes other than the first of a multi-host run do not log
+
+
 def log(message: str) -> None:
   """Human-readable progress lines (metrics go to metrics.jsonl, not here)."""
-  print(message, file=sys.stderr, flush=True)
+  if not _QUIET:
+    print(message, file=sys.stderr, flush=True)
+
+
+def is_writer() -> bool:
+  """Whether this process writes files (the first process of a multi-host run)."""
+  return not _QUIET
+
+
+def report(message: str) -> None:
+  """A job's result on stdout (once, from the first process)."""
+  if not _QUIET:
+    print(message, flush=True)
 
 
 def describe_devices() -> str:
   import jax  # noqa: PLC0415
 
   devices = jax.devices()
-  return f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
+  hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+  return f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind}){hosts}"
+
+
+def setup_devices(config) -> tuple:
+  """Starts the multi-host runtime when `config.distributed`, and returns (mesh, per-device
+  memory budget in bytes) from `config.memory_mb` (0: automatic)."""
+  global _QUIET
+  from kip import sharding  # noqa: PLC0415
+
+  if config.distributed:
+    if hasattr(config, "workdir") and not config.workdir:
+      raise UserError("--distributed needs --workdir: a folder on a filesystem every process "
+                      "can reach (process 0 writes, every process resumes from it)")
+    try:
+      sharding.initialize_distributed()
+    except (RuntimeError, ValueError) as e:
+      raise UserError(f"could not start the multi-host runtime: {e}") from e
+  if config.memory_mb < 0:
+    raise UserError(f"--memory-mb must be positive (or 0: automatic), got {config.memory_mb}")
+  _QUIET = not sharding.is_main_process()
+  memory = config.memory_mb * 2**20 if config.memory_mb else sharding.default_memory_bytes()
+  return sharding.make_mesh(), memory
 
 
 def prepare_workdir(config, job: str, name_parts: Sequence[str],
                     ignore: Sequence[str] = ("workdir", "manual_dir", "data_dir", "progress",
-                                             "steps", "eval_every")) -> str:
+                                             "steps", "eval_every", "memory_mb",
+                                             "distributed")) -> str:
   """Creates the workdir (default: a new folder under ./runs) and writes or checks config.json.
 
   Re-running in a workdir that holds a run with other settings is refused (fields in `ignore`
-  may differ: paths, display, and `steps`, so a finished run can be extended).
+  may differ: paths, display, resources, and `steps`, so a finished run can be extended). In a
+  multi-host run only process 0 writes.
   """
   workdir = config.workdir or os.path.join(
       "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
@@ -97,8 +137,9 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
       changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
                       "--workdir to start afresh")
-  os.makedirs(workdir, exist_ok=True)
-  write_json(path, current)
+  if not _QUIET:
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, current)
   return workdir
 
 

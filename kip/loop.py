@@ -66,7 +66,10 @@ def run(
     evaluate: (x_support, y_support) -> {"test_acc", "test_mse", ...}.
     save_support: writes the distilled set at `step` (atomically).
   """
-  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  # Several processes (multi-host) run this same loop on the same data; only the first writes.
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   num_classes = y_train.shape[1]
   root_key = jax.random.key(config.seed)
@@ -75,24 +78,33 @@ def run(
   restored = restore_checkpoint(workdir, state)
   if restored is not None:
     state, start_step, elapsed = restored
-    truncate_metrics(metrics_path, start_step)
+    if writer:
+      truncate_metrics(metrics_path, start_step)
     log(f"resuming from step {start_step} ({workdir})")
 
   def write_metrics(record: dict) -> None:
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if writer:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def save(step: int, wall_time: float) -> None:
+    if writer:
+      x, y = method.support(state)
+      save_support(np.asarray(x), np.asarray(y), step)
+      save_checkpoint(workdir, state, step, wall_time, config.keep_checkpoints)
 
   last_eval: dict[str, float] = {}
   if start_step == 0:
-    truncate_metrics(metrics_path, -1)
+    if writer:
+      truncate_metrics(metrics_path, -1)
     last_eval = evaluate(*method.support(state))
     write_metrics({"step": 0, "wall_time": 0.0, **last_eval})
     log(f"step 0: test_acc {last_eval['test_acc']:.4f}  test_mse {last_eval['test_mse']:.5f}")
   else:
     last_eval = _last_eval(metrics_path)
 
-  bar = tqdm(total=config.steps, initial=start_step, disable=not progress, unit="step",
-             dynamic_ncols=True)
+  bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and writer),
+             unit="step", dynamic_ncols=True)
   if start_step < config.steps:
     bar.set_description("compiling the step")
   t0 = time.perf_counter() - elapsed
@@ -120,11 +132,9 @@ def run(
                      if k in ("loss", "test_acc", "target_acc")}, refresh=False)
     bar.update(1)
     if step % config.checkpoint_every == 0 or step == config.steps:
-      x, y = method.support(state)
-      save_support(np.asarray(x), np.asarray(y), step)
-      save_checkpoint(workdir, state, step, record["wall_time"], config.keep_checkpoints)
+      save(step, record["wall_time"])
   bar.close()
-  if start_step == config.steps:
+  if start_step == config.steps and writer:
     x, y = method.support(state)  # already finished: make sure the set on disk is this one
     save_support(np.asarray(x), np.asarray(y), config.steps)
   return last_eval

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from kip.data import (
   Preprocessor,
@@ -19,11 +20,12 @@ from kip.data import (
   load_dataset,
 )
 from kip.io import DistilledSet, save_distilled
-from kip.kernels import Kernel, rows_per_block
+from kip.kernels import Kernel
 from kip.krr import evaluate
+from kip.sharding import shard_kernel
 
-__all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "make_evaluator",
-           "write_distilled"]
+__all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
+           "make_evaluator", "write_distilled"]
 
 
 class Data(NamedTuple):
@@ -89,14 +91,26 @@ def initial_support(data: Data, ipc: int, seed: int, init: str = "real"
   return x, centered_one_hot(labels, data.num_classes)
 
 
-def make_evaluator(kernel: Kernel, data: Data, *, reg: float, block_memory_mb: float = 1024,
-                   dtype=None) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
-  """(x_support, y_support) -> {"test_acc", "test_mse"} by KRR on the whole test split."""
+def shard_kernels(kernel: Kernel, mesh=None, memory_bytes: float | None = None
+                  ) -> tuple[Callable, Callable]:
+  """The kernel with its blocks across `mesh` within `memory_bytes` per device, twice: tiled for
+  a differentiated loss (KIP's step), and for the forward pass only (evaluation, Label Solve)."""
+  return tuple(shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, memory_bytes,
+                            backward=backward) for backward in (True, False))
+
+
+def make_evaluator(kernel_fn: Callable, data: Data, *, reg: float, dtype=None,
+                   progress: bool = False) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
+  """(x_support, y_support) -> {"test_acc", "test_mse"} by KRR on the whole test split.
+
+  kernel_fn: a kernel_fn, or one from `shard_kernels` (the test kernel across its devices).
+  """
 
   def evaluator(x_support, y_support):
-    rows = rows_per_block(kernel, data.x_test.shape[1:], len(x_support), block_memory_mb * 2**20)
-    return evaluate(kernel.kernel_fn, x_support, y_support, data.x_test, data.labels_test,
-                    reg=reg, block_rows=min(rows, len(data.x_test)), dtype=dtype)
+    with tqdm(total=len(data.x_test), unit="img", desc="KRR evaluation", leave=False,
+              disable=not progress, dynamic_ncols=True) as bar:
+      return evaluate(kernel_fn, x_support, y_support, data.x_test, data.labels_test, reg=reg,
+                      dtype=dtype, progress=bar.update)
 
   return evaluator
 

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = ["AXIS", "Tiles", "Layout", "make_mesh", "initialize_distributed", "is_main_process",
            "default_memory_bytes", "entry_bytes", "plan_tiles", "plan_layout", "tiled_kernel",
-           "shard_kernel", "stream_rows", "replicate"]
+           "shard_kernel", "rows_per_call", "stream_rows", "replicate"]
 
 AXIS = "devices"
 
@@ -241,16 +241,24 @@ def _tiled_kernel_vjp(kernel_fn: Callable, x1: jax.Array, x2: jax.Array, cotange
   return a_bars.reshape(x1.shape), x2_sums.reshape((-1,) + x2.shape)
 
 
-def shard_kernel(kernel_fn: Callable, covariance: str, mesh: Mesh, memory_bytes: float, *,
-                 backward: bool) -> Callable:
+def shard_kernel(kernel_fn: Callable, covariance: str = "full", mesh: Mesh | None = None,
+                 memory_bytes: float | None = None, *, backward: bool = False) -> Callable:
   """`kernel_fn` with its rows sharded over `mesh` and computed in tiles within `memory_bytes`
   per device; same signature, (n1, ...), (n2, ...) -> (n1, n2), usable inside `jit` and
   differentiable. `backward`: size the tiles for a differentiated kernel (KIP's loss).
+
+  Args:
+    covariance: what one entry keeps (`Kernel.covariance`), which sizes the tiles.
+    mesh: default `make_mesh()` (every device).
+    memory_bytes: per-device budget for one tile's intermediates; default
+      `default_memory_bytes()`.
 
   The result is replicated on every device (what follows, a ridge solve, is small and then
   runs identically on any mesh). With more than one tile per device the gradient recomputes
   each tile instead of keeping every tile's intermediates (rematerialisation).
   """
+  mesh = make_mesh() if mesh is None else mesh
+  memory_bytes = default_memory_bytes() if memory_bytes is None else memory_bytes
   n_devices = mesh.size
   replicated = NamedSharding(mesh, P())
 
@@ -263,21 +271,23 @@ def shard_kernel(kernel_fn: Callable, covariance: str, mesh: Mesh, memory_bytes:
     layout = layout_for(n1, n2, x1.shape[1:])
     x1 = _pad_rows(x1, layout.rows_per_device * n_devices)
     x2 = _pad_rows(x2, layout.cols)
-    k = _remat_kernel(x1, x2, layout) if layout.remat else _local_kernel(x1, x2, layout)
+    k = (_tiled(x1, x2, layout) if layout.remat else _whole(x1, x2, layout, n1))
     return jax.lax.with_sharding_constraint(k[:n1, :n2], replicated)
 
   def _local_kernel(x1, x2, layout):
     return jax.shard_map(lambda a, b: tiled_kernel(kernel_fn, a, b, layout.tiles), mesh=mesh,
                          in_specs=(P(AXIS), P()), out_specs=P(AXIS))(x1, x2)
 
+  # Several tiles per device: the backward pass recomputes one tile at a time, and sums x2's
+  # gradient over row tiles in a fixed order (tiles and groups do not depend on the mesh).
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-  def _remat_kernel(x1, x2, layout):
+  def _tiled(x1, x2, layout):
     return _local_kernel(x1, x2, layout)
 
-  def _remat_fwd(x1, x2, layout):
+  def _tiled_fwd(x1, x2, layout):
     return _local_kernel(x1, x2, layout), (x1, x2)
 
-  def _remat_bwd(layout, residuals, cotangent):
+  def _tiled_bwd(layout, residuals, cotangent):
     x1, x2 = residuals
     x1_bar, x2_sums = jax.shard_map(
         lambda a, b, g: _tiled_kernel_vjp(kernel_fn, a, b, g, layout), mesh=mesh,
@@ -288,9 +298,53 @@ def shard_kernel(kernel_fn: Callable, covariance: str, mesh: Mesh, memory_bytes:
                              x2_sums)
     return x1_bar, x2_bar
 
-  _remat_kernel.defvjp(_remat_fwd, _remat_bwd)
+  _tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+  # One tile per device: a device's share of rows depends on the mesh, so x2's gradient is not
+  # summed across devices (the association would change with the device count). It comes from
+  # K(x2, x1) = K(x1, x2)^T instead, with x2's rows sharded and all of x1 on every device: every
+  # row of every gradient is then one device's sum over the same entries, whatever the mesh.
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def _whole(x1, x2, layout, n1):
+    return _local_kernel(x1, x2, layout)
+
+  def _whole_fwd(x1, x2, layout, n1):
+    return _local_kernel(x1, x2, layout), (x1, x2)
+
+  def _whole_bwd(layout, n1, residuals, cotangent):
+    x1, x2 = residuals
+
+    def row_grads(a, b, g):
+      return jax.vjp(lambda rows: kernel_fn(rows, b), a)[1](g)[0]
+
+    x1_bar = jax.shard_map(row_grads, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS)),
+                           out_specs=P(AXIS), check_vma=False)(x1, x2, cotangent)
+    n2 = x2.shape[0]
+    share = _cdiv(n2, n_devices)
+    x2_rows = _pad_rows(x2, share * n_devices)
+    g_t = jnp.pad(cotangent[:n1].T, ((0, share * n_devices - n2), (0, 0)))
+    x2_bar = jax.shard_map(row_grads, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS)),
+                           out_specs=P(AXIS), check_vma=False)(x2_rows, x1[:n1], g_t)
+    return x1_bar, x2_bar[:n2]
+
+  _whole.defvjp(_whole_fwd, _whole_bwd)
   sharded.layout = layout_for  # for logs, tests and benchmarks
+  sharded.mesh = mesh
+  sharded.memory_bytes = memory_bytes
   return sharded
+
+
+def rows_per_call(kernel_fn: Callable, n_rows: int, n_cols: int, image_shape: tuple[int, ...],
+                  tiles_per_device: int = 8) -> int:
+  """Rows of x_rows per `stream_rows` call: everything when it fits in one tile per device,
+  otherwise `tiles_per_device` row tiles on every device (a progress update every call)."""
+  layout_for = getattr(kernel_fn, "layout", None)
+  if layout_for is None:
+    return min(n_rows, 1000)
+  layout = layout_for(n_rows, n_cols, image_shape)
+  if not layout.remat and layout.tiles.cols >= n_cols:
+    return n_rows
+  return min(n_rows, kernel_fn.mesh.size * layout.tiles.rows * tiles_per_device)
 
 
 def replicate(x, mesh: Mesh) -> jax.Array:
@@ -298,16 +352,18 @@ def replicate(x, mesh: Mesh) -> jax.Array:
   return jax.device_put(x, NamedSharding(mesh, P()))
 
 
-def stream_rows(kernel_fn: Callable, x_rows: np.ndarray, x_cols: jax.Array, block_rows: int,
-                mesh: Mesh) -> Iterator[tuple[int, np.ndarray]]:
+def stream_rows(kernel_fn: Callable, x_rows: np.ndarray, x_cols: jax.Array,
+                block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (start, K(x_rows[start:start + block_rows], x_cols)) as host arrays, block by block.
 
   Every block is padded to `block_rows`, so the jitted (sharded) kernel compiles once; only one
-  block's result lives on the devices, and every process receives every block.
+  block's result lives on the devices, and every process receives every block. A kernel from
+  `shard_kernel` runs on its mesh; any other kernel_fn on the first device.
   """
+  mesh = getattr(kernel_fn, "mesh", None) or make_mesh(jax.devices()[:1])
   replicated = NamedSharding(mesh, P())
   fn = jax.jit(kernel_fn, out_shardings=replicated)
-  x_cols = replicate(x_cols, mesh)
+  x_cols = replicate(jnp.asarray(x_cols), mesh)
   with jax.default_matmul_precision("highest"):
     for start in range(0, len(x_rows), block_rows):
       block = np.asarray(x_rows[start:start + block_rows], x_cols.dtype)

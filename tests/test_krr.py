@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from kip.kernels import kernel_in_blocks, make_kernel
-from kip.krr import add_ridge, evaluate, krr_predict, label_solve
+from kip.kernels import make_kernel
+from kip.krr import add_ridge, evaluate, evaluate_labels, krr_predict, label_solve
+from kip.sharding import shard_kernel, stream_rows
 
 RNG = np.random.default_rng(0)
 
@@ -32,11 +33,14 @@ def fc_numpy(x1, x2):
   return arccos_fc(x1, x2, 1)[1]
 
 
-def test_kernel_blocks_match_whole_kernel_reference():
+@pytest.mark.parametrize("sharded", [False, True])
+def test_streamed_kernel_blocks_match_whole_kernel_reference(sharded):
   kernel = make_kernel("fc")
+  kernel_fn = (shard_kernel(kernel.kernel_fn, "none", memory_bytes=2000) if sharded
+               else kernel.kernel_fn)  # 2000 bytes: tiles of a few entries
   x1 = RNG.normal(size=(23, 3, 3, 1)).astype(np.float32)
   x2 = RNG.normal(size=(6, 3, 3, 1)).astype(np.float32)
-  got = kernel_in_blocks(kernel.kernel_fn, x1, x2, block_rows=5)
+  got = np.concatenate([k for _, k in stream_rows(kernel_fn, x1, x2, block_rows=5)])
   assert got.shape == (23, 6)
   np.testing.assert_allclose(got, fc_numpy(x1, x2), rtol=1e-5)
 
@@ -53,6 +57,11 @@ def test_evaluate_matches_numpy_krr():
   assert result["test_acc"] == pytest.approx(np.mean(pred.argmax(1) == labels))
   targets = np.eye(3)[labels] - 1 / 3
   assert result["test_mse"] == pytest.approx(0.5 * np.mean((pred - targets) ** 2), rel=1e-3)
+  # Several label sets in one pass over the test kernel: each as if evaluated alone.
+  other = (np.eye(3)[RNG.integers(0, 3, 10)] - 1 / 3).astype(np.float32)
+  both = evaluate_labels(kernel.kernel_fn, xs, [ys.astype(np.float32), other], xt, labels)
+  assert both[0] == pytest.approx(result)
+  assert both[1] == pytest.approx(evaluate(kernel.kernel_fn, xs, other, xt, labels))
 
 
 def test_label_solve_is_the_least_squares_optimum():

@@ -1,0 +1,75 @@
+"""Run by tests/test_sharding.py in a subprocess with N simulated CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`): a few KIP steps, the loss gradient,
+Label Solve and KRR evaluation on every device of a mesh, for `fc` and `convnet` kernels on small
+images. Writes every number to an .npz for the test to compare across device counts.
+
+usage: python tests/sharding_worker.py OUT.npz
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kip.kernels import make_kernel
+from kip.kip import make_kip
+from kip.krr import evaluate, krr_predict, label_solve, mse_loss
+from kip.sharding import make_mesh, shard_kernel, stream_rows
+
+# convnet: a budget of a few tiles' worth, so each device computes several tiles and the gradient
+# recomputes them; fc: everything fits, one tile per device.
+MEMORY = {"fc": None, "convnet": 8e6}
+N_SUPPORT, N_TARGET, N_LS, N_TEST, CLASSES = 10, 13, 37, 29, 10
+
+
+def data(seed: int, n: int, image=(8, 8, 1)):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, *image)).astype(np.float32)
+  labels = rng.integers(0, CLASSES, n)
+  return x, (np.eye(CLASSES)[labels] - 1 / CLASSES).astype(np.float32), labels
+
+
+def main(out: str) -> None:
+  mesh = make_mesh()
+  results = {"devices": np.asarray(jax.device_count())}
+  x_s, y_s, _ = data(0, N_SUPPORT)
+  x_t, y_t, _ = data(1, N_TARGET)
+  x_ls, y_ls, _ = data(2, N_LS)
+  x_test, _, labels_test = data(3, N_TEST)
+  for arch, memory in MEMORY.items():
+    kernel = make_kernel(arch)
+    step_kernel = shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, memory, backward=True)
+    eval_kernel = shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, memory)
+    layout = step_kernel.layout(N_TARGET, N_SUPPORT, x_t.shape[1:])
+    results[f"{arch}/remat"] = np.asarray(layout.remat)
+
+    def loss(x, y, kernel_fn=step_kernel):
+      with jax.default_matmul_precision("highest"):
+        return mse_loss(krr_predict(kernel_fn(x_t, x), kernel_fn(x, x), y), y_t)
+
+    value, (grad_x, grad_y) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x_s, y_s)
+    results[f"{arch}/loss0"] = np.asarray(value)
+    results[f"{arch}/grad_x"] = np.asarray(grad_x)
+    results[f"{arch}/grad_y"] = np.asarray(grad_y)
+
+    method = make_kip(step_kernel, lr=0.01, learn_labels=True)
+    state = method.init(jax.random.key(0), x_s, y_s)
+    losses = []
+    for _ in range(3):
+      state, metrics = method.update(state, jax.random.key(0), x_t, y_t)
+      losses.append(float(metrics["loss"]))
+    results[f"{arch}/losses"] = np.asarray(losses)
+    results[f"{arch}/x"], results[f"{arch}/y"] = map(np.asarray, method.support(state))
+
+    results[f"{arch}/label_solve"] = label_solve(eval_kernel, x_s, x_ls, y_ls)
+    results[f"{arch}/k_test"] = np.concatenate(
+        [k for _, k in stream_rows(eval_kernel, x_test, jnp.asarray(x_s), 8)])
+    metrics = evaluate(eval_kernel, x_s, y_s, x_test, labels_test)
+    results[f"{arch}/test_mse"] = np.asarray(metrics["test_mse"])
+    results[f"{arch}/test_acc"] = np.asarray(metrics["test_acc"])
+  np.savez(out, **results)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

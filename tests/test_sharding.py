@@ -1,0 +1,144 @@
+"""Kernel blocks across devices: tiles and layouts, the memory model against XLA's own buffer
+sizes, sharded kernels and their hand-written gradients against plain autodiff, and the same
+numbers on 1, 2 and 4 simulated devices (subprocesses) for KIP, Label Solve and evaluation."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kip.kernels import make_kernel
+from kip.sharding import (
+  entry_bytes,
+  make_mesh,
+  plan_layout,
+  plan_tiles,
+  shard_kernel,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_plan_tiles_fits_the_budget_and_prefers_fewer_tiles():
+  per_entry = entry_bytes("full", (8, 8, 1), backward=True)
+  # Everything fits: one tile.
+  assert plan_tiles("full", (8, 8, 1), 13, 10, 1000 * per_entry, backward=True) == (13, 10)
+  for budget_entries in (3, 20, 50, 130):
+    rows, cols = plan_tiles("full", (8, 8, 1), 13, 10, budget_entries * per_entry,
+                            backward=True)
+    assert rows * cols + rows + cols <= max(budget_entries, 3)
+    # No other tile that fits does less work (entries plus diagonals, padding included).
+    work = -(-13 // rows) * -(-10 // cols) * (rows * cols + rows + cols)
+    for r in range(1, 14):
+      for c in range(1, 11):
+        if r * c + r + c <= budget_entries:
+          assert work <= -(-13 // r) * -(-10 // c) * (r * c + r + c)
+
+
+def test_layout_tiles_do_not_depend_on_the_device_count():
+  per_entry = entry_bytes("full", (8, 8, 1), backward=True)
+  layouts = [plan_layout("full", (8, 8, 1), 1000, 10, 20 * per_entry, n, backward=True)
+             for n in (1, 2, 3, 4, 8)]
+  assert len({layout.tiles for layout in layouts}) == 1
+  assert len({layout.group for layout in layouts}) == 1
+  for n, layout in zip((1, 2, 3, 4, 8), layouts, strict=True):
+    assert layout.remat
+    assert layout.rows_per_device * n >= 1000
+    assert layout.rows_per_device % (layout.tiles.rows * layout.group) == 0
+    # At most one group of padding per device.
+    assert layout.rows_per_device * n - 1000 < n * layout.tiles.rows * layout.group
+  # Everything fits: one tile per device, an even share, nothing recomputed.
+  whole = plan_layout("none", (8, 8, 1), 13, 10, 2**30, 4, backward=True)
+  assert (whole.tiles, whole.rows_per_device, whole.remat) == ((4, 10), 4, False)
+
+
+@pytest.mark.parametrize("arch,side,tiles", [
+    ("fc", 8, [(40, 10), (10, 40)]),
+    ("conv", 8, [(20, 10)]),
+    ("convnet", 8, [(2, 3), (6, 6)]),
+    ("convnet", 16, [(2, 2)]),
+])
+def test_memory_model_bounds_xla_buffer_sizes(arch, side, tiles):
+  """The per-entry model (what sizes tiles) against XLA's own temp-buffer sizes for the compiled
+  forward and forward+backward passes of one tile: an upper bound, and for pooled kernels (the
+  ones the budget exists for) within 4x of it."""
+  kernel = make_kernel(arch)
+  image = (side, side, 1)
+  for rows, cols in tiles:
+    x1, x2 = jnp.zeros((rows, *image)), jnp.zeros((cols, *image))
+    units = rows * cols + rows + cols
+    forward = jax.jit(kernel.kernel_fn).lower(x1, x2).compile().memory_analysis()
+    backward = jax.jit(jax.grad(lambda b, a=x1: jnp.sum(kernel.kernel_fn(a, b)))).lower(
+        x2).compile().memory_analysis()
+    for analysis, is_backward in ((forward, False), (backward, True)):
+      model = units * entry_bytes(kernel.covariance, image, is_backward)
+      assert analysis.temp_size_in_bytes <= model
+      if kernel.covariance == "full":
+        assert analysis.temp_size_in_bytes >= model / 4
+
+
+@pytest.mark.parametrize("arch,memory", [("fc", None), ("convnet", 3e6)])
+def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
+  """Values and both arguments' gradients of a smooth function of K, through the tiled path
+  (convnet: several tiles, recomputed) and the one-tile path (fc), against neural-tangents'
+  kernel differentiated by JAX."""
+  kernel = make_kernel(arch)
+  sharded = shard_kernel(kernel.kernel_fn, kernel.covariance, make_mesh(), memory,
+                         backward=True)
+  rng = np.random.default_rng(0)
+  x1 = jnp.asarray(rng.standard_normal((7, 8, 8, 1)), jnp.float32)
+  x2 = jnp.asarray(rng.standard_normal((5, 8, 8, 1)), jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
+  assert sharded.layout(7, 5, (8, 8, 1)).remat == (arch == "convnet")
+
+  def objective(kernel_fn):
+    return lambda a, b: jnp.sum(weights * jnp.sin(kernel_fn(a, b) / 3))
+
+  with jax.default_matmul_precision("highest"):
+    ours = jax.jit(jax.value_and_grad(objective(sharded), argnums=(0, 1)))(x1, x2)
+    plain = jax.jit(jax.value_and_grad(objective(kernel.kernel_fn), argnums=(0, 1)))(x1, x2)
+    np.testing.assert_allclose(jax.jit(sharded)(x1, x2), kernel.kernel_fn(x1, x2), rtol=1e-6)
+  assert rel(ours[0], plain[0]) < 1e-6
+  for got, expected in zip(ours[1], plain[1], strict=True):
+    assert rel(got, expected) < 1e-5
+
+
+def run_worker(devices: int, out: pathlib.Path) -> None:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_same_numbers_on_1_2_and_4_devices(tmp_path):
+  """KIP (loss, gradients, three steps), Label Solve and KRR evaluation give the same numbers on
+  1, 2 and 4 devices, with a target batch (13) and target sets (37, 29) that no device count
+  divides, for fc (one tile per device) and convnet kernels (several tiles, recomputed)."""
+  results = {}
+  for devices in (1, 2, 4):
+    run_worker(devices, tmp_path / f"{devices}.npz")
+    results[devices] = dict(np.load(tmp_path / f"{devices}.npz"))
+    assert int(results[devices]["devices"]) == devices
+  reference = results[1]
+  assert bool(reference["convnet/remat"]) and not bool(reference["fc/remat"])
+  for devices in (2, 4):
+    for key, value in reference.items():
+      if key == "devices":
+        continue
+      assert rel(results[devices][key], value) < 1e-5, (devices, key)
+  for arch in ("fc", "convnet"):
+    losses = reference[f"{arch}/losses"]
+    assert losses[-1] < losses[0]  # the steps did something
+    assert not np.allclose(reference[f"{arch}/label_solve"], 0)
