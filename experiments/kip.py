@@ -93,6 +93,7 @@ def _distill(config: Config, workdir: str, dtype, mesh, memory_bytes) -> dict[st
   def save(x, y, step):
     write_distilled(os.path.join(workdir, "distilled.npz"), x, y, data, meta | {"step": step})
 
+  cli.log(f"host memory before the first kernel: {cli.peak_rss_mib():.0f} MiB peak RSS")
   loop_config = LoopConfig(steps=config.steps, target_batch=config.target_batch,
                            eval_every=config.eval_every,
                            checkpoint_every=config.checkpoint_every, seed=config.seed)
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
   cli.log(f"devices: {cli.describe_devices()}; kernel tiles within {memory_bytes / 2**20:.0f} "
           f"MiB per device; workdir: {workdir}")
   result = distill(config, workdir, mesh, memory_bytes)
+  cli.log(f"peak host memory: {cli.peak_rss_mib():.0f} MiB RSS")
   cli.report(f"final KRR test accuracy: {100 * result['test_acc']:.2f}% "
              f"(test MSE {result['test_mse']:.5f}); distilled set: "
              f"{os.path.join(workdir, 'distilled.npz')}")

@@ -21,7 +21,7 @@ from kip.io import FileFormatError, write_json
 from kip.loop import NonFiniteLossError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
-           "report", "is_writer", "setup_devices", "describe_devices"]
+           "report", "is_writer", "setup_devices", "describe_devices", "peak_rss_mib"]
 
 
 class UserError(ValueError):
@@ -84,6 +84,14 @@ def report(message: str) -> None:
   """A job's result on stdout (once, from the first process)."""
   if not _QUIET:
     print(message, flush=True)
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory so far, in MiB (host RAM: on CPU, device memory too)."""
+  import resource  # noqa: PLC0415
+
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
 
 
 def describe_devices() -> str:

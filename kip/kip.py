@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kip.krr import DEFAULT_REG, accuracy, krr_predict, mse_loss
 
@@ -51,13 +52,18 @@ def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: floa
   """KIP with Adam(lr) on the support images, and on the labels when `learn_labels`.
 
   Args:
-    kernel_fn: (n1, H, W, C), (n2, H, W, C) -> (n1, n2), differentiable in both arguments.
+    kernel_fn: (n1, H, W, C), (n2, H, W, C) -> (n1, n2), differentiable in both arguments;
+      one from `kip.sharding.shard_kernel` shards the step's kernel blocks across its devices.
     lr: Adam learning rate (the authors' colab: 0.04).
     learn_labels: also learn the support labels; otherwise they stay as initialised.
     reg: ridge strength relative to tr(K_ss)/n_s (the authors': 1e-6).
     dtype: of the support set and its optimiser state; float64 needs `jax.enable_x64()`.
   """
   optimizer = optax.adam(lr)
+  # A kernel from `kip.sharding.shard_kernel` computes on its mesh: the state lives there too,
+  # replicated, as the step's outputs do (so the second step does not recompile for new input
+  # shardings, and on several hosts the state is one global array).
+  mesh = getattr(kernel_fn, "mesh", None)
 
   def trainable(x, y):
     return (x, y) if learn_labels else (x,)
@@ -76,7 +82,10 @@ def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: floa
   def init(key: jax.Array, x_init: jax.Array, y_init: jax.Array) -> KipState:
     del key  # initialisation is deterministic given the initial support set
     x_init, y_init = jnp.asarray(x_init, dtype), jnp.asarray(y_init, dtype)
-    return KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)))
+    state = KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)))
+    if mesh is not None:
+      state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return state
 
   # The state is donated: the new support and Adam moments reuse its buffers in place.
   @functools.partial(jax.jit, donate_argnums=0)

@@ -207,7 +207,8 @@ def restore_checkpoint(workdir: str, template):
       raise ValueError(f"checkpoint {latest[1]} does not match this run's state; use a new "
                        "--workdir or delete the checkpoint")
     step, wall_time = int(data["step"]), float(data["wall_time"])
-  state = jax.tree_util.tree_unflatten(
-      treedef, [jax.numpy.asarray(a, np.asarray(b).dtype) for a, b in zip(stored, leaves,
-                                                                           strict=True)])
+  # Each leaf goes where the template's is (e.g. replicated on a mesh), as the step expects it.
+  state = jax.tree_util.tree_unflatten(treedef, [
+      jax.device_put(np.asarray(a, np.asarray(b).dtype), getattr(b, "sharding", None))
+      for a, b in zip(stored, leaves, strict=True)])
   return state, step, wall_time
