@@ -34,10 +34,11 @@ def mnist(manual_dir, data_dir):
   return load_dataset("mnist", data_dir=data_dir, manual_dir=manual_dir)
 
 
-def run_cli(module: str, *args: str, timeout: float = 600):
-  """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
+def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = None):
+  """Runs `python -m module args` from the repo root (with `env` added to the environment);
+  returns the CompletedProcess."""
   import subprocess
 
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **(env or {}))
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,9 @@
 Label Solve and KRR evaluation on every device of a mesh, for `fc` and `convnet` kernels on small
 images. Writes every number to an .npz for the test to compare across device counts.
 
-usage: python tests/sharding_worker.py OUT.npz
+usage: python tests/sharding_worker.py OUT.npz [--distributed]
+  --distributed: one of several processes (jax.distributed.initialize from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID); the mesh spans all of them and process 0 writes OUT.npz.
 """
 
 import sys
@@ -15,7 +17,7 @@ import numpy as np
 from kip.kernels import make_kernel
 from kip.kip import make_kip
 from kip.krr import evaluate, krr_predict, label_solve, mse_loss
-from kip.sharding import make_mesh, shard_kernel, stream_rows
+from kip.sharding import initialize_distributed, make_mesh, shard_kernel, stream_rows
 
 # convnet: a budget of a few tiles' worth, so each device computes several tiles and the gradient
 # recomputes them; fc: everything fits, one tile per device.
@@ -30,7 +32,9 @@ def data(seed: int, n: int, image=(8, 8, 1)):
   return x, (np.eye(CLASSES)[labels] - 1 / CLASSES).astype(np.float32), labels
 
 
-def main(out: str) -> None:
+def main(out: str, distributed: bool = False) -> None:
+  if distributed:
+    initialize_distributed()
   mesh = make_mesh()
   results = {"devices": np.asarray(jax.device_count())}
   x_s, y_s, _ = data(0, N_SUPPORT)
@@ -68,8 +72,10 @@ def main(out: str) -> None:
     metrics = evaluate(eval_kernel, x_s, y_s, x_test, labels_test)
     results[f"{arch}/test_mse"] = np.asarray(metrics["test_mse"])
     results[f"{arch}/test_acc"] = np.asarray(metrics["test_acc"])
-  np.savez(out, **results)
+  results["processes"] = np.asarray(jax.process_count())
+  if jax.process_index() == 0:
+    np.savez(out, **results)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], "--distributed" in sys.argv[2:])

@@ -90,6 +90,7 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
     ("experiments.kip", ["--ipc", "ten"], "invalid int value"),
     ("experiments.evaluate", ["--support", "missing.npz"], "missing.npz: no such file"),
     ("experiments.label_solve", ["--support", "missing.npz"], "missing.npz: no such file"),
+    ("experiments.kip", ["--memory-mb", "-5"], "--memory-mb must be positive"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, message):
   out = run_cli(module, *args, "--workdir", str(tmp_path / "w")) if module != \
@@ -151,3 +152,30 @@ def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual
   np.testing.assert_allclose(a.labels, b.labels, rtol=1e-5, atol=1e-6)
   steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
   assert steps == list(range(301))
+
+
+def test_distributed_without_a_workdir_is_refused_in_one_line():
+  out = run_cli("experiments.kip", "--distributed")
+  assert out.returncode == 2
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "--distributed needs --workdir" in lines[0], out.stderr
+
+
+def test_convnet_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_dir, data_dir):
+  """The pooled ConvNet kernel on 28x28 MNIST, sharded over two simulated devices, in tiles
+  that fit a 256 MiB budget and recomputed in the backward pass: it runs, says so, and writes a
+  distilled set whose KRR accuracy is reported."""
+  out = run_cli("experiments.kip", "--dataset", "mnist", "--kernel", "convnet", "--ipc", "1",
+                "--target-batch", "3", "--steps", "1", "--val-size", "10", "--memory-mb", "256",
+                "--workdir", str(tmp_path / "w"), "--manual-dir", manual_dir, "--data-dir",
+                data_dir, "--no-progress",
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.returncode == 0, out.stderr
+  assert "devices: 2 x cpu" in out.stderr and "within 256 MiB per device" in out.stderr
+  assert "K(support, support): 10 x 10 in tiles of" in out.stderr
+  assert "recomputed in the backward pass" in out.stderr
+  assert "peak host memory" in out.stderr
+  records = read_metrics(tmp_path / "w" / "metrics.jsonl")
+  assert [r["step"] for r in records] == [0, 1] and np.isfinite(records[1]["loss"])
+  distilled = load_distilled(str(tmp_path / "w" / "distilled.npz"), "mnist")
+  assert distilled.images.shape == (10, 28, 28, 1) and distilled.meta["kernel"] == "convnet-ntk"

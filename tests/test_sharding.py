@@ -1,9 +1,11 @@
 """Kernel blocks across devices: tiles and layouts, the memory model against XLA's own buffer
 sizes, sharded kernels and their hand-written gradients against plain autodiff, and the same
-numbers on 1, 2 and 4 simulated devices (subprocesses) for KIP, Label Solve and evaluation."""
+numbers on 1, 2 and 4 simulated devices and on two processes (subprocesses) for KIP, Label Solve
+and evaluation."""
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -113,32 +115,64 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
     assert rel(got, expected) < 1e-5
 
 
-def run_worker(devices: int, out: pathlib.Path) -> None:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  result = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+def worker_env(devices: int, **extra) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
+
+
+WORKER = [sys.executable, str(ROOT / "tests" / "sharding_worker.py")]
+
+
+def run_worker(devices: int, out: pathlib.Path) -> dict:
+  result = subprocess.run([*WORKER, str(out)], env=worker_env(devices), capture_output=True,
+                          text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  return dict(np.load(out))
 
 
-def test_same_numbers_on_1_2_and_4_devices(tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  return run_worker(1, tmp_path_factory.mktemp("devices") / "1.npz")
+
+
+def assert_same_numbers(results: dict, reference: dict) -> None:
+  for key, value in reference.items():
+    if key not in ("devices", "processes"):
+      assert rel(results[key], value) < 1e-5, key
+
+
+def test_same_numbers_on_1_2_and_4_devices(tmp_path, one_device):
   """KIP (loss, gradients, three steps), Label Solve and KRR evaluation give the same numbers on
   1, 2 and 4 devices, with a target batch (13) and target sets (37, 29) that no device count
   divides, for fc (one tile per device) and convnet kernels (several tiles, recomputed)."""
-  results = {}
-  for devices in (1, 2, 4):
-    run_worker(devices, tmp_path / f"{devices}.npz")
-    results[devices] = dict(np.load(tmp_path / f"{devices}.npz"))
-    assert int(results[devices]["devices"]) == devices
-  reference = results[1]
-  assert bool(reference["convnet/remat"]) and not bool(reference["fc/remat"])
-  for devices in (2, 4):
-    for key, value in reference.items():
-      if key == "devices":
-        continue
-      assert rel(results[devices][key], value) < 1e-5, (devices, key)
+  assert int(one_device["devices"]) == 1
+  assert bool(one_device["convnet/remat"]) and not bool(one_device["fc/remat"])
   for arch in ("fc", "convnet"):
-    losses = reference[f"{arch}/losses"]
+    losses = one_device[f"{arch}/losses"]
     assert losses[-1] < losses[0]  # the steps did something
-    assert not np.allclose(reference[f"{arch}/label_solve"], 0)
+    assert not np.allclose(one_device[f"{arch}/label_solve"], 0)
+  for devices in (2, 4):
+    results = run_worker(devices, tmp_path / f"{devices}.npz")
+    assert int(results["devices"]) == devices
+    assert_same_numbers(results, one_device)
+
+
+def test_same_numbers_on_two_processes(tmp_path, one_device):
+  """Two processes with two CPU devices each, joined by `jax.distributed.initialize` (gloo
+  collectives): one 4-device mesh across processes, the same numbers as one device."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two_processes.npz"
+  processes = [subprocess.Popen(
+      [*WORKER, str(out), "--distributed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=worker_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+      for i in range(2)]
+  for p in processes:
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+  results = dict(np.load(out))
+  assert (int(results["processes"]), int(results["devices"])) == (2, 4)
+  assert_same_numbers(results, one_device)
