@@ -81,7 +81,7 @@ def _distill(config: Config, workdir: str, dtype, mesh, memory_bytes) -> dict[st
   for what, fn, n_rows in (("K(target, support)", step_kernel, config.target_batch),
                            ("K(support, support)", step_kernel, n_support),
                            ("K(test, support)", eval_kernel, len(data.x_test))):
-    layout = fn.layout(n_rows, n_support, image_shape)
+    layout = fn.layout(n_rows, n_support, image_shape, jnp.dtype(dtype).itemsize)
     cli.log(f"{what}: {n_rows} x {n_support} in tiles of {layout.tiles.rows} x "
             f"{layout.tiles.cols}, {layout.rows_per_device} rows per device"
             + (", recomputed in the backward pass" if layout.remat else ""))

@@ -7,11 +7,13 @@ the local rows are computed in tiles of `Tiles.rows x Tiles.cols` entries, one a
 differentiated kernel needs more than one tile, each tile is rematerialised in the backward pass,
 so the memory of the whole step is that of one tile.
 
-`shard_kernel(kernel, mesh, ...)` wraps a kernel into a function with the same signature that
-does all of this inside `jit`: KIP's loss, Label Solve and evaluation call it like any kernel_fn,
-and the single-device path is the same code on a mesh of one. Rows are padded (with copies of
-the first row) to a whole number of tiles per device and the padding is sliced off before
-anything else sees it, so no result depends on the number of devices. `stream_rows` computes a
+`shard_kernel(kernel_fn, covariance, mesh, memory_bytes, backward=...)` wraps a kernel_fn into a
+function with the same signature that does all of this inside `jit`: KIP's loss, Label Solve and
+evaluation call it like any kernel_fn, and the single-device path is the same code on a mesh of
+one. Rows are padded (with copies of the first row) to a whole number of tiles per device and the
+padding is sliced off before anything else sees it. Tile shapes do not depend on the device
+count, and the backward pass sums gradients in an order that does not either (see
+`shard_kernel`), so the numbers are the same on any number of devices. `stream_rows` computes a
 kernel against host data a block of rows at a time and hands each block to the host, for kernels
 (test x support, train x support) too large to keep.
 
@@ -116,19 +118,21 @@ def _available_host_bytes() -> int:
   return 8 * 2**30  # no /proc (macOS): assume a laptop's 8 GiB
 
 
-def entry_bytes(covariance: str, image_shape: tuple[int, ...], backward: bool) -> int:
+def entry_bytes(covariance: str, image_shape: tuple[int, ...], backward: bool,
+                itemsize: int = 4) -> int:
   """Estimated bytes of intermediates per kernel entry (see `_FLOATS_PER_UNIT`).
 
   covariance: what the kernel keeps per entry: `none` (fc), `diagonal` (per-pixel variances:
   conv without pooling) or `full` (full spatial covariances: pooled ConvNets).
+  itemsize: bytes per number (4 for float32, 8 for float64).
   """
   pixels = math.prod(image_shape[:-1]) if len(image_shape) > 1 else 1
   unit = {"none": 1, "diagonal": pixels, "full": pixels**2}[covariance]
-  return int(4 * unit * _FLOATS_PER_UNIT["backward" if backward else "forward"])
+  return int(itemsize * unit * _FLOATS_PER_UNIT["backward" if backward else "forward"])
 
 
 def plan_tiles(covariance: str, image_shape: tuple[int, ...], n_rows: int, n_cols: int,
-               memory_bytes: float, *, backward: bool) -> Tiles:
+               memory_bytes: float, *, backward: bool, itemsize: int = 4) -> Tiles:
   """The tile shape for `n_rows x n_cols` entries within `memory_bytes`.
 
   A tile of r x c entries also propagates the r + c per-image (diagonal) covariances, so its
@@ -136,7 +140,8 @@ def plan_tiles(covariance: str, image_shape: tuple[int, ...], n_rows: int, n_col
   (padding included) wins: one tile of everything when it fits, otherwise full-width or
   square-ish tiles.
   """
-  budget = max(3, int(memory_bytes // entry_bytes(covariance, image_shape, backward)))
+  per_unit = entry_bytes(covariance, image_shape, backward, itemsize)
+  budget = max(3, int(memory_bytes // per_unit))
   best = None
   for col_tiles in range(1, n_cols + 1):
     cols = _cdiv(n_cols, col_tiles)
@@ -155,7 +160,8 @@ _MAX_GROUPS = 64  # support-side gradient partials kept at once in the backward 
 
 
 def plan_layout(covariance: str, image_shape: tuple[int, ...], n_rows: int, n_cols: int,
-                memory_bytes: float, n_devices: int, *, backward: bool) -> Layout:
+                memory_bytes: float, n_devices: int, *, backward: bool,
+                itemsize: int = 4) -> Layout:
   """Tiles and padding for `n_rows x n_cols` entries on `n_devices` devices.
 
   Tiles are planned from all rows, not from one device's share, so every entry is computed in
@@ -164,7 +170,8 @@ def plan_layout(covariance: str, image_shape: tuple[int, ...], n_rows: int, n_co
   then identical on any number of devices. When everything fits in one tile, each device takes
   its share as one tile instead (no padding to a whole tile per device, no recomputation).
   """
-  tiles = plan_tiles(covariance, image_shape, n_rows, n_cols, memory_bytes, backward=backward)
+  tiles = plan_tiles(covariance, image_shape, n_rows, n_cols, memory_bytes, backward=backward,
+                     itemsize=itemsize)
   cols = _cdiv(n_cols, tiles.cols) * tiles.cols
   if tiles.rows >= n_rows and tiles.cols >= n_cols:
     share = _cdiv(n_rows, n_devices)
@@ -248,6 +255,8 @@ def shard_kernel(kernel_fn: Callable, covariance: str = "full", mesh: Mesh | Non
   differentiable. `backward`: size the tiles for a differentiated kernel (KIP's loss).
 
   Args:
+    kernel_fn: a symmetric kernel, K(a, b) = K(b, a)^T, as every NTK and NNGP is (the one-tile
+      gradient uses it).
     covariance: what one entry keeps (`Kernel.covariance`), which sizes the tiles.
     mesh: default `make_mesh()` (every device).
     memory_bytes: per-device budget for one tile's intermediates; default
@@ -262,13 +271,13 @@ def shard_kernel(kernel_fn: Callable, covariance: str = "full", mesh: Mesh | Non
   n_devices = mesh.size
   replicated = NamedSharding(mesh, P())
 
-  def layout_for(n1: int, n2: int, image_shape: tuple[int, ...]) -> Layout:
+  def layout_for(n1: int, n2: int, image_shape: tuple[int, ...], itemsize: int = 4) -> Layout:
     return plan_layout(covariance, image_shape, n1, n2, memory_bytes, n_devices,
-                       backward=backward)
+                       backward=backward, itemsize=itemsize)
 
   def sharded(x1: jax.Array, x2: jax.Array) -> jax.Array:
     n1, n2 = x1.shape[0], x2.shape[0]
-    layout = layout_for(n1, n2, x1.shape[1:])
+    layout = layout_for(n1, n2, x1.shape[1:], jnp.dtype(x1.dtype).itemsize)
     x1 = _pad_rows(x1, layout.rows_per_device * n_devices)
     x2 = _pad_rows(x2, layout.cols)
     k = (_tiled(x1, x2, layout) if layout.remat else _whole(x1, x2, layout, n1))
