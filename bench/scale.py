@@ -26,9 +26,10 @@ pixel positions, P^2 numbers each for P = H x W positions at that layer.
 KIP's ConvNet on 28x28 images: 2 x (conv + ReLU) at 784 positions, then pool, and a conv + ReLU
 + pool at each of 196 and 49 positions: 48.3 MFLOP per entry, 94% of it at full resolution
 (82.4 MFLOP on 32x32 images; the table's footer lists the terms). What the code executes is
-more (XLA's count of the compiled block is in the JSON): neural-tangents' depthwise convolutions
-multiply by the 6 zeros of the diagonal filter on GPU, and the per-image variances add
-(n1 + n2) / (n1 n2) of the work.
+more: neural-tangents' depthwise convolutions multiply by the 6 zeros of the diagonal filter on
+GPU, and the per-image variances add (r + c) / (r c) of the work for r x c tiles. (The JSON's
+`xla_flops_per_entry` is XLA's cost analysis of one device's compiled block, which counts a
+loop body once: it is exact only when a device computes one tile.)
 
   python -m bench.scale                      # 1, 2, 4 simulated CPU devices, CPU-sized problems
   python -m bench.scale --size gpu           # the real devices, GPU-sized problems

@@ -3,7 +3,9 @@
 Every method runs here through its `Method(init, update, support)` functions; the loop owns every
 side effect. Randomness is a pure function of (seed, step) - `fold_in(key, step)` for JAX and
 `default_rng([seed, step])` for the target batches - so a run resumed from a checkpoint takes
-exactly the steps an uninterrupted run would have taken.
+exactly the steps an uninterrupted run would have taken. In a multi-host run every process runs
+this loop on the same batches (a method's sharded kernels spread the work); only process 0 writes
+the workdir, and every process resumes from it.
 """
 
 from __future__ import annotations
