@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from kip.data import sample_target_batch
 from kip.io import atomic_write
 from kip.kip import Method
+from kip.sharding import is_main_process
 
 __all__ = ["LoopConfig", "NonFiniteLossError", "run", "read_metrics", "truncate_metrics",
            "save_checkpoint", "restore_checkpoint", "latest_checkpoint"]
@@ -69,7 +70,7 @@ def run(
     save_support: writes the distilled set at `step` (atomically).
   """
   # Several processes (multi-host) run this same loop on the same data; only the first writes.
-  writer = jax.process_index() == 0
+  writer = is_main_process()
   if writer:
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
