@@ -111,8 +111,7 @@ def main(argv=None) -> int:
   mesh, memory_bytes = cli.setup_devices(config)
   workdir = cli.prepare_workdir(config, "kip", [config.dataset, config.kernel,
                                                 f"ipc{config.ipc}"])
-  cli.log(f"devices: {cli.describe_devices()}; kernel tiles within {memory_bytes / 2**20:.0f} "
-          f"MiB per device; workdir: {workdir}")
+  cli.log_devices(memory_bytes, workdir)
   result = distill(config, workdir, mesh, memory_bytes)
   cli.log(f"peak host memory: {cli.peak_rss_mib():.0f} MiB RSS")
   cli.report(f"final KRR test accuracy: {100 * result['test_acc']:.2f}% "

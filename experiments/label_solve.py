@@ -79,11 +79,10 @@ def solve(config: Config, workdir: str, given: DistilledSet | None = None, mesh=
   meta = {"method": "label_solve", "dataset": config.dataset, "kernel": kernel.name, "step": 0,
           "seed": config.seed, "ipc": len(x_support) // data.num_classes,
           "config": dataclasses.asdict(config)}
-  if cli.is_writer():
-    write_distilled(os.path.join(workdir, "distilled.npz"), x_support, y_solved, data, meta)
   records = [{"step": 0, "labels": name, "n_target": len(x_target), **m}
              for name, m in results.items()]
   if cli.is_writer():
+    write_distilled(os.path.join(workdir, "distilled.npz"), x_support, y_solved, data, meta)
     atomic_write(os.path.join(workdir, "metrics.jsonl"),
                  "".join(json.dumps(r) + "\n" for r in records).encode())
   return results
@@ -96,8 +95,7 @@ def main(argv=None) -> int:
   mesh, memory_bytes = cli.setup_devices(config)
   workdir = cli.prepare_workdir(config, "label_solve",
                                 [config.dataset, config.kernel, f"ipc{config.ipc}"])
-  cli.log(f"devices: {cli.describe_devices()}; kernel tiles within {memory_bytes / 2**20:.0f} "
-          f"MiB per device; workdir: {workdir}")
+  cli.log_devices(memory_bytes, workdir)
   results = solve(config, workdir, given, mesh, memory_bytes)
   for name, m in results.items():
     cli.report(f"{name:>11}: KRR test accuracy {100 * m['test_acc']:.2f}% "

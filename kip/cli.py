@@ -21,7 +21,8 @@ from kip.io import FileFormatError, write_json
 from kip.loop import NonFiniteLossError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
-           "report", "is_writer", "setup_devices", "describe_devices", "peak_rss_mib"]
+           "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
+           "peak_rss_mib"]
 
 
 class UserError(ValueError):
@@ -100,6 +101,11 @@ def describe_devices() -> str:
   devices = jax.devices()
   hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
   return f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind}){hosts}"
+
+
+def log_devices(memory_bytes: float, workdir: str) -> None:
+  log(f"devices: {describe_devices()}; kernel tiles within {memory_bytes / 2**20:.0f} MiB per "
+      f"device; workdir: {workdir}")
 
 
 def setup_devices(config) -> tuple:
