@@ -351,8 +351,9 @@ def rows_per_call(kernel_fn: Callable, n_rows: int, n_cols: int, image_shape: tu
   if layout_for is None:
     return min(n_rows, 1000)
   layout = layout_for(n_rows, n_cols, image_shape)
-  if not layout.remat and layout.tiles.cols >= n_cols:
-    return n_rows
+  if layout.rows_per_device == layout.tiles.rows and layout.tiles.cols >= n_cols:
+    return n_rows  # one tile per device holds every row
+
   return min(n_rows, kernel_fn.mesh.size * layout.tiles.rows * tiles_per_device)
 
 

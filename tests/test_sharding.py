@@ -20,6 +20,7 @@ from kip.sharding import (
   make_mesh,
   plan_layout,
   plan_tiles,
+  rows_per_call,
   shard_kernel,
 )
 
@@ -62,6 +63,16 @@ def test_layout_tiles_do_not_depend_on_the_device_count():
   # Everything fits: one tile per device, an even share, nothing recomputed.
   whole = plan_layout("none", (8, 8, 1), 13, 10, 2**30, 4, backward=True)
   assert (whole.tiles, whole.rows_per_device, whole.remat) == ((4, 10), 4, False)
+
+
+def test_streaming_calls_hold_a_few_tiles_unless_one_tile_holds_everything():
+  per_entry = entry_bytes("none", (2, 2, 1), backward=False)
+  small = shard_kernel(make_kernel("fc").kernel_fn, "none", make_mesh(), 40 * per_entry)
+  layout = small.layout(100, 3, (2, 2, 1))
+  assert layout.tiles.cols == 3 and layout.tiles.rows < 100  # full-width tiles, several of them
+  assert rows_per_call(small, 100, 3, (2, 2, 1)) == 8 * layout.tiles.rows
+  roomy = shard_kernel(make_kernel("fc").kernel_fn, "none", make_mesh(), 2**30)
+  assert rows_per_call(roomy, 100, 3, (2, 2, 1)) == 100
 
 
 @pytest.mark.parametrize("arch,side,tiles", [
