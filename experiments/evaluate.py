@@ -15,33 +15,42 @@ import jax
 import jax.numpy as jnp
 
 from kip import cli
-from kip.data import DATASETS
-from kip.io import load_distilled
-from kip.kernels import ARCHITECTURES, KERNEL_TYPES, make_kernel
-from kip.krr import DEFAULT_REG
-from kip.pipeline import data_for_set, make_evaluator, shard_kernels
+from kip.io import DistilledSet, load_distilled
+from kip.kernels import KERNELS
+from kip.pipeline import KernelConfig, data_for_set, make_evaluator, shard_kernels
 
 f = cli.field
+_KERNEL_FIELDS = ("kernel", "depth", "kernel_type", "kernel_width")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DeviceConfig, KernelConfig, cli.DataConfig):
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`)")
-  dataset: str = f("mnist", "tfds dataset whose test split is used", choices=tuple(DATASETS))
-  kernel: str = f("fc", "architecture of the infinite-width kernel", choices=ARCHITECTURES)
-  depth: int = f(1, "hidden layers of fc / conv kernels")
-  kernel_type: str = f("ntk", "neural tangent or NNGP kernel", choices=KERNEL_TYPES)
+  kernel: str = f("auto", "kernel (auto: the one the set was distilled with, as its file "
+                          "records it, else fc); see experiments.kip --help",
+                  choices=("auto", *KERNELS))
   zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
                choices=("auto", "yes", "no"))
-  reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s")
-  memory_mb: float = f(0.0, "per-device memory budget for kernel tiles, in MiB (0: half of each "
-                       "device's free memory; on CPU, of the available RAM)")
-  distributed: bool = f(False, "multi-host: call jax.distributed.initialize() (see "
-                               "experiments.kip --help)")
   float64: bool = f(False, "kernels and the solve in float64 (slower)")
-  manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
-  data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
+  seed: int = f(0, "seed of a finite kernel's (nfk-/entk-) random initialisation")
   json_out: bool = f(False, "print the result as one JSON line")
+
+
+def resolve_kernel(config: Config, distilled: DistilledSet) -> tuple[Config, str]:
+  """The config with the kernel the set was distilled with when `--kernel auto` (a note when the
+  file records none or the user's choice differs from it)."""
+  recorded = distilled.meta.get("config") or {}
+  recorded = {k: recorded[k] for k in _KERNEL_FIELDS if k in recorded}
+  if recorded.get("kernel") not in KERNELS:
+    recorded = {}
+  if config.kernel == "auto":
+    if not recorded:
+      return dataclasses.replace(config, kernel="fc"), "the file records no kernel: using fc"
+    return dataclasses.replace(config, **recorded), f"kernel {recorded['kernel']} (from the file)"
+  if recorded and recorded["kernel"] != config.kernel:
+    return config, (f"note: the set was distilled with the {recorded['kernel']} kernel, "
+                    f"evaluating with {config.kernel} as asked")
+  return config, ""
 
 
 def evaluate_file(config: Config, mesh=None, memory_bytes: float | None = None
@@ -51,16 +60,23 @@ def evaluate_file(config: Config, mesh=None, memory_bytes: float | None = None
   if not config.support:
     raise cli.UserError("--support FILE.npz is required")
   distilled = load_distilled(config.support, config.dataset)
+  if distilled.labels is None:
+    raise cli.UserError(f"{config.support} holds regression targets, not class labels: KRR "
+                        "classification needs labels")
+  config, note = resolve_kernel(config, distilled)
+  if note:
+    cli.log(note)
   zca = {"yes": True, "no": False}.get(config.zca)
   data = data_for_set(distilled, config.dataset, zca=zca, data_dir=config.data_dir,
                       manual_dir=config.manual_dir)
   preprocessor = data.preprocessor
-  kernel = make_kernel(config.kernel, depth=config.depth, kernel_type=config.kernel_type)
+  kernel = config.make_kernel(data)
   with jax.enable_x64(config.float64):
     _, kernel_fn = shard_kernels(kernel, mesh, memory_bytes)
     evaluator = make_evaluator(kernel_fn, data, reg=config.reg,
                                dtype=jnp.float64 if config.float64 else jnp.float32)
-    result = evaluator(distilled.images, distilled.labels)
+    result = evaluator(distilled.images, distilled.labels,
+                       kernel.init(jax.random.key(config.seed)))
   return result | {"n_support": len(distilled.images), "preprocessing": preprocessor.name,
                    "kernel": kernel.name}
 

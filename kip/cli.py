@@ -16,25 +16,72 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 
-from kip.data import DataError
+from kip.data import DATASETS, DataError
 from kip.io import FileFormatError, write_json
-from kip.loop import NonFiniteLossError
+from kip.loop import NonFiniteLossError, ResumeError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
            "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
-           "peak_rss_mib"]
+           "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "check_choice"]
 
 
 class UserError(ValueError):
   """A mistake on the command line or in the workdir; reported in one line."""
 
 
-USER_ERRORS = (UserError, DataError, FileFormatError, NonFiniteLossError)
+USER_ERRORS = (UserError, DataError, FileFormatError, NonFiniteLossError, ResumeError)
 
 
-def field(default, help: str, choices: Sequence | None = None, **kwargs):  # noqa: A002
-  """A config field with its flag's help text (and choices)."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices}, **kwargs)
+def field(default, help: str, choices: Sequence | None = None, *,  # noqa: A002
+          minimum: float | None = None, above: float | None = None, **kwargs):
+  """A config field with its flag's help text, choices and range (`minimum` <= value, or
+  `above` < value), checked once when the command line is parsed."""
+  return dataclasses.field(default=default, metadata={
+      "help": help, "choices": choices, "minimum": minimum, "above": above}, **kwargs)
+
+
+def check_choice(name: str, value: str, known: Sequence[str], what: str = "") -> str:
+  """`value` if it is one of `known`, else a one-line UserError listing them."""
+  if value not in known:
+    raise UserError(f"unknown {what or name} {value!r}; choose one of {', '.join(known)}")
+  return value
+
+
+def _check_ranges(config) -> None:
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    flag = "--" + f.name.replace("_", "-")
+    low, above = f.metadata.get("minimum"), f.metadata.get("above")
+    if low is not None and value < low:
+      raise UserError(f"{flag} must be at least {low:g}, got {value:g}")
+    if above is not None and value <= above:
+      raise UserError(f"{flag} must be greater than {above:g}, got {value:g}")
+
+
+# Shared config groups: a job's config inherits the ones it uses, so every flag is defined once.
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str = field("mnist", "tfds dataset", choices=tuple(DATASETS))
+  manual_dir: str = field("", "offline: folder with <dataset>/ raw tfds files (or "
+                              "$KIP_MANUAL_DIR)")
+  data_dir: str = field("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int = field(0, "seed of everything random (initialisation, batches, augmentation)")
+  workdir: str = field("", "run folder (default: a new folder under ./runs); re-use it to resume")
+  progress: bool = field(True, "show a progress bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+  memory_mb: float = field(0.0, "per-device memory budget for kernel tiles, in MiB (0: half of "
+                                "each device's free memory; on CPU, of the available RAM)",
+                           minimum=0)
+  distributed: bool = field(False, "multi-host: call jax.distributed.initialize() (SLURM, Open "
+                                   "MPI, TPU pods, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+                                   "JAX_PROCESS_ID); needs --workdir")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +111,9 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
         kwargs["choices"] = f.metadata["choices"]
     parser.add_argument(name, **kwargs)
   args = parser.parse_args(argv)
-  return config_cls(**vars(args))
+  config = config_cls(**vars(args))
+  _check_ranges(config)
+  return config
 
 
 _QUIET = False  # processes other than the first of a multi-host run do not log
@@ -141,6 +190,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   """
   workdir = config.workdir or os.path.join(
       "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
+  _check_writable_dir(workdir, "--workdir")
   current = dataclasses.asdict(config) | {"workdir": workdir, "job": job}
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
@@ -151,19 +201,79 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
       changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
                       "--workdir to start afresh")
+  global _WORKDIR
+  _WORKDIR = workdir
   if not _QUIET:
+    if not os.path.isdir(workdir):
+      _CREATED.append(workdir)
     os.makedirs(workdir, exist_ok=True)
     write_json(path, current)
   return workdir
 
 
+_WORKDIR: str | None = None  # this command's workdir, for the resume hint after Ctrl-C
+_CREATED: list[str] = []  # workdirs this command created; removed again if it fails at once
+
+
+def _check_writable_dir(path: str, flag: str) -> None:
+  """One line when `path` cannot be a folder we write into: it is a file, lies under a file, or
+  its nearest existing ancestor is not writable."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag} {path} is a file, not a folder")
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f"{flag} {path} lies under {parent}, which is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"{flag} {path}: {parent} is not writable")
+
+
+def _remove_unfinished_workdirs() -> None:
+  """A workdir this command created that holds nothing but its config.json is removed: a
+  command that failed before doing any work leaves no empty run folder behind."""
+  import shutil  # noqa: PLC0415
+
+  for workdir in _CREATED:
+    entries = set(os.listdir(workdir)) if os.path.isdir(workdir) else {"?"}
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if entries <= {"config.json", "checkpoints"} and not (
+        os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
-  """Runs a job's main: user errors print one line and exit 2, Ctrl-C says how to resume."""
+  """Runs a job's main: user errors print one line and exit 2, running out of memory one line
+  and exit 3, Ctrl-C says how to resume."""
   try:
     sys.exit(main(None) or 0)
   except USER_ERRORS as e:
+    _remove_unfinished_workdirs()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except MemoryError as e:
+    _remove_unfinished_workdirs()
+    print(f"error: out of host memory ({e}); lower --memory-mb or the batch sizes",
+          file=sys.stderr)
+    sys.exit(3)
   except KeyboardInterrupt:
-    print("interrupted: re-run the same command (same --workdir) to resume", file=sys.stderr)
+    hint = f"--workdir {_WORKDIR}" if _WORKDIR else "the same --workdir"
+    print(f"interrupted: re-run the same command with {hint} to resume", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:
+    if _is_out_of_memory(e):
+      _remove_unfinished_workdirs()
+      print(f"error: out of device memory: {_first_line(e)}; lower --memory-mb, the batch "
+            "sizes or the network width", file=sys.stderr)
+      sys.exit(3)
+    raise
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _first_line(e: Exception) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[0][:300] if lines else type(e).__name__

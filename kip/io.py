@@ -2,7 +2,9 @@
 
 Both share the released layout: `images` (N, H, W, C) float32 in preprocessed space and `labels`
 (N, C) float32. Ours adds metadata keys (dataset, preprocessing and its parameters, kernel, step,
-seed, config) that a reader of the released format ignores. Released files are recognised by their
+seed, config) that a reader of the released format ignores. A set distilled for regression
+(KRR-ST) holds `targets` (N, D) instead of `labels`, and a method's named extras (a learned
+learning rate, a Platt scale) are stored as `extra_<name>`. Released files are recognised by their
 published names (and the common renames), from which ssize, ZCA, label learning, augmentation and
 checkpoint are read.
 """
@@ -42,6 +44,9 @@ def atomic_write(path: str, content: bytes | dict[str, np.ndarray]) -> None:
     content = buffer.getvalue()
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
+    # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask),
+    # so collaborators on a shared filesystem can read the outputs.
+    os.chmod(tmp, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(content)
       f.flush()
@@ -53,6 +58,12 @@ def atomic_write(path: str, content: bytes | dict[str, np.ndarray]) -> None:
     raise
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_json(path: str, payload) -> None:
   """Writes `payload` as indented JSON, atomically (see `atomic_write`)."""
   atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
@@ -60,17 +71,29 @@ def write_json(path: str, payload) -> None:
 
 @dataclasses.dataclass
 class DistilledSet:
-  """images: (N, H, W, C) float32, preprocessed; labels: (N, C) float32.
+  """images: (N, H, W, C) float32, preprocessed; labels: (N, C) float32, or None for a set with
+  regression `targets` (N, D) float32 instead; extras: named arrays a method exported beside them.
 
   meta: dataset, kernel, step, seed, ... (strings and numbers); preprocessor: how `images` were
   mapped from pixels, when known (ours always; released sets through `release`).
   """
 
   images: np.ndarray
-  labels: np.ndarray
+  labels: np.ndarray | None
   meta: dict = dataclasses.field(default_factory=dict)
   preprocessor: Preprocessor | None = None
   release: ReleaseInfo | None = None
+  targets: np.ndarray | None = None
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_export(cls, arrays: dict[str, np.ndarray], meta: dict,
+                  preprocessor: Preprocessor | None) -> DistilledSet:
+    """A set from a method's exported arrays (`images`, `labels` or `targets`, extras)."""
+    extras = {k: np.asarray(v) for k, v in arrays.items()
+              if k not in ("images", "labels", "targets")}
+    return cls(np.asarray(arrays["images"]), _maybe(arrays.get("labels")), meta, preprocessor,
+               targets=_maybe(arrays.get("targets")), extras=extras)
 
   @property
   def dataset(self) -> str | None:
@@ -134,15 +157,26 @@ def parse_release_name(path: str) -> ReleaseInfo | None:
       checkpoint=None if match["ckpt"] is None else int(match["ckpt"]))
 
 
+def _maybe(a):
+  return None if a is None else np.asarray(a, np.float32)
+
+
 def save_distilled(path: str, distilled: DistilledSet) -> None:
   """Writes `distilled` atomically in the released layout plus our metadata keys."""
-  arrays = {"images": np.asarray(distilled.images, np.float32),
-            "labels": np.asarray(distilled.labels, np.float32)}
+  if (distilled.labels is None) == (distilled.targets is None):
+    raise ValueError("a distilled set holds exactly one of labels and targets")
+  arrays = {"images": np.asarray(distilled.images, np.float32)}
+  if distilled.labels is not None:
+    arrays["labels"] = np.asarray(distilled.labels, np.float32)
+  else:
+    arrays["targets"] = np.asarray(distilled.targets, np.float32)
+  for name, value in distilled.extras.items():
+    arrays[f"extra_{name}"] = np.asarray(value)
   for key, value in distilled.meta.items():
     arrays[key] = np.asarray(json.dumps(value) if isinstance(value, dict) else value)
   if distilled.preprocessor is not None:
     arrays.update(distilled.preprocessor.to_arrays())
-  _check(arrays["images"], arrays["labels"], path, distilled.dataset)
+  _check(arrays["images"], arrays.get("labels"), path, distilled.dataset, arrays.get("targets"))
   atomic_write(path, arrays)
 
 
@@ -163,7 +197,7 @@ def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
   except Exception as e:  # noqa: BLE001  (zip, pickle and value errors all mean "not an npz")
     raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
   for key in ("images", "labels"):
-    if key not in arrays:
+    if key not in arrays and not (key == "labels" and "targets" in arrays):
       alt = {"x_proto": "FRePo", "x_syn": "a trajectory-matching run"}
       hint = next((f" (looks like {v}'s format)" for k, v in alt.items() if k in arrays), "")
       raise FileFormatError(f"{path}: missing key {key!r}{hint}; found {sorted(arrays)}")
@@ -173,31 +207,37 @@ def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
       value = arrays[key].item()
       meta[key] = json.loads(value) if key == "config" else value
   release = None if "dataset" in meta else parse_release_name(path)
+  extras = {k[len("extra_"):]: arrays[k] for k in arrays if k.startswith("extra_")}
   distilled = DistilledSet(np.asarray(arrays["images"], np.float32),
-                           np.asarray(arrays["labels"], np.float32), meta,
-                           Preprocessor.from_arrays(arrays), release)
+                           _maybe(arrays.get("labels")), meta,
+                           Preprocessor.from_arrays(arrays), release,
+                           targets=None if "labels" in arrays else _maybe(arrays["targets"]),
+                           extras=extras)
   if dataset is not None and distilled.dataset not in (None, dataset):
     raise FileFormatError(f"{path}: made from {distilled.dataset}, not {dataset}")
-  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset)
+  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset,
+         distilled.targets)
   return distilled
 
 
-def _check(images: np.ndarray, labels: np.ndarray, path: str, dataset: str | None) -> None:
+def _check(images: np.ndarray, labels: np.ndarray | None, path: str, dataset: str | None,
+           targets: np.ndarray | None = None) -> None:
   if images.ndim != 4:
     raise FileFormatError(f"{path}: images must be (N, H, W, C), got shape {images.shape}")
   if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
     raise FileFormatError(f"{path}: images look NCHW {images.shape}; transpose to NHWC "
                           "(N, H, W, C) first")
-  if labels.ndim != 2 or len(labels) != len(images):
-    raise FileFormatError(f"{path}: labels must be (N, C) with N = {len(images)}, got "
-                          f"{labels.shape}")
+  name, values = ("labels", labels) if labels is not None else ("targets", targets)
+  if values.ndim != 2 or len(values) != len(images):
+    raise FileFormatError(f"{path}: {name} must be (N, {'C' if labels is not None else 'D'}) "
+                          f"with N = {len(images)}, got {values.shape}")
   if dataset is not None and dataset in DATASETS:
     shape, num_classes = DATASETS[dataset]
-    if labels.shape[1] != num_classes:
+    if labels is not None and labels.shape[1] != num_classes:
       raise FileFormatError(f"{path}: labels have width {labels.shape[1]}, but {dataset} has "
                             f"{num_classes} classes")
     if images.shape[1:] != shape:
       raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are {shape}")
-  for key, value in (("images", images), ("labels", labels)):
+  for key, value in (("images", images), (name, values)):
     if not np.all(np.isfinite(value)):
       raise FileFormatError(f"{path}: {key} contain NaN or infinite values")

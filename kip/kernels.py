@@ -1,44 +1,83 @@
-"""Named infinite-width architectures -> neural-tangents NTK/NNGP kernels, and blocked evaluation.
+"""Kernels as explicit objects with parameters: `kernel.init(key) -> params` and
+`kernel.apply(params, x1, x2) -> (n1, n2)`.
 
-`make_kernel("fc", depth=1)` returns a `Kernel`: the finite network's `init_fn`/`apply_fn` and a
-`kernel_fn(x1, x2)` already bound to NTK or NNGP. Any `neural_tangents.stax` kernel_fn of the user's
-own plugs in through `from_stax`. `kip.sharding.shard_kernel` turns a kernel_fn into one that
-computes its blocks across devices within a memory budget, sized by the kernel's `covariance`.
+- Analytic (neural-tangents `stax`): `make_kernel("fc", depth=1)` is the infinite-width NTK or
+  NNGP of a named architecture; it has no parameters (`init` returns `()`), and `kernel_fn(x1,
+  x2)` is the same kernel without them. Any `stax` kernel_fn of the user's own plugs in through
+  `from_stax`. `covariance` (what one entry keeps per layer) sizes `kip.sharding`'s tiles.
+- Neural features (`make_feature_kernel`): `phi(params, x1) phi(params, x2)^T` on the penultimate
+  features of a Flax net from `kip.nets`; `features` is `phi`, and `kip.sharding` shards such a
+  kernel by images (features gathered, one matmul) instead of by entries.
+- Empirical NTK (`make_empirical_ntk`): `J(x1) J(x2)^T` of a Flax net at its parameters, averaged
+  over the logits (neural-tangents' Jacobian contraction).
+
+`make_kernel(name)` knows them all by name (`KERNELS`): `nfk-<net>` and `entk-<net>` for the
+neural-feature and empirical-NTK kernels of any net in `kip.nets.NETS`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-from kip._compat import stax
+from kip._compat import nt, stax
 
-__all__ = ["ARCHITECTURES", "KERNEL_TYPES", "COVARIANCES", "Kernel", "make_kernel", "from_stax"]
+__all__ = ["ARCHITECTURES", "KERNELS", "KERNEL_TYPES", "COVARIANCES", "Kernel", "make_kernel",
+           "from_stax", "make_feature_kernel", "make_empirical_ntk", "no_params"]
 
 ARCHITECTURES = ("fc", "conv", "convnet", "convnet3")
+# kip.nets.NETS, named here without importing flax
+_FINITE_NETS = ("convnet", "convnet3", "frepo_convnet", "mlp", "resnet18")
+KERNELS = (*ARCHITECTURES, *(f"nfk-{n}" for n in _FINITE_NETS),
+           *(f"entk-{n}" for n in _FINITE_NETS))
 KERNEL_TYPES = ("ntk", "nngp")
 # What a kernel keeps per entry, which sets its memory and cost: one number (fc), one per pixel
 # (conv without pooling), one per pair of pixels (full spatial covariances: pooled ConvNets).
-COVARIANCES = ("none", "diagonal", "full")
+# `features`: a finite feature map, sharded by images.
+COVARIANCES = ("none", "diagonal", "full", "features")
 W_STD = math.sqrt(2.0)
 B_STD = 0.1
 
 
-class Kernel(NamedTuple):
-  """An architecture's finite network and infinite-width kernel.
+def _no_params(key: jax.Array) -> tuple:
+  del key
+  return ()
 
-  kernel_fn: (n1, H, W, C), (n2, H, W, C) float32 -> (n1, n2) float32 (NTK or NNGP).
-  covariance: what one entry keeps per layer (see COVARIANCES): `full` costs O(pixels^2).
+
+def no_params(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable:
+  """A parameter-free `kernel_fn(x1, x2)` as `apply(params, x1, x2)` (params ignored)."""
+
+  def apply(params, x1: jax.Array, x2: jax.Array) -> jax.Array:
+    del params
+    return kernel_fn(x1, x2)
+
+  return apply
+
+
+class Kernel(NamedTuple):
+  """A kernel and its parameters.
+
+  init: key -> params (analytic kernels: `()`).
+  apply: (params, (n1, H, W, C), (n2, H, W, C)) -> (n1, n2) float32.
+  covariance: what one entry keeps per layer (see COVARIANCES): `full` costs O(pixels^2);
+    `features` marks a feature kernel.
+  kernel_fn: analytic kernels only: `apply` without parameters, (x1, x2) -> (n1, n2).
+  features: feature kernels only: (params, (n, H, W, C)) -> (n, D), with apply = scale * F1 F2^T.
+  init_fn, apply_fn: analytic kernels: the finite stax network whose limit the kernel is.
   """
 
   name: str
-  init_fn: Callable
-  apply_fn: Callable
-  kernel_fn: Callable[[jax.Array, jax.Array], jax.Array]
+  init_fn: Callable | None
+  apply_fn: Callable | None
+  kernel_fn: Callable[[jax.Array, jax.Array], jax.Array] | None
   covariance: str = "full"
+  init: Callable[[jax.Array], Any] = _no_params
+  apply: Callable[..., jax.Array] | None = None
+  features: Callable[[Any, jax.Array], jax.Array] | None = None
 
 
 def _conv(width: int):
@@ -65,18 +104,35 @@ def _layers(arch: str, depth: int, width: int) -> tuple[list, str]:
   raise ValueError(f"unknown kernel {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
-def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: int = 1024,
-                num_outputs: int = 1) -> Kernel:
-  """The named architecture's kernel (W_std sqrt(2), b_std 0.1, NTK parameterisation).
+def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: int = 0,
+                num_outputs: int = 1, image_shape: tuple[int, int, int] = (28, 28, 1),
+                num_classes: int = 10) -> Kernel:
+  """The named kernel (one of KERNELS).
 
   Args:
-    arch: `fc` (depth x [Dense, ReLU]), `conv` (depth x [3x3 conv, ReLU], no pooling), `convnet`
-      or `convnet3` (KIP's ConvNets with pooling; depth is fixed by the architecture).
+    arch: analytic (W_std sqrt(2), b_std 0.1, NTK parameterisation): `fc` (depth x [Dense,
+      ReLU]), `conv` (depth x [3x3 conv, ReLU], no pooling), `convnet` or `convnet3` (KIP's
+      ConvNets with pooling; depth is fixed by the architecture). `nfk-<net>` / `entk-<net>`:
+      the neural-feature kernel / empirical NTK of `kip.nets`' net at a random initialisation.
     depth: hidden layers for `fc` and `conv`.
-    kernel_type: `ntk` or `nngp`.
-    width: hidden width of the finite network (the kernel is the infinite-width limit).
-    num_outputs: readout width of the finite network.
+    kernel_type: `ntk` or `nngp` (analytic kernels).
+    width: hidden width of the finite network (analytic: only its stax network, default 1024,
+      the kernel is the infinite-width limit; finite kernels: default 128, resnet18 64).
+    num_outputs: readout width of the analytic kernel's finite network.
+    image_shape, num_classes: of the data, for the finite nets of `nfk-`/`entk-` kernels.
   """
+  if arch.startswith(("nfk-", "entk-")):
+    from kip.nets import NETS, make_net  # noqa: PLC0415  (flax only when a finite kernel is used)
+
+    kind, _, net_name = arch.partition("-")
+    if net_name not in NETS:
+      raise ValueError(f"unknown kernel {arch!r}; choose one of {', '.join(KERNELS)}")
+    width = width or (64 if net_name == "resnet18" else 128)
+    net = make_net(net_name, num_classes, width=width,
+                   norm="batch" if net_name == "resnet18" else "none", image_shape=image_shape)
+    make = make_feature_kernel if kind == "nfk" else make_empirical_ntk
+    return make(net, image_shape, name=arch)
+  width = width or 1024
   if kernel_type not in KERNEL_TYPES:
     raise ValueError(f"unknown kernel type {kernel_type!r}; choose ntk or nngp")
   if depth < 1:
@@ -101,4 +157,52 @@ def from_stax(kernel_fn: Callable, kernel_type: str = "ntk", *, name: str = "cus
   def bound(x1: jax.Array, x2: jax.Array) -> jax.Array:
     return kernel_fn(x1, x2, kernel_type)
 
-  return Kernel(f"{name}-{kernel_type}", init_fn, apply_fn, bound, covariance)
+  return Kernel(f"{name}-{kernel_type}", init_fn, apply_fn, bound, covariance,
+                apply=no_params(bound))
+
+
+def _init_variables(net, image_shape):
+  def init(key: jax.Array):
+    return net.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+  return init
+
+
+def make_feature_kernel(net, image_shape: tuple[int, int, int], *, name: str = "nfk",
+                        scale: float = 1.0) -> Kernel:
+  """`scale * phi(x1) phi(x2)^T`, phi = the penultimate features of the Flax `net` (a net of
+  `kip.nets`, called with `features=True`) at variables `init(key)`, in inference mode.
+
+  Args:
+    image_shape: (H, W, C) of the inputs.
+    scale: a constant factor (RFAD uses its own scaling; FRePo none).
+  """
+
+  def features(variables, x: jax.Array) -> jax.Array:
+    return net.apply(variables, x, train=False, features=True)
+
+  def apply(variables, x1: jax.Array, x2: jax.Array) -> jax.Array:
+    with jax.default_matmul_precision("highest"):
+      return scale * features(variables, x1) @ features(variables, x2).T
+
+  return Kernel(name, None, None, None, "features", _init_variables(net, image_shape), apply,
+                features)
+
+
+def make_empirical_ntk(net, image_shape: tuple[int, int, int], *, name: str = "entk") -> Kernel:
+  """The empirical NTK of the Flax `net` at variables `init(key)`: `sum_p J(x1) J(x2)^T`
+  averaged over the logits (`nt.empirical_ntk_fn`, Jacobian contraction), differentiable in the
+  images. Only the `params` collection is differentiated; batch statistics stay fixed."""
+
+  def logits(params, x, rest):
+    return net.apply({"params": params, **rest}, x, train=False)
+
+  def apply(variables, x1: jax.Array, x2: jax.Array) -> jax.Array:
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    ntk = nt.empirical_ntk_fn(lambda p, x: logits(p, x, rest), trace_axes=(-1,), vmap_axes=0,
+                              implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION)
+    with jax.default_matmul_precision("highest"):
+      return ntk(x1, x2, variables["params"])  # tracing the logit axis averages over it
+
+  return Kernel(name, None, None, None, "none", _init_variables(net, image_shape), apply)
+

@@ -1,4 +1,4 @@
-"""Kernel ridge regression: ridge solve, predict, loss, accuracy, evaluation and Label Solve.
+"""Kernel ridge regression: ridge solve, predict, loss, accuracy, evaluation.
 
 Ridge is `K + reg * tr(K)/n * I`, solved by Cholesky (never an explicit inverse), in float32 with
 the highest matmul precision by default; pass float64 arrays (inside `jax.enable_x64()`) for a
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from kip.sharding import rows_per_call, stream_rows
+from kip.sharding import rows_per_call, stream_rows, with_params
 
 __all__ = ["DEFAULT_REG", "add_ridge", "krr_fit", "krr_predict", "mse_loss", "accuracy",
-           "evaluate", "evaluate_labels", "label_solve"]
+           "evaluate", "evaluate_labels", "ridge_solve_host", "add_ridge_host"]
 
 DEFAULT_REG = 1e-6
 
@@ -58,7 +58,7 @@ def accuracy(pred: jax.Array, labels: jax.Array) -> jax.Array:
 def evaluate(kernel_fn: Callable, x_support: jax.Array, y_support: jax.Array,
              x_test: np.ndarray, labels_test: np.ndarray, *, reg: float = DEFAULT_REG,
              block_rows: int | None = None, progress: Callable | None = None,
-             dtype=None) -> dict[str, float]:
+             dtype=None, params=None) -> dict[str, float]:
   """KRR test accuracy and MSE of a support set, the test kernel streamed in blocks.
 
   `kernel_fn` may be a `kip.sharding.shard_kernel` (blocks across its devices). `dtype=
@@ -68,18 +68,20 @@ def evaluate(kernel_fn: Callable, x_support: jax.Array, y_support: jax.Array,
     x_support: (n_s, H, W, C) float32; y_support: (n_s, C) float32.
     x_test: (n_test, H, W, C) float32 (host); labels_test: (n_test,) int.
     block_rows: test rows per kernel call (default `kip.sharding.rows_per_call`).
+    params: the kernel's parameters; given, the kernel is `kernel_fn(params, x1, x2)`.
 
   Returns:
     {"test_acc", "test_mse"}, MSE against centred one-hot targets, KIP's loss convention.
   """
   return evaluate_labels(kernel_fn, x_support, [y_support], x_test, labels_test, reg=reg,
-                         block_rows=block_rows, progress=progress, dtype=dtype)[0]
+                         block_rows=block_rows, progress=progress, dtype=dtype,
+                         params=params)[0]
 
 
 def evaluate_labels(kernel_fn: Callable, x_support: jax.Array, y_supports: list[jax.Array],
                     x_test: np.ndarray, labels_test: np.ndarray, *, reg: float = DEFAULT_REG,
                     block_rows: int | None = None, progress: Callable | None = None,
-                    dtype=None) -> list[dict[str, float]]:
+                    dtype=None, params=None) -> list[dict[str, float]]:
   """`evaluate` for several label sets of the same support images, the test kernel computed once.
 
   Predictions `K_test,s (K_ss + ridge)^-1 y` for every label set accumulate on the host, block by
@@ -87,14 +89,14 @@ def evaluate_labels(kernel_fn: Callable, x_support: jax.Array, y_supports: list[
   """
   x_support = jnp.asarray(x_support, dtype)
   with jax.default_matmul_precision("highest"):
-    k_ss = jax.jit(kernel_fn)(x_support, x_support)
+    k_ss = with_params(kernel_fn, params)(x_support, x_support)
     alphas = [np.asarray(krr_fit(k_ss, jnp.asarray(y, x_support.dtype), reg), np.float64)
               for y in y_supports]
   alpha = np.concatenate(alphas, axis=1)
   if block_rows is None:
     block_rows = rows_per_call(kernel_fn, len(x_test), len(x_support), x_test.shape[1:])
   pred = np.empty((len(x_test), alpha.shape[1]))
-  for start, k_block in stream_rows(kernel_fn, x_test, x_support, block_rows):
+  for start, k_block in stream_rows(kernel_fn, x_test, x_support, block_rows, params):
     pred[start:start + len(k_block)] = k_block.astype(np.float64) @ alpha
     if progress is not None:
       progress(len(k_block))
@@ -108,44 +110,14 @@ def evaluate_labels(kernel_fn: Callable, x_support: jax.Array, y_supports: list[
   return results
 
 
-def label_solve(kernel_fn: Callable, x_support: jax.Array, x_target: np.ndarray,
-                y_target: np.ndarray, *, reg: float = DEFAULT_REG, block_rows: int | None = None,
-                progress: Callable | None = None) -> np.ndarray:
-  """Label Solve: the support labels that minimise the KRR loss on the target set, in closed form.
+def ridge_solve_host(a: np.ndarray, b: np.ndarray, reg: float) -> np.ndarray:
+  """(A + reg tr(A)/n I)^-1 b in float64 on the host (Cholesky): (n, n), (n, C) -> (n, C)."""
+  return _ridge_solve(np.asarray(a, np.float64), np.asarray(b, np.float64), reg)
 
-  With K_st = K(x_s, x_t), the loss ||K_ts (K_ss + ridge)^-1 y_s - y_t||^2 is least squares in
-  z = (K_ss + ridge)^-1 y_s, so z = (K_st K_ts + ridge)^-1 K_st y_t and y_s = (K_ss + ridge) z.
-  K_ts is streamed in blocks (across the devices of a `kip.sharding.shard_kernel`) and only
-  K_st K_ts (n_s x n_s) and K_st y_t (n_s x C) are kept, accumulated in float64 on the host, so
-  the target set can be the whole training split.
 
-  Args:
-    x_support: (n_s, H, W, C) float32; x_target: (n_t, H, W, C) float32 with n_t >= n_s;
-    y_target: (n_t, C) float32 targets (centred one-hot).
-    block_rows: target rows per kernel call (default `kip.sharding.rows_per_call`).
-
-  Returns:
-    (n_s, C) float32 labels.
-  """
-  n_s, n_t = len(x_support), len(x_target)
-  if n_t < n_s:
-    raise ValueError(
-        f"Label Solve needs at least as many targets as support images ({n_t} < {n_s})")
-  x_support = jnp.asarray(x_support)
-  if block_rows is None:
-    block_rows = rows_per_call(kernel_fn, n_t, n_s, x_target.shape[1:])
-  gram = np.zeros((n_s, n_s))
-  rhs = np.zeros((n_s, y_target.shape[1]))
-  for start, k_ts in stream_rows(kernel_fn, x_target, x_support, block_rows):
-    k_ts = k_ts.astype(np.float64)
-    gram += k_ts.T @ k_ts
-    rhs += k_ts.T @ np.asarray(y_target[start:start + len(k_ts)], np.float64)
-    if progress is not None:
-      progress(len(k_ts))
-  with jax.default_matmul_precision("highest"):
-    k_ss = np.asarray(jax.jit(kernel_fn)(x_support, x_support), np.float64)
-  z = _ridge_solve(gram, rhs, reg)
-  return (_ridge(k_ss, reg) @ z).astype(np.float32)
+def add_ridge_host(a: np.ndarray, reg: float) -> np.ndarray:
+  """A + reg tr(A)/n I, float64 on the host."""
+  return _ridge(np.asarray(a, np.float64), reg)
 
 
 def _ridge(a: np.ndarray, reg: float) -> np.ndarray:

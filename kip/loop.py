@@ -1,11 +1,18 @@
-"""The one distillation loop: target sampling, evaluation schedule, metrics, checkpoints, resume.
+"""The one loop: every distiller and every finite-net training run goes through `run`.
 
-Every method runs here through its `Method(init, update, support)` functions; the loop owns every
-side effect. Randomness is a pure function of (seed, step) - `fold_in(key, step)` for JAX and
-`default_rng([seed, step])` for the target batches - so a run resumed from a checkpoint takes
-exactly the steps an uninterrupted run would have taken. In a multi-host run every process runs
-this loop on the same batches (a method's sharded kernels spread the work); only process 0 writes
-the workdir, and every process resumes from it.
+The loop owns every side effect: the real data each step (what the method's `data` asks for, a
+pure function of (seed, step)), the progress bar, evaluators by name on their own cadence,
+`metrics.jsonl`, atomic checkpoints of any state pytree (PRNG keys included), exact resume, and a
+loud stop on a non-finite metric that keeps the last good checkpoint. Randomness is
+`fold_in(key(seed), step)`, so a run resumed from a checkpoint takes exactly the steps an
+uninterrupted run would have taken.
+
+`metrics.jsonl` has one schema for every run: one JSON object per logged step with `step`,
+`wall_time` (seconds since the run began, evaluations included), `train_time` (updates only), the
+method's metrics and, on evaluation steps, each evaluator's results. Only `step` is required.
+
+In a multi-host run every process runs this loop on the same batches (a method's sharded kernels
+spread the work); only process 0 writes the workdir, and every process resumes from it.
 """
 
 from __future__ import annotations
@@ -16,33 +23,91 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kip.data import sample_target_batch
 from kip.io import atomic_write
-from kip.kip import Method
+from kip.method import Method, Sampler
 from kip.sharding import is_main_process
 
-__all__ = ["LoopConfig", "NonFiniteLossError", "run", "read_metrics", "truncate_metrics",
-           "save_checkpoint", "restore_checkpoint", "latest_checkpoint"]
+__all__ = ["LoopConfig", "Evaluator", "RunResult", "NonFiniteLossError", "ResumeError", "run",
+           "read_metrics", "truncate_metrics", "save_checkpoint", "restore_checkpoint",
+           "latest_checkpoint"]
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint and distilled set are kept."""
+  """A metric became NaN or infinite; the last good checkpoint and outputs are kept."""
+
+
+class ResumeError(ValueError):
+  """The workdir cannot be resumed as asked (e.g. it holds more steps than requested)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
+  """steps: total updates; eval_every: default cadence of evaluators (0: at the end only);
+  eval_at_start: also evaluate before the first update; checkpoint_every: steps between
+  checkpoints (0: at the end only; every run also checkpoints at its last step); log_every: steps
+  between metrics records (evaluation steps are always recorded); seed: root of all randomness."""
+
   steps: int = 1000
-  target_batch: int = 5000
   eval_every: int = 100
+  eval_at_start: bool = False
   checkpoint_every: int = 100
+  log_every: int = 1
   seed: int = 0
   keep_checkpoints: int = 2
+
+  def __post_init__(self):
+    for name in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+    if self.log_every < 1 or self.keep_checkpoints < 1:
+      raise ValueError("log_every and keep_checkpoints must be at least 1")
+
+
+class Evaluator(NamedTuple):
+  """A named measurement of the state: `fn(state) -> {metric: value}`, run every `every` steps
+  (None: the loop's `eval_every`; 0: at the end only) and at the last step."""
+
+  name: str
+  fn: Callable[[Any], dict[str, Any]]
+  every: int | None = None
+
+
+class RunResult(NamedTuple):
+  """state: the final state; evals: the latest result of every evaluator, merged; step: the
+  last step; wall_time / train_time: seconds (whole run / updates only, resumed runs included);
+  steps_per_s: updates per second in this process after the first (compiling) step."""
+
+  state: Any
+  evals: dict[str, Any]
+  step: int
+  wall_time: float
+  train_time: float
+  steps_per_s: float
+
+
+def _to_json(value):
+  value = np.asarray(jax.device_get(value))
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+def _all_finite(metrics: dict) -> bool:
+  for v in metrics.values():
+    a = np.asarray(v)
+    if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+      return False
+  return True
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step == last or (every > 0 and step % every == 0)
 
 
 def run(
@@ -50,97 +115,127 @@ def run(
     *,
     workdir: str,
     config: LoopConfig,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    labels_train: np.ndarray,
-    x_init: np.ndarray,
-    y_init: np.ndarray,
-    evaluate: Callable[[jax.Array, jax.Array], dict[str, float]],
-    save_support: Callable[[np.ndarray, np.ndarray, int], None],
+    sampler: Sampler,
+    x_init: Any = None,
+    y_init: Any = None,
+    evaluators: Sequence[Evaluator] = (),
+    save: Callable[[Any, int], None] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
-) -> dict[str, float]:
-  """Runs (or resumes) `config.steps` updates of `method` and returns the final eval metrics.
+    description: str = "distilling",
+) -> RunResult:
+  """Runs (or resumes) `config.steps` updates of `method` in `workdir`.
 
   Args:
-    x_train: (n, H, W, C) float32 preprocessed training images (host memory).
-    y_train: (n, C) float32 targets; labels_train: (n,) int classes, for balanced batches.
-    x_init, y_init: the initial support set, (n_s, H, W, C) and (n_s, C) float32.
-    evaluate: (x_support, y_support) -> {"test_acc", "test_mse", ...}.
-    save_support: writes the distilled set at `step` (atomically).
+    sampler: step -> the real batch the method asks for (`kip.method.make_sampler`).
+    x_init, y_init: passed to `method.init` (e.g. the initial support set).
+    evaluators: named measurements (see `Evaluator`); their results go into metrics.jsonl.
+    save: writes the run's output (e.g. the distilled set) for `(state, step)`, atomically; called
+      at every checkpoint, so the output on disk always matches the newest checkpoint.
+    description: the progress bar's label.
   """
-  # Several processes (multi-host) run this same loop on the same data; only the first writes.
-  writer = is_main_process()
+  writer = is_main_process()  # several processes (multi-host) run this loop; only one writes
   if writer:
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  num_classes = y_train.shape[1]
   root_key = jax.random.key(config.seed)
   state = method.init(jax.random.fold_in(root_key, 0), x_init, y_init)
-  start_step, elapsed = 0, 0.0
+  start_step, wall_offset, train_time = 0, 0.0, 0.0
   restored = restore_checkpoint(workdir, state)
   if restored is not None:
-    state, start_step, elapsed = restored
+    state, start_step, wall_offset, train_time = restored
+    if start_step > config.steps:
+      raise ResumeError(
+          f"{workdir} holds a run at step {start_step}, beyond the {config.steps} steps asked "
+          f"for; pass --steps {start_step} or more to continue it, or use a new --workdir")
     if writer:
       truncate_metrics(metrics_path, start_step)
     log(f"resuming from step {start_step} ({workdir})")
 
-  def write_metrics(record: dict) -> None:
+  def write(record: dict) -> None:
     if writer:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-  def save(step: int, wall_time: float) -> None:
-    if writer:
-      x, y = method.support(state)
-      save_support(np.asarray(x), np.asarray(y), step)
-      save_checkpoint(workdir, state, step, wall_time, config.keep_checkpoints)
+  def evaluate(step: int, at_start: bool = False) -> dict:
+    results = {}
+    for ev in evaluators:
+      every = config.eval_every if ev.every is None else ev.every
+      if at_start or _due(step, every, config.steps):
+        results.update({k: _to_json(v) for k, v in ev.fn(state).items()})
+    return results
 
-  last_eval: dict[str, float] = {}
+  def checkpoint(step: int, wall: float) -> None:
+    if writer:
+      if save is not None:
+        save(state, step)
+      save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time)
+
+  last_eval = _last_evals(metrics_path) if start_step else {}
   if start_step == 0:
     if writer:
       truncate_metrics(metrics_path, -1)
-    last_eval = evaluate(*method.support(state))
-    write_metrics({"step": 0, "wall_time": 0.0, **last_eval})
-    log(f"step 0: test_acc {last_eval['test_acc']:.4f}  test_mse {last_eval['test_mse']:.5f}")
-  else:
-    last_eval = _last_eval(metrics_path)
+    if config.eval_at_start and evaluators:
+      last_eval = evaluate(0, at_start=True)
+      write({"step": 0, "wall_time": 0.0, "train_time": 0.0, **last_eval})
+      log(f"step 0: {_format(last_eval)}")
 
   bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and writer),
              unit="step", dynamic_ncols=True)
   if start_step < config.steps:
-    bar.set_description("compiling the step")
-  t0 = time.perf_counter() - elapsed
+    bar.set_description(f"{description}: compiling the step")
+  t0 = time.perf_counter() - wall_offset
+  steady_time, steady_steps = 0.0, 0
   for step in range(start_step + 1, config.steps + 1):
-    idx = sample_target_batch(labels_train, config.target_batch, config.seed, step, num_classes)
+    batch = sampler(step)
     key = jax.random.fold_in(root_key, step)
-    new_state, metrics = method.update(state, key, x_train[idx], y_train[idx])
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    if not math.isfinite(record["loss"]):
+    t_step = time.perf_counter()
+    new_state, metrics = method.update(state, batch, key, jnp.asarray(step, jnp.int32))
+    metrics = jax.device_get(metrics)  # waits for the step: honest timings
+    elapsed = time.perf_counter() - t_step
+    train_time += elapsed
+    if step > start_step + 1:
+      steady_time, steady_steps = steady_time + elapsed, steady_steps + 1
+    else:
+      bar.set_description(description)
+    if not _all_finite(metrics):
       bar.close()
       last = latest_checkpoint(workdir)
+      bad = {k: _to_json(v) for k, v in metrics.items()}
       raise NonFiniteLossError(
-          f"loss became {record['loss']} at step {step}; stopped. The last good checkpoint "
-          f"(step {last[0] if last else 0}) and distilled set are kept in {workdir}; "
-          "try a lower --lr")
+          f"a non-finite value at step {step} ({_format(bad)}); stopped. The last good checkpoint "
+          f"(step {last[0] if last else 0}) and outputs are kept in {workdir}. To retry with "
+          "another setting (e.g. a lower --lr), use a new --workdir")
     state = new_state
-    if step == start_step + 1:
-      bar.set_description("distilling")
-    if step % config.eval_every == 0 or step == config.steps:
-      last_eval = evaluate(*method.support(state))
-      record.update(last_eval)
+    record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()}}
+    results = evaluate(step)
+    if results:
+      last_eval = {**last_eval, **results}
+      record.update(results)
     record["wall_time"] = round(time.perf_counter() - t0, 3)
-    write_metrics(record)
-    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                     if k in ("loss", "test_acc", "target_acc")}, refresh=False)
+    record["train_time"] = round(train_time, 3)
+    if results or step % config.log_every == 0 or step == config.steps:
+      write(record)
+    bar.set_postfix({k: f"{np.mean(v):.4g}" for k, v in record.items()
+                     if k == "loss" or k.endswith("acc") or k.endswith("acc_mean")},
+                    refresh=False)
     bar.update(1)
-    if step % config.checkpoint_every == 0 or step == config.steps:
-      save(step, record["wall_time"])
+    if _due(step, config.checkpoint_every, config.steps):
+      checkpoint(step, record["wall_time"])
   bar.close()
-  if start_step == config.steps and writer:
-    x, y = method.support(state)  # already finished: make sure the set on disk is this one
-    save_support(np.asarray(x), np.asarray(y), config.steps)
-  return last_eval
+  if start_step == config.steps and writer and save is not None:
+    save(state, config.steps)  # already finished: make sure the output on disk is this one
+  wall = time.perf_counter() - t0
+  rate = steady_steps / steady_time if steady_steps else math.nan
+  return RunResult(state, last_eval, config.steps, wall, train_time, rate)
+
+
+def _format(metrics: dict) -> str:
+  parts = []
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    parts.append(f"{k} {v.item():.5g}" if v.ndim == 0 else f"{k} {np.round(v, 5).tolist()}")
+  return "  ".join(parts)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -160,11 +255,16 @@ def read_metrics(path: str) -> list[dict]:
   return records
 
 
-def _last_eval(path: str) -> dict[str, float]:
-  evals = [r for r in read_metrics(path) if "test_acc" in r]
-  if not evals:
-    return {}
-  return {k: v for k, v in evals[-1].items() if k.startswith("test_")}
+_BOOKKEEPING = ("step", "wall_time", "train_time")
+
+
+def _last_evals(path: str) -> dict:
+  """The newest value of every metric recorded so far (the last step always evaluates, so a
+  finished run's last record holds every evaluator's final result)."""
+  latest = {}
+  for r in read_metrics(path):
+    latest.update({k: v for k, v in r.items() if k not in _BOOKKEEPING})
+  return latest
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -184,13 +284,24 @@ def latest_checkpoint(workdir: str) -> tuple[int, str] | None:
   return found[-1] if found else None
 
 
-def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int = 2) -> None:
-  """Writes the pytree `state`'s leaves to `workdir/checkpoints/ckpt_<step>.npz` (atomically),
-  keeping the newest `keep` checkpoints."""
-  leaves = jax.tree_util.tree_leaves(state)
-  arrays = {f"leaf_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-  arrays["step"] = np.asarray(step)
-  arrays["wall_time"] = np.asarray(wall_time)
+def _is_key(leaf) -> bool:
+  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int = 2,
+                    train_time: float = 0.0) -> None:
+  """Writes the leaves of the pytree `state` to `workdir/checkpoints/ckpt_<step>.npz`
+  (atomically), keeping the newest `keep` checkpoints. Typed PRNG keys are stored as their key
+  data and implementation name."""
+  arrays = {}
+  for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
+    if _is_key(leaf):
+      arrays[f"leaf_{i:04d}"] = np.asarray(jax.random.key_data(leaf))
+      arrays[f"keyimpl_{i:04d}"] = np.asarray(str(jax.random.key_impl(leaf)))
+    else:
+      arrays[f"leaf_{i:04d}"] = np.asarray(leaf)
+  arrays |= {"step": np.asarray(step), "wall_time": np.asarray(wall_time),
+             "train_time": np.asarray(train_time)}
   path = os.path.join(workdir, "checkpoints", f"ckpt_{step:08d}.npz")
   atomic_write(path, arrays)
   for _, old in _checkpoints(workdir)[:-keep]:
@@ -198,20 +309,31 @@ def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int 
 
 
 def restore_checkpoint(workdir: str, template):
-  """(state, step, wall_time) from the latest checkpoint, or None when there is none."""
+  """(state, step, wall_time, train_time) from the latest checkpoint, or None when there is none.
+
+  Every leaf takes the template's dtype and placement (e.g. replicated on a mesh), as the step
+  expects it; typed PRNG keys come back as keys."""
   latest = latest_checkpoint(workdir)
   if latest is None:
     return None
   leaves, treedef = jax.tree_util.tree_flatten(template)
   with np.load(latest[1]) as data:
     stored = [data[f"leaf_{i:04d}"] for i in range(len(leaves)) if f"leaf_{i:04d}" in data]
+    is_key = [f"keyimpl_{i:04d}" in data for i in range(len(stored))]
+    expected = [np.shape(jax.random.key_data(b)) if _is_key(b) else np.shape(b) for b in leaves]
     if len(stored) != len(leaves) or any(
-        a.shape != np.shape(b) for a, b in zip(stored, leaves, strict=True)):
-      raise ValueError(f"checkpoint {latest[1]} does not match this run's state; use a new "
-                       "--workdir or delete the checkpoint")
+        a.shape != s for a, s in zip(stored, expected, strict=True)) or any(
+        k != _is_key(b) for k, b in zip(is_key, leaves, strict=True)):
+      raise ResumeError(f"checkpoint {latest[1]} does not match this run's state; use a new "
+                        "--workdir or delete the checkpoint")
     step, wall_time = int(data["step"]), float(data["wall_time"])
-  # Each leaf goes where the template's is (e.g. replicated on a mesh), as the step expects it.
-  state = jax.tree_util.tree_unflatten(treedef, [
-      jax.device_put(np.asarray(a, np.asarray(b).dtype), getattr(b, "sharding", None))
-      for a, b in zip(stored, leaves, strict=True)])
-  return state, step, wall_time
+    train_time = float(data["train_time"]) if "train_time" in data else wall_time
+  restored = []
+  for a, b in zip(stored, leaves, strict=True):
+    sharding = getattr(b, "sharding", None)
+    if _is_key(b):
+      key = jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(b))
+      restored.append(jax.device_put(key, sharding))
+    else:
+      restored.append(jax.device_put(np.asarray(a, np.asarray(b).dtype), sharding))
+  return jax.tree_util.tree_unflatten(treedef, restored), step, wall_time, train_time

@@ -11,7 +11,10 @@
   global average pooling), for cross-architecture checks.
 
 Every network maps (n, H, W, C) float32 images to (n, num_classes) logits and takes `train` (batch
-norm's mode; other layers ignore it). `make_net` builds them by name.
+norm's mode; other layers ignore it); with `features=True` it returns its penultimate features
+(n, D) instead (what feature kernels and KRR on features use), and every hidden block's output is
+sown into the `intermediates` collection (`net.apply(..., mutable=["intermediates"])`), which is
+what attention matching reads. `make_net` builds them by name.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "ML
            "make_net", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
-NETS = ("convnet", "convnet3", "mlp", "resnet18")
+NETS = ("convnet", "convnet3", "frepo_convnet", "mlp", "resnet18")
 NORMS = ("none", "instance", "layer", "batch")
 PARAMETERIZATIONS = ("standard", "ntk")
 
@@ -122,6 +125,9 @@ class ConvNet(nn.Module):
     first_padding: padding of the first conv; the DC ConvNet pads 28x28 grey images by 3 so the
       blocks see 32x32, as for CIFAR (None: "SAME").
     readout: `flatten` (KIP, DC) or `gap` (global average pooling).
+    width_growth: block i has `width * width_growth**i` channels (FRePo's nets double: 2).
+    norm_first: normalise a block's input before its conv (FRePo: every block but the first)
+      instead of after the conv (KIP, DC).
   """
 
   num_classes: int
@@ -132,9 +138,11 @@ class ConvNet(nn.Module):
   readout: str = "flatten"
   parameterization: str = "standard"
   first_padding: int | None = None
+  width_growth: int = 1
+  norm_first: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     p = self.parameterization
     padding = "SAME" if self.first_padding is None else [(self.first_padding,) * 2] * 2
     layer = 0
@@ -142,9 +150,15 @@ class ConvNet(nn.Module):
       x = nn.relu(Conv(self.width, padding=padding, parameterization=p, name="conv_0")(x))
       padding, layer = "SAME", 1
     for block in range(self.depth):
-      x = Conv(self.width, padding=padding, parameterization=p, name=f"conv_{layer}")(x)
+      width = self.width * self.width_growth**block
+      if self.norm_first and block > 0:
+        x = _norm(self.norm, train, f"norm_{block}")(x)
+      x = Conv(width, padding=padding, parameterization=p, name=f"conv_{layer}")(x)
       padding, layer = "SAME", layer + 1
-      x = nn.relu(_norm(self.norm, train, f"norm_{block}")(x))
+      if not self.norm_first:
+        x = _norm(self.norm, train, f"norm_{block}")(x)
+      x = nn.relu(x)
+      self.sow("intermediates", f"block_{block}", x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     if self.readout == "gap":
       x = x.mean(axis=(1, 2))
@@ -152,6 +166,8 @@ class ConvNet(nn.Module):
       x = x.reshape(len(x), -1)
     else:
       raise ValueError(f"unknown readout {self.readout!r}; choose flatten or gap")
+    if features:
+      return x
     return Dense(self.num_classes, parameterization=p, name="readout")(x)
 
 
@@ -164,10 +180,13 @@ class MLP(nn.Module):
   parameterization: str = "standard"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     x = x.reshape(len(x), -1)
     for i in range(self.depth):
       x = nn.relu(Dense(self.width, parameterization=self.parameterization, name=f"dense_{i}")(x))
+      self.sow("intermediates", f"block_{i}", x)
+    if features:
+      return x
     return Dense(self.num_classes, parameterization=self.parameterization, name="readout")(x)
 
 
@@ -202,7 +221,7 @@ class ResNet18(nn.Module):
   parameterization: str = "standard"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     p = self.parameterization
     x = Conv(self.width, use_bias=False, parameterization=p, name="stem")(x)
     x = nn.relu(_norm(self.norm, train, "norm_stem")(x))
@@ -211,7 +230,11 @@ class ResNet18(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = _BasicBlock(self.width * multiple, strides, self.norm, p,
                         name=f"stage{stage}_block{block}")(x, train)
-    return Dense(self.num_classes, parameterization=p, name="readout")(x.mean(axis=(1, 2)))
+      self.sow("intermediates", f"stage_{stage}", x)
+    x = x.mean(axis=(1, 2))
+    if features:
+      return x
+    return Dense(self.num_classes, parameterization=p, name="readout")(x)
 
 
 def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
@@ -228,6 +251,13 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
   _check_parameterization(parameterization)
+  if name == "frepo_convnet":
+    # FRePo's ConvNet: widths w, 2w, 4w; norm before every conv but the first; one-channel 28x28
+    # images padded by 3 in the first conv (28 -> 32 -> 16 -> 8 -> 4), as its official code does.
+    first_padding = 3 if image_shape is not None and image_shape[:2] == (28, 28) else None
+    return ConvNet(num_classes, width=width, extra_conv=False, norm=norm,
+                   parameterization=parameterization, first_padding=first_padding,
+                   width_growth=2, norm_first=True)
   if name in ("convnet", "convnet3"):
     first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
     return ConvNet(num_classes, width=width, extra_conv=name == "convnet", norm=norm,

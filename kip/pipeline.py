@@ -1,16 +1,19 @@
-"""The pieces every kernel job assembles: preprocessed data, the initial support set, the KRR
-evaluator on the full test split, and the distilled-set writer.
+"""The pieces every distillation job assembles: preprocessed data, the initial support set,
+kernels across devices, the KRR evaluator on the full test split, the distilled-set writer, and
+`distill`, which runs any method in the loop with all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from kip import cli
 from kip.data import (
   Preprocessor,
   centered_one_hot,
@@ -20,12 +23,15 @@ from kip.data import (
   load_dataset,
 )
 from kip.io import DistilledSet, save_distilled
-from kip.kernels import Kernel
-from kip.krr import evaluate
-from kip.sharding import shard_kernel
+from kip.kernels import KERNEL_TYPES, KERNELS, Kernel, make_kernel, no_params
+from kip.krr import DEFAULT_REG, evaluate
+from kip.loop import Evaluator, LoopConfig, RunResult, run
+from kip.method import Method, make_sampler
+from kip.sharding import shard_feature_kernel, shard_kernel
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
-           "make_evaluator", "write_distilled"]
+           "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
+           "log_kernel_layouts"]
 
 
 class Data(NamedTuple):
@@ -93,28 +99,114 @@ def initial_support(data: Data, ipc: int, seed: int, init: str = "real"
 
 def shard_kernels(kernel: Kernel, mesh=None, memory_bytes: float | None = None
                   ) -> tuple[Callable, Callable]:
-  """The kernel with its blocks across `mesh` within `memory_bytes` per device, twice: tiled for
-  a differentiated loss (KIP's step), and for the forward pass only (evaluation, Label Solve)."""
-  return tuple(shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, memory_bytes,
-                            backward=backward) for backward in (True, False))
+  """`kernel.apply(params, x1, x2)` across `mesh` within `memory_bytes` per device, twice: for a
+  differentiated loss (KIP's step) and for the forward pass only (evaluation, Label Solve).
+
+  Analytic kernels are tiled by entries (`kip.sharding.shard_kernel`; the results carry its
+  `layout`), feature kernels sharded by images (`kip.sharding.shard_feature_kernel`); an
+  empirical NTK runs unsharded on one device.
+  """
+  if kernel.covariance == "features":
+    fn = shard_feature_kernel(kernel.features, mesh)
+    return fn, fn
+  if kernel.kernel_fn is None:
+    return kernel.apply, kernel.apply
+  out = []
+  for backward in (True, False):
+    sharded = shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, memory_bytes,
+                           backward=backward)
+    apply = no_params(sharded)
+    apply.mesh, apply.layout = sharded.mesh, sharded.layout
+    out.append(apply)
+  return tuple(out)
 
 
 def make_evaluator(kernel_fn: Callable, data: Data, *, reg: float, dtype=None,
-                   progress: bool = False) -> Callable[[jax.Array, jax.Array], dict[str, float]]:
-  """(x_support, y_support) -> {"test_acc", "test_mse"} by KRR on the whole test split.
+                   progress: bool = False) -> Callable[..., dict[str, float]]:
+  """(x_support, y_support, params) -> {"test_acc", "test_mse"} by KRR on the whole test split.
 
-  kernel_fn: a kernel_fn, or one from `shard_kernels` (the test kernel across its devices).
+  kernel_fn: `kernel.apply(params, x1, x2)`, or one from `shard_kernels`.
   """
 
-  def evaluator(x_support, y_support):
+  def evaluator(x_support, y_support, params=()):
     with tqdm(total=len(data.x_test), unit="img", desc="KRR evaluation", leave=False,
               disable=not progress, dynamic_ncols=True) as bar:
       return evaluate(kernel_fn, x_support, y_support, data.x_test, data.labels_test, reg=reg,
-                      dtype=dtype, progress=bar.update)
+                      dtype=dtype, progress=bar.update, params=params)
 
   return evaluator
 
 
-def write_distilled(path: str, x: np.ndarray, y: np.ndarray, data: Data, meta: dict) -> None:
-  """Saves the support set with its preprocessing and metadata (atomically)."""
-  save_distilled(path, DistilledSet(np.asarray(x), np.asarray(y), meta, data.preprocessor))
+def write_distilled(path: str, arrays: dict, data: Data, meta: dict) -> None:
+  """Saves a method's exported arrays (`images`, `labels` or `targets`, extras) with the
+  preprocessing and metadata (atomically)."""
+  save_distilled(path, DistilledSet.from_export(
+      {k: np.asarray(v) for k, v in arrays.items()}, meta, data.preprocessor))
+
+
+def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None = None,
+                  params: Callable | None = None) -> Evaluator:
+  """An evaluator named `krr`: KRR on the whole test split from the method's exported set
+  (`evaluate_support` from `make_evaluator`; `params(state)` gives the kernel's parameters)."""
+
+  def fn(state):
+    arrays = method.export(state)
+    return evaluate_support(arrays["images"], arrays["labels"],
+                            () if params is None else params(state))
+
+  return Evaluator("krr", fn, every)
+
+
+def distill(method: Method, data: Data, *, workdir: str, loop_config: LoopConfig,
+            x_init, y_init, evaluators=(), meta: dict, log: Callable[[str], None] = print,
+            progress: bool = True) -> RunResult:
+  """Runs `method` in the loop on `data`'s training split, with the sampler its `data` field
+  asks for, and writes `distilled.npz` (export + preprocessing + `meta` + step) at every
+  checkpoint."""
+  sampler = make_sampler(method.data, data.x_train, data.labels_train, data.y_train,
+                         seed=loop_config.seed, num_classes=data.num_classes)
+
+  def save(state, step):
+    write_distilled(os.path.join(workdir, "distilled.npz"), method.export(state), data,
+                    meta | {"step": step})
+
+  return run(method, workdir=workdir, config=loop_config, sampler=sampler, x_init=x_init,
+             y_init=y_init, evaluators=evaluators, save=save, log=log, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """The kernel flags of every kernel job (kip, label_solve, evaluate)."""
+
+  kernel: str = cli.field("fc", "kernel: analytic infinite-width (fc, conv, convnet, convnet3), "
+                                "neural-feature (nfk-<net>) or empirical NTK (entk-<net>) of a "
+                                "finite net at a random initialisation", choices=KERNELS)
+  depth: int = cli.field(1, "hidden layers of fc / conv kernels", minimum=1)
+  kernel_type: str = cli.field("ntk", "analytic kernels: neural tangent or NNGP kernel",
+                               choices=KERNEL_TYPES)
+  kernel_width: int = cli.field(0, "nfk-/entk- kernels: the finite net's width (0: 128; "
+                                   "resnet18 64)", minimum=0)
+  reg: float = cli.field(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s", minimum=0)
+
+  def make_kernel(self, data: Data) -> Kernel:
+    return make_kernel(self.kernel, depth=self.depth, kernel_type=self.kernel_type,
+                       width=self.kernel_width, image_shape=data.x_train.shape[1:],
+                       num_classes=data.num_classes)
+
+
+def log_kernel_layouts(step_kernel: Callable, eval_kernel: Callable, n_support: int,
+                       blocks: dict[str, int], image_shape, itemsize: int = 4) -> None:
+  """One log line per kernel block: how an analytic kernel is tiled, or how a finite kernel is
+  spread (by images, or unsharded)."""
+  for what, n_rows in blocks.items():
+    fn = eval_kernel if what.startswith("K(test") else step_kernel
+    if hasattr(fn, "layout"):
+      layout = fn.layout(n_rows, n_support, image_shape, itemsize)
+      cli.log(f"{what}: {n_rows} x {n_support} in tiles of {layout.tiles.rows} x "
+              f"{layout.tiles.cols}, {layout.rows_per_device} rows per device"
+              + (", recomputed in the backward pass" if layout.remat else ""))
+    elif hasattr(fn, "mesh"):
+      cli.log(f"{what}: {n_rows} x {n_support} from features, images sharded over "
+              f"{fn.mesh.size} device(s)")
+    else:
+      cli.log(f"{what}: {n_rows} x {n_support} on one device (not sharded)")

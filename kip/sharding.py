@@ -37,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = ["AXIS", "Tiles", "Layout", "make_mesh", "initialize_distributed", "is_main_process",
            "default_memory_bytes", "entry_bytes", "plan_tiles", "plan_layout", "tiled_kernel",
-           "shard_kernel", "rows_per_call", "stream_rows", "replicate"]
+           "shard_kernel", "rows_per_call", "stream_rows", "replicate", "with_params",
+           "shard_features", "shard_feature_kernel"]
 
 AXIS = "devices"
 
@@ -363,16 +364,17 @@ def replicate(x, mesh: Mesh) -> jax.Array:
 
 
 def stream_rows(kernel_fn: Callable, x_rows: np.ndarray, x_cols: jax.Array,
-                block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+                block_rows: int, params=None) -> Iterator[tuple[int, np.ndarray]]:
   """Yields (start, K(x_rows[start:start + block_rows], x_cols)) as host arrays, block by block.
 
   Every block is padded to `block_rows`, so the jitted (sharded) kernel compiles once; only one
   block's result lives on the devices, and every process receives every block. A kernel from
-  `shard_kernel` runs on its mesh; any other kernel_fn on the first device.
+  `shard_kernel` runs on its mesh; any other kernel_fn on the first device. With `params`, the
+  kernel is `kernel_fn(params, x1, x2)` (`kip.kernels.Kernel.apply`), else `kernel_fn(x1, x2)`.
   """
   mesh = getattr(kernel_fn, "mesh", None) or make_mesh(jax.devices()[:1])
   replicated = NamedSharding(mesh, P())
-  fn = jax.jit(kernel_fn, out_shardings=replicated)
+  call = with_params(kernel_fn, params, replicated)
   x_cols = replicate(jnp.asarray(x_cols), mesh)
   with jax.default_matmul_precision("highest"):
     for start in range(0, len(x_rows), block_rows):
@@ -380,4 +382,56 @@ def stream_rows(kernel_fn: Callable, x_rows: np.ndarray, x_cols: jax.Array,
       rows = len(block)
       if rows < block_rows:
         block = np.concatenate([block, np.repeat(block[:1], block_rows - rows, axis=0)])
-      yield start, np.asarray(fn(replicate(block, mesh), x_cols))[:rows]
+      yield start, np.asarray(call(replicate(block, mesh), x_cols))[:rows]
+
+
+def with_params(kernel_fn: Callable, params=None, out_sharding=None
+                ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A jitted (x1, x2) -> K: `kernel_fn(x1, x2)`, or `kernel_fn(params, x1, x2)` with `params`
+  passed as an argument of the compiled program (not baked in as a constant)."""
+  if params is None:
+    return jax.jit(kernel_fn, out_shardings=out_sharding)
+  fn = jax.jit(kernel_fn, out_shardings=out_sharding)
+  return lambda x1, x2: fn(params, x1, x2)
+
+
+def shard_features(features_fn: Callable, mesh: Mesh | None = None, chunk_rows: int = 256
+                   ) -> Callable:
+  """`features_fn(params, x) -> (n, D)` with the images sharded over `mesh`, each device
+  computing its share in chunks of `chunk_rows` images one after another (`lax.map`), and the
+  features gathered on every device. The chunk shape depends only on the number of rows, never
+  on the device count, so the features are identical on any mesh; a feature kernel is then one
+  matmul of gathered features (`shard_feature_kernel`)."""
+  mesh = make_mesh() if mesh is None else mesh
+  n_devices = mesh.size
+  replicated = NamedSharding(mesh, P())
+
+  def sharded(params, x: jax.Array) -> jax.Array:
+    n = x.shape[0]
+    chunk = min(chunk_rows, n)
+    per_device = _cdiv(_cdiv(n, chunk), n_devices) * chunk
+    padded = _pad_rows(x, per_device * n_devices)
+
+    def local(p, rows):
+      out = jax.lax.map(lambda block: features_fn(p, block), _blocks(rows, chunk))
+      return out.reshape((rows.shape[0],) + out.shape[2:])
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))(
+        params, padded)
+    return jax.lax.with_sharding_constraint(f[:n], replicated)
+
+  sharded.mesh = mesh
+  return sharded
+
+
+def shard_feature_kernel(features_fn: Callable, mesh: Mesh | None = None,
+                         chunk_rows: int = 256) -> Callable:
+  """(params, x1, x2) -> phi(x1) phi(x2)^T with the features computed by `shard_features`."""
+  features = shard_features(features_fn, mesh, chunk_rows)
+
+  def kernel(params, x1: jax.Array, x2: jax.Array) -> jax.Array:
+    with jax.default_matmul_precision("highest"):
+      return features(params, x1) @ features(params, x2).T
+
+  kernel.mesh = features.mesh
+  return kernel

@@ -14,10 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kip.kernels import make_kernel
-from kip.kip import make_kip
-from kip.krr import evaluate, krr_predict, label_solve, mse_loss
-from kip.sharding import initialize_distributed, make_mesh, shard_kernel, stream_rows
+from kip.kernels import make_kernel, no_params
+from kip.krr import evaluate, krr_predict, mse_loss
+from kip.method import Batch
+from kip.sharding import (
+  initialize_distributed,
+  make_mesh,
+  shard_feature_kernel,
+  shard_kernel,
+  stream_rows,
+)
+from methods.kip import make_kip
+from methods.label_solve import label_solve
 
 # convnet: a budget of a few tiles' worth, so each device computes several tiles and the gradient
 # recomputes them; fc: everything fits, one tile per device.
@@ -57,14 +65,14 @@ def main(out: str, distributed: bool = False) -> None:
     results[f"{arch}/grad_x"] = np.asarray(grad_x)
     results[f"{arch}/grad_y"] = np.asarray(grad_y)
 
-    method = make_kip(step_kernel, lr=0.01, learn_labels=True)
+    method = make_kip(no_params(step_kernel), lr=0.01, learn_labels=True, mesh=mesh)
     state = method.init(jax.random.key(0), x_s, y_s)
     losses = []
-    for _ in range(3):
-      state, metrics = method.update(state, jax.random.key(0), x_t, y_t)
+    for step in range(3):
+      state, metrics = method.update(state, Batch(x_t, y_t), jax.random.key(0), step)
       losses.append(float(metrics["loss"]))
     results[f"{arch}/losses"] = np.asarray(losses)
-    results[f"{arch}/x"], results[f"{arch}/y"] = map(np.asarray, method.support(state))
+    results[f"{arch}/x"], results[f"{arch}/y"] = np.asarray(state.x), np.asarray(state.y)
 
     results[f"{arch}/label_solve"] = label_solve(eval_kernel, x_s, x_ls, y_ls)
     results[f"{arch}/k_test"] = np.concatenate(
@@ -72,6 +80,22 @@ def main(out: str, distributed: bool = False) -> None:
     metrics = evaluate(eval_kernel, x_s, y_s, x_test, labels_test)
     results[f"{arch}/test_mse"] = np.asarray(metrics["test_mse"])
     results[f"{arch}/test_acc"] = np.asarray(metrics["test_acc"])
+  # A neural-feature kernel: images sharded, features gathered, one matmul; chunks of 4 images,
+  # so devices hold several chunks (or padding) depending on the device count.
+  features = make_kernel("nfk-convnet3", width=8, image_shape=x_s.shape[1:])
+  params = features.init(jax.random.key(1))
+  feature_kernel = shard_feature_kernel(features.features, mesh, chunk_rows=4)
+
+  def feature_loss(x, y):
+    with jax.default_matmul_precision("highest"):
+      pred = krr_predict(feature_kernel(params, x_t, x), feature_kernel(params, x, x), y)
+      return mse_loss(pred, y_t)
+
+  value, grad_x = jax.jit(jax.value_and_grad(feature_loss))(x_s, y_s)
+  results["features/k_test"] = np.asarray(jax.jit(feature_kernel)(params, x_test, x_s))
+  results["features/loss0"], results["features/grad_x"] = np.asarray(value), np.asarray(grad_x)
+  results["features/test_acc"] = np.asarray(evaluate(
+      feature_kernel, x_s, y_s, x_test, labels_test, params=params)["test_acc"])
   results["processes"] = np.asarray(jax.process_count())
   if jax.process_index() == 0:
     np.savez(out, **results)

@@ -6,7 +6,8 @@ import pytest
 from test_compat import arccos_fc
 
 from kip.kernels import make_kernel
-from kip.kip import make_kip
+from kip.method import Batch
+from methods.kip import make_kip
 
 RNG = np.random.default_rng(0)
 
@@ -28,14 +29,14 @@ def numpy_loss(xs, ys, xt, yt, reg=1e-6):
 @pytest.mark.parametrize("learn_labels", [True, False])
 def test_kip_step_loss_matches_numpy_and_descends(learn_labels):
   xs, ys, xt, yt = problem()
-  method = make_kip(make_kernel("fc").kernel_fn, lr=0.04, learn_labels=learn_labels)
+  method = make_kip(make_kernel("fc").apply, lr=0.04, learn_labels=learn_labels)
   state = method.init(jax.random.key(0), xs, ys)
   losses = []
   for step in range(20):
-    state, metrics = method.update(state, jax.random.key(step), xt, yt)
+    state, metrics = method.update(state, Batch(xt, yt), jax.random.key(step), step)
     losses.append(float(metrics["loss"]))
   assert losses[0] == pytest.approx(numpy_loss(xs, ys, xt, yt), rel=1e-3)
-  x, y = method.support(state)
+  x, y = method.export(state)["images"], method.export(state)["labels"]
   # The metrics' loss is the loss before the step: the support the last step started from is
   # unknown here, so check the final support's loss against NumPy directly instead.
   assert numpy_loss(np.asarray(x), np.asarray(y), xt, yt) < losses[-1] * 1.05
@@ -67,14 +68,15 @@ def test_kip_on_real_mnist_beats_its_initial_support(mnist):
   xs, ys = pre.apply(train.images[idx]), centered_one_hot(train.labels[idx], 10)
   x_test, l_test = pre.apply(test.images[:2000]), test.labels[:2000]
   kernel = make_kernel("fc")
-  method = make_kip(kernel.kernel_fn)
+  method = make_kip(kernel.apply)
   state = method.init(jax.random.key(0), xs, ys)
   before = evaluate(kernel.kernel_fn, xs, ys, x_test, l_test)["test_acc"]
   for step in range(40):
     batch = sample_target_batch(train.labels, 500, 0, step, 10)
-    state, _ = method.update(state, jax.random.key(step), pre.apply(train.images[batch]),
-                             centered_one_hot(train.labels[batch], 10))
-  after = evaluate(kernel.kernel_fn, *method.support(state), x_test, l_test)["test_acc"]
+    state, _ = method.update(state, Batch(pre.apply(train.images[batch]),
+                                          centered_one_hot(train.labels[batch], 10)),
+                             jax.random.key(step), step)
+  after = evaluate(kernel.kernel_fn, state.x, state.y, x_test, l_test)["test_acc"]
   assert after > before + 0.05, (before, after)
 
 
@@ -83,8 +85,8 @@ def test_float64_kip_loss_matches_numpy_to_round_off():
 
   xs, ys, xt, yt = problem()
   with jax.enable_x64(True):
-    method = make_kip(make_kernel("fc").kernel_fn, dtype=jnp.float64)
+    method = make_kip(make_kernel("fc").apply, dtype=jnp.float64)
     state = method.init(jax.random.key(0), xs, ys)
-    state, metrics = method.update(state, jax.random.key(0), xt, yt)
+    state, metrics = method.update(state, Batch(xt, yt), jax.random.key(0), 0)
     assert state.x.dtype == jnp.float64
   assert float(metrics["loss"]) == pytest.approx(numpy_loss(xs, ys, xt, yt), rel=1e-9)

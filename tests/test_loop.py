@@ -2,30 +2,36 @@
 
 import json
 import os
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kip.kernels import make_kernel
-from kip.kip import Method, make_kip
-from kip.loop import LoopConfig, NonFiniteLossError, read_metrics, run
+from kip.loop import Evaluator, LoopConfig, NonFiniteLossError, read_metrics, run
+from kip.method import Data, Method, make_sampler
+from methods.kip import make_kip
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(300, 4, 4, 1)).astype(np.float32)
 LABELS = RNG.integers(0, 3, 300)
 Y = (np.eye(3)[LABELS] - 1 / 3).astype(np.float32)
-CONFIG = LoopConfig(steps=12, target_batch=30, eval_every=4, checkpoint_every=3, seed=5)
+CONFIG = LoopConfig(steps=12, eval_every=4, eval_at_start=True, checkpoint_every=3, seed=5)
 
 
-def evaluate(x, y):
-  return {"test_acc": 0.0, "test_mse": float(jnp.mean(y**2))}
+def evaluate(state):
+  return {"test_acc": 0.0, "test_mse": float(jnp.mean(state.y**2))}
 
 
-def run_loop(workdir, method, saved):
-  return run(method, workdir=str(workdir), config=CONFIG, x_train=X, y_train=Y,
-             labels_train=LABELS, x_init=X[:6], y_init=Y[:6], evaluate=evaluate,
-             save_support=lambda x, y, step: saved.update(x=x, y=y, step=step),
+def run_loop(workdir, method, saved, config=CONFIG, x_init=X[:6], y_init=Y[:6]):
+  sampler = make_sampler(method.data, X, LABELS, Y, seed=config.seed)
+  return run(method, workdir=str(workdir), config=config, sampler=sampler, x_init=x_init,
+             y_init=y_init, evaluators=[Evaluator("krr", evaluate)],
+             save=lambda state, step: saved.update(
+                 x=np.asarray(method.export(state)["images"]),
+                 y=np.asarray(method.export(state)["labels"]), step=step),
              log=lambda _: None, progress=False)
 
 
@@ -47,7 +53,7 @@ def interrupting(method, after):
 
 @pytest.mark.parametrize("interrupt_after", [1, 4, 7])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, interrupt_after):
-  method = make_kip(make_kernel("fc").kernel_fn, lr=0.05)
+  method = make_kip(make_kernel("fc").apply, lr=0.05, target_batch=30)
   straight = {}
   run_loop(tmp_path / "straight", method, straight)
 
@@ -78,16 +84,15 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, interrupt
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  base = make_kip(make_kernel("fc").kernel_fn, lr=0.05)
+  base = make_kip(make_kernel("fc").apply, lr=0.05, target_batch=30)
 
-  def update(state, key, x_t, y_t):
-    state, metrics = base.update(state, key, x_t, y_t)
-    step = state.opt_state[0].count
+  def update(state, batch, key, step):
+    state, metrics = base.update(state, batch, key, step)
     return state, metrics | {"loss": jnp.where(step >= 5, jnp.nan, metrics["loss"])}
 
   saved = {}
   with pytest.raises(NonFiniteLossError, match=r"at step 5.*step 3"):
-    run_loop(tmp_path, Method(base.init, update, base.support), saved)
+    run_loop(tmp_path, base._replace(update=update), saved)
   assert saved["step"] == 3
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt_00000003.npz"]
   with open(tmp_path / "metrics.jsonl") as f:
@@ -101,3 +106,68 @@ def test_partial_last_metrics_line_from_a_kill_is_ignored(tmp_path):
   path.write_text('{"step": 0}\n{"ste\n{"step": 2}\n')
   with pytest.raises(json.JSONDecodeError):
     read_metrics(path)
+
+
+class ToyState(NamedTuple):
+  key: jax.Array  # a typed PRNG key in the state
+  x: jax.Array
+  count: jax.Array
+
+
+def toy_method() -> Method:
+  """A method with a PRNG key in its state that needs no real data: each step draws noise from
+  its own key (split every step) and the step's key, and moves x toward it."""
+
+  def init(key, x_init, y_init):
+    del y_init
+    return ToyState(jax.random.fold_in(key, 7), jnp.asarray(x_init), jnp.zeros((), jnp.int32))
+
+  @jax.jit
+  def update(state, batch, key, step):
+    assert batch is None
+    own, sub = jax.random.split(state.key)
+    noise = jax.random.normal(sub, state.x.shape) + jax.random.normal(key, state.x.shape)
+    x = 0.9 * state.x + 0.1 * noise + 0.01 * step
+    return ToyState(own, x, state.count + 1), {"loss": jnp.mean(x**2)}
+
+  return Method(init, update, lambda s: {"images": s.x, "targets": s.x.reshape(len(s.x), -1)},
+                Data("none"))
+
+
+@pytest.mark.parametrize("interrupt_after", [2, 5])
+def test_a_method_with_a_key_in_its_state_and_no_batch_checkpoints_and_resumes(
+    tmp_path, interrupt_after):
+  config = LoopConfig(steps=9, eval_every=0, checkpoint_every=2, seed=3)
+  method = toy_method()
+  outputs = {}
+
+  def save(name):
+    return lambda state, step: outputs.__setitem__(name, (np.asarray(state.x), step))
+
+  def go(name, m):
+    sampler = make_sampler(m.data, None)
+    return run(m, workdir=str(tmp_path / name), config=config, sampler=sampler,
+               x_init=np.zeros((4, 2, 2, 1), np.float32),
+               evaluators=[Evaluator("count", lambda s: {"count": s.count})], save=save(name),
+               log=lambda _: None, progress=False)
+
+  straight = go("straight", method)
+  with pytest.raises(Interrupt):
+    go("resumed", interrupting(method, interrupt_after))
+  resumed = go("resumed", method)
+  np.testing.assert_array_equal(np.asarray(resumed.state.x), np.asarray(straight.state.x))
+  np.testing.assert_array_equal(jax.random.key_data(resumed.state.key),
+                                jax.random.key_data(straight.state.key))
+  assert outputs["resumed"][1] == 9 and int(resumed.state.count) == 9
+  records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 10))  # no step 0: eval_every 0
+  assert [r["step"] for r in records if "count" in r] == [9]  # evaluated at the end only
+
+
+def test_steps_below_an_existing_checkpoint_are_refused(tmp_path):
+  from kip.loop import ResumeError
+
+  method = make_kip(make_kernel("fc").apply, lr=0.05, target_batch=30)
+  run_loop(tmp_path, method, {})
+  with pytest.raises(ResumeError, match="step 12"):
+    run_loop(tmp_path, method, {}, config=LoopConfig(steps=6, eval_every=4, seed=5))

@@ -4,8 +4,10 @@ One step: on a class-balanced target batch, predict the targets by kernel ridge 
 support set, `pred = K_ts (K_ss + reg * tr(K_ss)/n_s * I)^-1 y_s`, and take an Adam step on the
 support images (and, with `learn_labels`, the support labels) against `0.5 * mean((pred - y_t)^2)`.
 
-Like every method here, `make_kip(...)` returns `Method(init, update, support)`: pure functions,
-hyperparameters in the closure, arrays in the state, `update` compiled once.
+`make_kip(...)` returns a `kip.method.Method`: pure functions, hyperparameters in the closure,
+arrays in the state, `update` compiled once. The kernel is any `kernel_fn(params, x1, x2)`: an
+analytic NTK/NNGP (no parameters), or a neural-feature / empirical-NTK kernel of a Flax net whose
+parameters `kernel_init(key)` draws once and the state keeps (`kip.kernels`).
 """
 
 from __future__ import annotations
@@ -20,89 +22,82 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kip.krr import DEFAULT_REG, accuracy, krr_predict, mse_loss
+from kip.method import Batch, Data, Method
 
-__all__ = ["Method", "KipState", "make_kip"]
-
-
-class Method(NamedTuple):
-  """The protocol every distiller follows (see DESIGN.md).
-
-  init(key, x_init, y_init) -> state
-  update(state, key, x_target, y_target) -> (state, metrics)   jit-compiled, pure; it may donate
-      `state` (reuse its buffers), so use only the state it returns
-  support(state) -> (x_support, y_support)
-  """
-
-  init: Callable[..., Any]
-  update: Callable[..., tuple[Any, dict[str, jax.Array]]]
-  support: Callable[[Any], tuple[jax.Array, jax.Array]]
+__all__ = ["KipState", "make_kip"]
 
 
 class KipState(NamedTuple):
-  """x: (n_s, H, W, C) float32 support images; y: (n_s, C) float32 labels; opt_state: Adam's."""
+  """x: (n_s, H, W, C) float32 support images; y: (n_s, C) float32 labels; opt_state: Adam's;
+  kernel_params: the kernel's parameters (an empty tuple for analytic kernels)."""
 
   x: jax.Array
   y: jax.Array
   opt_state: optax.OptState
+  kernel_params: Any = ()
 
 
-def make_kip(kernel_fn: Callable[[jax.Array, jax.Array], jax.Array], *, lr: float = 0.04,
-             learn_labels: bool = True, reg: float = DEFAULT_REG,
+def make_kip(kernel_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], *, lr: float = 0.04,
+             learn_labels: bool = True, reg: float = DEFAULT_REG, target_batch: int = 5000,
+             kernel_init: Callable[[jax.Array], Any] | None = None, mesh=None,
              dtype=jnp.float32) -> Method:
   """KIP with Adam(lr) on the support images, and on the labels when `learn_labels`.
 
   Args:
-    kernel_fn: (n1, H, W, C), (n2, H, W, C) -> (n1, n2), differentiable in both arguments;
-      one from `kip.sharding.shard_kernel` shards the step's kernel blocks across its devices.
+    kernel_fn: (params, (n1, H, W, C), (n2, H, W, C)) -> (n1, n2), differentiable in both image
+      arguments; `kip.kernels.Kernel.apply`, or one sharded by `kip.sharding`.
     lr: Adam learning rate (the authors' colab: 0.04).
     learn_labels: also learn the support labels; otherwise they stay as initialised.
     reg: ridge strength relative to tr(K_ss)/n_s (the authors': 1e-6).
+    target_batch: class-balanced real images per step.
+    kernel_init: key -> the kernel's parameters (default: none).
+    mesh: the mesh a sharded kernel computes on; the state is replicated there, as the step's
+      outputs are (so the second step does not recompile, and on several hosts the state is one
+      global array).
     dtype: of the support set and its optimiser state; float64 needs `jax.enable_x64()`.
   """
+  if lr <= 0 or reg < 0:
+    raise ValueError(f"KIP needs lr > 0 and reg >= 0, got lr {lr}, reg {reg}")
   optimizer = optax.adam(lr)
-  # A kernel from `kip.sharding.shard_kernel` computes on its mesh: the state lives there too,
-  # replicated, as the step's outputs do (so the second step does not recompile for new input
-  # shardings, and on several hosts the state is one global array).
-  mesh = getattr(kernel_fn, "mesh", None)
 
   def trainable(x, y):
     return (x, y) if learn_labels else (x,)
 
-  def loss_fn(params, y_fixed, x_target, y_target):
+  def loss_fn(params, y_fixed, kernel_params, x_target, y_target):
     x_support = params[0]
     y_support = params[1] if learn_labels else y_fixed
     with jax.default_matmul_precision("highest"):
       # Two calls, not one on [x_t; x_s]: a joint call would also differentiate w.r.t. the
       # target rows, a wasted (n_t x d) gradient as large as the useful one.
-      k_ts = kernel_fn(x_target, x_support)
-      k_ss = kernel_fn(x_support, x_support)
+      k_ts = kernel_fn(kernel_params, x_target, x_support)
+      k_ss = kernel_fn(kernel_params, x_support, x_support)
       pred = krr_predict(k_ts, k_ss, y_support, reg)
     return mse_loss(pred, y_target), pred
 
   def init(key: jax.Array, x_init: jax.Array, y_init: jax.Array) -> KipState:
-    del key  # initialisation is deterministic given the initial support set
     x_init, y_init = jnp.asarray(x_init, dtype), jnp.asarray(y_init, dtype)
-    state = KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)))
+    kernel_params = () if kernel_init is None else kernel_init(key)
+    state = KipState(x_init, y_init, optimizer.init(trainable(x_init, y_init)), kernel_params)
     if mesh is not None:
       state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     return state
 
   # The state is donated: the new support and Adam moments reuse its buffers in place.
   @functools.partial(jax.jit, donate_argnums=0)
-  def update(state: KipState, key: jax.Array, x_target: jax.Array, y_target: jax.Array):
-    del key  # KIP's step is deterministic given the target batch
+  def update(state: KipState, batch: Batch, key: jax.Array, step: jax.Array):
+    del key, step  # KIP's step is deterministic given the target batch
     params = trainable(state.x, state.y)
-    x_target, y_target = x_target.astype(state.x.dtype), y_target.astype(state.x.dtype)
+    x_target, y_target = batch.x.astype(state.x.dtype), batch.y.astype(state.x.dtype)
     (loss, pred), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, state.y, x_target, y_target)
+        params, state.y, state.kernel_params, x_target, y_target)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
     y = params[1] if learn_labels else state.y
     metrics = {"loss": loss, "target_acc": accuracy(pred, jnp.argmax(y_target, -1)),
                "grad_norm": optax.global_norm(grads)}
-    return KipState(params[0], y, opt_state), metrics
+    return KipState(params[0], y, opt_state, state.kernel_params), metrics
 
-  def support(state: KipState) -> tuple[jax.Array, jax.Array]:
-    return state.x, state.y
+  def export(state: KipState) -> dict[str, jax.Array]:
+    return {"images": state.x, "labels": state.y}
 
-  return Method(init, update, support)
+  return Method(init, update, export, Data("labelled", target_batch))
