@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 from kip.kernels import make_kernel
-from kip.kip import make_kip
+from kip.method import Batch
+from methods.kip import make_kip
 
 SIZES = {
     "fc": [(10, 1000), (100, 1000), (100, 5000), (500, 5000)],
@@ -98,12 +99,12 @@ def measure(arch: str, n_support: int, n_target: int, min_seconds: float, rounds
               jnp.asarray(np.eye(10)[rng.integers(0, 10, n_target)] - 0.1, jnp.float32))
              for _ in range(2)]
 
-  ours = make_kip(kernel.kernel_fn)
+  ours = make_kip(kernel.apply)
   state = ours.init(jax.random.key(0), x_s, y_s)
   key = jax.random.key(1)
 
   def ours_step(state, x_t, y_t):
-    state, metrics = ours.update(state, key, x_t, y_t)
+    state, metrics = ours.update(state, Batch(x_t, y_t), key, 0)
     return state, metrics["loss"]
 
   optimizer, base_step, base_memory = colab_baseline(kernel.kernel_fn)
@@ -123,7 +124,7 @@ def measure(arch: str, n_support: int, n_target: int, min_seconds: float, rounds
   for name in rates:
     row[f"{name}_steps_per_s"] = float(np.max(rates[name]))  # best of `rounds`
     row[f"{name}_entries_per_s"] = row[f"{name}_steps_per_s"] * entries
-  row["ours_peak_bytes"] = _peak(ours.update, state, key, *batches[0])
+  row["ours_peak_bytes"] = _peak(ours.update, state, Batch(*batches[0]), key, 0)
   row["colab_peak_bytes"] = base_memory(carry, *batches[0])
   # Median of the per-round ratios: each round times both sides back to back, so a burst of load
   # from elsewhere on the machine shifts one ratio, not the median.

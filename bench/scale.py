@@ -4,7 +4,7 @@ FLOP/s of the pooled ConvNet kernel against a derived FLOP count.
 For each device count (on CPU, simulated with XLA_FLAGS=--xla_force_host_platform_device_count=N
 in a subprocess; on GPU/TPU, the first N real devices) and each of the `fc`, `conv` and `convnet`
 kernels, measures:
-  - KIP steps/s (`kip.kip.make_kip` on `kip.sharding.shard_kernel`, target rows sharded) and
+  - KIP steps/s (`methods.kip.make_kip` on `kip.sharding.shard_kernel`, target rows sharded) and
     kernel entries/s ((n_t + n_s) x n_s entries per step);
   - the forward kernel (evaluation's K(test, support) blocks): entries/s;
   - for `convnet`, forward FLOP/s = entries/s x the derived FLOPs per entry, against the
@@ -108,9 +108,13 @@ def child(args) -> dict:
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from kip.kernels import make_kernel  # noqa: PLC0415
-  from kip.kip import make_kip  # noqa: PLC0415
+  from kip.kernels import (
+    make_kernel,  # noqa: PLC0415
+    no_params,  # noqa: PLC0415
+  )
+  from kip.method import Batch  # noqa: PLC0415
   from kip.sharding import make_mesh, shard_kernel  # noqa: PLC0415
+  from methods.kip import make_kip  # noqa: PLC0415
 
   devices = jax.devices()[:args.devices]
   mesh = make_mesh(devices)
@@ -128,17 +132,17 @@ def child(args) -> dict:
     y_t = (np.eye(10)[rng.integers(0, 10, n_t)] - 0.1).astype(np.float32)
     step_kernel = shard_kernel(kernel.kernel_fn, kernel.covariance, mesh, MEMORY_BYTES,
                                backward=True)
-    method = make_kip(step_kernel)
+    method = make_kip(no_params(step_kernel), mesh=mesh)
     state = method.init(jax.random.key(0), x_s, y_s)
     key = jax.random.key(1)
     t0 = time.perf_counter()
-    state, metrics = method.update(state, key, x_t, y_t)
+    state, metrics = method.update(state, Batch(x_t, y_t), key, 0)
     _block_until(metrics["loss"])
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      state, metrics = method.update(state, key, x_t, y_t)
+      state, metrics = method.update(state, Batch(x_t, y_t), key, 0)
       _block_until(metrics["loss"])
       times.append(time.perf_counter() - t0)
     step_s = min(times)

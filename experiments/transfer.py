@@ -37,9 +37,10 @@ ROWS = ("distilled", "random", "full")
 class Config:
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
   dataset: str = f("mnist", "tfds dataset the set was distilled from", choices=tuple(DATASETS))
-  net: str = f("convnet", "finite network to train", choices=NETS)
-  protocol: str = f("kip", "training protocol (kip: authors' colab; dc: DC/DSA/MTT evaluation)",
-                    choices=tuple(PROTOCOLS))
+  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc convnet3, "
+                       "frepo frepo_convnet)", choices=("auto", *NETS))
+  protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC/DSA/MTT "
+                           "evaluation; frepo: FRePo's evaluation)", choices=tuple(PROTOCOLS))
   seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
   seeds_at_once: int = f(0, "networks trained together in one step (0: all)")
   seed_batching: str = f("auto", "how seeds share a step: vmap (one batched program, for "
@@ -74,14 +75,16 @@ def _rows(config: Config) -> list[str]:
   return ["distilled", *dict.fromkeys(names)]
 
 
-def _net_settings(config: Config) -> tuple[int, str]:
+def _net_settings(config: Config) -> tuple[str, int, str]:
+  """(net, width, norm): the protocol's defaults where the flags say auto/0."""
   protocol = PROTOCOLS[config.protocol]
-  width = config.width or (64 if config.net == "resnet18" else protocol.width)
+  net = protocol.net if config.net == "auto" else config.net
+  width = config.width or (64 if net == "resnet18" else protocol.width)
   if config.norm != "auto":
     norm = config.norm
   else:
-    norm = {"resnet18": "batch", "mlp": "none"}.get(config.net, protocol.norm)
-  return width, norm
+    norm = {"resnet18": "batch", "mlp": "none"}.get(net, protocol.norm)
+  return net, width, norm
 
 
 def transfer(config: Config, workdir: str) -> dict:
@@ -96,15 +99,15 @@ def transfer(config: Config, workdir: str) -> dict:
                       zca={"yes": True, "no": False}.get(config.zca),
                       data_dir=config.data_dir, manual_dir=config.manual_dir)
   protocol = PROTOCOLS[config.protocol]
-  width, norm = _net_settings(config)
+  net_name, width, norm = _net_settings(config)
   image_shape = distilled.images.shape[1:]
-  net = make_net(config.net, data.num_classes, width=width, norm=norm,
+  net = make_net(net_name, data.num_classes, width=width, norm=norm,
                  parameterization=config.parameterization, image_shape=image_shape,
                  dc_padding=protocol.dc_padding)
   seeds = [config.seed + i for i in range(config.seeds)]
   n_support = len(distilled.images)
   cli.log(f"{config.support}: {n_support} images; test split: {len(data.x_test)} images, "
-          f"{data.preprocessor.name}; net {config.net} (width {width}, norm {norm}, "
+          f"{data.preprocessor.name}; net {net_name} (width {width}, norm {norm}, "
           f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
   augment = None if config.augment == "auto" else config.augment
   results = []
@@ -135,7 +138,7 @@ def transfer(config: Config, workdir: str) -> dict:
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
-        "n_images": int(x.shape[-4]), "net": config.net, "width": width, "norm": norm,
+        "n_images": int(x.shape[-4]), "net": net_name, "width": width, "norm": norm,
         "protocol": config.protocol, "seeds": seeds,
         "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__)
   _rows(config)
   workdir = cli.prepare_workdir(
-      config, "transfer", [config.dataset, config.net, config.protocol],
+      config, "transfer", [config.dataset, _net_settings(config)[0], config.protocol],
       ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching"))
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)

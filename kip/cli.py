@@ -90,17 +90,33 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{message} (see --help)")
 
 
+_UNSET = object()
+
+
 def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
-                 positional: Sequence[str] = ()):
-  """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`."""
+                 positional: Sequence[str] = (), presets: dict[str, dict] | None = None):
+  """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`.
+
+  presets: name -> {field: value}; with a `preset` field in the config, the chosen preset's
+  values replace the defaults of the fields the command line does not set.
+  """
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   parser = _Parser(prog=f"python -m {spec.name}" if spec else None, description=description,
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter if presets
+                   else argparse.ArgumentDefaultsHelpFormatter)
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
     kind = hints[f.name]
     name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
-    kwargs = {"help": f.metadata.get("help", ""), "default": f.default}
+    default = f.default
+    if presets and f.name != "preset":
+      differ = {name: p[f.name] for name, p in presets.items() if f.name in p}
+      if differ:
+        default = f"{f.default} ({', '.join(f'{k}: {v}' for k, v in differ.items())})"
+    if presets:
+      kwargs = {"help": f.metadata.get("help", "") + f" [default: {default}]", "default": _UNSET}
+    else:
+      kwargs = {"help": f.metadata.get("help", ""), "default": f.default}
     if f.name in positional:
       kwargs["nargs"] = "?"  # optional: the field's default applies when it is left out
     if kind is bool:
@@ -110,8 +126,12 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
       if f.metadata.get("choices"):
         kwargs["choices"] = f.metadata["choices"]
     parser.add_argument(name, **kwargs)
-  args = parser.parse_args(argv)
-  config = config_cls(**vars(args))
+  given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
+  values = {}
+  if presets:
+    preset = given.get("preset", config_cls.__dataclass_fields__["preset"].default)
+    values = dict(presets[preset])
+  config = config_cls(**(values | given))
   _check_ranges(config)
   return config
 

@@ -74,6 +74,27 @@ class Protocol:
   augment: str = ""
   lr_ntk_images: int = 50
   dc_padding: bool = False
+  net: str = "convnet"
+  optimizer: str = "sgd"
+  warmup_steps: int = 0
+  final_lr_fraction: float = 0.0
+  steps_by_size: tuple[tuple[int, int], ...] = ()
+
+  def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise ValueError(f"protocol {self.name}: unknown loss {self.loss!r}; choose one of "
+                       f"{', '.join(LOSSES)}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"protocol {self.name}: unknown optimizer {self.optimizer!r}; choose one "
+                       f"of {', '.join(OPTIMIZERS)}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"protocol {self.name}: unknown schedule {self.schedule!r}; choose one "
+                       f"of {', '.join(SCHEDULES)}")
+
+
+LOSSES = ("mse", "xent")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "warmup_cosine")
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -85,7 +106,13 @@ PROTOCOLS: dict[str, Protocol] = {
         name="dc", source="DC/DSA/DM/MTT evaluation (Zhao et al., ICLR 2021; Zhao & Bilen 2021)",
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
         width=128, norm="instance", epochs=300, epochs_augmented=1000, augment=DSA_STRATEGY,
-        dc_padding=True),
+        dc_padding=True, net="convnet3"),
+    "frepo": Protocol(
+        name="frepo", source="FRePo's evaluation (Zhou et al., NeurIPS 2022, official code)",
+        loss="mse", lr=3e-4, momentum=0.0, weight_decay=0.0, batch_size=500,
+        schedule="warmup_cosine", width=128, norm="none", optimizer="adam", warmup_steps=500,
+        final_lr_fraction=0.01, augment="color_crop_cutout_scale_rotate", net="frepo_convnet",
+        steps_by_size=((10, 1000), (100, 2000), (500, 5000))),
 }
 
 
@@ -107,7 +134,10 @@ def resolve_schedule(protocol: Protocol, n_train: int, *, steps: int = 0,
   batch = min(protocol.batch_size, n_train)
   per_epoch = max(1, n_train // batch)  # fixed-size batches (jit), each epoch a new permutation
   if steps <= 0:
-    if protocol.steps is not None:
+    if protocol.steps_by_size:
+      steps = next((k for size, k in protocol.steps_by_size if n_train <= size),
+                   protocol.steps_by_size[-1][1])
+    elif protocol.steps is not None:
       steps = protocol.steps
     else:
       epochs = protocol.epochs_augmented if augment not in ("", "none") else protocol.epochs
@@ -165,13 +195,18 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
 
 
 def make_optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientTransformation:
-  """The protocol's SGD with momentum, weight decay and learning-rate schedule over `steps`."""
+  """The protocol's optimiser (SGD with momentum and weight decay, or Adam) and learning-rate
+  schedule over `steps`."""
   if protocol.schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(lr, steps)
+    schedule = optax.cosine_decay_schedule(lr, steps, alpha=protocol.final_lr_fraction)
   elif protocol.schedule == "step":
     schedule = optax.piecewise_constant_schedule(lr, {steps // 2: 0.1})
-  else:
-    raise ValueError(f"unknown schedule {protocol.schedule!r}")
+  else:  # warmup_cosine: linear warm-up, then cosine to final_lr_fraction * lr
+    warmup = min(protocol.warmup_steps, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * protocol.final_lr_fraction)
+  if protocol.optimizer == "adam":
+    return optax.adam(schedule)
   # Weight decay added to the gradient before momentum = the gradient of 0.5 * wd * sum w^2.
   return optax.chain(optax.add_decayed_weights(protocol.weight_decay),
                      optax.sgd(schedule, momentum=protocol.momentum))
@@ -251,8 +286,10 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
       logits = net.apply(variables, x, train=True)
     if loss == "mse":
       value = 0.5 * jnp.mean((logits - y) ** 2)
-    else:
+    elif loss == "xent":
       value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    else:
+      raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     return value, batch_stats
 
   def one_seed(state: TrainState, key, step, x_train, y_train):

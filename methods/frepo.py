@@ -1,0 +1,185 @@
+"""FRePo, neural feature regression with pooling (Zhou, Nezhadarya & Ba, NeurIPS 2022).
+
+The support images and their labels are learned through kernel ridge regression on the features of
+a pool of online networks: each outer step takes one pool model (in inference mode), computes
+`F_s = phi(x_support)` and `F_t = phi(x_real)` for a class-balanced real batch, predicts
+`K_ts (K_ss + reg * tr(K_ss)/n * I)^-1 y_s` with `K = F F^T`, and takes a LAMB step (cosine decay to
+0.1x) on the support images and labels against `mean over the batch of sum_c 0.5 (pred - y)^2`.
+Then that pool model takes one online step: Adam on MSE(model(x_support), y_support) over a batch
+of at most 1000 support images, no augmentation; after `max_online_updates` updates it is
+re-initialised. The pool's counters start staggered (0, 10, ..., 90 for 10 models and 100
+updates), so re-initialisations are spread out; the model of the next step is drawn at random.
+
+As the official code (JAX/Flax) does: labels initialised to centred one-hot / sqrt(C / 10); the
+network is `kip.nets`' `frepo_convnet` (3 blocks conv -> ReLU -> avg-pool, widths w, 2w, 4w, batch
+norm before every conv but the first during distillation); for MNIST-like data no flips, one random
+augmentation per batch among colour, crop (translation), cutout, scale and rotation (DSA's
+transformations, `kip.augment`) applied to the real batch. Not reproduced: the official loss's
+label-margin regulariser (off here; ANCHORS notes it), and its `best_ckpt`, which is picked on test
+accuracy (our runs keep the last step, and evaluate on a validation split if asked).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kip.augment import dsa
+from kip.krr import DEFAULT_REG, accuracy, krr_predict
+from kip.method import Batch, Data, Method
+from kip.nets import make_net
+
+__all__ = ["FrepoState", "make_frepo", "pool_features"]
+
+
+class FrepoState(NamedTuple):
+  """x: (n, H, W, C) support images; y: (n, C) learned labels; opt_state: LAMB's over (x, y).
+  pool_params / pool_stats / pool_opt: the pool's parameters, batch statistics and Adam states,
+  stacked on a leading (num_models,) axis; pool_steps: (num_models,) int32 online updates since
+  each model's (re-)initialisation; index: the pool model the next step uses."""
+
+  x: jax.Array
+  y: jax.Array
+  opt_state: Any
+  pool_params: Any
+  pool_stats: Any
+  pool_opt: Any
+  pool_steps: jax.Array
+  index: jax.Array
+
+
+def _take(tree, i):
+  return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _put(tree, i, value):
+  return jax.tree_util.tree_map(lambda a, v: a.at[i].set(v), tree, value)
+
+
+def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: int,
+               width: int = 128, norm: str = "batch", num_models: int = 10,
+               max_online_updates: int = 100, lr: float = 3e-4, final_lr_fraction: float = 0.1,
+               online_lr: float = 3e-4, online_batch: int = 1000, target_batch: int = 1024,
+               reg: float = DEFAULT_REG, learn_labels: bool = True,
+               augment: str = "color_crop_cutout_scale_rotate") -> Method:
+  """FRePo as a `kip.method.Method` (labelled real batches of `target_batch` images).
+
+  Args:
+    steps: the run's length, for the cosine schedule of the outer LAMB.
+    width: the first block's channels (w, 2w, 4w); the paper's 128.
+    norm: the pool nets' normalisation during distillation (the official `batch`).
+    num_models, max_online_updates: pool size and a model's online updates before it is
+      re-initialised (the official 10 and 100).
+    lr, final_lr_fraction: outer LAMB, cosine from lr to lr * final_lr_fraction.
+    online_lr, online_batch: the pool model's Adam step and its batch of support images.
+    reg: ridge, relative to tr(K_ss)/n.
+    augment: DSA transformations applied to the real batch (one per step), '' for none.
+  """
+  if lr <= 0 or online_lr <= 0 or num_models < 1 or max_online_updates < 1:
+    raise ValueError("FRePo needs positive learning rates, num_models and max_online_updates")
+  net = make_net("frepo_convnet", num_classes, width=width, norm=norm, image_shape=image_shape)
+  optimizer = optax.lamb(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=final_lr_fraction))
+  online = optax.adam(online_lr)
+
+  def init_model(key):
+    variables = net.init(key, jnp.zeros((1, *image_shape)), train=False)
+    params = variables["params"]
+    return params, variables.get("batch_stats", {}), online.init(params)
+
+  def trainable(x, y):
+    return (x, y) if learn_labels else (x,)
+
+  def init(key: jax.Array, x_init, y_init) -> FrepoState:
+    x = jnp.asarray(x_init, jnp.float32)
+    # The official label scale: centred one-hot / sqrt(C / 10).
+    y = jnp.asarray(y_init, jnp.float32) / math.sqrt(num_classes / 10)
+    params, stats, opt = jax.vmap(init_model)(jax.random.split(key, num_models))
+    stagger = jnp.arange(num_models, dtype=jnp.int32) * (max_online_updates // num_models)
+    return FrepoState(x, y, optimizer.init(trainable(x, y)), params, stats, opt, stagger,
+                      jnp.zeros((), jnp.int32))
+
+  def features(params, stats, x):
+    return net.apply({"params": params, **({"batch_stats": stats} if stats else {})}, x,
+                     train=False, features=True)
+
+  def outer_loss(trained, y_fixed, params, stats, x_target, y_target):
+    x_support = trained[0]
+    y_support = trained[1] if learn_labels else y_fixed
+    with jax.default_matmul_precision("highest"):
+      f_s = features(params, stats, x_support)
+      f_t = features(params, stats, x_target)
+      pred = krr_predict(f_t @ f_s.T, f_s @ f_s.T, y_support, reg)
+    return 0.5 * jnp.mean(jnp.sum((pred - y_target) ** 2, axis=-1)), pred
+
+  def online_loss(params, stats, x, y):
+    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+    if stats:
+      out, updated = net.apply(variables, x, train=True, mutable=["batch_stats"])
+      stats = updated["batch_stats"]
+    else:
+      out = net.apply(variables, x, train=True)
+    return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1)), stats
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def update(state: FrepoState, batch: Batch, key: jax.Array, step: jax.Array):
+    del step  # the schedule counts in the optimiser state
+    k_aug, k_online, k_reinit, k_next = jax.random.split(key, 4)
+    i = state.index
+    params, stats = _take(state.pool_params, i), _take(state.pool_stats, i)
+    x_target = dsa(k_aug, batch.x, augment) if augment else batch.x
+    y_target = batch.y / math.sqrt(num_classes / 10)
+    trained = trainable(state.x, state.y)
+    (loss, pred), grads = jax.value_and_grad(outer_loss, has_aux=True)(
+        trained, state.y, params, stats, x_target, y_target)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+    trained = optax.apply_updates(trained, updates)
+    x, y = trained[0], trained[1] if learn_labels else state.y
+
+    # The pool model's online step on the (new) support set, then re-initialisation if due.
+    n = x.shape[0]
+    take = min(online_batch, n)
+    idx = jax.random.permutation(k_online, n)[:take] if take < n else jnp.arange(n)
+    (online_value, new_stats), g = jax.value_and_grad(online_loss, has_aux=True)(
+        params, stats, jax.lax.stop_gradient(x[idx]), jax.lax.stop_gradient(y[idx]))
+    model_opt = _take(state.pool_opt, i)
+    u, model_opt = online.update(g, model_opt, params)
+    new_params = optax.apply_updates(params, u)
+    count = state.pool_steps[i] + 1
+    fresh = init_model(k_reinit)
+    reinit = count >= max_online_updates
+    new_params, new_stats, model_opt = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(reinit, a, b), fresh, (new_params, new_stats, model_opt))
+    count = jnp.where(reinit, 0, count)
+    metrics = {"loss": loss, "target_acc": accuracy(pred, jnp.argmax(y_target, -1)),
+               "grad_norm": optax.global_norm(grads), "online_loss": online_value,
+               "pool_index": i}
+    return FrepoState(
+        x, y, opt_state, _put(state.pool_params, i, new_params),
+        _put(state.pool_stats, i, new_stats), _put(state.pool_opt, i, model_opt),
+        state.pool_steps.at[i].set(count),
+        jax.random.randint(k_next, (), 0, num_models)), metrics
+
+  def export(state: FrepoState) -> dict[str, jax.Array]:
+    return {"images": state.x, "labels": state.y}
+
+  method = Method(init, update, export, Data("labelled", target_batch))
+  return method
+
+
+def pool_features(method_net_width: int, num_classes: int, image_shape, norm: str = "batch"):
+  """(params, stats, x) -> features of one pool model: for evaluators that run KRR on the pool's
+  features (e.g. test accuracy during distillation)."""
+  net = make_net("frepo_convnet", num_classes, width=method_net_width, norm=norm,
+                 image_shape=image_shape)
+
+  @jax.jit
+  def features(params, stats, x):
+    return net.apply({"params": params, **({"batch_stats": stats} if stats else {})}, x,
+                     train=False, features=True)
+
+  return features

@@ -1,0 +1,70 @@
+"""Parametrised kernels: a neural-feature kernel against float64 NumPy phi phi^T, the empirical
+NTK against an explicit Jacobian contraction, and KRR through either."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kip.kernels import KERNELS, make_kernel
+from kip.nets import make_net
+
+RNG = np.random.default_rng(0)
+X1 = RNG.normal(size=(5, 8, 8, 1)).astype(np.float32)
+X2 = RNG.normal(size=(7, 8, 8, 1)).astype(np.float32)
+
+
+def rel(a, b):
+  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def test_feature_kernel_is_phi_phi_transpose():
+  kernel = make_kernel("nfk-convnet3", width=6, image_shape=(8, 8, 1))
+  variables = kernel.init(jax.random.key(0))
+  net = make_net("convnet3", 10, width=6, norm="none", image_shape=(8, 8, 1))
+  # The penultimate features, computed here by hand from the logits' readout input: the flattened
+  # last block, so phi has 1 x 1 x 6 entries for 8x8 images.
+  phi = [np.asarray(net.apply(variables, x, features=True), np.float64) for x in (X1, X2)]
+  assert phi[0].shape == (5, 6)
+  assert rel(kernel.apply(variables, X1, X2), phi[0] @ phi[1].T) < 1e-5
+  # ... and the readout applied to those features gives the logits: they are the penultimate ones.
+  w = variables["params"]["readout"]
+  logits = phi[0] @ np.asarray(w["kernel"], np.float64) + np.asarray(w["bias"], np.float64)
+  assert rel(net.apply(variables, X1), logits) < 1e-5
+
+
+def test_empirical_ntk_is_the_jacobian_contraction_averaged_over_logits():
+  kernel = make_kernel("entk-mlp", width=16, image_shape=(8, 8, 1))
+  variables = kernel.init(jax.random.key(1))
+  net = make_net("mlp", 10, width=16)
+
+  def jac(x):
+    j = jax.jacobian(lambda p: net.apply({"params": p}, x))(variables["params"])
+    return np.concatenate([np.asarray(a, np.float64).reshape(len(x), 10, -1)
+                           for a in jax.tree_util.tree_leaves(j)], axis=-1)
+
+  expected = np.einsum("iop,jop->ij", jac(X1), jac(X2)) / 10
+  assert rel(kernel.apply(variables, X1, X2), expected) < 1e-4
+
+
+def test_the_empirical_ntk_is_differentiable_in_the_images():
+  kernel = make_kernel("entk-mlp", width=8, image_shape=(8, 8, 1))
+  with jax.enable_x64(True):  # central differences in float64 (ReLU kinks are far at this eps)
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                       kernel.init(jax.random.key(2)))
+    x1, x2 = jnp.asarray(X1, jnp.float64), jnp.asarray(X2, jnp.float64)
+
+    def f(x):
+      return jnp.sum(jnp.sin(kernel.apply(variables, x, x2)))
+
+    grad = jax.grad(f)(x1)
+    direction = jnp.asarray(RNG.normal(size=X1.shape))
+    eps = 1e-5
+    numeric = (f(x1 + eps * direction) - f(x1 - eps * direction)) / (2 * eps)
+    assert float(jnp.sum(grad * direction)) == pytest.approx(float(numeric), rel=1e-5)
+
+
+def test_every_named_kernel_is_known_and_unknown_names_are_refused():
+  assert "nfk-frepo_convnet" in KERNELS and "entk-resnet18" in KERNELS
+  with pytest.raises(ValueError, match="choose one of"):
+    make_kernel("nfk-vgg")

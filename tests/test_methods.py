@@ -1,0 +1,140 @@
+"""FRePo and RFAD: their losses against float64 NumPy KRR on the same features, and a resumed
+run equal to an uninterrupted one in the loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kip.loop import LoopConfig, run
+from kip.method import Batch, make_sampler
+from kip.nets import make_net
+from methods.frepo import make_frepo
+from methods.rfad import make_rfad, random_features
+
+RNG = np.random.default_rng(0)
+SHAPE, CLASSES = (8, 8, 1), 10
+X = RNG.normal(size=(200, *SHAPE)).astype(np.float32)
+LABELS = np.arange(200) % CLASSES
+Y = (np.eye(CLASSES)[LABELS] - 1 / CLASSES).astype(np.float32)
+
+
+def numpy_krr(f_t, f_s, y_s, reg):
+  f_t, f_s = np.asarray(f_t, np.float64), np.asarray(f_s, np.float64)
+  k_ss = f_s @ f_s.T
+  k_ss += reg * np.trace(k_ss) / len(k_ss) * np.eye(len(k_ss))
+  return f_t @ f_s.T @ np.linalg.solve(k_ss, np.asarray(y_s, np.float64))
+
+
+def test_frepo_loss_matches_numpy_krr_on_the_pool_features():
+  # 10 support images, 32 features: a well-conditioned K_ss for the float32 comparison.
+  method = make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=10, width=8, num_models=3,
+                      max_online_updates=6, target_batch=40, augment="")
+  state = method.init(jax.random.key(0), X[:10], Y[:10])
+  i = int(state.index)
+  params = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool_params)
+  stats = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool_stats)
+  net = make_net("frepo_convnet", CLASSES, width=8, norm="batch", image_shape=SHAPE)
+
+  def features(x):
+    return net.apply({"params": params, "batch_stats": stats}, x, train=False, features=True)
+
+  x_t, y_t = X[100:140], Y[100:140]
+  pred = numpy_krr(features(x_t), features(X[:10]), Y[:10], 1e-6)
+  expected = 0.5 * np.mean(np.sum((pred - y_t) ** 2, axis=1))
+  _, metrics = method.update(state, Batch(x_t, y_t), jax.random.key(1), 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  assert int(metrics["pool_index"]) == i
+
+
+def test_frepo_pool_model_is_reinitialised_after_its_online_updates():
+  method = make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=30, width=4, num_models=2,
+                      max_online_updates=4, target_batch=20, augment="")
+  state = method.init(jax.random.key(0), X[:10], Y[:10])
+  np.testing.assert_array_equal(state.pool_steps, [0, 2])  # staggered
+  counts = []
+  for step in range(1, 13):
+    before = int(state.index)
+    state, _ = method.update(state, Batch(X[:20], Y[:20]), jax.random.key(step), step)
+    counts.append((before, int(state.pool_steps[before])))
+  # Every model's counter counts its own updates and wraps to 0 at 4 (re-initialised).
+  assert all(0 <= c < 4 for _, c in counts)
+  assert any(c == 0 for _, c in counts)
+
+
+def test_rfad_loss_matches_numpy_on_the_same_random_features():
+  method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
+                     target_batch=40)
+  state = method.init(jax.random.key(0), X[:20], Y[:20])
+  key = jax.random.key(3)
+  features = random_features(CLASSES, SHAPE, width=4, num_models=2)
+  phi_s = np.asarray(features(key, jnp.asarray(X[:20])), np.float64)
+  phi_t = np.asarray(features(key, jnp.asarray(X[100:140])), np.float64)
+  # K = 2 Phi Phi^T + 0.01; ridge 5e-3 tr(K)/n.
+  k_ss = 2 * phi_s @ phi_s.T + 0.01
+  k_ts = 2 * phi_t @ phi_s.T + 0.01
+  k_ss += 5e-3 * np.trace(k_ss) / 20 * np.eye(20)
+  pred = k_ts @ np.linalg.solve(k_ss, Y[:20].astype(np.float64))
+  expected = 0.5 * np.mean((pred - Y[100:140]) ** 2)
+  _, metrics = method.update(state, Batch(X[100:140], Y[100:140]), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  # One random net's features are the flattened conv output scaled by 1/sqrt(models * D).
+  assert phi_s.shape == (20, 2 * 4)  # 8x8 -> 4 -> 2 -> 1: 1 x 1 x 4 per net
+
+
+def test_rfad_platt_loss_is_the_cross_entropy_of_the_scaled_prediction():
+  method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=1,
+                     target_batch=40, platt=True)
+  state = method.init(jax.random.key(0), X[:20], Y[:20])
+  key = jax.random.key(4)
+  phi = random_features(CLASSES, SHAPE, width=4, num_models=1)
+  phi_s = np.asarray(phi(key, jnp.asarray(X[:20])), np.float64)
+  phi_t = np.asarray(phi(key, jnp.asarray(X[100:140])), np.float64)
+  k_ss = 2 * phi_s @ phi_s.T + 0.01
+  k_ss += 5e-3 * np.trace(k_ss) / 20 * np.eye(20)
+  logits = (2 * phi_t @ phi_s.T + 0.01) @ np.linalg.solve(k_ss, Y[:20].astype(np.float64))
+  logits -= logits.max(1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  expected = -np.mean(log_p[np.arange(40), LABELS[100:140]])  # scale exp(0) = 1 at init
+  state, metrics = method.update(state, Batch(X[100:140], Y[100:140]), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  assert float(state.log_scale) != 0.0  # the scale is learned
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _method(name):
+  if name == "frepo":
+    return make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=8, width=4, num_models=2,
+                      max_online_updates=4, target_batch=20)
+  return make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
+                   target_batch=20, platt=True)
+
+
+@pytest.mark.parametrize("name", ["frepo", "rfad"])
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
+  config = LoopConfig(steps=8, eval_every=0, checkpoint_every=3, seed=1)
+  method = _method(name)
+
+  def go(workdir, m):
+    return run(m, workdir=str(workdir), config=config,
+               sampler=make_sampler(m.data, X, LABELS, Y, seed=1), x_init=X[:10], y_init=Y[:10],
+               log=lambda _: None, progress=False)
+
+  straight = go(tmp_path / "a", method)
+  calls = {"n": 0}
+
+  def update(*args):
+    calls["n"] += 1
+    if calls["n"] > 4:
+      raise Interrupt
+    return method.update(*args)
+
+  with pytest.raises(Interrupt):
+    go(tmp_path / "b", method._replace(update=update))
+  resumed = go(tmp_path / "b", method)
+  for a, b in zip(jax.tree_util.tree_leaves(straight.state),
+                  jax.tree_util.tree_leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
