@@ -3,8 +3,9 @@
   python -m experiments.show FILE.npz --out grid.png
   python -m experiments.show --metrics RUN/metrics.jsonl --out curve.png
 
-The grid has one row per class (the argmax of each image's label), each image captioned with its
-label's value for that class (learned labels differ from the one-hot 0.9). Images are mapped back
+The grid shows every image, in rows by class (the argmax of each image's label; a class with more
+than --per-class images wraps onto further rows), each captioned with its label's value for that
+class (learned labels differ from the one-hot 0.9). Images are mapped back
 from preprocessed space with the set's own preprocessing (ours); for a released set it is refitted
 on the real training split (needs the data, see --manual-dir); without either, each image is
 stretched to [0, 1]. --metrics takes a KIP run's or a transfer row's metrics.jsonl (several,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import numpy as np
 
@@ -32,12 +34,36 @@ class Config:
   out: str = f("", "PNG to write (default: grid.png or curve.png next to the input)")
   dataset: str = f("", "dataset of a released set, to refit its preprocessing (default: from "
                        "the file)")
-  per_class: int = f(10, "images per class row")
+  per_class: int = f(10, "images per row; a class with more wraps onto further rows")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
 
 
+def writable_output(out: str) -> str:
+  """Makes `out`'s folder and checks that a file can be written there, before any slow work;
+  raises cli.UserError with one line otherwise."""
+  if os.path.isdir(out):
+    raise cli.UserError(f"--out {out} is a folder; give a file name such as {out}/grid.png")
+  folder = os.path.dirname(os.path.abspath(out))
+  ancestor = folder
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise cli.UserError(f"cannot write {out}: {ancestor} is a file, not a folder")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise cli.UserError(f"cannot write {out}: {e.strerror or e} ({folder})") from e
+  return out
+
+
 def show_set(config: Config) -> str:
+  if config.per_class < 1:
+    raise cli.UserError(f"--per-class must be at least 1, got {config.per_class}")
+  out = writable_output(config.out or os.path.join(os.path.dirname(config.support) or ".",
+                                                   "grid.png"))
   distilled = load_distilled(config.support, config.dataset or None)
   preprocessor = distilled.preprocessor
   dataset = config.dataset or distilled.dataset
@@ -54,11 +80,17 @@ def show_set(config: Config) -> str:
     high = distilled.images.max(axis=(1, 2, 3), keepdims=True)
     images = (distilled.images - low) / np.maximum(high - low, 1e-12)
     note = ", each image stretched to [0, 1]"
-  out = config.out or os.path.join(os.path.dirname(config.support) or ".", "grid.png")
-  n, num_classes = distilled.labels.shape
+  n = len(distilled.images)
   title = (f"{os.path.basename(config.support)}: {n} images, {dataset or 'unknown dataset'}"
            f"{note}")
-  plot_image_grid(images, distilled.labels, out, per_class=config.per_class, title=title)
+  if distilled.labels is not None:
+    drawn = plot_image_grid(images, distilled.labels, out, per_class=config.per_class,
+                            title=title)
+  else:  # regression targets, no classes: one group, uncaptioned
+    drawn = plot_image_grid(images, np.ones((n, 1)), out, per_class=config.per_class,
+                            title=title + ", regression targets", class_names=[""],
+                            captions=False)
+  assert drawn == n, f"drew {drawn} of {n} images"
   return out
 
 
@@ -72,7 +104,8 @@ def show_metrics(config: Config) -> str:
       curves.append(read_curve(path))
     except ValueError as e:
       raise cli.UserError(str(e)) from e
-  out = config.out or os.path.join(os.path.dirname(paths[0]) or ".", "curve.png")
+  out = writable_output(config.out or os.path.join(os.path.dirname(paths[0]) or ".",
+                                                   "curve.png"))
   plot_curves(curves, out)
   return out
 

@@ -2,14 +2,27 @@
 
 Loading goes through tfds' own builders: online they download as usual; offline they are built from
 the raw files of tfds' download placed in `manual_dir/<dataset>/` (passed to tfds as
-`DownloadConfig(manual_dir=...)`). Preprocessing is fitted on the training split and applied
-identically to every split; it is saved with a distilled set and can be inverted for display.
+`DownloadConfig(manual_dir=...)`). Without a manual dir and without a network connection, loading
+fails at once with a message saying what to do, instead of sitting in tfds' download retries.
+TensorFlow is imported only here, lazily, kept off accelerators and with its start-up chatter
+kept out of the user's terminal.
+
+Preprocessing is fitted on the training split and applied identically to every split; it is saved
+with a distilled set and can be inverted for display.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import socket
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -20,7 +33,9 @@ __all__ = [
     "Split",
     "Preprocessor",
     "load_dataset",
+    "prepare_dataset",
     "fit_preprocessor",
+    "one_hot",
     "centered_one_hot",
     "class_balanced_indices",
     "sample_target_batch",
@@ -60,6 +75,45 @@ def _raw_files(builder) -> list[str]:
   return sorted({url.rstrip("/").split("/")[-1] for url in (builder.url_infos or {})})
 
 
+def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str | None = None):
+  """Makes sure tfds has `name` prepared in `data_dir` (building it once) and returns its builder.
+
+  Args: as for `load_dataset`. Raises DataError with one line when the raw files are missing from
+  `manual_dir`, or when there is neither a manual dir nor a network connection.
+  """
+  check_dataset(name)
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+  manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None
+  tfds = _import_tfds()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  download_config = None
+  if manual_dir is not None:
+    folder = os.path.join(manual_dir, name)
+    if not os.path.isdir(folder) and all(
+        os.path.exists(os.path.join(manual_dir, f)) for f in _raw_files(builder)):
+      folder = manual_dir  # the raw files were given directly, without the dataset subfolder
+    missing = [f for f in _raw_files(builder) if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+      raise DataError(
+          f"{name} is not prepared and {folder} lacks {', '.join(missing)}: put tfds' raw files "
+          f"for {name} there (or drop --manual-dir to download)")
+    download_config = tfds.download.DownloadConfig(manual_dir=folder)
+  else:
+    # tfds retries a failed download for minutes before giving up; a quick probe fails at once.
+    unreachable = _unreachable_host(builder.url_infos or {})
+    if unreachable:
+      raise _download_error(name, builder, f"no connection to {unreachable}")
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
+    if manual_dir is not None:
+      raise
+    raise _download_error(name, builder, type(e).__name__) from e
+  return builder
+
+
 def load_dataset(
     name: str,
     *,
@@ -74,7 +128,8 @@ def load_dataset(
     name: a tfds name from `DATASETS`.
     data_dir: where tfds keeps prepared datasets (default: `$KIP_DATA_DIR`, else tfds' default).
     manual_dir: a folder with one subfolder per dataset holding the raw files of tfds' download, for
-      building offline (default: `$KIP_MANUAL_DIR`). Unused once the dataset is prepared.
+      building offline (default: `$KIP_MANUAL_DIR`; None or "" with neither set: tfds downloads).
+      Unused once the dataset is prepared.
     val_size: images carved from the training split (a seeded, class-stratified draw) to form
       `validation`; the rest stays in `train`. 0 leaves `validation` empty.
     seed: seed of that draw.
@@ -82,32 +137,8 @@ def load_dataset(
   Returns:
     {"train", "validation", "test"} -> Split with uint8 images in NHWC.
   """
-  check_dataset(name)
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
-  manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None
+  builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
   tfds = _import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    download_config = None
-    if manual_dir is not None:
-      folder = os.path.join(manual_dir, name)
-      if not os.path.isdir(folder) and all(
-          os.path.exists(os.path.join(manual_dir, f)) for f in _raw_files(builder)):
-        folder = manual_dir  # the raw files were given directly, without the dataset subfolder
-      missing = [f for f in _raw_files(builder) if not os.path.exists(os.path.join(folder, f))]
-      if missing:
-        raise DataError(
-            f"{name} is not prepared and {folder} lacks {', '.join(missing)}: put tfds' raw files "
-            f"for {name} there (or drop --manual-dir to download)")
-      download_config = tfds.download.DownloadConfig(manual_dir=folder)
-    try:
-      builder.download_and_prepare(download_config=download_config)
-    except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
-      if manual_dir is not None:
-        raise
-      raise DataError(
-          f"could not download {name} ({type(e).__name__}); offline, pass --manual-dir DIR with "
-          f"{', '.join(_raw_files(builder))} in DIR/{name}/") from e
   splits = {}
   for split in ("train", "test"):
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
@@ -124,15 +155,89 @@ def load_dataset(
   return splits
 
 
-def _import_tfds():
-  # Imported here, not at module level: TensorFlow costs seconds to import and must never take
-  # accelerator memory that JAX needs. Its C++ start-up chatter (CUDA probes) is silenced.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  import tensorflow as tf  # noqa: PLC0415
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+def _download_error(name: str, builder, reason: str) -> DataError:
+  return DataError(
+      f"could not download {name} ({reason}); offline, pass --manual-dir DIR with "
+      f"{', '.join(_raw_files(builder))} in DIR/{name}/")
 
-  tf.config.set_visible_devices([], "GPU")
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def _unreachable_host(urls: Iterable[str], timeout: float = PROBE_TIMEOUT_S) -> str | None:
+  """The host (or proxy) that the first download URL needs, if no TCP connection to it opens within
+  `timeout` seconds; None when it opens or there is nothing to download."""
+  url = next(iter(urls), None)
+  if url is None:
+    return None
+  parts = urllib.parse.urlsplit(url)
+  if not parts.hostname:
+    return None
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    # Downloads go through the proxy (requests honours the same variables): probe that instead.
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = proxy_parts.hostname or host, proxy_parts.port or 80
+  try:
+    _connect(host, port, timeout)
+  except OSError:  # DNS failure, refused, unreachable network and timeouts alike
+    return f"{host}:{port}"
+  return None
+
+
+def _connect(host: str, port: int, timeout: float) -> None:
+  socket.create_connection((host, port), timeout=timeout).close()
+
+
+@functools.cache
+def _import_tfds():
+  """Imports tensorflow_datasets with TensorFlow kept off accelerators and quiet.
+
+  Imported here, not at module level: TensorFlow costs seconds to import and must never take
+  accelerator memory that JAX needs. TensorFlow's C++ side logs through absl before
+  `absl::InitializeLog()`, which writes to file descriptor 2 whatever TF_CPP_MIN_LOG_LEVEL says
+  (oneDNN and CUDA-stub notices at import; on CPU-only machines `E0000 ... failed call to cuInit`
+  when devices are first listed), so fd 2 is pointed at a temporary file for the import and the
+  device setup; what was captured is shown only if they fail. tfds' Python-side absl warnings are
+  raised to errors.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  with _stderr_captured():
+    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.list_logical_devices()  # initialises the runtime (and its cuInit probe) in here
+  absl_logging.set_verbosity(absl_logging.ERROR)
   return tfds
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+  """Sends file descriptor 2 (where C++ libraries write, bypassing `sys.stderr`) to a temporary
+  file for the body; replays the capture on stderr if the body raises."""
+  try:
+    saved = os.dup(2)
+  except OSError:  # no fd 2 at all: nothing to keep clean
+    yield
+    return
+  with tempfile.TemporaryFile() as capture:
+    sys.stderr.flush()
+    os.dup2(capture.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if failed:
+        capture.seek(0)
+        sys.stderr.write(capture.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def _stratified_draw(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -152,58 +257,90 @@ def _stratified_draw(labels: np.ndarray, n: int, rng: np.random.Generator) -> np
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
-  """Per-channel standardisation, optionally followed by KIP's per-image layer norm and ZCA.
+  """Per-channel standardisation, optionally followed by ZCA whitening.
+
+  Two ZCA flavours: KIP's (`zca_layer_norm=True`: each standardised image is centred and scaled to
+  unit L2 norm, then whitened) and FRePo's (`zca_layer_norm=False`: the training set's per-pixel
+  mean is subtracted, then whitened). See `fit_preprocessor`.
 
   Attributes:
     mean, std: (C,) float64 per-channel statistics of the training images scaled to [0, 1].
     zca: (d, d) float64 whitening matrix (d = H*W*C) or None.
     zca_reg: the regulariser strength it was fitted with (x tr(cov)/d), or None.
+    zca_layer_norm: whether KIP's per-image layer norm precedes the whitening.
+    zca_mean: (d,) float64 per-pixel mean of the standardised training images, subtracted before
+      the whitening when `zca_layer_norm` is False; None otherwise.
   """
 
   mean: np.ndarray
   std: np.ndarray
   zca: np.ndarray | None = None
   zca_reg: float | None = None
+  zca_layer_norm: bool = True
+  zca_mean: np.ndarray | None = None
 
   @property
   def name(self) -> str:
-    return "standardize" if self.zca is None else "standardize+layernorm+zca"
+    if self.zca is None:
+      return "standardize"
+    return "standardize+layernorm+zca" if self.zca_layer_norm else "standardize+zca"
 
   def apply(self, images: np.ndarray) -> np.ndarray:
     """(n, H, W, C) uint8 (or [0, 255] float) -> (n, H, W, C) float32 in preprocessed space."""
     x = (np.asarray(images, np.float64) / 255.0 - self.mean) / self.std
     if self.zca is not None:
-      x = _layer_norm(x)
-      x = (x.reshape(len(x), -1) @ self.zca).reshape(x.shape)
+      if self.zca_layer_norm:
+        flat = _layer_norm(x).reshape(len(x), -1)
+      else:
+        flat = x.reshape(len(x), -1) - self.zca_mean
+      x = (flat @ self.zca).reshape(x.shape)
     return x.astype(np.float32)
 
   def invert(self, x: np.ndarray) -> np.ndarray:
     """Preprocessed (n, H, W, C) -> (n, H, W, C) float in [0, 1], for display.
 
-    ZCA is undone exactly; the per-image mean and scale removed by layer norm are not recoverable,
-    so each image is rescaled to the training set's standardised range before un-standardising.
+    ZCA is undone exactly, and so is the per-pixel mean subtraction; the per-image mean and scale
+    removed by KIP's layer norm are not recoverable, so there each image is rescaled to the
+    training set's standardised range before un-standardising.
     """
     x = np.asarray(x, np.float64)
     if self.zca is not None:
-      x = np.linalg.solve(self.zca, x.reshape(len(x), -1).T).T.reshape(x.shape)
-      x = x / (x.std(axis=(1, 2, 3), keepdims=True) + 1e-12)
+      flat = np.linalg.solve(self.zca, x.reshape(len(x), -1).T).T
+      if self.zca_layer_norm:
+        x = flat.reshape(x.shape)
+        x = x / (x.std(axis=(1, 2, 3), keepdims=True) + 1e-12)
+      else:
+        x = (flat + self.zca_mean).reshape(x.shape)
     return np.clip(x * self.std + self.mean, 0.0, 1.0)
 
   def to_arrays(self) -> dict[str, np.ndarray]:
+    """The arrays a distilled-set file stores (read back by `from_arrays`)."""
     out = {"preprocessing": np.asarray(self.name), "pre_mean": self.mean, "pre_std": self.std}
     if self.zca is not None:
       out["pre_zca"] = self.zca.astype(np.float32)
       out["zca_reg"] = np.asarray(self.zca_reg)
+      out["pre_zca_layer_norm"] = np.asarray(self.zca_layer_norm)
+      if self.zca_mean is not None:
+        out["pre_zca_mean"] = np.asarray(self.zca_mean, np.float64)
     return out
 
   @classmethod
   def from_arrays(cls, arrays) -> Preprocessor | None:
+    """The preprocessing stored by `to_arrays`, or None for a file without one. Files written
+    before `pre_zca_layer_norm` existed used KIP's layer norm."""
     if "pre_mean" not in arrays:
       return None
     zca = np.asarray(arrays["pre_zca"], np.float64) if "pre_zca" in arrays else None
     reg = float(arrays["zca_reg"]) if "zca_reg" in arrays else None
+    layer_norm = bool(arrays["pre_zca_layer_norm"]) if "pre_zca_layer_norm" in arrays else True
+    zca_mean = None
+    if zca is not None and not layer_norm:
+      if "pre_zca_mean" not in arrays:
+        raise DataError("the stored preprocessing whitens without layer norm but lacks "
+                        "'pre_zca_mean'; re-save the set with this version")
+      zca_mean = np.asarray(arrays["pre_zca_mean"], np.float64)
     mean = np.asarray(arrays["pre_mean"], np.float64)
-    return cls(mean, np.asarray(arrays["pre_std"], np.float64), zca, reg)
+    return cls(mean, np.asarray(arrays["pre_std"], np.float64), zca, reg, layer_norm, zca_mean)
 
 
 def _layer_norm(x: np.ndarray) -> np.ndarray:
@@ -212,36 +349,62 @@ def _layer_norm(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
 
 
-def fit_preprocessor(train_images: np.ndarray, *, zca: bool = False,
-                     zca_reg: float = 0.1) -> Preprocessor:
+def fit_preprocessor(train_images: np.ndarray, *, zca: bool = False, zca_reg: float = 0.1,
+                     zca_layer_norm: bool = True) -> Preprocessor:
   """Fits the preprocessing on (n, H, W, C) uint8 training images, in float64.
 
-  ZCA (as in the KIP/LS releases): after standardisation and layer norm, `cov = X^T X / n`,
-  `W = U diag((s + zca_reg * tr(cov)/d)^-1/2) U^T`.
+  Both ZCA flavours whiten `X` (n, d) with `cov = X^T X / n` and
+  `W = U diag((s + zca_reg * tr(cov)/d)^-1/2) U^T` (`U diag(s) U^T = cov`); they differ in `X`:
+
+  - `zca_layer_norm=True` (KIP/LS releases): the standardised images after KIP's per-image layer
+    norm (centred, unit L2 norm).
+  - `zca_layer_norm=False` (FRePo, github.com/yongchao97/FRePo, `lib/dataset/ops.py`:
+    `compute_zca_mean_cov_ds`, `get_whitening_transform`, `get_preprocess_op_np`; `zca_reg=0.1` in
+    its scripts): the standardised images minus their per-pixel training mean, which `apply`
+    subtracts too. As there, when n < d the d - n directions of smallest variance are left
+    unscaled. FRePo standardises with fixed published per-channel statistics and applies no ZCA
+    to MNIST/Fashion-MNIST; here the statistics are fitted and ZCA is the caller's choice. MTT
+    (kornia's `ZCAWhitening(eps=0.1)`) differs in using an absolute `eps` instead of
+    `reg * tr(cov)/d` and the unbiased covariance.
   """
   x = np.asarray(train_images, np.float64) / 255.0
   mean = x.mean(axis=(0, 1, 2))
   std = x.std(axis=(0, 1, 2))
   if not zca:
     return Preprocessor(mean, std)
-  flat = _layer_norm((x - mean) / std).reshape(len(x), -1)
+  standardised = (x - mean) / std
+  zca_mean = None
+  if zca_layer_norm:
+    flat = _layer_norm(standardised).reshape(len(x), -1)
+  else:
+    flat = standardised.reshape(len(x), -1)
+    zca_mean = flat.mean(axis=0)
+    flat = flat - zca_mean
   cov = flat.T @ flat / len(flat)
-  s, u = np.linalg.eigh(cov)
+  s, u = np.linalg.eigh(cov)  # ascending
   reg = zca_reg * np.trace(cov) / cov.shape[0]
-  whiten = (u * (np.maximum(s, 0.0) + reg) ** -0.5) @ u.T
-  return Preprocessor(mean, std, whiten, zca_reg)
+  scale = (np.maximum(s, 0.0) + reg) ** -0.5
+  if not zca_layer_norm and len(flat) < len(s):
+    scale[: len(s) - len(flat)] = 1.0  # FRePo's rank control
+  whiten = (u * scale) @ u.T
+  return Preprocessor(mean, std, whiten, zca_reg, zca_layer_norm, zca_mean)
 
 
 # ----------------------------------------------------------------------------------------------
 # Labels and sampling
 
 
-def centered_one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """(n,) int -> (n, num_classes) float32 one-hot minus 1/num_classes, as in KIP."""
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """(n,) int class ids (as in `Split.labels`) -> (n, num_classes) float32 one-hot (0 and 1)."""
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-  return (np.eye(num_classes, dtype=np.float32)[labels] - 1.0 / num_classes).astype(np.float32)
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def centered_one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """(n,) int class ids -> (n, num_classes) float32 one-hot minus 1/num_classes, as in KIP."""
+  return (one_hot(labels, num_classes) - 1.0 / num_classes).astype(np.float32)
 
 
 def class_balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator,

@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: a distilled set as an image grid (one row per
+"""Pictures people would rather look at than read: a distilled set as an image grid (rows by
 class, mapped back from preprocessed space), and test accuracy against step for one or more runs.
 
 Figures are drawn with matplotlib's Agg backend and written atomically as PNG.
@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from kip.io import atomic_write  # noqa: E402
 from kip.loop import read_metrics  # noqa: E402
 
-__all__ = ["Curve", "read_curve", "plot_curves", "plot_image_grid", "save_figure"]
+__all__ = ["Curve", "read_curve", "plot_curves", "make_image_grid", "plot_image_grid",
+           "save_figure"]
 
 
 class Curve(NamedTuple):
@@ -77,31 +78,67 @@ def plot_curves(curves: Sequence[Curve], path: str, *, xlabel: str = "step",
   save_figure(fig, path)
 
 
-def plot_image_grid(images: np.ndarray, labels: np.ndarray, path: str, *, per_class: int = 10,
-                    title: str = "", class_names: Sequence[str] | None = None) -> None:
-  """One row per class (by the label's argmax), up to `per_class` images each.
+def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 10,
+                    title: str = "", class_names: Sequence[str] | None = None,
+                    captions: bool = True):
+  """A figure with every image, grouped in rows by class (the argmax of its label).
+
+  Each class starts a new row (class 0 first); a class with more than `per_class` images wraps
+  onto further rows, so nothing is left out. The figure is at least as wide as its title.
 
   Args:
     images: (n, H, W, C) float in [0, 1] (already mapped back from preprocessed space).
-    labels: (n, num_classes) float; each image is captioned with its label's largest value.
+    labels: (n, num_classes) float; each image is captioned with its label's largest value
+      (unless `captions` is False).
+    per_class: images per row.
+
+  Returns:
+    The matplotlib Figure (not yet saved).
   """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels")
   num_classes = labels.shape[1]
   classes = labels.argmax(1)
-  columns = max(1, min(per_class, int(np.bincount(classes, minlength=num_classes).max())))
-  fig, axes = plt.subplots(num_classes, columns, figsize=(1.1 * columns, 1.2 * num_classes),
+  counts = np.bincount(classes, minlength=num_classes)
+  columns = max(1, min(per_class, int(counts.max(initial=0))))
+  # (class, first image's position among the class) per row; an empty class keeps its own row.
+  rows = [(c, start) for c in range(num_classes)
+          for start in range(0, max(int(counts[c]), 1), columns)]
+  fig, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.2 * len(rows)),
                            dpi=100, squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
-  for c in range(num_classes):
-    members = np.flatnonzero(classes == c)[:columns]
-    name = class_names[c] if class_names else str(c)
-    axes[c, 0].text(-0.15, 0.5, name, transform=axes[c, 0].transAxes, ha="right", va="center")
+  for r, (c, start) in enumerate(rows):
+    members = np.flatnonzero(classes == c)[start:start + columns]
+    if start == 0:
+      name = class_names[c] if class_names else str(c)
+      axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center")
     for j, i in enumerate(members):
       image = images[i]
-      axes[c, j].imshow(image[..., 0] if image.shape[-1] == 1 else image,
+      axes[r, j].imshow(image[..., 0] if image.shape[-1] == 1 else image,
                         cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
-      axes[c, j].set_title(f"{labels[i, c]:.2f}", fontsize=7)
+      if captions:
+        axes[r, j].set_title(f"{labels[i, c]:.2f}", fontsize=7)
+  top = 1.0
   if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+    pad = 0.08 / fig.get_figheight()  # inches, as a fraction of the height
+    text = fig.suptitle(title, fontsize=9, y=1.0 - pad, va="top")
+    extent = text.get_window_extent(fig.canvas.get_renderer())
+    # At least as wide as the title, and the grid laid out below it (tight_layout alone lets the
+    # title overlap the first row's captions).
+    fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
+    top = 1.0 - 2 * pad - extent.height / fig.dpi / fig.get_figheight()
+  fig.tight_layout(rect=(0, 0, 1, top))
+  return fig
+
+
+def plot_image_grid(images: np.ndarray, labels: np.ndarray, path: str, *, per_class: int = 10,
+                    title: str = "", class_names: Sequence[str] | None = None,
+                    captions: bool = True) -> int:
+  """Writes `make_image_grid`'s figure to `path` as PNG; returns the number of images drawn."""
+  fig = make_image_grid(images, labels, per_class=per_class, title=title,
+                        class_names=class_names, captions=captions)
+  drawn = sum(len(ax.images) for ax in fig.axes)
   save_figure(fig, path)
+  return drawn

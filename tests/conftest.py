@@ -1,4 +1,9 @@
-"""Shared fixtures: the real MNIST raw files in ../shared/data and a prepared-tfds cache."""
+"""Shared fixtures: MNIST through tfds and a prepared-tfds cache.
+
+MNIST is built from the raw files in ../shared/data when that folder has them, else from
+$KIP_MANUAL_DIR, else downloaded by tfds; a machine with none of these fails the tests that need it
+with one line saying what to do.
+"""
 
 import os
 import pathlib
@@ -7,24 +12,45 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("KIP_MANUAL_DIR", ROOT.parent / "shared" / "data"))
+SHARED_DATA = ROOT.parent / "shared" / "data"
 # Prepared tfds datasets persist here between test runs (gitignored); the first run builds them.
 DATA_DIR = pathlib.Path(os.environ.get("KIP_DATA_DIR", ROOT / ".cache" / "tfds"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-@pytest.fixture(scope="session")
-def manual_dir() -> str:
-  if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
-    pytest.fail(f"real MNIST raw files not found in {SHARED_DATA}/mnist (set KIP_MANUAL_DIR)")
-  return str(SHARED_DATA)
+def find_manual_dir() -> str:
+  """../shared/data when it holds MNIST's raw files, else $KIP_MANUAL_DIR, else "" (no manual dir:
+  tfds downloads; `load_dataset` and every command's `--manual-dir ''` read it so)."""
+  if (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
+    return str(SHARED_DATA)
+  return os.environ.get("KIP_MANUAL_DIR", "")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> str:
   DATA_DIR.mkdir(parents=True, exist_ok=True)
   return str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def manual_dir(data_dir) -> str:
+  """The manual dir to pass on (maybe ""), once MNIST is prepared in `data_dir`."""
+  folder = find_manual_dir()
+  # A prepared dataset has <version>/dataset_info.json (tfds builds in "incomplete.*" folders);
+  # checking for it spares the commands-only test files TensorFlow's import.
+  if not any(pathlib.Path(data_dir, "mnist").glob("[0-9]*/dataset_info.json")):
+    from kip.data import DataError, prepare_dataset
+
+    problem = None
+    try:
+      prepare_dataset("mnist", data_dir=data_dir, manual_dir=folder or None)
+    except DataError as e:
+      problem = str(e)
+    if problem:  # failed outside the `except`, so pytest shows one line, not the chain
+      pytest.fail(f"the tests need MNIST: {problem} (for the tests: put them in "
+                  f"{SHARED_DATA}/mnist/ or set KIP_MANUAL_DIR=DIR)", pytrace=False)
+  return folder
 
 
 @pytest.fixture(scope="session")

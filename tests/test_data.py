@@ -1,14 +1,23 @@
 """Data: tfds loading of the real MNIST files, preprocessing, labels and sampling."""
 
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
+from conftest import ROOT
 
+import kip.data
 from kip.data import (
   DataError,
+  Preprocessor,
   centered_one_hot,
   class_balanced_indices,
   fit_preprocessor,
   load_dataset,
+  one_hot,
   sample_target_batch,
 )
 
@@ -44,6 +53,73 @@ def test_missing_raw_files_offline_say_which_and_where(tmp_path):
     load_dataset("imagenet")
 
 
+def test_offline_without_manual_dir_fails_at_once(tmp_path, monkeypatch):
+  """No network: one DataError line within seconds, not minutes of tfds' download retries."""
+  kip.data._import_tfds()  # TensorFlow's import is not what this times
+  probes = []
+
+  def unreachable(host, port, timeout):
+    probes.append((host, port, timeout))
+    raise TimeoutError("timed out")
+
+  monkeypatch.setattr(kip.data, "_connect", unreachable)
+  monkeypatch.delenv("KIP_MANUAL_DIR", raising=False)
+  start = time.monotonic()
+  with pytest.raises(DataError) as error:
+    load_dataset("mnist", data_dir=str(tmp_path / "fresh"), manual_dir="")
+  assert time.monotonic() - start < 5
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("could not download mnist (no connection to ")
+  assert "offline, pass --manual-dir DIR with" in message and "DIR/mnist/" in message
+  assert len(probes) == 1 and probes[0][2] <= 3
+
+
+@pytest.mark.parametrize("url, proxies, expected", [
+    ("https://storage.googleapis.com/a/b.gz", {}, ("storage.googleapis.com", 443)),
+    ("http://ufldl.stanford.edu/x.mat", {}, ("ufldl.stanford.edu", 80)),
+    ("https://storage.googleapis.com/a/b.gz", {"HTTPS_PROXY": "http://proxy.example:3128"},
+     ("proxy.example", 3128)),
+])
+def test_connectivity_probe_targets_the_download_host_or_its_proxy(url, proxies, expected,
+                                                                   monkeypatch):
+  for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in proxies.items():
+    monkeypatch.setenv(name, value)
+  probes = []
+  monkeypatch.setattr(kip.data, "_connect", lambda *args: probes.append(args))
+  assert kip.data._unreachable_host([url]) is None
+  assert probes == [(*expected, kip.data.PROBE_TIMEOUT_S)]
+  assert kip.data._unreachable_host([]) is None and len(probes) == 1  # nothing to download
+
+
+def test_tensorflow_import_prints_nothing():
+  """TensorFlow's C++ start-up lines (absl pre-init warning, oneDNN and CUDA notices, `E0000 ...
+  failed call to cuInit` without a GPU) stay out of a command's stderr, even without the
+  TF_CPP_MIN_LOG_LEVEL the test runner sets."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  code = ("from kip.data import _import_tfds\n"
+          "tfds = _import_tfds()\n"
+          "import tensorflow as tf\n"
+          "print(int(tf.constant(2) * 3))\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "6"
+  for noise in ("cuInit", "E0000", "I0000", "W0000", "WARNING: All log messages before absl"):
+    assert noise not in done.stderr, done.stderr
+
+
+def test_captured_stderr_is_shown_only_when_the_import_fails(capfd):
+  with kip.data._stderr_captured():
+    os.write(2, b"chatter\n")
+  with pytest.raises(RuntimeError), kip.data._stderr_captured():
+    os.write(2, b"the reason it failed\n")
+    raise RuntimeError("import failed")
+  err = capfd.readouterr().err
+  assert "chatter" not in err and "the reason it failed" in err
+
+
 def test_standardisation_is_fitted_on_train_and_inverts(mnist):
   pre = fit_preprocessor(mnist["train"].images[:5000])
   x = pre.apply(mnist["train"].images[:5000])
@@ -71,6 +147,79 @@ def test_zca_whitens_with_the_published_regulariser():
   np.testing.assert_allclose(got, np.sort(np.maximum(s, 0) / (np.maximum(s, 0) + reg)),
                              atol=2e-5)
   assert pre.name == "standardize+layernorm+zca"
+
+
+def _reference_frepo_zca(images, reg_coef):
+  """FRePo's recipe in float64 NumPy: per-channel standardisation, per-pixel centring,
+  cov = X^T X / n, W = U diag((s + reg tr/d)^-1/2) U^T. Returns (centred X, cov, U, s, reg)."""
+  x = images.astype(np.float64) / 255.0
+  channels = x.reshape(-1, x.shape[-1])
+  flat = ((x - channels.mean(0)) / channels.std(0)).reshape(len(x), -1)
+  flat = flat - flat.mean(0)
+  cov = flat.T @ flat / len(flat)
+  s, u = np.linalg.eigh(cov)
+  return flat, cov, u, s, reg_coef * s.sum() / len(s)
+
+
+def test_zca_without_layer_norm_follows_frepo():
+  rng = np.random.default_rng(1)
+  # Correlated pixels, so whitening has something to undo.
+  base = rng.normal(size=(600, 4, 4, 1)) * 40 + rng.normal(size=(600, 4, 4, 3)) * 20 + 128
+  images = np.clip(base, 0, 255).astype(np.uint8)
+  pre = fit_preprocessor(images, zca=True, zca_layer_norm=False)
+  flat, cov, u, s, reg = _reference_frepo_zca(images, 0.1)
+  w = pre.zca
+  expected = (u * (s / (s + reg))) @ u.T
+  rel = np.linalg.norm(w @ cov @ w - expected) / np.linalg.norm(expected)
+  assert rel < 1e-10
+  # The whitened training set has exactly that covariance and zero per-pixel mean.
+  white = pre.apply(images).reshape(600, -1).astype(np.float64)
+  np.testing.assert_allclose(white.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(white, flat @ ((u * (s + reg) ** -0.5) @ u.T), atol=1e-5)
+  rel = np.linalg.norm(white.T @ white / 600 - expected) / np.linalg.norm(expected)
+  assert rel < 1e-5
+  # No layer norm to lose: inverting recovers the pixels.
+  np.testing.assert_allclose(pre.invert(pre.apply(images)) * 255, images, atol=1e-3)
+  assert pre.name == "standardize+zca" and not pre.zca_layer_norm
+
+
+def test_zca_without_layer_norm_leaves_unseen_directions_unscaled_when_n_below_d():
+  """FRePo's rank control: with n < d, the d - n smallest-variance directions keep scale 1."""
+  images = np.random.default_rng(2).integers(0, 256, size=(20, 4, 4, 3)).astype(np.uint8)
+  pre = fit_preprocessor(images, zca=True, zca_layer_norm=False)
+  _, _, _, s, reg = _reference_frepo_zca(images, 0.1)
+  got = np.sort(np.linalg.eigvalsh(pre.zca))
+  want = np.sort(np.concatenate([np.ones(48 - 20), (np.maximum(s[-20:], 0) + reg) ** -0.5]))
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_preprocessing_is_stored_and_files_without_the_flag_mean_layer_norm():
+  images = np.random.default_rng(3).integers(0, 256, size=(200, 4, 4, 3)).astype(np.uint8)
+  for layer_norm in (True, False):
+    pre = fit_preprocessor(images, zca=True, zca_layer_norm=layer_norm)
+    arrays = pre.to_arrays()
+    assert bool(arrays["pre_zca_layer_norm"]) is layer_norm and str(arrays["preprocessing"]) == (
+        "standardize+layernorm+zca" if layer_norm else "standardize+zca")
+    loaded = Preprocessor.from_arrays(arrays)
+    assert loaded.zca_layer_norm is layer_norm
+    np.testing.assert_allclose(loaded.apply(images), pre.apply(images), atol=1e-4)
+  old = fit_preprocessor(images, zca=True).to_arrays()
+  del old["pre_zca_layer_norm"]  # written before the flag existed
+  assert Preprocessor.from_arrays(old).zca_layer_norm is True
+  broken = fit_preprocessor(images, zca=True, zca_layer_norm=False).to_arrays()
+  del broken["pre_zca_mean"]
+  with pytest.raises(DataError, match="lacks 'pre_zca_mean'"):
+    Preprocessor.from_arrays(broken)
+  assert Preprocessor.from_arrays(fit_preprocessor(images).to_arrays()).zca is None
+
+
+def test_one_hot_plain_and_centred():
+  y = one_hot(np.array([2, 0]), 3)
+  assert y.dtype == np.float32 and y.tolist() == [[0, 0, 1], [1, 0, 0]]
+  np.testing.assert_allclose(centered_one_hot(np.array([2, 0]), 3),
+                             [[-1 / 3, -1 / 3, 2 / 3], [2 / 3, -1 / 3, -1 / 3]], rtol=1e-6)
+  with pytest.raises(DataError):
+    one_hot(np.array([-1]), 3)
 
 
 def test_centered_one_hot_any_class_count():

@@ -1,0 +1,91 @@
+"""`kip.plots`' image grid and `experiments.show`: every image is drawn, the title fits, and an
+unwritable --out ends in one line."""
+
+import tempfile
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from experiments import show
+from kip import cli
+from kip.io import DistilledSet, save_distilled
+from kip.plots import make_image_grid, plot_image_grid
+
+
+def _learned_set(counts, seed=0):
+  """Images i filled with the value i / n (so a drawn image tells which it is) and soft labels
+  whose argmax has `counts[c]` images of class c, shuffled."""
+  n, num_classes = sum(counts), len(counts)
+  rng = np.random.default_rng(seed)
+  classes = rng.permutation(np.repeat(np.arange(num_classes), counts))
+  labels = rng.normal(0, 0.05, size=(n, num_classes))
+  labels[np.arange(n), classes] = rng.uniform(0.5, 1.0, size=n)
+  images = np.broadcast_to((np.arange(n) / n)[:, None, None, None], (n, 6, 6, 1)).copy()
+  return images, labels, classes
+
+
+def _drawn_ids(fig, n):
+  """The images drawn, in row-major order of the axes."""
+  return [int(round(float(ax.images[0].get_array().mean()) * n)) for ax in fig.axes if ax.images]
+
+
+@pytest.mark.parametrize("per_class", [10, 4])
+def test_grid_draws_every_image_of_an_unbalanced_set(per_class):
+  counts = [19, 1, 12, 10, 9, 10, 10, 10, 9, 10]  # argmax of learned labels: not 10 per class
+  images, labels, classes = _learned_set(counts)
+  fig = make_image_grid(images, labels, per_class=per_class, title="100 images")
+  # Every image, once, grouped by class (class 0 first) in the set's own order within a class.
+  assert _drawn_ids(fig, 100) == np.argsort(classes, kind="stable").tolist()
+  rows = sum(-(-c // per_class) for c in counts)  # classes longer than a row wrap
+  assert len(fig.axes) == rows * per_class
+
+
+def test_plot_image_grid_writes_the_file_and_counts(tmp_path):
+  images, labels, _ = _learned_set([19, 1, 12, 10, 9, 10, 10, 10, 9, 10])
+  assert plot_image_grid(images, labels, str(tmp_path / "g.png"), per_class=10) == 100
+  assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("counts", [[1] * 10, [19, 1, 12, 10, 9, 10, 10, 10, 9, 10]])
+def test_title_fits_in_the_figure_above_the_grid(counts):
+  images, labels, _ = _learned_set(counts)
+  title = f"ConvNet_ssize{sum(counts)}_zca_l_noaug_ckpt1000.npz: {sum(counts)} images, mnist"
+  fig = make_image_grid(images, labels, title=title)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  (text,) = [t for t in fig.texts if t.get_text() == title]
+  box, page = text.get_window_extent(renderer), fig.bbox
+  assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+  first_row = [ax for ax in fig.axes if ax.get_subplotspec().rowspan.start == 0]
+  assert all(box.y0 >= ax.get_tightbbox(renderer).y1 for ax in first_row)  # clear of the grid
+
+
+def test_show_draws_a_set_with_regression_targets(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / "targets.npz"
+  save_distilled(str(path), DistilledSet(rng.normal(size=(7, 6, 6, 1)).astype(np.float32), None,
+                                         {"step": 0}, targets=rng.normal(size=(7, 3))))
+  assert show.main([str(path), "--out", str(tmp_path / "t.png")]) == 0
+  assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
+  images, labels, _ = _learned_set([1] * 10)
+  support = tmp_path / "set.npz"
+  np.savez(support, images=images.astype(np.float32), labels=labels.astype(np.float32))
+  (tmp_path / "file.txt").write_text("not a folder")
+  done = run_cli("experiments.show", str(support), "--out", str(tmp_path / "file.txt" / "g.png"))
+  assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+  assert done.stderr.strip().splitlines() == [
+      f"error: cannot write {tmp_path}/file.txt/g.png: {tmp_path}/file.txt is a file, not a "
+      "folder"]
+  with pytest.raises(cli.UserError, match="is a folder; give a file name"):
+    show.writable_output(str(tmp_path))
+
+  def refused(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # root may write anywhere
+  with pytest.raises(cli.UserError, match=r"cannot write .*g\.png: Permission denied \("):
+    show.writable_output(str(tmp_path / "locked" / "g.png"))
