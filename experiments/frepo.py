@@ -23,7 +23,7 @@ import numpy as np
 from kip import cli
 from kip.krr import DEFAULT_REG, evaluate
 from kip.loop import Evaluator, LoopConfig
-from kip.pipeline import distill, initial_support, prepare_data
+from kip.pipeline import PREPROCESSING, distill, initial_support, prepare_data
 from methods.frepo import make_frepo, pool_features
 
 f = cli.field
@@ -53,7 +53,9 @@ class Config(cli.RunConfig, cli.DataConfig):
                    "one per step (none: off); FRePo uses no flips on digits")
   learn_labels: bool = f(True, "learn the support labels too")
   init: str = f("real", "initial support images", choices=("real", "noise"))
-  zca: bool = f(False, "KIP's layer norm + ZCA after standardisation (FRePo: none for MNIST)")
+  preprocess: str = f("standard", "standard (per-channel standardisation; FRePo's for MNIST), "
+                                  "zca (then ZCA, reg 0.1: FRePo's for CIFAR) or kip_zca (KIP's "
+                                  "layer norm + ZCA)", choices=PREPROCESSING)
   reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s", minimum=0)
   eval_every: int = f(200, "steps between KRR evaluations on the pool features (0: at the end)",
                       minimum=0)
@@ -65,7 +67,7 @@ class Config(cli.RunConfig, cli.DataConfig):
 
 def run_frepo(config: Config, workdir: str) -> dict:
   """Runs FRePo as configured in `workdir`; returns the final evaluation."""
-  data = prepare_data(config.dataset, zca=config.zca, data_dir=config.data_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocess, data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
           f"{'validation' if config.val_size else 'test'} images; {data.preprocessor.name}")

@@ -23,7 +23,7 @@ import numpy as np
 from kip import cli
 from kip.krr import evaluate
 from kip.loop import Evaluator, LoopConfig
-from kip.pipeline import distill, initial_support, prepare_data
+from kip.pipeline import PREPROCESSING, distill, initial_support, prepare_data
 from methods.rfad import make_rfad, nngp_readout, random_features
 
 f = cli.field
@@ -49,6 +49,9 @@ class Config(cli.RunConfig, cli.DataConfig):
   platt: bool = f(False, "Platt-scaled cross-entropy loss (learned scale) instead of MSE")
   learn_labels: bool = f(True, "learn the support labels too")
   init: str = f("real", "initial support images", choices=("real", "noise"))
+  preprocess: str = f("standard", "standard (per-channel standardisation), zca (then ZCA, reg "
+                                  "0.1) or kip_zca (KIP's layer norm + ZCA)",
+                      choices=PREPROCESSING)
   eval_models: int = f(4, "random nets (fixed seed) of the KRR evaluation", minimum=1)
   eval_every: int = f(100, "steps between KRR evaluations (0: at the end)", minimum=0)
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
@@ -59,7 +62,8 @@ class Config(cli.RunConfig, cli.DataConfig):
 
 def run_rfad(config: Config, workdir: str) -> dict:
   """Runs RFAD as configured in `workdir`; returns the final evaluation."""
-  data = prepare_data(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocess, data_dir=config.data_dir,
+                      manual_dir=config.manual_dir,
                       val_size=config.val_size, seed=config.seed)
   split = "validation" if config.val_size else "test"
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "

@@ -10,15 +10,14 @@ kip/train.py): `kip` = the KIP authors' transfer colab (MSE on the set's labels,
 lr from the empirical NTK, cosine decay); `dc` = the DC/DSA/MTT evaluation (cross-entropy, SGD
 0.01, lr x0.1 at half, DSA augmentation). Prints a table and writes transfer.json; per-row
 metrics.jsonl (test accuracy against step, for `experiments.show --metrics`) and checkpoints go to
-<workdir>/<row>/. Re-running the same command on the same --workdir resumes.
+<workdir>/<row>/ (the one loop's workdir). Re-running the same command on the same --workdir
+resumes, and rows already trained are read back from their checkpoints, not trained again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 
 import numpy as np
 
@@ -37,16 +36,22 @@ ROWS = ("distilled", "random", "full")
 class Config:
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
   dataset: str = f("mnist", "tfds dataset the set was distilled from", choices=tuple(DATASETS))
-  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc convnet3, "
-                       "frepo frepo_convnet)", choices=("auto", *NETS))
+  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc and rfad "
+                       "convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
   protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC/DSA/MTT "
-                           "evaluation; frepo: FRePo's evaluation)", choices=tuple(PROTOCOLS))
+                           "evaluation; frepo: FRePo's evaluation; rfad: RFAD's, centred "
+                           "output, decay to init, label scale 8)", choices=tuple(PROTOCOLS))
+  preset: str = f("cpu", "sizes: cpu (finishes in minutes on a 2-core CPU: kip width 64 and "
+                          "1,000 steps, frepo width 32; dc as published) or paper (every "
+                          "protocol as published: kip width 1024 and 5,000 steps, frepo 128)",
+                  choices=("cpu", "paper"))
   seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
   seeds_at_once: int = f(0, "networks trained together in one step (0: all)")
   seed_batching: str = f("auto", "how seeds share a step: vmap (one batched program, for "
                                  "GPU/TPU) or sequential (faster on CPU); auto picks",
                          choices=("auto", "vmap", "sequential"))
-  steps: int = f(0, "training steps per network (0: the protocol's: kip 5000; dc 300 epochs, "
+  steps: int = f(0, "training steps per network (0: the protocol's, or the cpu preset's: kip "
+                    "5000 (cpu 1000); frepo 1000/2000/5000 by set size; dc 300 epochs, "
                     "1000 with augmentation)")
   full_steps: int = f(2000, "step budget of the full-training-set baseline")
   width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)")
@@ -79,7 +84,9 @@ def _net_settings(config: Config) -> tuple[str, int, str]:
   """(net, width, norm): the protocol's defaults where the flags say auto/0."""
   protocol = PROTOCOLS[config.protocol]
   net = protocol.net if config.net == "auto" else config.net
-  width = config.width or (64 if net == "resnet18" else protocol.width)
+  cpu = config.preset == "cpu" and protocol.cpu_width
+  width = config.width or (64 if net == "resnet18" else
+                           protocol.cpu_width if cpu else protocol.width)
   if config.norm != "auto":
     norm = config.norm
   else:
@@ -112,16 +119,9 @@ def transfer(config: Config, workdir: str) -> dict:
   augment = None if config.augment == "auto" else config.augment
   results = []
   for row in rows:
-    row_dir = os.path.join(workdir, row)
-    done_path = os.path.join(row_dir, "result.json")
-    if os.path.exists(done_path):
-      with open(done_path) as fh:
-        results.append(json.load(fh))
-      cli.log(f"{row}: finished earlier, {_format_acc(results[-1])}")
-      continue
+    row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
     x, y, steps = _row_data(row, config, distilled, data, seeds)
     total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment).steps
-    t0 = time.perf_counter()
     trained: list[TrainResult] = []
     at_once = config.seeds_at_once or len(seeds)
     for start in range(0, len(seeds), at_once):
@@ -143,11 +143,10 @@ def transfer(config: Config, workdir: str) -> dict:
         "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
         "train_time": float(sum(t.train_time for t in trained)),
-        "wall_time": time.perf_counter() - t0,
+        "wall_time": float(sum(t.wall_time for t in trained)),
         "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
         "params": trained[0].params,
     }
-    write_json(done_path, result)
     results.append(result)
     cli.log(f"{row}: {_format_acc(result)}")
   report = {"config": dataclasses.asdict(config), "preprocessing": data.preprocessor.name,
@@ -159,7 +158,10 @@ def transfer(config: Config, workdir: str) -> dict:
 def _row_data(row: str, config: Config, distilled, data, seeds):
   """(x, y, steps) of a row; the random baseline has one subset per seed: (n_seeds, n, ...)."""
   if row == "distilled":
-    return distilled.images, distilled.labels, config.steps
+    if distilled.labels is None:
+      raise cli.UserError(f"{config.support} holds regression targets, not labels: the kip, dc "
+                          "and frepo protocols train classifiers")
+    return distilled.images, distilled.labels, _steps(config)
   if row == "full":
     return data.x_train, data.y_train, config.full_steps
   n = len(distilled.images)
@@ -170,7 +172,14 @@ def _row_data(row: str, config: Config, distilled, data, seeds):
   idx = np.stack([class_balanced_indices(data.labels_train, ipc, np.random.default_rng([s, 7]),
                                          data.num_classes) for s in seeds])
   return (data.x_train[idx], centered_one_hot(data.labels_train[idx], data.num_classes),
-          config.steps)
+          _steps(config))
+
+
+def _steps(config: Config) -> int:
+  protocol = PROTOCOLS[config.protocol]
+  if config.steps or config.preset != "cpu" or protocol.cpu_steps is None:
+    return config.steps
+  return protocol.cpu_steps
 
 
 def _format_acc(result: dict) -> str:

@@ -31,7 +31,7 @@ from kip.sharding import shard_feature_kernel, shard_kernel
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
-           "log_kernel_layouts"]
+           "log_kernel_layouts", "PREPROCESSING"]
 
 
 class Data(NamedTuple):
@@ -47,17 +47,32 @@ class Data(NamedTuple):
   num_classes: int
 
 
+PREPROCESSING = ("standard", "kip_zca", "zca")
+
+
 def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
                  manual_dir: str | None = None, val_size: int = 0, seed: int = 0,
-                 preprocessor: Preprocessor | None = None) -> Data:
+                 preprocessor: Preprocessor | None = None, preprocess: str | None = None
+                 ) -> Data:
   """Loads `dataset`, fits the preprocessing on its training split (unless one is given) and
-  applies it to train and test. With `val_size`, the held-out validation split is the test set."""
+  applies it to train and test. With `val_size`, the held-out validation split is the test set.
+
+  preprocess: one of PREPROCESSING: `standard` (per-channel standardisation), `kip_zca` (then
+  KIP's per-image layer norm and ZCA, the KIP/LS releases; what `zca=True` means) or `zca`
+  (standardisation then ZCA without layer norm, FRePo/MTT style), all with ZCA regulariser 0.1.
+  """
+  if preprocess is None:
+    preprocess = "kip_zca" if zca else "standard"
+  if preprocess not in PREPROCESSING:
+    raise ValueError(f"unknown preprocessing {preprocess!r}; choose one of "
+                     f"{', '.join(PREPROCESSING)}")
   _, num_classes = check_dataset(dataset)
   splits = load_dataset(dataset, data_dir=data_dir or None, manual_dir=manual_dir or None,
                         val_size=val_size, seed=seed)
   train = splits["train"]
   test = splits["validation"] if val_size else splits["test"]
-  preprocessor = preprocessor or fit_preprocessor(train.images, zca=zca)
+  preprocessor = preprocessor or fit_preprocessor(
+      train.images, zca=preprocess != "standard", zca_layer_norm=preprocess == "kip_zca")
   return Data(preprocessor.apply(train.images), centered_one_hot(train.labels, num_classes),
               train.labels, preprocessor.apply(test.images), test.labels, preprocessor,
               num_classes)

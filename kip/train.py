@@ -15,17 +15,19 @@ Two named protocols, each as its source describes it:
 
 Several seeds train at once: the per-seed states are stacked and one jitted step runs them all,
 `vmap`ped, or one after another for conv nets on CPU (`choose_seed_batching`); the training
-images are shared, batches and augmentations are drawn per seed. Randomness is
-a pure function of (seed, step), so a run resumed from a checkpoint equals an uninterrupted one.
+images are shared, batches and augmentations are drawn per seed. Training runs in the one loop
+(`kip.loop.run`) as a method that needs no real batch from it: same metrics schema, checkpoints
+and resume as distillation. Randomness is a pure function of (seed, step), so a run resumed from
+a checkpoint equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
-import time
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -34,17 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from kip._compat import nt
 from kip.augment import DSA_STRATEGY, dsa, parse_strategy
-from kip.loop import (
-  NonFiniteLossError,
-  read_metrics,
-  restore_checkpoint,
-  save_checkpoint,
-  truncate_metrics,
-)
+from kip.loop import Evaluator, LoopConfig, read_metrics, run
+from kip.method import Data, Method, make_sampler
 from kip.nets import MLP, count_params
 
 __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
@@ -79,6 +75,11 @@ class Protocol:
   warmup_steps: int = 0
   final_lr_fraction: float = 0.0
   steps_by_size: tuple[tuple[int, int], ...] = ()
+  cpu_width: int | None = None  # the `cpu` preset of experiments.transfer (None: as the paper)
+  cpu_steps: int | None = None
+  centering: bool = False  # train f(theta, x) - f(theta_0, x) (RFAD)
+  decay_to_init: bool = False  # weight decay pulls toward the initial weights, not 0 (RFAD)
+  label_scale: float = 1.0  # targets x label_scale, MSE / label_scale^2 (RFAD)
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -94,14 +95,14 @@ class Protocol:
 
 LOSSES = ("mse", "xent")
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "warmup_cosine")
+SCHEDULES = ("cosine", "step", "warmup_cosine", "constant")
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "kip": Protocol(
         name="kip", source="KIP authors' nn_training colab (Nguyen et al., NeurIPS 2021)",
         loss="mse", lr=None, momentum=0.9, weight_decay=1e-3, batch_size=100, schedule="cosine",
-        width=1024, norm="none", steps=5000),
+        width=1024, norm="none", steps=5000, cpu_width=64, cpu_steps=1000),
     "dc": Protocol(
         name="dc", source="DC/DSA/DM/MTT evaluation (Zhao et al., ICLR 2021; Zhao & Bilen 2021)",
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
@@ -112,7 +113,13 @@ PROTOCOLS: dict[str, Protocol] = {
         loss="mse", lr=3e-4, momentum=0.0, weight_decay=0.0, batch_size=500,
         schedule="warmup_cosine", width=128, norm="none", optimizer="adam", warmup_steps=500,
         final_lr_fraction=0.01, augment="color_crop_cutout_scale_rotate", net="frepo_convnet",
-        steps_by_size=((10, 1000), (100, 2000), (500, 5000))),
+        steps_by_size=((10, 1000), (100, 2000), (500, 5000)), cpu_width=32),
+    "rfad": Protocol(
+        name="rfad", source="RFAD's finite-network evaluation (Loo et al., NeurIPS 2022, official "
+        "code; MNIST ipc 10 hyperparameters)",
+        loss="mse", lr=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=513, schedule="constant",
+        width=1024, norm="none", steps=20_000, net="convnet3", centering=True,
+        decay_to_init=True, label_scale=8.0, cpu_width=128, cpu_steps=2000),
 }
 
 
@@ -147,17 +154,20 @@ def resolve_schedule(protocol: Protocol, n_train: int, *, steps: int = 0,
 
 class TrainState(NamedTuple):
   """One network's state (a leading seed axis when stacked): params, batch-norm statistics
-  (empty when the net has none) and the optimiser's state."""
+  (empty when the net has none), the optimiser's state, and the initial params (kept only by
+  protocols that centre the output or decay toward the initialisation; else empty)."""
 
   params: Any
   batch_stats: Any
   opt_state: Any
+  init_params: Any = ()
 
 
 class TrainResult(NamedTuple):
   """test_acc: (n_seeds,) final accuracy on the whole test split; curve: [{"step", "test_acc":
   [per seed]}]; lr: the learning rate used; train_time: seconds of training (no evaluation);
-  images_per_s: training images processed per second, all seeds together, after compilation."""
+  images_per_s: training images processed per second, all seeds together, compilation
+  included; wall_time: seconds of the whole run, evaluations included."""
 
   test_acc: np.ndarray
   curve: list[dict]
@@ -166,6 +176,7 @@ class TrainResult(NamedTuple):
   train_time: float
   images_per_s: float
   params: int
+  wall_time: float = math.nan
 
 
 def _variables(params, batch_stats) -> dict:
@@ -173,10 +184,18 @@ def _variables(params, batch_stats) -> dict:
 
 
 def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: float,
-                  memory_bytes: float = 2**30) -> float:
+                  memory_bytes: float = 2**30, iterations: int = 100) -> float:
   """The largest learning rate at which (momentum) gradient descent on the MSE
-  `0.5 * mean((f - y)^2)` is stable for the linearised network: `nt.predict.max_learning_rate`
-  of the empirical NTK (averaged over logits) of `x` (m, H, W, C) at these parameters."""
+  `0.5 * mean((f - y)^2)` is stable for the linearised network: `2 (1 + momentum) * m * k /
+  lambda_max`, lambda_max the top eigenvalue of the empirical NTK (averaged over the k logits) of
+  `x` (m, H, W, C) at these parameters, as `nt.predict.max_learning_rate` computes it.
+
+  When the Jacobian (m * k * params floats) fits in `memory_bytes`, the NTK is built by
+  neural-tangents' Jacobian contraction and its eigenvalue taken exactly; otherwise lambda_max
+  comes from power iteration with NTK-vector products (one VJP and one JVP per logit per
+  iteration; no Jacobian and no Gram matrix beyond m x m), within `iterations` or until it moves
+  by less than 1e-7 relative.
+  """
   rest = {k: v for k, v in variables.items() if k != "params"}
 
   def f(params, images):
@@ -185,19 +204,52 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
   params = variables["params"]
   num_outputs = jax.eval_shape(f, params, x[:1]).shape[-1]
   jacobian_bytes = 4 * len(x) * num_outputs * count_params(params)
-  implementation = (nt.NtkImplementation.JACOBIAN_CONTRACTION if jacobian_bytes < memory_bytes
-                    else nt.NtkImplementation.NTK_VECTOR_PRODUCTS)
-  ntk_fn = jax.jit(nt.empirical_ntk_fn(f, vmap_axes=0, implementation=implementation))
+  x = jnp.asarray(x)
+  if jacobian_bytes < memory_bytes:
+    ntk_fn = jax.jit(nt.empirical_ntk_fn(
+        f, vmap_axes=0, implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION))
+    with jax.default_matmul_precision("highest"):
+      ntk = np.asarray(ntk_fn(x, None, params), np.float64)
+    return float(nt.predict.max_learning_rate(ntk, y_train_size=len(x) * num_outputs,
+                                              momentum=momentum))
+  top = _ntk_top_eigenvalue(f, params, x, num_outputs, iterations)
+  return float(2 * (1 + momentum) * len(x) * num_outputs / top)
+
+
+def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: int) -> float:
+  """Power iteration for the top eigenvalue of (1/k) sum_o J_o J_o^T, J_o the (m, params)
+  Jacobian of logit o, with matrix-free products: J_o^T v by a VJP, J_o u by a JVP."""
+  _, vjp = jax.vjp(lambda p: f(p, x), params)
+
+  @jax.jit
+  def ntk_vector(v):
+    def one_logit(total, o):
+      (u,) = vjp(jnp.zeros((len(x), k), v.dtype).at[:, o].set(v))
+      _, out = jax.jvp(lambda p: f(p, x), (params,), (u,))
+      return total + out[:, o], None
+
+    total, _ = jax.lax.scan(one_logit, jnp.zeros_like(v), jnp.arange(k))
+    return total / k
+
+  v = jnp.ones((len(x),), jnp.float32) / np.sqrt(len(x))
+  value = 0.0
   with jax.default_matmul_precision("highest"):
-    ntk = np.asarray(ntk_fn(jnp.asarray(x), None, params), np.float64)
-  return float(nt.predict.max_learning_rate(ntk, y_train_size=len(x) * num_outputs,
-                                            momentum=momentum))
+    for _ in range(iterations):
+      w = ntk_vector(v)
+      new = float(jnp.vdot(v, w))
+      v = w / jnp.linalg.norm(w)
+      if abs(new - value) <= 1e-7 * abs(new):
+        return new
+      value = new
+  return value
 
 
 def make_optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientTransformation:
   """The protocol's optimiser (SGD with momentum and weight decay, or Adam) and learning-rate
   schedule over `steps`."""
-  if protocol.schedule == "cosine":
+  if protocol.schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  elif protocol.schedule == "cosine":
     schedule = optax.cosine_decay_schedule(lr, steps, alpha=protocol.final_lr_fraction)
   elif protocol.schedule == "step":
     schedule = optax.piecewise_constant_schedule(lr, {steps // 2: 0.1})
@@ -207,6 +259,8 @@ def make_optimizer(protocol: Protocol, lr: float, steps: int) -> optax.GradientT
         0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * protocol.final_lr_fraction)
   if protocol.optimizer == "adam":
     return optax.adam(schedule)
+  if protocol.decay_to_init:  # the decay toward the initial weights is in the loss
+    return optax.sgd(schedule, momentum=protocol.momentum)
   # Weight decay added to the gradient before momentum = the gradient of 0.5 * wd * sum w^2.
   return optax.chain(optax.add_decayed_weights(protocol.weight_decay),
                      optax.sgd(schedule, momentum=protocol.momentum))
@@ -217,13 +271,15 @@ def _seed_keys(seeds: Sequence[int]) -> jax.Array:
 
 
 def init_states(net: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int],
-                image_shape: tuple[int, ...]) -> TrainState:
-  """Stacked initial states, one per seed (init key `fold_in(key(seed), 0)`)."""
+                image_shape: tuple[int, ...], keep_init: bool = False) -> TrainState:
+  """Stacked initial states, one per seed (init key `fold_in(key(seed), 0)`); `keep_init` keeps a
+  copy of the initial params (centering, decay toward the initialisation)."""
 
   def init(key):
     variables = net.init(jax.random.fold_in(key, 0), jnp.zeros((1, *image_shape)), train=False)
     params = variables["params"]
-    return TrainState(params, variables.get("batch_stats", {}), tx.init(params))
+    return TrainState(params, variables.get("batch_stats", {}), tx.init(params),
+                      params if keep_init else ())
 
   return jax.jit(jax.vmap(init))(_seed_keys(seeds))
 
@@ -270,24 +326,37 @@ def over_seeds(fn: Callable, in_axes: tuple, seed_batching: str = "auto",
 
 def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
                     schedule: Schedule, n_train: int, per_seed_data: bool = False,
-                    seed_batching: str = "vmap") -> Callable:
+                    seed_batching: str = "vmap", protocol: Protocol | None = None) -> Callable:
   """(states, seed_keys, step, x_train, y_train) -> (states, losses (n_seeds,)); compiled, states
   donated. Batch `step` of a seed is a slice of that seed's permutation for the step's epoch.
   With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed);
-  `seed_batching` is how seeds share the step (see `over_seeds`)."""
+  `seed_batching` is how seeds share the step (see `over_seeds`). `protocol` brings RFAD's
+  centering, label scale and decay toward the initialisation, when it asks for them."""
   batch, per_epoch = schedule.batch_size, schedule.steps_per_epoch
+  centering = protocol is not None and protocol.centering
+  scale = protocol.label_scale if protocol is not None else 1.0
+  decay_to_init = protocol.weight_decay if protocol is not None and protocol.decay_to_init else 0
 
-  def loss_fn(params, batch_stats, x, y):
+  def loss_fn(params, batch_stats, x, y, init_params):
     variables = _variables(params, batch_stats)
     if batch_stats:
       logits, updated = net.apply(variables, x, train=True, mutable=["batch_stats"])
       batch_stats = updated["batch_stats"]
     else:
       logits = net.apply(variables, x, train=True)
+    if centering:
+      logits = logits - net.apply(_variables(init_params, batch_stats), x, train=False)
+    if decay_to_init:
+      value = 0.5 * decay_to_init * sum(
+          jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                 jax.tree_util.tree_leaves(init_params),
+                                                 strict=True))
+    else:
+      value = 0.0
     if loss == "mse":
-      value = 0.5 * jnp.mean((logits - y) ** 2)
+      value = value + 0.5 * jnp.mean((logits - scale * y) ** 2) / scale**2
     elif loss == "xent":
-      value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      value = value + optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     else:
       raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     return value, batch_stats
@@ -300,20 +369,26 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
     if schedule.augment:
       x = dsa(jax.random.fold_in(jax.random.fold_in(key, 2), step), x, schedule.augment)
     (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, y)
+        state.params, state.batch_stats, x, y, state.init_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), value
+    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state,
+                      state.init_params), value
 
   data_axis = 0 if per_seed_data else None
   return over_seeds(one_seed, (0, 0, None, data_axis, data_axis), seed_batching,
                     donate_first=True)
 
 
-def make_predict(net: nn.Module, seed_batching: str = "vmap") -> Callable:
-  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); compiled."""
+def make_predict(net: nn.Module, seed_batching: str = "vmap", centering: bool = False
+                 ) -> Callable:
+  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); compiled. `centering`
+  subtracts the network's output at initialisation (RFAD's protocol)."""
 
   def predict(state: TrainState, x):
-    return net.apply(_variables(state.params, state.batch_stats), x, train=False)
+    out = net.apply(_variables(state.params, state.batch_stats), x, train=False)
+    if centering:
+      out = out - net.apply(_variables(state.init_params, state.batch_stats), x, train=False)
+    return out
 
   return over_seeds(predict, (0, None), seed_batching)
 
@@ -352,9 +427,10 @@ def train_and_evaluate(
     log: Callable[[str], None] = print,
     description: str = "training",
     seed_batching: str = "auto",
+    memory_bytes: float = 2**30,
 ) -> TrainResult:
-  """Trains one network per seed on (x_train, y_train) under `protocol`; returns their accuracy
-  on the whole test split.
+  """Trains one network per seed on (x_train, y_train) under `protocol`, in the one loop
+  (`kip.loop.run`); returns their accuracy on the whole test split.
 
   Args:
     x_train: (n, H, W, C) float32 images in the set's preprocessed space, shared by all seeds,
@@ -365,8 +441,10 @@ def train_and_evaluate(
     steps, lr, augment: overrides of the protocol (0 / None keep it).
     eval_every: test-set evaluations along the way (0: only at the end), for the curve.
     seed_batching: `vmap`, `sequential` or `auto` (see `choose_seed_batching`).
-    workdir: where to write metrics.jsonl and checkpoints; a later call with the same workdir
-      resumes from the last checkpoint (every `checkpoint_every` steps, default at evaluations).
+    workdir: where the loop writes metrics.jsonl (`test_acc` per seed on evaluation steps,
+      `loss` per seed every 100 steps) and checkpoints; a later call with the same workdir
+      resumes (default: a temporary folder, no resume).
+    memory_bytes: budget of the learning-rate estimate's Jacobian (see `max_stable_lr`).
   """
   per_seed = x_train.ndim == 5
   if per_seed and (len(x_train) != len(seeds) or len(y_train) != len(seeds)):
@@ -382,74 +460,46 @@ def train_and_evaluate(
     # The colab's choice: the NTK of one initialisation, at `lr_ntk_images` training images.
     variables = net.init(jax.random.fold_in(jax.random.key(seeds[0]), 0), first[:1], train=False)
     pick = np.random.default_rng(seeds[0]).permutation(n_train)[:protocol.lr_ntk_images]
-    lr = max_stable_lr(net, variables, first[np.sort(pick)], protocol.momentum)
+    lr = max_stable_lr(net, variables, first[np.sort(pick)], protocol.momentum, memory_bytes)
     log(f"learning rate {lr:.4g} (maximum stable rate of the empirical NTK)")
   elif lr <= 0:
     lr = protocol.lr
   tx = make_optimizer(protocol, lr, schedule.steps)
-  states = init_states(net, tx, seeds, first.shape[1:])
-  n_params = count_params(jax.tree_util.tree_map(lambda a: a[0], states.params))
   seed_batching = choose_seed_batching(net, seed_batching)
-  step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed, seed_batching)
-  predict = make_predict(net, seed_batching)
+  step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed, seed_batching,
+                            protocol)
+  predict = make_predict(net, seed_batching, protocol.centering)
 
-  start, train_time, curve = 0, 0.0, []
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    restored = restore_checkpoint(workdir, states)
-    if restored is not None:
-      states, start, train_time = restored
-      log(f"resuming {description} from step {start} ({workdir})")
-    truncate_metrics(metrics_path, start if restored is not None else -1)
-    curve = [r for r in read_metrics(metrics_path) if "test_acc" in r]
-  checkpoint_every = checkpoint_every or eval_every or max(1, schedule.steps // 10)
+  def init(key, x_init, y_init):
+    del key, x_init, y_init  # each seed's network starts from its own seed
+    return init_states(net, tx, seeds, first.shape[1:],
+                       keep_init=protocol.centering or protocol.decay_to_init)
 
-  def record(step: int, acc: np.ndarray | None, loss: np.ndarray | None) -> None:
-    entry = {"step": step, "train_time": round(train_time, 3)}
-    if loss is not None:
-      entry["loss"] = [float(v) for v in loss]
-    if acc is not None:
-      entry |= {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
-      curve.append(entry)
-    if metrics_path:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+  def update(states, batch, key, step):
+    del batch, key  # batches and augmentation come from each seed's own key, inside the step
+    states, losses = step_fn(states, seed_keys, step - 1, x_dev, y_dev)
+    return states, {"loss": losses}
 
-  if start == 0 and eval_every:
-    record(0, evaluate_states(predict, states, x_test, labels_test), None)
-  bar = tqdm(total=schedule.steps, initial=start, disable=not progress, unit="step",
-             dynamic_ncols=True, desc=f"{description}: compiling")
-  steady_time, steady_steps = 0.0, 0
-  for step in range(start, schedule.steps):
-    t0 = time.perf_counter()
-    states, loss = step_fn(states, seed_keys, step, x_dev, y_dev)
-    loss = np.asarray(loss)  # waits for the step; keeps the timing honest
-    elapsed = time.perf_counter() - t0
-    train_time += elapsed
-    if step > start:
-      steady_time, steady_steps = steady_time + elapsed, steady_steps + 1
-    else:
-      bar.set_description(description)
-    if not np.all(np.isfinite(loss)):
-      bar.close()
-      raise NonFiniteLossError(f"{description}: training loss became {loss} at step {step + 1}; "
-                               f"try a lower --lr than {lr:.4g}")
-    done = step + 1
-    acc = None
-    if (eval_every and done % eval_every == 0) or done == schedule.steps:
-      acc = evaluate_states(predict, states, x_test, labels_test)
-      bar.set_postfix(test_acc=f"{np.mean(acc):.4f}", refresh=False)
-    if acc is not None or done % 100 == 0:
-      record(done, acc, loss)
-    if workdir and (done % checkpoint_every == 0 or done == schedule.steps):
-      save_checkpoint(workdir, states, done, train_time)
-    bar.update(1)
-  bar.close()
-  if curve and curve[-1]["step"] == schedule.steps:
-    final = np.asarray(curve[-1]["test_acc"])
-  else:  # resumed after the last step had been taken
-    final = evaluate_states(predict, states, x_test, labels_test)
-  images = schedule.batch_size * len(seeds)
-  rate = images * steady_steps / steady_time if steady_steps else math.nan
-  return TrainResult(final, curve, float(lr), schedule.steps, train_time, rate, n_params)
+  def test_accuracy(states) -> dict:
+    acc = evaluate_states(predict, states, x_test, labels_test)
+    return {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
+
+  trainer = Method(init, update, lambda states: {}, Data("none"))
+  config = LoopConfig(steps=schedule.steps, eval_every=eval_every,
+                      eval_at_start=eval_every > 0,
+                      checkpoint_every=checkpoint_every or eval_every
+                      or max(1, schedule.steps // 10), log_every=100)
+  with contextlib.ExitStack() as stack:
+    folder = workdir or stack.enter_context(tempfile.TemporaryDirectory())
+    result = run(trainer, workdir=folder, config=config, sampler=make_sampler(Data("none"), None),
+                 evaluators=[Evaluator("test", test_accuracy)], log=log, progress=progress,
+                 description=description)
+    records = read_metrics(os.path.join(folder, "metrics.jsonl"))
+  curve = [r for r in records if "test_acc" in r]
+  n_params = count_params(jax.tree_util.tree_map(lambda a: a[0], result.state.params))
+  # From the run's own records, so a finished run read back reports what it measured then.
+  train_time = records[-1]["train_time"] if records else result.train_time
+  images = schedule.batch_size * len(seeds) * schedule.steps
+  return TrainResult(np.asarray(result.evals["test_acc"]), curve, float(lr), schedule.steps,
+                     train_time, images / train_time if train_time else math.nan, n_params,
+                     records[-1]["wall_time"] if records else result.wall_time)

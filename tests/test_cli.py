@@ -90,7 +90,14 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
     ("experiments.kip", ["--ipc", "ten"], "invalid int value"),
     ("experiments.evaluate", ["--support", "missing.npz"], "missing.npz: no such file"),
     ("experiments.label_solve", ["--support", "missing.npz"], "missing.npz: no such file"),
-    ("experiments.kip", ["--memory-mb", "-5"], "--memory-mb must be positive"),
+    ("experiments.kip", ["--memory-mb", "-5"], "--memory-mb must be at least 0"),
+    ("experiments.kip", ["--lr", "-1"], "--lr must be greater than 0"),
+    ("experiments.kip", ["--eval-every", "-1"], "--eval-every must be at least 0"),
+    ("experiments.label_solve", ["--ipc", "0"], "--ipc must be at least 1"),
+    ("experiments.label_solve", ["--ipc", "-1"], "--ipc must be at least 1"),
+    ("experiments.evaluate", ["--support", "x.npz", "--reg", "-1"], "--reg must be at least 0"),
+    ("experiments.frepo", ["--preset", "huge"], "invalid choice: 'huge'"),
+    ("experiments.rfad", ["--jitter", "-1"], "--jitter must be at least 0"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, message):
   out = run_cli(module, *args, "--workdir", str(tmp_path / "w")) if module != \
@@ -98,7 +105,20 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, messag
   assert out.returncode == 2
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and message in lines[0], out.stderr
-  assert not (tmp_path / "w" / "distilled.npz").exists()
+  assert not (tmp_path / "w").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("module", ["experiments.kip", "experiments.label_solve",
+                                    "experiments.transfer", "experiments.frepo"])
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, module):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  for workdir, message in ((blocker, "is a file, not a folder"),
+                           (blocker / "run", "which is a file")):
+    out = run_cli(module, "--workdir", str(workdir), "--support", "s.npz") if \
+        module == "experiments.transfer" else run_cli(module, "--workdir", str(workdir))
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
 
 
 def test_malformed_file_is_rejected_in_one_line(tmp_path):

@@ -38,6 +38,9 @@ def test_max_stable_lr_matches_numpy_and_is_the_stability_edge():
   per_logit_mean = full.reshape(n, k, n, k).trace(axis1=1, axis2=3) / k
   expected = 2 * 1.9 * n * k / np.linalg.eigvalsh(per_logit_mean)[-1]
   assert lr == pytest.approx(expected, rel=1e-4)
+  # Without room for the Jacobian: power iteration with NTK-vector products, same rate.
+  matrix_free = max_stable_lr(net, variables, x, momentum=0.9, memory_bytes=0, iterations=500)
+  assert matrix_free == pytest.approx(expected, rel=1e-3)
 
   # Heavy-ball GD on the linearised MSE 0.5 * mean(r^2) with the logit-averaged kernel
   # (block diagonal over logits): r <- r - lr / (n k) * K r + momentum; stable just below.
@@ -152,6 +155,19 @@ def test_resume_equals_an_uninterrupted_run(small, tmp_path):
   np.testing.assert_array_equal(resumed.test_acc, straight.test_acc)
   assert [c["step"] for c in resumed.curve] == [0, 10, 20, 30, 40]
   assert [c["test_acc"] for c in resumed.curve] == [c["test_acc"] for c in straight.curve]
+
+
+def test_rfad_protocol_centres_the_output_and_learns(small):
+  x, y, x_test, labels_test = small
+  net = make_net("mlp", 10, width=64)
+  protocol = PROTOCOLS["rfad"]
+  result = train_and_evaluate(net, protocol, x, y, x_test, labels_test, seeds=[0], steps=60,
+                              eval_every=60, progress=False, log=lambda s: None)
+  # Centred: the network's output at initialisation is exactly 0, so the first loss is
+  # 0.5 * mean((0 - 8 y)^2) / 8^2 = 0.5 * mean(y^2), and the decay toward init adds nothing yet.
+  # (The first loss record is the loss of step 1, taken at the initial weights.)
+  assert result.curve[0]["test_acc"][0] == pytest.approx(np.mean(labels_test == 0), abs=1e-9)
+  assert result.test_acc[0] > 0.6
 
 
 def test_divergence_stops_with_a_clear_error(small):

@@ -1,0 +1,94 @@
+"""Steps per second of FRePo's and RFAD's distillation step at the CPU preset and at the papers'
+sizes, on MNIST-shaped data (28x28x1, 10 classes), 10 images per class.
+
+  python -m bench.method_step --rounds 3
+
+Each row: one compiled step (compile time reported apart), then `--rounds` timed steps, median.
+Paper sizes are slow on a CPU (seconds to minutes per step); `--only cpu` skips them. Prints a
+table and writes bench/results/method_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from kip.method import Batch
+from methods.frepo import make_frepo
+from methods.rfad import make_rfad
+
+SHAPE, CLASSES, N_SUPPORT = (28, 28, 1), 10, 100
+SIZES = {
+    ("frepo", "cpu"): {"width": 32, "target_batch": 256},
+    ("frepo", "paper"): {"width": 128, "target_batch": 1024},
+    ("rfad", "cpu"): {"width": 64, "num_models": 4, "target_batch": 512},
+    ("rfad", "paper"): {"width": 256, "num_models": 8, "target_batch": 5120},
+}
+
+
+def _method(name: str, size: dict):
+  if name == "frepo":
+    return make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=1000, **size)
+  return make_rfad(num_classes=CLASSES, image_shape=SHAPE, **size)
+
+
+def measure(name: str, preset: str, rounds: int) -> dict:
+  size = SIZES[(name, preset)]
+  method = _method(name, size)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((N_SUPPORT, *SHAPE)).astype(np.float32)
+  y = (np.eye(CLASSES)[np.arange(N_SUPPORT) % CLASSES] - 0.1).astype(np.float32)
+  n_t = size["target_batch"]
+  batch = Batch(rng.standard_normal((n_t, *SHAPE)).astype(np.float32),
+                (np.eye(CLASSES)[rng.integers(0, CLASSES, n_t)] - 0.1).astype(np.float32))
+  state = method.init(jax.random.key(0), x, y)
+  t0 = time.perf_counter()
+  state, metrics = method.update(state, batch, jax.random.key(1), 1)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(rounds):
+    t0 = time.perf_counter()
+    state, metrics = method.update(state, batch, jax.random.key(i + 2), i + 2)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  return {"method": name, "preset": preset, **size, "n_support": N_SUPPORT,
+          "compile_and_first_step_s": compile_s, "step_s": step_s, "steps_per_s": 1 / step_s,
+          "rounds": rounds}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--only", choices=("all", "cpu", "paper"), default="all")
+  args = parser.parse_args(argv)
+  rows = [measure(name, preset, args.rounds) for name, preset in SIZES
+          if args.only in ("all", preset)]
+  print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}")
+  for r in rows:
+    size = ", ".join(f"{k} {r[k]}" for k in SIZES[(r["method"], r["preset"])])
+    print(f"{r['method']:<7} {r['preset']:<6} {size:<45} {r['compile_and_first_step_s']:>9.1f} "
+          f"{r['step_s']:>8.3f} {r['steps_per_s']:>8.3f}")
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "method_step.json")
+  with open(out + ".tmp", "w") as f:
+    json.dump({"command": " ".join(["python -m bench.method_step", *sys.argv[1:]]),
+               "machine": f"{os.cpu_count()} CPU cores, "
+               f"{platform.processor() or platform.machine()}, JAX {jax.__version__} on "
+               f"{jax.default_backend()}", "rows": rows}, f, indent=2)
+  os.replace(out + ".tmp", out)
+  print(f"written {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,111 @@
+"""Distil with FRePo / RFAD / KIP on a 2-core CPU, then train finite networks on every set under
+the named protocols beside a random real subset of the same size; print one table, write JSON.
+
+  python -m bench.methods --runs frepo:mnist:10 --protocols frepo,dc --seeds 5
+
+Each run is `method:dataset:ipc`. Every step is a command of this project run in its own
+workdir under --root (distillation: runs/<method>-<dataset>-ipc<ipc>; transfer:
+runs/<...>/transfer-<protocol>), so an interrupted benchmark resumes where it stopped and finished
+parts are read back, not redone. Extra flags for a method go after `--method-args`, e.g.
+`--method-args kip="--kernel nfk-convnet3 --steps 300"`. Results: bench/results/methods_<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], log) -> float:
+  t0 = time.perf_counter()
+  log(f"$ python -m {' '.join(shlex.quote(a) for a in args)}")
+  done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT)
+  if done.returncode:
+    raise SystemExit(f"failed ({done.returncode}): python -m {' '.join(args)}")
+  return time.perf_counter() - t0
+
+
+def _last_metrics(workdir: str) -> dict:
+  path = os.path.join(workdir, "metrics.jsonl")
+  latest = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        latest.update(json.loads(line))
+  return latest
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--runs", default="frepo:mnist:10",
+                      help="method:dataset:ipc, comma-separated")
+  parser.add_argument("--protocols", default="frepo,dc", help="transfer protocols")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--root", default="runs/bench", help="workdirs of every step")
+  parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))
+  parser.add_argument("--data-dir", default=os.path.join(ROOT, ".cache", "tfds"))
+  parser.add_argument("--method-args", action="append", default=[],
+                      help='method="extra flags" for its distillation command')
+  parser.add_argument("--transfer-args", default="", help="extra flags for every transfer run")
+  parser.add_argument("--tag", default="mnist")
+  args = parser.parse_args(argv)
+  extra = {}
+  for item in args.method_args:
+    name, _, flags = item.partition("=")
+    extra[name] = shlex.split(flags)
+  data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
+  rows = []
+  for run in args.runs.split(","):
+    method, dataset, ipc = run.split(":")
+    workdir = os.path.join(args.root, f"{method}-{dataset}-ipc{ipc}")
+    distil_time = _run([f"experiments.{method}", "--dataset", dataset, "--ipc", ipc,
+                        "--workdir", workdir, "--no-progress", *data, *extra.get(method, [])],
+                       print)
+    metrics = _last_metrics(workdir)
+    support = os.path.join(workdir, "distilled.npz")
+    for protocol in args.protocols.split(","):
+      tdir = os.path.join(workdir, f"transfer-{protocol}")
+      _run(["experiments.transfer", "--support", support, "--dataset", dataset, "--protocol",
+            protocol, "--seeds", str(args.seeds), "--workdir", tdir, "--no-progress", *data,
+            *shlex.split(args.transfer_args)], print)
+      with open(os.path.join(tdir, "transfer.json")) as f:
+        report = json.load(f)
+      for r in report["rows"]:
+        rows.append({"method": method, "dataset": dataset, "ipc": int(ipc),
+                     "distil_steps": metrics.get("step"),
+                     "distil_wall_time": metrics.get("wall_time"),
+                     "distil_krr_acc": next((v for k, v in metrics.items()
+                                             if k.endswith("test_acc") and "krr" in k
+                                             or k in ("test_acc", "rf_test_acc")), None),
+                     "this_call_s": distil_time, **{k: r[k] for k in (
+                         "row", "net", "width", "protocol", "seeds", "test_acc", "test_acc_mean",
+                         "test_acc_std", "steps", "lr", "train_time")}})
+  header = ("method", "dataset", "ipc", "set", "net", "protocol", "test acc (%)", "distil steps",
+            "distil wall")
+  lines = [header]
+  for r in rows:
+    lines.append((r["method"], r["dataset"], str(r["ipc"]), r["row"], f"{r['net']}-{r['width']}",
+                  r["protocol"], f"{100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f}",
+                  str(r["distil_steps"]), f"{r['distil_wall_time'] or 0:.0f} s"))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+                  for line in lines))
+  out = os.path.join(ROOT, "bench", "results", f"methods_{args.tag}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
+  os.replace(out + ".tmp", out)
+  print(f"written {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
