@@ -5,7 +5,9 @@ methods/frepo.py). The default preset `cpu` fits a 2-core CPU (first-block width
 images per step, 2,000 steps: about 15 minutes at 10 images per class); `--preset paper` takes the
 paper's sizes (width 128, 1,024 real images per step, 500,000 steps: a GPU job). Explicit flags
 override the preset. Every `--eval-every` steps the loop measures KRR test accuracy on the
-features of the current pool model (`krr_test_acc`); train finite networks on the result with
+features of the current pool model (`krr_test_acc`, or `krr_validation_acc` on a held-out split
+with `--val-size`, which picks distilled_best.npz and with `--patience` stops early); train finite
+networks on the result with
 `python -m experiments.transfer --support WORKDIR/distilled.npz --protocol frepo`.
 
 Writes config.json, metrics.jsonl, distilled.npz and checkpoints/ in the workdir; re-running the
@@ -61,6 +63,9 @@ class Config(cli.RunConfig, cli.DataConfig):
                       minimum=0)
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
                             minimum=1)
+  patience: int = f(0, "with --val-size: stop once the validation accuracy has not improved for "
+                      "this many steps (0: never); distilled_best.npz keeps the best set",
+                    minimum=0)
   val_size: int = f(0, "hold out this many training images and evaluate on them instead of test",
                     minimum=0)
 
@@ -92,12 +97,15 @@ def run_frepo(config: Config, workdir: str) -> dict:
     result = evaluate(pool_kernel, state.x, state.y,
                       data.x_test, data.labels_test, reg=config.reg, params=(params, stats),
                       block_rows=1000)
-    return {f"krr_{k}": v for k, v in result.items()}
+    split = "validation" if config.val_size else "test"
+    return {f"krr_{split}_{k[len('test_'):]}": v for k, v in result.items()}
 
   meta = {"method": "frepo", "dataset": config.dataset, "kernel": "frepo-pool",
           "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
   loop_config = LoopConfig(steps=config.steps, eval_every=config.eval_every,
-                           checkpoint_every=config.checkpoint_every, seed=config.seed)
+                           checkpoint_every=config.checkpoint_every, seed=config.seed,
+                           select_metric="krr_validation_acc" if config.val_size else "",
+                           patience=config.patience if config.val_size else 0)
   result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
                    y_init=y_init, meta=meta, evaluators=[Evaluator("pool_krr", pool_krr)],
                    log=cli.log, progress=config.progress)
@@ -109,8 +117,9 @@ def main(argv=None) -> int:
   workdir = cli.prepare_workdir(config, "frepo", [config.dataset, f"ipc{config.ipc}"])
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_frepo(config, workdir)
-  acc = result.get("krr_test_acc", np.nan)
-  cli.report(f"KRR test accuracy on the pool features: {100 * acc:.2f}%; distilled set: "
+  split = "validation" if config.val_size else "test"
+  acc = result.get(f"krr_{split}_acc", np.nan)
+  cli.report(f"KRR {split} accuracy on the pool features: {100 * acc:.2f}%; distilled set: "
              f"{os.path.join(workdir, 'distilled.npz')}")
   return 0
 

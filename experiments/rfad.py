@@ -5,8 +5,10 @@ methods/rfad.py). The default preset `cpu` fits a 2-core CPU (4 nets of width 64
 real images, 1,000 steps); `--preset paper` takes the paper's sizes (8 nets of width 256, 5,120
 real images per step, 100,000 steps, 16 evaluation nets: a GPU job). Explicit flags override the
 preset. Every `--eval-every` steps the loop measures KRR accuracy with `--eval-models` random nets
-drawn from a fixed seed (`rf_test_acc`; with `--val-size`, on a held-out training split, as RFAD's
-early stopping does). Train finite networks on the result with `experiments.transfer`.
+drawn from a fixed seed (`rf_test_acc`; with `--val-size`, `rf_validation_acc` on a held-out
+training split, which picks `distilled_best.npz` and, with `--patience`, stops the run early as
+RFAD does; the paper preset holds out 5,000 images with patience 1,000). Train finite networks on
+the result with `experiments.transfer`.
 
 Writes config.json, metrics.jsonl, distilled.npz and checkpoints/ in the workdir; re-running the
 same command with the same --workdir resumes.
@@ -31,7 +33,8 @@ f = cli.field
 PRESETS = {
     "cpu": {"width": 64, "num_models": 4, "target_batch": 512, "steps": 1000, "eval_models": 4},
     "paper": {"width": 256, "num_models": 8, "target_batch": 5120, "steps": 100_000,
-              "eval_models": 16, "eval_every": 40, "checkpoint_every": 1000},
+              "eval_models": 16, "eval_every": 40, "checkpoint_every": 1000,
+              "val_size": 5000, "patience": 1000},
 }
 
 
@@ -56,6 +59,9 @@ class Config(cli.RunConfig, cli.DataConfig):
   eval_every: int = f(100, "steps between KRR evaluations (0: at the end)", minimum=0)
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
                             minimum=1)
+  patience: int = f(0, "with --val-size: stop once the validation accuracy has not improved for "
+                      "this many steps (0: never); distilled_best.npz keeps the best set",
+                    minimum=0)
   val_size: int = f(0, "hold out this many training images and evaluate on them instead of test "
                        "(RFAD: 500 per class)", minimum=0)
 
@@ -85,12 +91,14 @@ def run_rfad(config: Config, workdir: str) -> dict:
   def rf_krr(state) -> dict:
     result = evaluate(eval_kernel, state.x, state.y, data.x_test, data.labels_test,
                       reg=config.jitter, params=eval_key, block_rows=1000)
-    return {f"rf_{k}": v for k, v in result.items()}
+    return {f"rf_{split}_{k[len('test_'):]}": v for k, v in result.items()}
 
   meta = {"method": "rfad", "dataset": config.dataset, "kernel": "rfad-nngp",
           "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
   loop_config = LoopConfig(steps=config.steps, eval_every=config.eval_every,
-                           checkpoint_every=config.checkpoint_every, seed=config.seed)
+                           checkpoint_every=config.checkpoint_every, seed=config.seed,
+                           select_metric="rf_validation_acc" if config.val_size else "",
+                           patience=config.patience if config.val_size else 0)
   result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
                    y_init=y_init, meta=meta, evaluators=[Evaluator("rf_krr", rf_krr)],
                    log=cli.log, progress=config.progress)
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
   workdir = cli.prepare_workdir(config, "rfad", [config.dataset, f"ipc{config.ipc}"])
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_rfad(config, workdir)
-  acc = result.get("rf_test_acc", np.nan)
+  acc = result.get(f"rf_{result['split']}_acc", np.nan)
   cli.report(f"KRR {result['split']} accuracy on random features: {100 * acc:.2f}%; "
              f"distilled set: {os.path.join(workdir, 'distilled.npz')}")
   return 0

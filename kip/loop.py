@@ -53,7 +53,11 @@ class LoopConfig:
   """steps: total updates; eval_every: default cadence of evaluators (0: at the end only);
   eval_at_start: also evaluate before the first update; checkpoint_every: steps between
   checkpoints (0: at the end only; every run also checkpoints at its last step); log_every: steps
-  between metrics records (evaluation steps are always recorded); seed: root of all randomness."""
+  between metrics records (evaluation steps are always recorded); seed: root of all randomness.
+
+  select_metric: an evaluator's metric (measured on a validation split, never the test split)
+  whose best value (`select_mode` max or min) so far marks the state `save_best` keeps; with
+  `patience` > 0 the run stops early once that many steps pass without an improvement."""
 
   steps: int = 1000
   eval_every: int = 100
@@ -62,8 +66,15 @@ class LoopConfig:
   log_every: int = 1
   seed: int = 0
   keep_checkpoints: int = 2
+  select_metric: str = ""
+  select_mode: str = "max"
+  patience: int = 0
 
   def __post_init__(self):
+    if self.select_mode not in ("max", "min"):
+      raise ValueError(f"select_mode must be max or min, got {self.select_mode!r}")
+    if self.patience < 0:
+      raise ValueError(f"patience must be non-negative, got {self.patience}")
     for name in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -83,7 +94,8 @@ class Evaluator(NamedTuple):
 class RunResult(NamedTuple):
   """state: the final state; evals: the latest result of every evaluator, merged; step: the
   last step; wall_time / train_time: seconds (whole run / updates only, resumed runs included);
-  steps_per_s: updates per second in this process after the first (compiling) step."""
+  steps_per_s: updates per second in this process after the first (compiling) step; best_step:
+  the step of the best `select_metric` value (None without one)."""
 
   state: Any
   evals: dict[str, Any]
@@ -91,6 +103,7 @@ class RunResult(NamedTuple):
   wall_time: float
   train_time: float
   steps_per_s: float
+  best_step: int | None = None
 
 
 def _to_json(value):
@@ -120,6 +133,7 @@ def run(
     y_init: Any = None,
     evaluators: Sequence[Evaluator] = (),
     save: Callable[[Any, int], None] | None = None,
+    save_best: Callable[[Any, int], None] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
     description: str = "distilling",
@@ -132,6 +146,8 @@ def run(
     evaluators: named measurements (see `Evaluator`); their results go into metrics.jsonl.
     save: writes the run's output (e.g. the distilled set) for `(state, step)`, atomically; called
       at every checkpoint, so the output on disk always matches the newest checkpoint.
+    save_best: writes the output of the best state so far by `config.select_metric` (e.g.
+      `distilled_best.npz`), when it improves.
     description: the progress bar's label.
   """
   writer = is_main_process()  # several processes (multi-host) run this loop; only one writes
@@ -172,6 +188,18 @@ def run(
       save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time)
 
   last_eval = _last_evals(metrics_path) if start_step else {}
+  best_step, best_value = _best(read_metrics(metrics_path) if start_step else [], config)
+  sign = 1.0 if config.select_mode == "max" else -1.0
+
+  def select(step: int, results: dict) -> None:
+    nonlocal best_step, best_value
+    value = results.get(config.select_metric)
+    if value is None:
+      return
+    if best_value is None or sign * value > sign * best_value:
+      best_step, best_value = step, value
+      if writer and save_best is not None:
+        save_best(state, step)
   if start_step == 0:
     if writer:
       truncate_metrics(metrics_path, -1)
@@ -179,14 +207,21 @@ def run(
       last_eval = evaluate(0, at_start=True)
       write({"step": 0, "wall_time": 0.0, "train_time": 0.0, **last_eval})
       log(f"step 0: {_format(last_eval)}")
+      select(0, last_eval)
 
+  stopped = bool(config.patience and best_step is not None
+                 and start_step - best_step >= config.patience)
+  if stopped:
+    log(f"stopped early at step {start_step} before ({config.select_metric}: best {best_value:.5g} "
+        f"at step {best_step})")
   bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and writer),
              unit="step", dynamic_ncols=True)
   if start_step < config.steps:
     bar.set_description(f"{description}: compiling the step")
   t0 = time.perf_counter() - wall_offset
   steady_time, steady_steps = 0.0, 0
-  for step in range(start_step + 1, config.steps + 1):
+  step = start_step
+  for step in range(start_step + 1, config.steps + 1 if not stopped else start_step + 1):
     batch = sampler(step)
     key = jax.random.fold_in(root_key, step)
     t_step = time.perf_counter()
@@ -212,6 +247,7 @@ def run(
     if results:
       last_eval = {**last_eval, **results}
       record.update(results)
+      select(step, results)
     record["wall_time"] = round(time.perf_counter() - t0, 3)
     record["train_time"] = round(train_time, 3)
     if results or step % config.log_every == 0 or step == config.steps:
@@ -220,14 +256,20 @@ def run(
                      if k == "loss" or k.endswith("acc") or k.endswith("acc_mean")},
                     refresh=False)
     bar.update(1)
-    if _due(step, config.checkpoint_every, config.steps):
+    stop = bool(config.patience and best_step is not None
+                and step - best_step >= config.patience)
+    if _due(step, config.checkpoint_every, config.steps) or stop:
       checkpoint(step, record["wall_time"])
+    if stop:
+      log(f"stopping early at step {step}: {config.select_metric} has not improved for "
+          f"{config.patience} steps (best {best_value:.5g} at step {best_step})")
+      break
   bar.close()
-  if start_step == config.steps and writer and save is not None:
+  if (start_step == config.steps or stopped) and writer and save is not None:
     save(state, config.steps)  # already finished: make sure the output on disk is this one
   wall = time.perf_counter() - t0
   rate = steady_steps / steady_time if steady_steps else math.nan
-  return RunResult(state, last_eval, config.steps, wall, train_time, rate)
+  return RunResult(state, last_eval, step, wall, train_time, rate, best_step)
 
 
 def _format(metrics: dict) -> str:
@@ -236,6 +278,19 @@ def _format(metrics: dict) -> str:
     v = np.asarray(v)
     parts.append(f"{k} {v.item():.5g}" if v.ndim == 0 else f"{k} {np.round(v, 5).tolist()}")
   return "  ".join(parts)
+
+
+def _best(records: list[dict], config: LoopConfig) -> tuple[int | None, float | None]:
+  """(step, value) of the best recorded `select_metric` (resume: from metrics.jsonl)."""
+  if not config.select_metric:
+    return None, None
+  best_step, best_value = None, None
+  sign = 1.0 if config.select_mode == "max" else -1.0
+  for r in records:  # strict improvements in step order, as the live run decided them
+    value = r.get(config.select_metric)
+    if value is not None and (best_value is None or sign * value > sign * best_value):
+      best_step, best_value = r["step"], value
+  return best_step, best_value
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -177,7 +177,7 @@ def distill(method: Method, data: Data, *, workdir: str, loop_config: LoopConfig
             progress: bool = True) -> RunResult:
   """Runs `method` in the loop on `data`'s training split, with the sampler its `data` field
   asks for, and writes `distilled.npz` (export + preprocessing + `meta` + step) at every
-  checkpoint."""
+  checkpoint, and `distilled_best.npz` whenever `loop_config.select_metric` improves."""
   sampler = make_sampler(method.data, data.x_train, data.labels_train, data.y_train,
                          seed=loop_config.seed, num_classes=data.num_classes)
 
@@ -185,8 +185,14 @@ def distill(method: Method, data: Data, *, workdir: str, loop_config: LoopConfig
     write_distilled(os.path.join(workdir, "distilled.npz"), method.export(state), data,
                     meta | {"step": step})
 
+  def save_best(state, step):
+    write_distilled(os.path.join(workdir, "distilled_best.npz"), method.export(state), data,
+                    meta | {"step": step, "selected_by": loop_config.select_metric})
+
   return run(method, workdir=workdir, config=loop_config, sampler=sampler, x_init=x_init,
-             y_init=y_init, evaluators=evaluators, save=save, log=log, progress=progress)
+             y_init=y_init, evaluators=evaluators, save=save,
+             save_best=save_best if loop_config.select_metric else None, log=log,
+             progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

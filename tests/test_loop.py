@@ -171,3 +171,30 @@ def test_steps_below_an_existing_checkpoint_are_refused(tmp_path):
   run_loop(tmp_path, method, {})
   with pytest.raises(ResumeError, match="step 12"):
     run_loop(tmp_path, method, {}, config=LoopConfig(steps=6, eval_every=4, seed=5))
+
+
+@pytest.mark.parametrize("interrupt_after", [None, 5])
+def test_selection_keeps_the_best_state_and_patience_stops_the_run(tmp_path, interrupt_after):
+  """A validation metric peaking at step 4: the best output is step 4's, and with patience 3
+  the run stops at step 7, also when interrupted after 5 updates and resumed."""
+  config = LoopConfig(steps=20, eval_every=1, checkpoint_every=1, seed=0,
+                      select_metric="val_acc", patience=3)
+  method = toy_method()
+  best, saved = {}, {}
+
+  def go(m):
+    return run(m, workdir=str(tmp_path), config=config, sampler=make_sampler(m.data, None),
+               x_init=np.zeros((2, 2, 2, 1), np.float32),
+               evaluators=[Evaluator("val", lambda s: {"val_acc": -abs(int(s.count) - 4)})],
+               save=lambda s, step: saved.update(step=step),
+               save_best=lambda s, step: best.update(step=step, count=int(s.count)),
+               log=lambda _: None, progress=False)
+
+  if interrupt_after:
+    with pytest.raises(Interrupt):
+      go(interrupting(method, interrupt_after))
+  result = go(method)
+  assert (result.step, result.best_step) == (7, 4)
+  assert best == {"step": 4, "count": 4} and saved["step"] == 7
+  again = go(method)  # an early-stopped run stays stopped
+  assert again.step == 7 and int(again.state.count) == 7
