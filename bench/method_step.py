@@ -29,7 +29,7 @@ SHAPE, CLASSES, N_SUPPORT = (28, 28, 1), 10, 100
 SIZES = {
     ("frepo", "cpu"): {"width": 32, "target_batch": 256},
     ("frepo", "paper"): {"width": 128, "target_batch": 1024},
-    ("rfad", "cpu"): {"width": 64, "num_models": 4, "target_batch": 512},
+    ("rfad", "cpu"): {"width": 32, "num_models": 2, "target_batch": 256},
     ("rfad", "paper"): {"width": 256, "num_models": 8, "target_batch": 5120},
 }
 

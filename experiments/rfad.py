@@ -1,7 +1,7 @@
 """Distil a dataset with RFAD: `python -m experiments.rfad --dataset mnist --ipc 10`.
 
 Random-feature NNGP of freshly sampled ConvNets each step (Loo et al., NeurIPS 2022; see
-methods/rfad.py). The default preset `cpu` fits a 2-core CPU (4 nets of width 64 per step, 512
+methods/rfad.py). The default preset `cpu` fits a 2-core CPU (2 nets of width 32 per step, 256
 real images, 1,000 steps); `--preset paper` takes the paper's sizes (8 nets of width 256, 5,120
 real images per step, 100,000 steps, 16 evaluation nets: a GPU job). Explicit flags override the
 preset. Every `--eval-every` steps the loop measures KRR accuracy with `--eval-models` random nets
@@ -31,7 +31,7 @@ from methods.rfad import make_rfad, nngp_readout, random_features
 f = cli.field
 
 PRESETS = {
-    "cpu": {"width": 64, "num_models": 4, "target_batch": 512, "steps": 1000, "eval_models": 4},
+    "cpu": {"width": 32, "num_models": 2, "target_batch": 256, "steps": 1000, "eval_models": 4},
     "paper": {"width": 256, "num_models": 8, "target_batch": 5120, "steps": 100_000,
               "eval_models": 16, "eval_every": 40, "checkpoint_every": 1000,
               "val_size": 5000, "patience": 1000},
@@ -45,9 +45,9 @@ class Config(cli.RunConfig, cli.DataConfig):
   ipc: int = f(10, "support images per class", minimum=1)
   steps: int = f(1000, "AdaBelief steps", minimum=0)
   lr: float = f(1e-3, "AdaBelief learning rate of the support set", above=0)
-  target_batch: int = f(512, "class-balanced real images per step", minimum=1)
-  width: int = f(64, "channels of the random ConvNets", minimum=1)
-  num_models: int = f(4, "random ConvNets drawn per step", minimum=1)
+  target_batch: int = f(256, "class-balanced real images per step", minimum=1)
+  width: int = f(32, "channels of the random ConvNets", minimum=1)
+  num_models: int = f(2, "random ConvNets drawn per step", minimum=1)
   jitter: float = f(5e-3, "ridge relative to tr(K_ss)/n_s", minimum=0)
   platt: bool = f(False, "Platt-scaled cross-entropy loss (learned scale) instead of MSE")
   learn_labels: bool = f(True, "learn the support labels too")
