@@ -36,11 +36,11 @@ ROWS = ("distilled", "random", "full")
 class Config:
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
   dataset: str = f("mnist", "tfds dataset the set was distilled from", choices=tuple(DATASETS))
-  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc and rfad "
-                       "convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
-  protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC/DSA/MTT "
-                           "evaluation; frepo: FRePo's evaluation; rfad: RFAD's, centred "
-                           "output, decay to init, label scale 8)", choices=tuple(PROTOCOLS))
+  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
+                       "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
+  protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
+                           "dsa: DSA/DM/MTT's; frepo: FRePo's; rfad: RFAD's, centred output, "
+                           "decay to init, label scale 8)", choices=tuple(PROTOCOLS))
   preset: str = f("cpu", "sizes: cpu (finishes in minutes on a 2-core CPU: kip width 64 and "
                           "1,000 steps, frepo width 32; dc as published) or paper (every "
                           "protocol as published: kip width 1024 and 5,000 steps, frepo 128)",
@@ -59,8 +59,9 @@ class Config:
                 choices=("auto", *NORMS))
   parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
   lr: float = f(0.0, "learning rate (0: the protocol's; kip: max stable rate of the NTK)")
-  augment: str = f("auto", "DSA strategy, e.g. color_crop_cutout_flip_scale_rotate, or none "
-                           "(auto: the protocol's)")
+  augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
+                           "color_crop_cutout_flip_scale_rotate), DC's per-image "
+                           "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
   eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
   zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
@@ -121,7 +122,8 @@ def transfer(config: Config, workdir: str) -> dict:
   for row in rows:
     row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
     x, y, steps = _row_data(row, config, distilled, data, seeds)
-    total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment).steps
+    total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment,
+                                   dataset=config.dataset).steps
     trained: list[TrainResult] = []
     at_once = config.seeds_at_once or len(seeds)
     for start in range(0, len(seeds), at_once):
@@ -134,7 +136,7 @@ def transfer(config: Config, workdir: str) -> dict:
           eval_every=config.eval_every or max(1, total_steps // 10),
           workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
           progress=config.progress, log=cli.log, description=row,
-          seed_batching=config.seed_batching))
+          seed_batching=config.seed_batching, dataset=config.dataset))
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,

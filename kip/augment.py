@@ -15,16 +15,28 @@ random parameter set per call that every image of the batch shares (`batch_mode=
 
 DSA's default mode ("S") applies one of the strategy's transformations, chosen at random per call;
 `mode="all"` applies them all in order. Images are NHWC in whatever (preprocessed) space they live.
+DSA's own evaluation (`utils.epoch` -> `DiffAugment(img, strategy, param=...)` with no seed, so
+`param.Siamese = False`) draws the parameters per image: `batch_mode=False`.
+
+`dc_augment` is DC's separate, non-differentiable evaluation augmentation (Zhao et al., ICLR 2021;
+VICO-UoE/DatasetCondensation `utils.py: augment, get_daparam`): per image, one transformation
+chosen at random among the strategy's (`crop`, `scale`, `rotate`, `noise`); see its docstring.
+
+`apply_augment` runs an augmentation spec: a DSA strategy (`color_crop`, or `dsa:color_crop`), DC's
+(`dc:crop_scale_rotate`), or `''`/`none`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["DSA_STRATEGY", "TRANSFORMS", "dsa", "parse_strategy"]
+__all__ = ["DSA_STRATEGY", "TRANSFORMS", "dsa", "parse_strategy", "DC_STRATEGY",
+           "DC_TRANSFORMS", "dc_augment", "parse_augment", "apply_augment"]
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 BRIGHTNESS, SATURATION, CONTRAST = 1.0, 2.0, 0.5
@@ -148,3 +160,187 @@ def dsa(key: jax.Array, x: jax.Array, strategy: str = DSA_STRATEGY, *, mode: str
       x = f(k, x, batch_mode)
     return x
   raise ValueError(f"unknown augmentation mode {mode!r}; choose single or all")
+
+
+# DC's evaluation augmentation. Every rule below is read off VICO-UoE/DatasetCondensation,
+# `utils.py`: `get_daparam` (the parameters and which datasets get a strategy) and `augment` (the
+# transformations); the first version of the repository (2021-01-15) has the same code.
+DC_STRATEGY = "crop_scale_rotate"  # get_daparam: MNIST; every other dataset 'none'
+DC_TRANSFORMS = ("crop", "scale", "rotate", "noise")
+DC_CROP, DC_SCALE, DC_ROTATE_DEG, DC_NOISE = 4, 0.2, 45, 0.001
+
+
+def _dc_crop(key, x, crop):
+  """`augment.cropfun`: pad by `crop` with the batch's per-channel mean, then cut the image back at
+  offset `np.random.permutation(2 * crop)[0]` per axis: a shift by -crop .. crop - 1 pixels."""
+  n, h, w, c = x.shape
+  fill = x.mean(axis=(0, 1, 2))
+  padded = jnp.broadcast_to(fill, (n, h + 2 * crop, w + 2 * crop, c))
+  padded = padded.at[:, crop:crop + h, crop:crop + w].set(x)
+  offsets = jax.random.randint(key, (n, 2), 0, 2 * crop)
+  return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
+      padded, offsets)
+
+
+def _dc_scale(key, x, scale):
+  """`augment.scalefun`: new height and width `int(U(1 - scale, 1 + scale) * H)` (both from H, as
+  DC writes it), a nearest-neighbour resize (`F.interpolate`'s default: source index
+  `floor(i * (in / out))` in float32), pasted at the centre of a zero canvas of side
+  max(h, w, H, W) (offset `int((side - h) / 2)`), and the centre H x W cut back out (zero fill)."""
+  n, h, w, _ = x.shape
+  size = jnp.floor(jax.random.uniform(key, (n, 2), minval=1 - scale, maxval=1 + scale) * h)
+  size = size.astype(jnp.int32)
+  side = jnp.maximum(jnp.max(size, axis=1), max(h, w))
+
+  def axis(in_len, new_len):
+    # Row (or column) i of the output is row i + (side - in) // 2 of the canvas, which holds the
+    # resized image from (side - new) // 2 on.
+    pos = jnp.arange(in_len)[None] + ((side - in_len) // 2 - (side - new_len) // 2)[:, None]
+    ratio = jnp.float32(in_len) / new_len.astype(jnp.float32)
+    src = jnp.floor(pos.astype(jnp.float32) * ratio[:, None]).astype(jnp.int32)
+    return jnp.clip(src, 0, in_len - 1), (pos >= 0) & (pos < new_len[:, None])
+
+  rows, row_ok = axis(h, size[:, 0])
+  cols, col_ok = axis(w, size[:, 1])
+  out = jax.vmap(lambda image, r, c: image[r][:, c])(x, rows, cols)
+  inside = row_ok[:, :, None] & col_ok[:, None, :]
+  return jnp.where(inside[..., None], out, 0.0)
+
+
+def _mirror(k: np.ndarray, n: int) -> np.ndarray:
+  k = np.abs(k)
+  return np.where(k > n - 1, 2 * (n - 1) - k, k)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+  """Cubic B-spline weights of the samples at floor - 1 .. floor + 2 for fractions `t`."""
+  return np.stack([(1 - t) ** 3 / 6, 2 / 3 - t**2 + t**3 / 2,
+                   2 / 3 - (1 - t) ** 2 + (1 - t) ** 3 / 2, t**3 / 6], axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _spline_prefilter(n: int) -> np.ndarray:
+  """(n, n) float64: samples -> cubic B-spline coefficients with mirror-symmetric extension
+  (what `scipy.ndimage`'s prefilter does for mode 'constant')."""
+  a = np.zeros((n, n))
+  for i in range(n):
+    a[i, i] += 2 / 3
+    for j in (i - 1, i + 1):
+      a[i, _mirror(np.array(j), n)] += 1 / 6
+  return np.linalg.inv(a)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_table(h: int, w: int, max_deg: int):
+  """Per integer angle in [-max_deg, max_deg): the source pixels and cubic weights of the H x W
+  output, the geometry of `scipy.ndimage.rotate(image, angle, axes=(-2, -1))` (reshape=True,
+  rotation about the centre) followed by DC's cut at `int((out - H) / 2)`; float64, so which
+  samples fall outside the input (and get the fill) is decided as SciPy decides it."""
+  rows, row_w, cols, col_w, inside = [], [], [], [], []
+  for angle in range(-max_deg, max_deg):
+    cos, sin = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+    m = np.array([[cos, sin], [-sin, cos]])
+    corners = m @ np.array([[0, 0, h, h], [0, w, 0, w]])
+    out = (np.ptp(corners, axis=1) + 0.5).astype(int)
+    offset = (np.array([h, w]) - 1) / 2 - m @ ((out - 1) / 2)
+    i, j = np.meshgrid(np.arange(h) + (out[0] - h) // 2, np.arange(w) + (out[1] - w) // 2,
+                       indexing="ij")
+    src = np.einsum("ab,bij->aij", m, np.stack([i, j])) + offset[:, None, None]
+    inside.append((src[0] >= 0) & (src[0] <= h - 1) & (src[1] >= 0) & (src[1] <= w - 1))
+    base = np.floor(src)
+    rows.append(_mirror(base[0].astype(int)[..., None] + np.arange(-1, 3), h))
+    cols.append(_mirror(base[1].astype(int)[..., None] + np.arange(-1, 3), w))
+    row_w.append(_cubic_weights(src[0] - base[0]))
+    col_w.append(_cubic_weights(src[1] - base[1]))
+  return (np.asarray(rows, np.int32), np.asarray(row_w, np.float32), np.asarray(cols, np.int32),
+          np.asarray(col_w, np.float32), np.asarray(inside))
+
+
+def _dc_rotate(key, x, max_deg):
+  """`augment.rotatefun`: `scipy.ndimage.rotate` by `np.random.randint(-max_deg, max_deg)` whole
+  degrees (so -45 .. 44), order-3 spline (its default), mode 'constant' with cval = the mean of
+  the batch's per-channel means, reshape=True, then the centre H x W cut back out."""
+  n, h, w, _ = x.shape
+  rows, row_w, cols, col_w, inside = (jnp.asarray(t) for t in _rotation_table(h, w, max_deg))
+  angle = jax.random.randint(key, (n,), 0, 2 * max_deg)
+  highest = jax.lax.Precision.HIGHEST
+  coef = jnp.einsum("ab,nbdc,ed->naec", jnp.asarray(_spline_prefilter(h), jnp.float32), x,
+                    jnp.asarray(_spline_prefilter(w), jnp.float32), precision=highest)
+
+  def one(image_coef, a):
+    values = image_coef[rows[a][..., :, None], cols[a][..., None, :]]  # (h, w, 4, 4, c)
+    return jnp.einsum("ijp,ijq,ijpqc->ijc", row_w[a], col_w[a], values, precision=highest)
+
+  out = jax.vmap(one)(coef, angle)
+  return jnp.where(inside[angle][..., None], out, x.mean(axis=(0, 1, 2)).mean())
+
+
+def _dc_noise(key, x, noise):
+  """`augment.noisefun`: additive Gaussian noise of standard deviation `noise` (absolute)."""
+  return x + noise * jax.random.normal(key, x.shape, x.dtype)
+
+
+def _parse_dc(strategy: str) -> tuple[str, ...]:
+  if strategy in ("", "none"):
+    return ()
+  names = tuple(strategy.split("_"))
+  unknown = [n for n in names if n not in DC_TRANSFORMS]
+  if unknown:
+    raise ValueError(f"unknown DC augmentation {', '.join(unknown)}; choose from "
+                     f"{', '.join(DC_TRANSFORMS)} joined by '_'")
+  return names
+
+
+def dc_augment(key: jax.Array, x: jax.Array, strategy: str = DC_STRATEGY, *, crop: int = DC_CROP,
+               scale: float = DC_SCALE, rotate: int = DC_ROTATE_DEG,
+               noise: float = DC_NOISE) -> jax.Array:
+  """DC's evaluation augmentation of a batch (n, H, W, C) float32 (DatasetCondensation
+  `utils.augment` with `get_daparam`'s parameters): each image gets one transformation, chosen
+  uniformly at random per image among the strategy's (`np.random.permutation(augs)[0]`), with its
+  own random parameters:
+
+  - crop: shift by -crop .. crop - 1 pixels per axis, fill = the batch's per-channel mean.
+  - scale: nearest-neighbour resize to int(U(1 +- scale) * H) per axis, centred, zero fill.
+  - rotate: whole degrees in [-rotate, rotate), cubic spline, fill = the batch's mean.
+  - noise: + noise * N(0, 1) per pixel.
+
+  The fills are computed from the batch before any image is changed, as DC does. The images are
+  in DC's normalised space (for MNIST `(x - 0.1307) / 0.3081`, which our per-channel
+  standardisation reproduces), where the zero fill of `scale` is the mean pixel, not black.
+  """
+  names = _parse_dc(strategy)
+  if not names:
+    return x
+  fns = {"crop": lambda k: _dc_crop(k, x, crop), "scale": lambda k: _dc_scale(k, x, scale),
+         "rotate": lambda k: _dc_rotate(k, x, rotate), "noise": lambda k: _dc_noise(k, x, noise)}
+  choose, *keys = jax.random.split(key, 1 + len(names))
+  outputs = jnp.stack([fns[name](k) for name, k in zip(names, keys, strict=True)], axis=1)
+  choice = jax.random.randint(choose, (len(x),), 0, len(names))
+  return outputs[jnp.arange(len(x)), choice]
+
+
+def parse_augment(spec: str) -> tuple[str, tuple[str, ...]]:
+  """An augmentation spec -> (family, names): `''`/`none` -> ('', ()); `dc:crop_scale_rotate` ->
+  ('dc', ...) (DC's `dc_augment`); `color_crop` or `dsa:color_crop` -> ('dsa', ...) (DSA's `dsa`).
+  Unknown names raise."""
+  family, _, strategy = spec.rpartition(":")
+  if family in ("", "dsa"):
+    names = parse_strategy(strategy)
+    return ("dsa" if names else ""), names
+  if family == "dc":
+    names = _parse_dc(strategy)
+    return ("dc" if names else ""), names
+  raise ValueError(f"unknown augmentation family {family!r} in {spec!r}; write a DSA strategy "
+                   "(color_crop..., optionally dsa:...), dc:<DC strategy> or none")
+
+
+def apply_augment(key: jax.Array, x: jax.Array, spec: str, *, batch_mode: bool = True
+                  ) -> jax.Array:
+  """Augments a batch (n, H, W, C) float32 by `spec` (see `parse_augment`); `batch_mode` is DSA's
+  (one draw for the batch, or one per image); DC's augmentation always draws per image."""
+  family, names = parse_augment(spec)
+  if family == "dsa":
+    return dsa(key, x, "_".join(names), batch_mode=batch_mode)
+  if family == "dc":
+    return dc_augment(key, x, "_".join(names))
+  return x

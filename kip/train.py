@@ -8,10 +8,17 @@ Two named protocols, each as its source describes it:
   cosine decay to 0, learning rate = the maximum stable rate of the empirical NTK of 50 training
   images at initialisation (`nt.empirical_ntk_fn` + `nt.predict.max_learning_rate`). Network: the
   ConvNet at width 1024, no normalisation, standard parameterisation.
-- `dc`: the evaluation of DC / DSA / DM / MTT (Zhao et al., ICLR 2021 and later). Cross-entropy on
-  hard labels (the argmax of the set's labels), SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x
-  0.1 at half way, batch 256, 300 epochs, or 1000 epochs with DSA augmentation (on by default).
-  Network: ConvNet-3 at width 128 with instance norm.
+- `dc`: DC's own evaluation (Zhao et al., ICLR 2021; VICO-UoE/DatasetCondensation `main.py` with
+  `utils.evaluate_synset`, `get_daparam`, `augment`). Cross-entropy on hard labels (the argmax of
+  the set's labels), SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x 0.1 at half way, batch 256
+  (the last batch of an epoch partial, as PyTorch's DataLoader gives it), ConvNet-3 at width 128
+  with instance norm. Augmentation by dataset, as `get_daparam`: MNIST DC's own crop / scale /
+  rotate (`kip.augment.dc_augment`, one per image) and 1000 epochs; every other dataset none and
+  300 epochs.
+- `dsa`: the evaluation of DSA / DM / MTT (Zhao & Bilen, ICML 2021 and WACV 2023; Cazenavette et
+  al., CVPR 2022): as `dc`, but DSA's `color_crop_cutout_flip_scale_rotate` on every dataset (one
+  transformation per batch, its parameters drawn per image) and 1000 epochs. MTT trains at its
+  set's learned learning rate (pass `lr`).
 
 Several seeds train at once: the per-seed states are stacked and one jitted step runs them all,
 `vmap`ped, or one after another for conv nets on CPU (`choose_seed_batching`); the training
@@ -38,7 +45,7 @@ import numpy as np
 import optax
 
 from kip._compat import nt
-from kip.augment import DSA_STRATEGY, dsa, parse_strategy
+from kip.augment import DC_STRATEGY, DSA_STRATEGY, apply_augment, parse_augment
 from kip.loop import Evaluator, LoopConfig, read_metrics, run
 from kip.method import Data, Method, make_sampler
 from kip.nets import MLP, count_params
@@ -52,7 +59,11 @@ __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "re
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """A transfer protocol. `steps` or `epochs` fixes its length; `lr=None` means the maximum
-  stable rate of the empirical NTK; `schedule` is `cosine` (to 0) or `step` (x0.1 at half)."""
+  stable rate of the empirical NTK; `schedule` is `cosine` (to 0) or `step` (x0.1 at half).
+  `augment` is an augmentation spec (`kip.augment.parse_augment`), replaced for the datasets named
+  in `augment_by_dataset` ((tfds name, spec) pairs); `augment_per_image` draws DSA's parameters per
+  image instead of once per batch; `partial_batches` makes an epoch ceil(n / batch) steps, the
+  last one the epoch's final `batch` images, instead of dropping the remainder."""
 
   name: str
   source: str
@@ -68,6 +79,9 @@ class Protocol:
   epochs: int | None = None
   epochs_augmented: int | None = None
   augment: str = ""
+  augment_by_dataset: tuple[tuple[str, str], ...] = ()
+  augment_per_image: bool = False
+  partial_batches: bool = False
   lr_ntk_images: int = 50
   dc_padding: bool = False
   net: str = "convnet"
@@ -104,10 +118,18 @@ PROTOCOLS: dict[str, Protocol] = {
         loss="mse", lr=None, momentum=0.9, weight_decay=1e-3, batch_size=100, schedule="cosine",
         width=1024, norm="none", steps=5000, cpu_width=64, cpu_steps=1000),
     "dc": Protocol(
-        name="dc", source="DC/DSA/DM/MTT evaluation (Zhao et al., ICLR 2021; Zhao & Bilen 2021)",
+        name="dc", source="DC's evaluation (Zhao et al., ICLR 2021, official code: MNIST with DC's "
+        "crop/scale/rotate and 1000 epochs, other datasets no augmentation and 300 epochs)",
+        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
+        width=128, norm="instance", epochs=300, epochs_augmented=1000, augment="",
+        augment_by_dataset=(("mnist", f"dc:{DC_STRATEGY}"),), partial_batches=True,
+        dc_padding=True, net="convnet3"),
+    "dsa": Protocol(
+        name="dsa", source="DSA/DM/MTT evaluation (Zhao & Bilen, ICML 2021 and WACV 2023; "
+        "Cazenavette et al., CVPR 2022; official code: DSA per image, 1000 epochs)",
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
         width=128, norm="instance", epochs=300, epochs_augmented=1000, augment=DSA_STRATEGY,
-        dc_padding=True, net="convnet3"),
+        augment_per_image=True, partial_batches=True, dc_padding=True, net="convnet3"),
     "frepo": Protocol(
         name="frepo", source="FRePo's evaluation (Zhou et al., NeurIPS 2022, official code)",
         loss="mse", lr=3e-4, momentum=0.0, weight_decay=0.0, batch_size=500,
@@ -133,13 +155,17 @@ class Schedule(NamedTuple):
 
 
 def resolve_schedule(protocol: Protocol, n_train: int, *, steps: int = 0,
-                     augment: str | None = None) -> Schedule:
-  """Steps, batch and augmentation of `protocol` on `n_train` images (`steps` > 0 overrides;
-  `augment=None` keeps the protocol's strategy, '' or 'none' turns it off)."""
-  augment = protocol.augment if augment is None else augment
-  parse_strategy(augment)
+                     augment: str | None = None, dataset: str = "") -> Schedule:
+  """Steps, batch and augmentation of `protocol` on `n_train` images of `dataset` (a tfds name, or
+  '' when unknown). `steps` > 0 overrides the length; `augment=None` keeps the protocol's spec for
+  the dataset, '' or 'none' turns augmentation off."""
+  if augment is None:
+    augment = dict(protocol.augment_by_dataset).get(dataset, protocol.augment)
+  parse_augment(augment)
   batch = min(protocol.batch_size, n_train)
-  per_epoch = max(1, n_train // batch)  # fixed-size batches (jit), each epoch a new permutation
+  # Fixed-size batches (jit), each epoch a new permutation; with `partial_batches` the last batch
+  # is the permutation's final `batch` images (the step's slice start is clamped).
+  per_epoch = max(1, -(-n_train // batch) if protocol.partial_batches else n_train // batch)
   if steps <= 0:
     if protocol.steps_by_size:
       steps = next((k for size, k in protocol.steps_by_size if n_train <= size),
@@ -331,11 +357,13 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
   donated. Batch `step` of a seed is a slice of that seed's permutation for the step's epoch.
   With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed);
   `seed_batching` is how seeds share the step (see `over_seeds`). `protocol` brings RFAD's
-  centering, label scale and decay toward the initialisation, when it asks for them."""
+  centering, label scale and decay toward the initialisation, when it asks for them, and whether
+  DSA draws per image."""
   batch, per_epoch = schedule.batch_size, schedule.steps_per_epoch
   centering = protocol is not None and protocol.centering
   scale = protocol.label_scale if protocol is not None else 1.0
   decay_to_init = protocol.weight_decay if protocol is not None and protocol.decay_to_init else 0
+  per_image = protocol is not None and protocol.augment_per_image
 
   def loss_fn(params, batch_stats, x, y, init_params):
     variables = _variables(params, batch_stats)
@@ -367,7 +395,8 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
     idx = jax.lax.dynamic_slice(perm, ((step % per_epoch) * batch,), (batch,))
     x, y = x_train[idx], y_train[idx]
     if schedule.augment:
-      x = dsa(jax.random.fold_in(jax.random.fold_in(key, 2), step), x, schedule.augment)
+      x = apply_augment(jax.random.fold_in(jax.random.fold_in(key, 2), step), x,
+                        schedule.augment, batch_mode=not per_image)
     (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, x, y, state.init_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -420,6 +449,7 @@ def train_and_evaluate(
     steps: int = 0,
     lr: float = 0.0,
     augment: str | None = None,
+    dataset: str = "",
     eval_every: int = 0,
     workdir: str | None = None,
     checkpoint_every: int = 0,
@@ -439,6 +469,8 @@ def train_and_evaluate(
       `xent` protocols use their argmax.
     x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int.
     steps, lr, augment: overrides of the protocol (0 / None keep it).
+    dataset: the tfds name of the set's dataset, for protocols whose augmentation depends on it
+      (`dc`: MNIST only); '' uses the protocol's default (none for `dc`) and says so.
     eval_every: test-set evaluations along the way (0: only at the end), for the curve.
     seed_batching: `vmap`, `sequential` or `auto` (see `choose_seed_batching`).
     workdir: where the loop writes metrics.jsonl (`test_acc` per seed on evaluation steps,
@@ -451,7 +483,10 @@ def train_and_evaluate(
     raise ValueError(f"one training set per seed: got {len(x_train)} sets for {len(seeds)} seeds")
   first = x_train[0] if per_seed else x_train
   n_train = first.shape[0]
-  schedule = resolve_schedule(protocol, n_train, steps=steps, augment=augment)
+  schedule = resolve_schedule(protocol, n_train, steps=steps, augment=augment, dataset=dataset)
+  if augment is None and not dataset and protocol.augment_by_dataset:
+    log(f"protocol {protocol.name}: no dataset given, augmentation {protocol.augment or 'none'}; "
+        f"pass dataset= for its per-dataset choice ({dict(protocol.augment_by_dataset)})")
   labels = y_train if protocol.loss == "mse" else np.argmax(y_train, -1).astype(np.int32)
   x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(labels)
   seed_keys = _seed_keys(seeds)

@@ -59,14 +59,21 @@ def test_max_stable_lr_matches_numpy_and_is_the_stability_edge():
 
 
 def test_schedules_follow_the_protocols():
-  dc, kip = PROTOCOLS["dc"], PROTOCOLS["kip"]
-  assert resolve_schedule(dc, 100) == (1000, 100, 1, dc.augment)  # DSA on: 1000 epochs
-  assert resolve_schedule(dc, 100, augment="none").steps == 300
-  assert resolve_schedule(dc, 60000, augment="none") == (300 * 234, 256, 234, "")
+  dc, dsa, kip = PROTOCOLS["dc"], PROTOCOLS["dsa"], PROTOCOLS["kip"]
+  # DC: its own augmentation on MNIST only, then 1000 epochs; otherwise none and 300 epochs.
+  assert resolve_schedule(dc, 100, dataset="mnist") == (1000, 100, 1, "dc:crop_scale_rotate")
+  assert resolve_schedule(dc, 100, dataset="cifar10") == (300, 100, 1, "")
+  assert resolve_schedule(dc, 100, dataset="mnist", augment="none").steps == 300
+  # DSA/DM/MTT: DSA on every dataset, 1000 epochs.
+  assert resolve_schedule(dsa, 100, dataset="cifar10") == (1000, 100, 1, dsa.augment)
+  assert resolve_schedule(dsa, 100, augment="none").steps == 300
+  # The last batch of an epoch is kept (PyTorch's DataLoader): ceil(60000 / 256) = 235 steps.
+  assert resolve_schedule(dsa, 60000, augment="none") == (300 * 235, 256, 235, "")
   assert resolve_schedule(kip, 100) == (5000, 100, 1, "")
+  assert resolve_schedule(kip, 150) == (5000, 100, 1, "")  # kip drops the partial batch
   assert resolve_schedule(kip, 100, steps=7).steps == 7
   with pytest.raises(ValueError, match="unknown augmentation"):
-    resolve_schedule(dc, 100, augment="blur")
+    resolve_schedule(dsa, 100, augment="blur")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +108,7 @@ def test_dc_protocol_with_augmentation_learns_real_mnist(small):
   net = make_net("convnet3", 10, width=16, norm="instance", image_shape=(28, 28, 1),
                  dc_padding=True)
   result = train_and_evaluate(net, protocol, x, y, x_test, labels_test, seeds=[0], steps=80,
-                              lr=0.05, progress=False, log=lambda s: None)
+                              lr=0.05, dataset="mnist", progress=False, log=lambda s: None)
   assert result.lr == 0.05 and result.steps == 80
   assert result.test_acc[0] > 0.5
 
