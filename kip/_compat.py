@@ -2,16 +2,19 @@
 
 neural-tangents 0.6.5 (the latest release, 2023) imports names that JAX has since moved or removed.
 Importing this module, before `neural_tangents`, puts each missing name back where neural-tangents
-looks for it, pointing at the current JAX object that does the same job. Nothing that exists is
-replaced, so the patches are no-ops on a JAX that still has the old names, and each is listed
-below with the reason it is needed. Use `from kip._compat import nt, stax` everywhere instead of
-importing neural-tangents directly.
+looks for it, pointing at the current JAX object that does the same job. Nothing that exists in
+JAX or SciPy is replaced, so those patches are no-ops on a JAX that still has the old names.
+After the import, a few neural-tangents internals that call JAX APIs whose signature or meaning
+changed are given a module namespace of their own or swapped for a version written against the
+current API (`_patch_empirical`, `_patch_predict`); each is listed below with the reason it is
+needed. Use `from kip._compat import nt, stax` everywhere instead of importing neural-tangents
+directly.
 
 One patch is for speed, not compatibility: on CPU, the covariance of a convolution with full
 spatial covariances (the pooled ConvNet kernels) is computed by summing shifted slices instead of
 neural-tangents' depthwise convolutions with a diagonal filter; same numbers, same layout, about
-10x faster (see `_shifted_full_spatial_conv`). Every neural-tangents internal we touch is here.
-"""
+10x faster, differentiable in both autodiff modes (see `_shifted_full_spatial_conv`). Every
+neural-tangents internal we touch is here."""
 
 from __future__ import annotations
 
@@ -139,12 +142,175 @@ from neural_tangents import stax  # noqa: E402
 _patch_scipy()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _shifted_sum(x, filter_shape, pads, batch_ndim):
+class _Overlay(types.ModuleType):
+  """A module as one neural-tangents module sees it: the names given here, then the module's own.
+
+  Set as that module's global (`empirical.ad = _Overlay(...)`), it changes what neural-tangents
+  reads there and nothing anyone else reads.
+  """
+
+  def __init__(self, module: types.ModuleType, **names: object):
+    super().__init__(module.__name__, f"{module.__name__} as neural-tangents sees it (kip._compat)")
+    self.__dict__.update(names)
+    self.__dict__["_module"] = module
+
+  def __getattr__(self, name: str):
+    return getattr(self.__dict__["_module"], name)
+
+
+class _NeverAnInstance:
+  """Stands in for a removed type that an `isinstance`/`type(x) is` test must never match."""
+
+
+def _linearize(fun, *primals, has_aux: bool = False):
+  """`jax.interpreters.ad.linearize` with the signature and results neural-tangents expects.
+
+  neural-tangents' structured-derivatives NTK (`empirical._get_primals_out_and_pullback`) calls
+  `ad.linearize(fn_flat, *primals_flat, has_aux=False)` on a `linear_util.WrappedFun` of flat
+  arguments and reads back (flat primal outputs, one `PartialVal` per output, the linear jaxpr
+  of the output tangents, its constants). Current JAX has `linearize(traceable,
+  primals_flat_tree, has_aux, is_vjp)` returning (FlatTree of outputs, which outputs have zero
+  tangents, jaxpr, constants): the same jaxpr (nonzero tangents only), packaged differently.
+  """
+  from jax._src.interpreters import ad, partial_eval  # noqa: PLC0415
+  from jax._src.tree_util import FlatTree  # noqa: PLC0415
+
+  if has_aux:
+    raise NotImplementedError("neural-tangents 0.6.5 only calls linearize with has_aux=False")
+  out_flat, out_zeros, jaxpr, consts = ad.linearize(fun.call_wrapped, FlatTree.flatten(primals))
+  out = list(out_flat.vals)
+  pvals = []
+  for value, zero in zip(out, out_zeros, strict=True):
+    aval = jax.typeof(value).to_tangent_aval()
+    pvals.append(partial_eval.PartialVal.known(ad.Zero(aval)) if zero
+                 else partial_eval.PartialVal.unknown(aval))
+  return out, pvals, jaxpr, consts
+
+
+def _transpose_eqn(eqn, cts_in, *invals):
+  """neural-tangents' `empirical._eqn_vjp_fn`: the transpose of one equation of a linear jaxpr.
+
+  Returns one cotangent per `eqn.invars` (None where the input is known). Theirs tests
+  `Primitive.map_primitive` (removed) and calls `get_primitive_transpose` with JAX 0.4's calling
+  conventions, but in current JAX some primitives (`slice`, `jit`, `scan`, `cond`,
+  `custom_jvp_call`, ...) have only "fancy" transposes, which accumulate into their undefined
+  inputs instead of returning cotangents. This dispatches as JAX's own `backward_pass` does, per
+  equation. (Not through `backward_pass` itself: with structured derivatives neural-tangents
+  trims the equation's parameters and cotangents to size-1 axes but not its variables' types,
+  which `backward_pass` checks.)
+  """
+  from jax._src.interpreters import ad  # noqa: PLC0415
+
+  if eqn is None:  # neural-tangents' identity "equation"
+    return (cts_in,)
+  undefined = [ad.is_undefined_primal(x) for x in invals]
+  if type(cts_in) is ad.Zero:
+    return [ad.Zero(x.aval) if u else None for x, u in zip(invals, undefined, strict=True)]
+  primitive = eqn.primitive
+  if primitive in ad.fancy_transposes:
+    args = [ad.ValAccum(x.aval) if u else x for x, u in zip(invals, undefined, strict=True)]
+    ad.fancy_transposes[primitive](cts_in, *args, **eqn.params)
+    return [a.freeze() if u else None for a, u in zip(args, undefined, strict=True)]
+  rule = ad.get_primitive_transpose(primitive)
+  if primitive.call_primitive:
+    params = dict(eqn.params)
+    call_jaxpr = params.pop("call_jaxpr")
+    cts_out = rule(params, call_jaxpr, list(invals), cts_in, [v.aval for v in eqn.outvars])
+  else:
+    cts_out = rule(cts_in, *invals, **eqn.params)
+  return [ct if u else None for ct, u in zip(cts_out, undefined, strict=True)]
+
+
+def _get_flops(f, optimize: bool, *args, **kwargs) -> float:
+  """neural-tangents' `empirical._get_flops` (the cost model of `NtkImplementation.AUTO`):
+  `Compiled.cost_analysis()` returned a list of dicts when it was written and returns a dict now."""
+  lowered = jax.jit(f).lower(*args, **kwargs)
+  analysis = lowered.compile().cost_analysis() if optimize else lowered.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return analysis["flops"]
+
+
+def _patch_empirical() -> None:
+  # `nt.empirical_ntk_fn(..., implementation=AUTO)` compiles each implementation and compares
+  # XLA's FLOP counts; only the shape of `cost_analysis()`'s result changed.
+  import inspect  # noqa: PLC0415
+
+  from jax._src.interpreters import ad  # noqa: PLC0415
+
+  empirical = sys.modules["neural_tangents._src.empirical"]
+  if getattr(empirical._get_flops, "__module__", None) != __name__:
+    empirical._get_flops = _get_flops
+    PATCHED.append("neural_tangents._src.empirical._get_flops (cost_analysis() is a dict)")
+  # The structured-derivatives NTK (NT's default in its tests, and its fastest) re-implements
+  # JAX's linearise-and-transpose over `jax.interpreters.ad` internals. On a JAX that still has
+  # `linearize(traceable, *primals)` it runs as is.
+  if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(ad.linearize).parameters.values()):
+    return
+  if isinstance(empirical.ad, _Overlay):
+    return
+  # `empirical.ad` becomes `jax._src.interpreters.ad` (which still has `source_info_util`,
+  # `reducing_transposes` and the other names it reads; the public module dropped them) with the
+  # old `linearize`; and `config.jax_enable_checks` always False: under that flag neural-tangents
+  # runs an extra assertion on `core.get_aval`, `core.lattice_join` and `strip_named_shape`, all
+  # removed.
+  empirical.ad = _Overlay(ad, linearize=_linearize,
+                          config=types.SimpleNamespace(jax_enable_checks=False))
+  # `core.DShapedArray` (dynamic shapes, since removed) only appears in a `type(a) is` test.
+  empirical.core = _Overlay(jax.core, DShapedArray=_NeverAnInstance)
+  empirical._eqn_vjp_fn = _transpose_eqn
+  PATCHED.append("neural_tangents._src.empirical.{ad.linearize, core.DShapedArray, _eqn_vjp_fn}"
+                 " (structured derivatives)")
+
+
+def _on_own_trace(fn):
+  """Under `jax.core.eval_context()`, runs `fn` on the trace of its first traced argument.
+
+  `nt.predict` builds its Cholesky and eigendecomposition solvers inside `eval_context()`, so
+  that a solver computed from a concrete kernel is not staged into a caller's `jit` and cached
+  there. Before JAX's "stackless" tracing rewrite (late 2024), operations on a tracer inside that
+  context still went to the tracer's own transformation; now `eval_context()` makes every operation
+  eager, and a traced kernel (`vmap` over random networks, each with its own empirical kernel)
+  raises `UnexpectedTracerError`. This restores the old rule for these two functions only.
+  """
+  from jax._src import core  # noqa: PLC0415
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.extend.core.take_current_trace() as current:
+      pass
+    if current is core.eval_trace:
+      for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+        if isinstance(leaf, core.Tracer):
+          with jax.extend.core.set_current_trace(leaf._trace):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+  wrapped.original = fn
+  return wrapped
+
+
+def _patch_predict() -> None:
+  from jax._src import core  # noqa: PLC0415
+
+  if not hasattr(core, "eval_trace"):  # a JAX from before the stackless rewrite
+    return
+  predict = sys.modules["neural_tangents._src.predict"]
+  for name in ("_get_cho_solve", "_get_fns_in_eigenbasis"):
+    fn = getattr(predict, name)
+    if getattr(fn, "original", None) is None:
+      setattr(predict, name, _on_own_trace(fn))
+      PATCHED.append(f"neural_tangents._src.predict.{name} (traced kernels in eval_context)")
+
+
+_patch_empirical()
+_patch_predict()
+
+
+def _slice_sum(x, filter_shape, pads, batch_ndim):
   """out[..., i, i', j, j'] = sum over offsets (a, b) of zero-padded x[..., i+a, i'+a, j+b, j'+b].
 
-  `pads[k] = (lo, hi)` pads both axes of spatial pair k. Its own adjoint, with mirrored padding, is
-  the VJP: JAX's transpose of the slices would materialise f_h * f_w padded copies (15x slower).
+  `pads[k] = (lo, hi)` pads both axes of spatial pair k: one padded copy, f_h * f_w slices of it.
   """
   padded = jax.numpy.pad(x, [(0, 0)] * batch_ndim + [p for p in pads for _ in (0, 1)])
   sizes = [padded.shape[batch_ndim + 2 * k] - f + 1 for k, f in enumerate(filter_shape)]
@@ -158,22 +324,47 @@ def _shifted_sum(x, filter_shape, pads, batch_ndim):
   return out
 
 
-def _shifted_sum_fwd(x, filter_shape, pads, batch_ndim):
-  return _shifted_sum(x, filter_shape, pads, batch_ndim), x.shape
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _shifted_sum(x, filter_shape, pads, batch_ndim):
+  """`_slice_sum`, with a tangent rule that keeps both autodiff modes fast.
+
+  The op is linear, so its tangent is the op applied to the tangent, and reverse mode transposes
+  that. Written as slices, JAX would transpose it into f_h * f_w zero-embeddings of the
+  cotangent, which XLA:CPU fuses with the cotangent's producer and so recomputes once per offset
+  (a 3x slower gradient of the pooled ConvNet NTK). So the tangent is written as JAX's transpose
+  of the adjoint (the same sum over the mirrored padding, as slices): reverse mode transposes it
+  back into those slices, one padded copy of the cotangent, as fast as a hand-written VJP; and
+  forward mode (jvp, jacfwd, Hessians) works, evaluating the embeddings, which is where the
+  fusion costs: a forward-mode derivative of the ConvNet NTK runs 1.7x slower than through
+  neural-tangents' own convolutions (`python -m bench.compat_conv`). Of the formulations tried
+  (slices, pads of shifts), none that JAX transposes by itself was fast both ways; a `custom_vjp`
+  refuses forward mode, and `custom_derivatives.linear_call` has no batching rule.
+  """
+  return _slice_sum(x, filter_shape, pads, batch_ndim)
 
 
-def _shifted_sum_bwd(filter_shape, pads, batch_ndim, in_shape, g):
+def _adjoint_pads(filter_shape, pads, batch_ndim, in_shape, out_shape):
   # x_bar[j] = sum_d g[j - d + lo]: the same sum over g padded by (f - 1 - lo) before and by
   # whatever brings it back to the input's length after.
   mirrored = []
   for k, ((lo, _), f) in enumerate(zip(pads, filter_shape, strict=True)):
     before = f - 1 - lo
-    mirrored.append((before, in_shape[batch_ndim + 2 * k] + f - 1 - g.shape[batch_ndim + 2 * k]
+    mirrored.append((before, in_shape[batch_ndim + 2 * k] + f - 1 - out_shape[batch_ndim + 2 * k]
                      - before))
-  return (_shifted_sum(g, filter_shape, tuple(mirrored), batch_ndim),)
+  return tuple(mirrored)
 
 
-_shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
+@_shifted_sum.defjvp
+def _shifted_sum_jvp(filter_shape, pads, batch_ndim, primals, tangents):
+  (x,), (t,) = primals, tangents
+  out = _shifted_sum(x, filter_shape, pads, batch_ndim)
+  mirrored = _adjoint_pads(filter_shape, pads, batch_ndim, x.shape, out.shape)
+
+  def adjoint(g):
+    return _slice_sum(g, filter_shape, mirrored, batch_ndim)
+
+  (t_out,) = jax.linear_transpose(adjoint, jax.ShapeDtypeStruct(out.shape, out.dtype))(t)
+  return out, t_out
 
 
 def _shifted_full_spatial_conv(original):

@@ -82,7 +82,7 @@ def main(out: str, distributed: bool = False) -> None:
     results[f"{arch}/test_acc"] = np.asarray(metrics["test_acc"])
   # A neural-feature kernel: images sharded, features gathered, one matmul; chunks of 4 images,
   # so devices hold several chunks (or padding) depending on the device count.
-  features = make_kernel("nfk-convnet3", width=8, image_shape=x_s.shape[1:])
+  features = make_kernel("nfk-mlp", width=16, image_shape=x_s.shape[1:])
   params = features.init(jax.random.key(1))
   feature_kernel = shard_feature_kernel(features.features, mesh, chunk_rows=4)
 
