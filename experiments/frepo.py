@@ -23,9 +23,17 @@ import jax
 import numpy as np
 
 from kip import cli
-from kip.krr import DEFAULT_REG, evaluate
-from kip.loop import Evaluator, LoopConfig
-from kip.pipeline import PREPROCESSING, distill, initial_support, prepare_data
+from kip.krr import DEFAULT_REG
+from kip.pipeline import (
+  PREPROCESSING,
+  distill,
+  held_out_split,
+  initial_support,
+  krr_evaluator,
+  make_evaluator,
+  prepare_data,
+  selecting_loop_config,
+)
 from methods.frepo import make_frepo, pool_features
 
 f = cli.field
@@ -90,24 +98,18 @@ def run_frepo(config: Config, workdir: str) -> dict:
   def pool_kernel(params, x1, x2):
     return features(*params, x1) @ features(*params, x2).T
 
-  def pool_krr(state) -> dict:
-    i = int(state.index)
-    params = jax.tree_util.tree_map(lambda a: a[i], state.pool_params)
-    stats = jax.tree_util.tree_map(lambda a: a[i], state.pool_stats)
-    result = evaluate(pool_kernel, state.x, state.y,
-                      data.x_test, data.labels_test, reg=config.reg, params=(params, stats),
-                      block_rows=1000)
-    split = "validation" if config.val_size else "test"
-    return {f"krr_{split}_{k[len('test_'):]}": v for k, v in result.items()}
+  def current_pool_model(state):
+    return jax.tree_util.tree_map(lambda a: a[int(state.index)],
+                                  (state.pool_params, state.pool_stats))
 
+  split = held_out_split(config.val_size)
+  pool_krr = krr_evaluator(make_evaluator(pool_kernel, data, reg=config.reg), method,
+                           params=current_pool_model, name="pool_krr", prefix="krr", split=split)
   meta = {"method": "frepo", "dataset": config.dataset, "kernel": "frepo-pool",
           "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
-  loop_config = LoopConfig(steps=config.steps, eval_every=config.eval_every,
-                           checkpoint_every=config.checkpoint_every, seed=config.seed,
-                           select_metric="krr_validation_acc" if config.val_size else "",
-                           patience=config.patience if config.val_size else 0)
+  loop_config = selecting_loop_config(config, f"krr_{split}_acc")
   result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
-                   y_init=y_init, meta=meta, evaluators=[Evaluator("pool_krr", pool_krr)],
+                   y_init=y_init, meta=meta, evaluators=[pool_krr],
                    log=cli.log, progress=config.progress)
   return result.evals | {"steps_per_s": result.steps_per_s}
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
   workdir = cli.prepare_workdir(config, "frepo", [config.dataset, f"ipc{config.ipc}"])
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_frepo(config, workdir)
-  split = "validation" if config.val_size else "test"
+  split = held_out_split(config.val_size)
   acc = result.get(f"krr_{split}_acc", np.nan)
   cli.report(f"KRR {split} accuracy on the pool features: {100 * acc:.2f}%; distilled set: "
              f"{os.path.join(workdir, 'distilled.npz')}")

@@ -23,9 +23,16 @@ import jax
 import numpy as np
 
 from kip import cli
-from kip.krr import evaluate
-from kip.loop import Evaluator, LoopConfig
-from kip.pipeline import PREPROCESSING, distill, initial_support, prepare_data
+from kip.pipeline import (
+  PREPROCESSING,
+  distill,
+  held_out_split,
+  initial_support,
+  krr_evaluator,
+  make_evaluator,
+  prepare_data,
+  selecting_loop_config,
+)
 from methods.rfad import make_rfad, nngp_readout, random_features
 
 f = cli.field
@@ -71,7 +78,7 @@ def run_rfad(config: Config, workdir: str) -> dict:
   data = prepare_data(config.dataset, preprocess=config.preprocess, data_dir=config.data_dir,
                       manual_dir=config.manual_dir,
                       val_size=config.val_size, seed=config.seed)
-  split = "validation" if config.val_size else "test"
+  split = held_out_split(config.val_size)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "
           f"{data.preprocessor.name}")
   image_shape = data.x_train.shape[1:]
@@ -87,20 +94,13 @@ def run_rfad(config: Config, workdir: str) -> dict:
     return nngp_readout(eval_features(key, x1), eval_features(key, x2))
 
   eval_key = jax.random.key(10_000 + config.seed)  # fixed nets for every evaluation
-
-  def rf_krr(state) -> dict:
-    result = evaluate(eval_kernel, state.x, state.y, data.x_test, data.labels_test,
-                      reg=config.jitter, params=eval_key, block_rows=1000)
-    return {f"rf_{split}_{k[len('test_'):]}": v for k, v in result.items()}
-
+  rf_krr = krr_evaluator(make_evaluator(eval_kernel, data, reg=config.jitter), method,
+                         params=lambda state: eval_key, name="rf_krr", prefix="rf", split=split)
   meta = {"method": "rfad", "dataset": config.dataset, "kernel": "rfad-nngp",
           "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
-  loop_config = LoopConfig(steps=config.steps, eval_every=config.eval_every,
-                           checkpoint_every=config.checkpoint_every, seed=config.seed,
-                           select_metric="rf_validation_acc" if config.val_size else "",
-                           patience=config.patience if config.val_size else 0)
+  loop_config = selecting_loop_config(config, f"rf_{split}_acc")
   result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
-                   y_init=y_init, meta=meta, evaluators=[Evaluator("rf_krr", rf_krr)],
+                   y_init=y_init, meta=meta, evaluators=[rf_krr],
                    log=cli.log, progress=config.progress)
   return result.evals | {"steps_per_s": result.steps_per_s, "split": split}
 

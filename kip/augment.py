@@ -125,15 +125,18 @@ TRANSFORMS = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, 
               "rotate": _rotate}
 
 
-def parse_strategy(strategy: str) -> tuple[str, ...]:
-  """'color_crop_...' -> ('color', 'crop', ...); '' or 'none' -> (); unknown names raise."""
+def parse_strategy(strategy: str, transforms=None, what: str = "augmentation"
+                   ) -> tuple[str, ...]:
+  """'color_crop_...' -> ('color', 'crop', ...); '' or 'none' -> (); names not in `transforms`
+  (default: DSA's `TRANSFORMS`) raise, naming the kind of augmentation (`what`)."""
+  transforms = TRANSFORMS if transforms is None else transforms
   if strategy in ("", "none"):
     return ()
   names = tuple(strategy.split("_"))
-  unknown = [n for n in names if n not in TRANSFORMS]
+  unknown = [n for n in names if n not in transforms]
   if unknown:
-    raise ValueError(f"unknown augmentation {', '.join(unknown)}; choose from "
-                     f"{', '.join(TRANSFORMS)} joined by '_'")
+    raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from "
+                     f"{', '.join(transforms)} joined by '_'")
   return names
 
 
@@ -281,14 +284,7 @@ def _dc_noise(key, x, noise):
 
 
 def _parse_dc(strategy: str) -> tuple[str, ...]:
-  if strategy in ("", "none"):
-    return ()
-  names = tuple(strategy.split("_"))
-  unknown = [n for n in names if n not in DC_TRANSFORMS]
-  if unknown:
-    raise ValueError(f"unknown DC augmentation {', '.join(unknown)}; choose from "
-                     f"{', '.join(DC_TRANSFORMS)} joined by '_'")
-  return names
+  return parse_strategy(strategy, DC_TRANSFORMS, "DC augmentation")
 
 
 def dc_augment(key: jax.Array, x: jax.Array, strategy: str = DC_STRATEGY, *, crop: int = DC_CROP,

@@ -189,14 +189,11 @@ def run(
 
   last_eval = _last_evals(metrics_path) if start_step else {}
   best_step, best_value = _best(read_metrics(metrics_path) if start_step else [], config)
-  sign = 1.0 if config.select_mode == "max" else -1.0
 
   def select(step: int, results: dict) -> None:
     nonlocal best_step, best_value
     value = results.get(config.select_metric)
-    if value is None:
-      return
-    if best_value is None or sign * value > sign * best_value:
+    if _improves(value, best_value, config.select_mode):
       best_step, best_value = step, value
       if writer and save_best is not None:
         save_best(state, step)
@@ -285,12 +282,18 @@ def _best(records: list[dict], config: LoopConfig) -> tuple[int | None, float | 
   if not config.select_metric:
     return None, None
   best_step, best_value = None, None
-  sign = 1.0 if config.select_mode == "max" else -1.0
   for r in records:  # strict improvements in step order, as the live run decided them
     value = r.get(config.select_metric)
-    if value is not None and (best_value is None or sign * value > sign * best_value):
+    if _improves(value, best_value, config.select_mode):
       best_step, best_value = r["step"], value
   return best_step, best_value
+
+
+def _improves(value, best, mode: str) -> bool:
+  """Whether a recorded `value` (None: not measured) strictly beats `best` (None: none yet)."""
+  if value is None:
+    return False
+  return best is None or (value > best if mode == "max" else value < best)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -31,7 +31,7 @@ from kip.sharding import shard_feature_kernel, shard_kernel
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
-           "log_kernel_layouts", "PREPROCESSING"]
+           "log_kernel_layouts", "PREPROCESSING", "held_out_split", "selecting_loop_config"]
 
 
 class Data(NamedTuple):
@@ -160,16 +160,38 @@ def write_distilled(path: str, arrays: dict, data: Data, meta: dict) -> None:
 
 
 def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None = None,
-                  params: Callable | None = None) -> Evaluator:
-  """An evaluator named `krr`: KRR on the whole test split from the method's exported set
-  (`evaluate_support` from `make_evaluator`; `params(state)` gives the kernel's parameters)."""
+                  params: Callable | None = None, *, name: str = "krr", prefix: str = "",
+                  split: str = "test") -> Evaluator:
+  """An evaluator: KRR on the held-out split of `make_evaluator` from the method's exported set
+  (`evaluate_support` from `make_evaluator`; `params(state)` gives the kernel's parameters).
+
+  Its metrics are `test_acc` / `test_mse`, or with `prefix` `<prefix>_<split>_acc` / `_mse` (e.g.
+  `rf_validation_acc`), so a validation split is never reported as a test one."""
 
   def fn(state):
     arrays = method.export(state)
-    return evaluate_support(arrays["images"], arrays["labels"],
-                            () if params is None else params(state))
+    result = evaluate_support(arrays["images"], arrays["labels"],
+                              () if params is None else params(state))
+    if not prefix:
+      return result
+    return {f"{prefix}_{split}_{k[len('test_'):]}": v for k, v in result.items()}
 
-  return Evaluator("krr", fn, every)
+  return Evaluator(name, fn, every)
+
+
+def held_out_split(val_size: int) -> str:
+  """The name of the split `prepare_data(val_size=...)` evaluates on."""
+  return "validation" if val_size else "test"
+
+
+def selecting_loop_config(config, select_metric: str) -> LoopConfig:
+  """The LoopConfig of a command with `steps`, `eval_every`, `checkpoint_every`, `seed`,
+  `val_size` and `patience` fields: with a validation split (`val_size`), the run keeps the best
+  set by `select_metric` and stops after `patience` steps without improvement."""
+  return LoopConfig(steps=config.steps, eval_every=config.eval_every,
+                    checkpoint_every=config.checkpoint_every, seed=config.seed,
+                    select_metric=select_metric if config.val_size else "",
+                    patience=config.patience if config.val_size else 0)
 
 
 def distill(method: Method, data: Data, *, workdir: str, loop_config: LoopConfig,

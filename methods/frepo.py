@@ -103,9 +103,7 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
     return FrepoState(x, y, optimizer.init(trainable(x, y)), params, stats, opt, stagger,
                       jnp.zeros((), jnp.int32))
 
-  def features(params, stats, x):
-    return net.apply({"params": params, **({"batch_stats": stats} if stats else {})}, x,
-                     train=False, features=True)
+  features = pool_features(width, num_classes, image_shape, norm)
 
   def outer_loss(trained, y_fixed, params, stats, x_target, y_target):
     x_support = trained[0]
@@ -167,15 +165,13 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
   def export(state: FrepoState) -> dict[str, jax.Array]:
     return {"images": state.x, "labels": state.y}
 
-  method = Method(init, update, export, Data("labelled", target_batch))
-  return method
+  return Method(init, update, export, Data("labelled", target_batch))
 
 
-def pool_features(method_net_width: int, num_classes: int, image_shape, norm: str = "batch"):
-  """(params, stats, x) -> features of one pool model: for evaluators that run KRR on the pool's
-  features (e.g. test accuracy during distillation)."""
-  net = make_net("frepo_convnet", num_classes, width=method_net_width, norm=norm,
-                 image_shape=image_shape)
+def pool_features(width: int, num_classes: int, image_shape, norm: str = "batch"):
+  """(params, stats, x) -> the penultimate features of one pool model, in inference mode: what
+  the outer step regresses on, and what evaluators run KRR on."""
+  net = make_net("frepo_convnet", num_classes, width=width, norm=norm, image_shape=image_shape)
 
   @jax.jit
   def features(params, stats, x):

@@ -55,6 +55,14 @@ def test_frepo_loss_matches_numpy_krr_on_the_pool_features():
     counts.append(int(state.pool_steps[before]))
   assert all(0 <= c < 4 for c in counts) and 0 in counts
 
+def numpy_rfad_pred(phi_s, phi_t, y_s):
+  """RFAD's KRR in float64: K = 2 Phi Phi^T + 0.01, ridge 5e-3 tr(K_ss)/n."""
+  phi_s, phi_t = np.asarray(phi_s, np.float64), np.asarray(phi_t, np.float64)
+  k_ss = 2 * phi_s @ phi_s.T + 0.01
+  k_ss += 5e-3 * np.trace(k_ss) / len(k_ss) * np.eye(len(k_ss))
+  return (2 * phi_t @ phi_s.T + 0.01) @ np.linalg.solve(k_ss, np.asarray(y_s, np.float64))
+
+
 def test_rfad_loss_matches_numpy_on_the_same_random_features():
   method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
                      target_batch=40)
@@ -63,11 +71,7 @@ def test_rfad_loss_matches_numpy_on_the_same_random_features():
   features = random_features(CLASSES, SHAPE, width=4, num_models=2)
   phi_s = np.asarray(features(key, jnp.asarray(X[:20])), np.float64)
   phi_t = np.asarray(features(key, jnp.asarray(X[100:140])), np.float64)
-  # K = 2 Phi Phi^T + 0.01; ridge 5e-3 tr(K)/n.
-  k_ss = 2 * phi_s @ phi_s.T + 0.01
-  k_ts = 2 * phi_t @ phi_s.T + 0.01
-  k_ss += 5e-3 * np.trace(k_ss) / 20 * np.eye(20)
-  pred = k_ts @ np.linalg.solve(k_ss, Y[:20].astype(np.float64))
+  pred = numpy_rfad_pred(phi_s, phi_t, Y[:20])
   expected = 0.5 * np.mean((pred - Y[100:140]) ** 2)
   _, metrics = method.update(state, Batch(X[100:140], Y[100:140]), key, 1)
   assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
@@ -83,9 +87,7 @@ def test_rfad_platt_loss_is_the_cross_entropy_of_the_scaled_prediction():
   phi = random_features(CLASSES, SHAPE, width=4, num_models=1)
   phi_s = np.asarray(phi(key, jnp.asarray(X[:20])), np.float64)
   phi_t = np.asarray(phi(key, jnp.asarray(X[100:140])), np.float64)
-  k_ss = 2 * phi_s @ phi_s.T + 0.01
-  k_ss += 5e-3 * np.trace(k_ss) / 20 * np.eye(20)
-  logits = (2 * phi_t @ phi_s.T + 0.01) @ np.linalg.solve(k_ss, Y[:20].astype(np.float64))
+  logits = numpy_rfad_pred(phi_s, phi_t, Y[:20])
   logits -= logits.max(1, keepdims=True)
   log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   expected = -np.mean(log_p[np.arange(40), LABELS[100:140]])  # scale exp(0) = 1 at init
