@@ -17,20 +17,24 @@ import jax.numpy as jnp
 from kip import cli
 from kip.io import DistilledSet, load_distilled
 from kip.kernels import KERNELS
-from kip.pipeline import KernelConfig, data_for_set, make_evaluator, shard_kernels
+from kip.pipeline import (
+  KernelConfig,
+  SetPreprocessConfig,
+  data_for_set,
+  make_evaluator,
+  shard_kernels,
+)
 
 f = cli.field
 _KERNEL_FIELDS = ("kernel", "depth", "kernel_type", "kernel_width")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DeviceConfig, KernelConfig, cli.DataConfig):
+class Config(cli.DeviceConfig, KernelConfig, SetPreprocessConfig, cli.DataConfig):
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`)")
   kernel: str = f("auto", "kernel (auto: the one the set was distilled with, as its file "
                           "records it, else fc); see experiments.kip --help",
                   choices=("auto", *KERNELS))
-  zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
-               choices=("auto", "yes", "no"))
   float64: bool = f(False, "kernels and the solve in float64 (slower)")
   seed: int = f(0, "seed of a finite kernel's (nfk-/entk-) random initialisation")
   json_out: bool = f(False, "print the result as one JSON line")
@@ -66,9 +70,8 @@ def evaluate_file(config: Config, mesh=None, memory_bytes: float | None = None
   config, note = resolve_kernel(config, distilled)
   if note:
     cli.log(note)
-  zca = {"yes": True, "no": False}.get(config.zca)
-  data = data_for_set(distilled, config.dataset, zca=zca, data_dir=config.data_dir,
-                      manual_dir=config.manual_dir)
+  data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
+                      data_dir=config.data_dir, manual_dir=config.manual_dir)
   preprocessor = data.preprocessor
   kernel = config.make_kernel(data)
   with jax.enable_x64(config.float64):

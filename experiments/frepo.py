@@ -25,7 +25,7 @@ import numpy as np
 from kip import cli
 from kip.krr import DEFAULT_REG
 from kip.pipeline import (
-  PREPROCESSING,
+  PreprocessConfig,
   distill,
   held_out_split,
   initial_support,
@@ -46,7 +46,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.RunConfig, cli.DataConfig):
+class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a GPU)",
                   choices=tuple(PRESETS))
   ipc: int = f(10, "support images per class", minimum=1)
@@ -63,9 +63,6 @@ class Config(cli.RunConfig, cli.DataConfig):
                    "one per step (none: off); FRePo uses no flips on digits")
   learn_labels: bool = f(True, "learn the support labels too")
   init: str = f("real", "initial support images", choices=("real", "noise"))
-  preprocess: str = f("standard", "standard (per-channel standardisation; FRePo's for MNIST), "
-                                  "zca (then ZCA, reg 0.1: FRePo's for CIFAR) or kip_zca (KIP's "
-                                  "layer norm + ZCA)", choices=PREPROCESSING)
   reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s", minimum=0)
   eval_every: int = f(200, "steps between KRR evaluations on the pool features (0: at the end)",
                       minimum=0)
@@ -80,7 +77,7 @@ class Config(cli.RunConfig, cli.DataConfig):
 
 def run_frepo(config: Config, workdir: str) -> dict:
   """Runs FRePo as configured in `workdir`; returns the final evaluation."""
-  data = prepare_data(config.dataset, preprocess=config.preprocess, data_dir=config.data_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
           f"{'validation' if config.val_size else 'test'} images; {data.preprocessor.name}")

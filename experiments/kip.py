@@ -16,6 +16,7 @@ from kip import cli
 from kip.loop import LoopConfig
 from kip.pipeline import (
   KernelConfig,
+  PreprocessConfig,
   distill,
   initial_support,
   krr_evaluator,
@@ -30,14 +31,13 @@ f = cli.field
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, cli.DataConfig):
+class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, PreprocessConfig, cli.DataConfig):
   ipc: int = f(10, "support images per class", minimum=1)
   steps: int = f(1000, "KIP (Adam) steps", minimum=0)
   lr: float = f(0.04, "Adam learning rate (the authors' colab: 0.04)", above=0)
   target_batch: int = f(5000, "class-balanced real target images per step", minimum=1)
   learn_labels: bool = f(True, "learn the support labels too")
   init: str = f("real", "initial support images", choices=("real", "noise"))
-  zca: bool = f(False, "KIP's layer norm + ZCA (reg 0.1) after standardisation")
   eval_every: int = f(100, "steps between KRR evaluations on the full test split (0: only at "
                            "the end)", minimum=0)
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
@@ -57,7 +57,7 @@ def run_kip(config: Config, workdir: str, mesh=None, memory_bytes: float | None 
 
 
 def _run(config: Config, workdir: str, dtype, mesh, memory_bytes) -> dict[str, float]:
-  data = prepare_data(config.dataset, zca=config.zca, data_dir=config.data_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
           f"{'validation' if config.val_size else 'test'} images; {data.preprocessor.name}")

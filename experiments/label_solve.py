@@ -13,19 +13,24 @@ import os
 
 from kip import cli
 from kip.io import DistilledSet, load_distilled
-from kip.pipeline import KernelConfig, initial_support, prepare_data, shard_kernels
+from kip.pipeline import (
+  KernelConfig,
+  PreprocessConfig,
+  initial_support,
+  prepare_data,
+  shard_kernels,
+)
 from methods.label_solve import solve_labels
 
 f = cli.field
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, cli.DataConfig):
+class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, PreprocessConfig, cli.DataConfig):
   ipc: int = f(10, "support images per class (class-balanced real images)", minimum=1)
   support: str = f("", "solve labels for the images of this distilled .npz instead")
   target_size: int = f(0, "class-balanced target images (0: the whole training split)",
                        minimum=0)
-  zca: bool = f(False, "KIP's layer norm + ZCA (reg 0.1) after standardisation")
   val_size: int = f(0, "hold out this many training images and evaluate on them instead of test",
                     minimum=0)
 
@@ -35,7 +40,7 @@ def solve(config: Config, workdir: str, given: DistilledSet | None = None, mesh=
   """Label Solve as configured (for the images of `given`, if any), its kernel blocks across
   `mesh` (default: every device) within `memory_bytes` per device; returns
   {"one_hot": metrics, "label_solve": metrics}."""
-  data = prepare_data(config.dataset, zca=config.zca, data_dir=config.data_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed,
                       preprocessor=given.preprocessor if given else None)
   kernel = config.make_kernel(data)

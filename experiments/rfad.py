@@ -24,7 +24,7 @@ import numpy as np
 
 from kip import cli
 from kip.pipeline import (
-  PREPROCESSING,
+  PreprocessConfig,
   distill,
   held_out_split,
   initial_support,
@@ -46,7 +46,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.RunConfig, cli.DataConfig):
+class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a GPU)",
                   choices=tuple(PRESETS))
   ipc: int = f(10, "support images per class", minimum=1)
@@ -59,9 +59,6 @@ class Config(cli.RunConfig, cli.DataConfig):
   platt: bool = f(False, "Platt-scaled cross-entropy loss (learned scale) instead of MSE")
   learn_labels: bool = f(True, "learn the support labels too")
   init: str = f("real", "initial support images", choices=("real", "noise"))
-  preprocess: str = f("standard", "standard (per-channel standardisation), zca (then ZCA, reg "
-                                  "0.1) or kip_zca (KIP's layer norm + ZCA)",
-                      choices=PREPROCESSING)
   eval_models: int = f(4, "random nets (fixed seed) of the KRR evaluation", minimum=1)
   eval_every: int = f(100, "steps between KRR evaluations (0: at the end)", minimum=0)
   checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
@@ -75,7 +72,7 @@ class Config(cli.RunConfig, cli.DataConfig):
 
 def run_rfad(config: Config, workdir: str) -> dict:
   """Runs RFAD as configured in `workdir`; returns the final evaluation."""
-  data = prepare_data(config.dataset, preprocess=config.preprocess, data_dir=config.data_dir,
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir,
                       val_size=config.val_size, seed=config.seed)
   split = held_out_split(config.val_size)

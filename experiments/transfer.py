@@ -22,10 +22,10 @@ import os
 import numpy as np
 
 from kip import cli
-from kip.data import DATASETS, centered_one_hot, class_balanced_indices
+from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import load_distilled, write_json
 from kip.nets import NETS, NORMS, PARAMETERIZATIONS, make_net
-from kip.pipeline import data_for_set
+from kip.pipeline import SetPreprocessConfig, data_for_set
 from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
 
 f = cli.field
@@ -33,9 +33,8 @@ ROWS = ("distilled", "random", "full")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
-  dataset: str = f("mnist", "tfds dataset the set was distilled from", choices=tuple(DATASETS))
   net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
                        "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
   protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
@@ -64,13 +63,6 @@ class Config:
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
   eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
-  zca: str = f("auto", "treat the set as ZCA-space (auto: from its metadata or file name)",
-               choices=("auto", "yes", "no"))
-  seed: int = f(0, "first seed (networks, batches, baseline subsets)")
-  workdir: str = f("", "run folder (default: a new folder under ./runs)")
-  manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
-  data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
-  progress: bool = f(True, "show progress bars")
 
 
 def _rows(config: Config) -> list[str]:
@@ -103,8 +95,7 @@ def transfer(config: Config, workdir: str) -> dict:
     raise cli.UserError("--seeds must be at least 1")
   rows = _rows(config)
   distilled = load_distilled(config.support, config.dataset)
-  data = data_for_set(distilled, config.dataset,
-                      zca={"yes": True, "no": False}.get(config.zca),
+  data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
                       data_dir=config.data_dir, manual_dir=config.manual_dir)
   protocol = PROTOCOLS[config.protocol]
   net_name, width, norm = _net_settings(config)

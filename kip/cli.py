@@ -216,7 +216,10 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    differ = [k for k in current if k not in ignore and previous.get(k) != current[k]]
+    # A flag added after the run was made counts as having had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    differ = [k for k in current
+              if k not in ignore and previous.get(k, defaults.get(k)) != current[k]]
     if differ:
       changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "

@@ -31,7 +31,8 @@ from kip.sharding import shard_feature_kernel, shard_kernel
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
-           "log_kernel_layouts", "PREPROCESSING", "held_out_split", "selecting_loop_config"]
+           "log_kernel_layouts", "PREPROCESSING", "PreprocessConfig", "SetPreprocessConfig",
+           "preprocessing_of", "held_out_split", "selecting_loop_config"]
 
 
 class Data(NamedTuple):
@@ -48,6 +49,59 @@ class Data(NamedTuple):
 
 
 PREPROCESSING = ("standard", "kip_zca", "zca")
+PREPROCESS_HELP = ("standard (per-channel standardisation with training statistics), kip_zca "
+                   "(then KIP's per-image layer norm and ZCA, reg 0.1: the KIP/LS releases) or zca "
+                   "(then ZCA without layer norm, reg 0.1: FRePo/MTT on colour data)")
+
+
+def preprocessing_of(preprocessor: Preprocessor) -> str:
+  """The PREPROCESSING name of a fitted preprocessor."""
+  if preprocessor.zca is None:
+    return "standard"
+  return "kip_zca" if preprocessor.zca_layer_norm else "zca"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """`--preprocess` of every job that makes a set (kip, label_solve, frepo, rfad); `--zca` is the
+  older spelling of `--preprocess kip_zca`, kept so existing command lines still work."""
+
+  preprocess: str = cli.field("standard", PREPROCESS_HELP, choices=PREPROCESSING)
+  zca: bool = cli.field(False, "same as --preprocess kip_zca (the older flag)")
+
+  def __post_init__(self):
+    self.preprocessing()  # contradictory flags fail when the command line is parsed
+
+  def preprocessing(self) -> str:
+    if self.zca and self.preprocess not in ("standard", "kip_zca"):
+      raise cli.UserError(f"--zca means --preprocess kip_zca; it contradicts --preprocess "
+                          f"{self.preprocess}")
+    return "kip_zca" if self.zca else self.preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class SetPreprocessConfig:
+  """`--preprocess` of the jobs that read a set (evaluate, transfer): the real splits get the
+  set's own preprocessing unless told otherwise; `--zca yes|no` is the older spelling."""
+
+  preprocess: str = cli.field("auto", "the set's preprocessing, applied to the real splits: "
+                                      "auto (as stored in the file; for a released set, as its "
+                                      "name says: zca = kip_zca, nozca = standard) or "
+                                      + PREPROCESS_HELP,
+                              choices=("auto", *PREPROCESSING))
+  zca: str = cli.field("auto", "older spelling: yes = --preprocess kip_zca, no = standard",
+                       choices=("auto", "yes", "no"))
+
+  def __post_init__(self):
+    self.preprocessing()  # contradictory flags fail when the command line is parsed
+
+  def preprocessing(self) -> str | None:
+    """The forced preprocessing name, or None for the set's own."""
+    old = {"yes": "kip_zca", "no": "standard"}.get(self.zca)
+    if old and self.preprocess not in ("auto", old):
+      raise cli.UserError(f"--zca {self.zca} means --preprocess {old}; it contradicts "
+                          f"--preprocess {self.preprocess}")
+    return None if self.preprocess == "auto" and old is None else old or self.preprocess
 
 
 def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
@@ -78,20 +132,22 @@ def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None
               num_classes)
 
 
-def data_for_set(distilled: DistilledSet, dataset: str, *, zca: bool | None = None,
+def data_for_set(distilled: DistilledSet, dataset: str, *, preprocess: str | None = None,
                  data_dir: str | None = None, manual_dir: str | None = None) -> Data:
   """The real splits in the distilled set's own preprocessed space.
 
   The set's stored preprocessing is used when it has one (ours); a released set's is refitted on
-  the real training split as its name says (`zca`: standardisation + KIP's layer norm + ZCA;
-  `nozca`: standardisation). `zca` forces either reading (None: from the file; a file that says
-  nothing is taken as standardised only).
+  the real training split as its name says (`zca`: kip_zca; `nozca`: standard; a file that says
+  nothing is taken as standardised only). `preprocess` (one of PREPROCESSING) forces another
+  reading, refitted on the training split when it is not the stored one.
   """
   preprocessor = distilled.preprocessor
-  zca = bool(distilled.zca) if zca is None else zca
-  if preprocessor is not None and zca != (preprocessor.zca is not None):
+  if preprocess is None:
+    preprocess = (preprocessing_of(preprocessor) if preprocessor is not None
+                  else "kip_zca" if distilled.zca else "standard")
+  elif preprocessor is not None and preprocessing_of(preprocessor) != preprocess:
     preprocessor = None
-  return prepare_data(dataset, zca=zca, data_dir=data_dir, manual_dir=manual_dir,
+  return prepare_data(dataset, preprocess=preprocess, data_dir=data_dir, manual_dir=manual_dir,
                       preprocessor=preprocessor)
 
 

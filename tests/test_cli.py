@@ -98,6 +98,9 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
     ("experiments.evaluate", ["--support", "x.npz", "--reg", "-1"], "--reg must be at least 0"),
     ("experiments.frepo", ["--preset", "huge"], "invalid choice: 'huge'"),
     ("experiments.rfad", ["--jitter", "-1"], "--jitter must be at least 0"),
+    ("experiments.kip", ["--zca", "--preprocess", "zca"], "--zca means --preprocess kip_zca"),
+    ("experiments.evaluate", ["--support", "x.npz", "--zca", "yes", "--preprocess", "standard"],
+     "--zca yes means --preprocess kip_zca"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, message):
   out = run_cli(module, *args, "--workdir", str(tmp_path / "w")) if module != \
@@ -201,3 +204,31 @@ def test_convnet_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_d
   assert [r["step"] for r in records] == [0, 1] and np.isfinite(records[1]["loss"])
   distilled = load_distilled(str(tmp_path / "w" / "distilled.npz"), "mnist")
   assert distilled.images.shape == (10, 28, 28, 1) and distilled.meta["kernel"] == "convnet-ntk"
+
+
+def test_preprocess_flags_are_one_spelling_with_the_old_zca_as_an_alias():
+  from kip.pipeline import PreprocessConfig, SetPreprocessConfig
+
+  assert PreprocessConfig().preprocessing() == "standard"
+  assert PreprocessConfig(zca=True).preprocessing() == "kip_zca"
+  assert PreprocessConfig(preprocess="zca").preprocessing() == "zca"
+  assert SetPreprocessConfig().preprocessing() is None  # the set's own
+  assert SetPreprocessConfig(zca="yes").preprocessing() == "kip_zca"
+  assert SetPreprocessConfig(zca="no").preprocessing() == "standard"
+  assert SetPreprocessConfig(preprocess="zca").preprocessing() == "zca"
+
+
+def test_a_workdir_from_before_a_flag_existed_still_resumes(tmp_path, manual_dir, data_dir):
+  """config.json written before --preprocess existed (it had only --zca): the new flag at its
+  default is the same run, so it resumes (and the file gains the key); another value is refused."""
+  workdir = tmp_path / "old"
+  first = run_cli("experiments.kip", *kip_args(workdir, manual_dir, data_dir, 0))
+  assert first.returncode == 0, first.stderr
+  config = json.loads((workdir / "config.json").read_text())
+  del config["preprocess"]
+  (workdir / "config.json").write_text(json.dumps(config))
+  again = run_cli("experiments.kip", *kip_args(workdir, manual_dir, data_dir, 0))
+  assert again.returncode == 0, again.stderr
+  other = run_cli("experiments.kip", *kip_args(workdir, manual_dir, data_dir, 0),
+                  "--preprocess", "zca")
+  assert other.returncode == 2 and "preprocess: 'standard' -> 'zca'" in other.stderr
