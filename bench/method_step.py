@@ -21,17 +21,18 @@ import time
 import jax
 import numpy as np
 
+from experiments.frepo import PRESETS as FREPO_PRESETS
+from experiments.rfad import PRESETS as RFAD_PRESETS
 from kip.method import Batch
 from methods.frepo import make_frepo
 from methods.rfad import make_rfad
 
 SHAPE, CLASSES, N_SUPPORT = (28, 28, 1), 10, 100
-SIZES = {
-    ("frepo", "cpu"): {"width": 32, "target_batch": 256},
-    ("frepo", "paper"): {"width": 128, "target_batch": 1024},
-    ("rfad", "cpu"): {"width": 32, "num_models": 2, "target_batch": 256},
-    ("rfad", "paper"): {"width": 256, "num_models": 8, "target_batch": 5120},
-}
+# The commands' own presets, so the bench measures what `--preset cpu|paper` runs.
+_SIZE_KEYS = ("width", "num_models", "target_batch")
+SIZES = {(name, preset): {k: v for k, v in presets[preset].items() if k in _SIZE_KEYS}
+         for name, presets in (("frepo", FREPO_PRESETS), ("rfad", RFAD_PRESETS))
+         for preset in ("cpu", "paper")}
 
 
 def _method(name: str, size: dict):
