@@ -200,7 +200,8 @@ def main(argv=None) -> int:
   _rows(config)
   workdir = cli.prepare_workdir(
       config, "transfer", [config.dataset, _net_settings(config)[0], config.protocol],
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching"))
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching"),
+      inputs={"support": cli.file_digest(config.support)})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)
   print(format_table(report))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -201,12 +202,15 @@ def setup_devices(config) -> tuple:
 def prepare_workdir(config, job: str, name_parts: Sequence[str],
                     ignore: Sequence[str] = ("workdir", "manual_dir", "data_dir", "progress",
                                              "steps", "eval_every", "memory_mb",
-                                             "distributed")) -> str:
+                                             "distributed"),
+                    inputs: dict[str, str] | None = None) -> str:
   """Creates the workdir (default: a new folder under ./runs) and writes or checks config.json.
 
   Re-running in a workdir that holds a run with other settings is refused (fields in `ignore`
-  may differ: paths, display, resources, and `steps`, so a finished run can be extended). In a
-  multi-host run only process 0 writes.
+  may differ: paths, display, resources, and `steps`, so a finished run can be extended).
+  `inputs` (name -> digest, e.g. of an input file's content) are recorded too, and a different
+  digest is refused: the run's finished parts were made from another input (a workdir recorded
+  before a digest was kept is taken as is). In a multi-host run only process 0 writes.
   """
   workdir = config.workdir or os.path.join(
       "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
@@ -216,6 +220,11 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
+    changed = [k for k, digest in (inputs or {}).items()
+               if previous.get("inputs", {}).get(k, digest) != digest]
+    if changed:
+      raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
+                      "changed since); use a new --workdir for this one")
     # A flag added after the run was made counts as having had its default then.
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     differ = [k for k in current
@@ -230,12 +239,23 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     if not os.path.isdir(workdir):
       _CREATED.append(workdir)
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, current)
+    write_json(path, current | ({"inputs": dict(inputs)} if inputs else {}))
   return workdir
 
 
 _WORKDIR: str | None = None  # this command's workdir, for the resume hint after Ctrl-C
 _CREATED: list[str] = []  # workdirs this command created; removed again if it fails at once
+
+
+def file_digest(path: str) -> str:
+  """The SHA-256 of a file's bytes (hex), or '' when it does not exist (reported elsewhere)."""
+  if not os.path.isfile(path):
+    return ""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _check_writable_dir(path: str, flag: str) -> None:

@@ -1,5 +1,6 @@
 """The command lines end to end on real MNIST at a small size, and their one-line errors."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -232,3 +233,31 @@ def test_a_workdir_from_before_a_flag_existed_still_resumes(tmp_path, manual_dir
   other = run_cli("experiments.kip", *kip_args(workdir, manual_dir, data_dir, 0),
                   "--preprocess", "zca")
   assert other.returncode == 2 and "preprocess: 'standard' -> 'zca'" in other.stderr
+
+
+def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
+  """transfer's rows are read back from its workdir: if the set at --support has changed since
+  (e.g. its distillation was extended), the workdir is refused instead of reporting old rows."""
+  import dataclasses
+
+  from kip import cli
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    support: str = ""
+    workdir: str = ""
+
+  support = tmp_path / "set.npz"
+  support.write_bytes(b"first set")
+  config = Config(str(support), str(tmp_path / "w"))
+  first = cli.file_digest(str(support))
+  assert first == hashlib.sha256(b"first set").hexdigest()
+  cli.prepare_workdir(config, "t", [], inputs={"support": first})
+  cli.prepare_workdir(config, "t", [], inputs={"support": first})  # same content: resumes
+  support.write_bytes(b"second set")
+  with pytest.raises(cli.UserError, match="made from another support"):
+    cli.prepare_workdir(config, "t", [], inputs={"support": cli.file_digest(str(support))})
+  legacy = json.loads((tmp_path / "w" / "config.json").read_text())
+  del legacy["inputs"]  # recorded before digests were kept: taken as is
+  (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
+  cli.prepare_workdir(config, "t", [], inputs={"support": cli.file_digest(str(support))})
