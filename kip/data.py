@@ -106,7 +106,12 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
     if unreachable:
       raise _download_error(name, builder, f"no connection to {unreachable}")
   try:
-    builder.download_and_prepare(download_config=download_config)
+    # One download folder per dataset: tfds names extracted manual files by their file name
+    # alone (downloads/extracted/GZIP.train-images-idx3-ubyte.gz), so with a shared folder a
+    # Fashion-MNIST build silently reused MNIST's extracted images.
+    builder.download_and_prepare(
+        download_dir=os.path.join(builder.data_dir_root, "downloads", name),
+        download_config=download_config)
   except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
     if manual_dir is not None:
       raise

@@ -34,6 +34,19 @@ def test_mnist_loads_from_raw_files_and_matches_published_statistics(mnist):
   assert len(mnist["validation"].labels) == 0
 
 
+def test_fashion_mnist_is_not_mnist_when_both_share_a_data_dir(mnist, manual_dir, data_dir):
+  """Both built offline into one data_dir (MNIST first, by the `mnist` fixture): Fashion-MNIST
+  has its own pixels (tfds names extracted manual files by file name alone, and the two datasets'
+  files share names). Sums and counts from shared/data/README.md."""
+  if not manual_dir or not os.path.exists(os.path.join(manual_dir, "fashion_mnist",
+                                                       "train-images-idx3-ubyte.gz")):
+    pytest.skip("no Fashion-MNIST raw files to build from offline")
+  fashion = load_dataset("fashion_mnist", data_dir=data_dir, manual_dir=manual_dir)
+  assert int(fashion["train"].images.sum(dtype=np.int64)) == 3431114169
+  assert int(fashion["test"].images.sum(dtype=np.int64)) == 573469082
+  assert np.bincount(fashion["train"].labels).tolist() == [6000] * 10
+
+
 def test_validation_split_is_carved_from_train(manual_dir, data_dir):
   splits = load_dataset("mnist", data_dir=data_dir, manual_dir=manual_dir, val_size=1000, seed=3)
   assert len(splits["validation"].labels) == 1000 and len(splits["train"].labels) == 59000
