@@ -67,19 +67,7 @@ def measure(name: str, preset: str, rounds: int) -> dict:
           "rounds": rounds}
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--only", choices=("all", "cpu", "paper"), default="all")
-  args = parser.parse_args(argv)
-  rows = [measure(name, preset, args.rounds) for name, preset in SIZES
-          if args.only in ("all", preset)]
-  print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}")
-  for r in rows:
-    size = ", ".join(f"{k} {r[k]}" for k in SIZES[(r["method"], r["preset"])])
-    print(f"{r['method']:<7} {r['preset']:<6} {size:<45} {r['compile_and_first_step_s']:>9.1f} "
-          f"{r['step_s']:>8.3f} {r['steps_per_s']:>8.3f}")
+def _write(rows: list[dict]) -> str:
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "method_step.json")
   with open(out + ".tmp", "w") as f:
     json.dump({"command": " ".join(["python -m bench.method_step", *sys.argv[1:]]),
@@ -87,6 +75,27 @@ def main(argv=None) -> int:
                f"{platform.processor() or platform.machine()}, JAX {jax.__version__} on "
                f"{jax.default_backend()}", "rows": rows}, f, indent=2)
   os.replace(out + ".tmp", out)
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--only", choices=("all", "cpu", "paper"), default="all")
+  args = parser.parse_args(argv)
+  print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}",
+        flush=True)
+  rows = []
+  for name, preset in SIZES:  # the slowest (RFAD at paper size) last; each row saved as it ends
+    if args.only not in ("all", preset):
+      continue
+    r = measure(name, preset, args.rounds)
+    rows.append(r)
+    size = ", ".join(f"{k} {r[k]}" for k in SIZES[(r["method"], r["preset"])])
+    print(f"{r['method']:<7} {r['preset']:<6} {size:<45} {r['compile_and_first_step_s']:>9.1f} "
+          f"{r['step_s']:>8.3f} {r['steps_per_s']:>8.3f}", flush=True)
+    out = _write(rows)
   print(f"written {out}")
   return 0
 
