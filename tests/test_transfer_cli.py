@@ -72,8 +72,9 @@ def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
 def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, data_dir):
   result = run_cli("experiments.transfer", "--support", sets["ours"], "--dataset", "mnist",
                    "--net", "convnet3", "--width", "16", "--protocol", "dc", "--steps", "40",
-                   "--seeds", "2", "--baselines", "none", "--workdir", str(tmp_path / "dc"),
-                   "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
+                   "--seeds", "2", "--baselines", "none", "--eval-every", "40",
+                   "--workdir", str(tmp_path / "dc"), "--manual-dir", manual_dir, "--data-dir",
+                   data_dir, "--no-progress")
   assert result.returncode == 0, result.stderr
   (row,) = json.loads((tmp_path / "dc" / "transfer.json").read_text())["rows"]
   assert row["protocol"] == "dc" and row["norm"] == "instance" and row["lr"] == 0.01
