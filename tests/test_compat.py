@@ -204,11 +204,16 @@ def test_conv_kernel_matches_finite_width_monte_carlo():
     assert np.all(np.abs(mean - np.asarray(ref)) < 5 * stderr + 1e-6), (mean, ref, stderr)
 
 
+def _pooled_conv_kernel(channels: int):
+  """kernel_fn of Conv(channels, 3x3, SAME) -> ReLU -> AvgPool 2 -> Flatten -> Dense(1)."""
+  return stax.serial(stax.Conv(channels, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD),
+                     stax.Relu(), stax.AvgPool((2, 2), (2, 2)), stax.Flatten(),
+                     stax.Dense(1, W_STD, B_STD))[2]
+
+
 def test_gradient_through_kernel_matches_finite_differences():
   rng = np.random.default_rng(2)
-  _, _, kernel_fn = stax.serial(stax.Conv(4, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD),
-                                stax.Relu(), stax.AvgPool((2, 2), (2, 2)), stax.Flatten(),
-                                stax.Dense(1, W_STD, B_STD))
+  kernel_fn = _pooled_conv_kernel(4)
   with jax.enable_x64(True):
     xs = jnp.asarray(rng.normal(size=(3, 4, 4, 1)))
     xt = jnp.asarray(rng.normal(size=(2, 4, 4, 1)))
@@ -229,9 +234,7 @@ def test_forward_mode_and_hessian_through_the_conv_patch(monkeypatch):
   patch, against central finite differences and against neural-tangents' own convolutions
   differentiated by JAX (float64)."""
   rng = np.random.default_rng(4)
-  _, _, kernel_fn = stax.serial(stax.Conv(2, (3, 3), padding="SAME", W_std=W_STD, b_std=B_STD),
-                                stax.Relu(), stax.AvgPool((2, 2), (2, 2)), stax.Flatten(),
-                                stax.Dense(1, W_STD, B_STD))
+  kernel_fn = _pooled_conv_kernel(2)
   with jax.enable_x64(True):
     xt = jnp.asarray(rng.normal(size=(2, 4, 4, 1)))
     xs = jnp.asarray(rng.normal(size=(1, 4, 4, 1)))
