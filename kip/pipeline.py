@@ -101,7 +101,9 @@ class SetPreprocessConfig:
     if old and self.preprocess not in ("auto", old):
       raise cli.UserError(f"--zca {self.zca} means --preprocess {old}; it contradicts "
                           f"--preprocess {self.preprocess}")
-    return None if self.preprocess == "auto" and old is None else old or self.preprocess
+    if old:
+      return old
+    return None if self.preprocess == "auto" else self.preprocess
 
 
 def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
