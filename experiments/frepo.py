@@ -96,8 +96,8 @@ def run_frepo(config: Config, workdir: str) -> dict:
     return features(*params, x1) @ features(*params, x2).T
 
   def current_pool_model(state):
-    return jax.tree_util.tree_map(lambda a: a[int(state.index)],
-                                  (state.pool_params, state.pool_stats))
+    pool = state.pool
+    return jax.tree_util.tree_map(lambda a: a[int(pool.index)], (pool.params, pool.stats))
 
   split = held_out_split(config.val_size)
   pool_krr = krr_evaluator(make_evaluator(pool_kernel, data, reg=config.reg), method,

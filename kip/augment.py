@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["DSA_STRATEGY", "TRANSFORMS", "dsa", "parse_strategy", "DC_STRATEGY",
-           "DC_TRANSFORMS", "dc_augment", "parse_augment", "apply_augment"]
+           "DC_TRANSFORMS", "dc_augment", "parse_augment", "apply_augment", "random_crop"]
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 BRIGHTNESS, SATURATION, CONTRAST = 1.0, 2.0, 0.5
@@ -163,6 +163,23 @@ def dsa(key: jax.Array, x: jax.Array, strategy: str = DSA_STRATEGY, *, mode: str
       x = f(k, x, batch_mode)
     return x
   raise ValueError(f"unknown augmentation mode {mode!r}; choose single or all")
+
+
+def random_crop(key: jax.Array, x: jax.Array, pad: int = 4, fill=0.0, flip: bool = False
+                ) -> jax.Array:
+  """torchvision's / kornia's `RandomCrop(size, padding=pad)` (and `RandomHorizontalFlip` with
+  `flip`): per image, pad by `pad` with `fill` (e.g. the preprocessed value of a black pixel, (C,)
+  or a scalar) and cut a random window of the original size. (n, H, W, C) -> same shape."""
+  n, h, w, c = x.shape
+  k_rows, k_cols, k_flip = jax.random.split(key, 3)
+  padded = jnp.pad(x - fill, ((0, 0), (pad, pad), (pad, pad), (0, 0))) + fill
+  rows = jax.random.randint(k_rows, (n,), 0, 2 * pad + 1)
+  cols = jax.random.randint(k_cols, (n,), 0, 2 * pad + 1)
+  out = jax.vmap(lambda im, r, q: jax.lax.dynamic_slice(im, (r, q, 0), (h, w, c)))(
+      padded, rows, cols)
+  if flip:
+    out = jnp.where(jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1)), out[:, :, ::-1], out)
+  return out
 
 
 # DC's evaluation augmentation. Every rule below is read off VICO-UoE/DatasetCondensation,

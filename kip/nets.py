@@ -30,7 +30,7 @@ __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "ML
            "make_net", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
-NETS = ("convnet", "convnet3", "frepo_convnet", "mlp", "resnet18")
+NETS = ("convnet", "convnet3", "frepo_convnet", "krr_st_convnet", "mlp", "resnet18")
 NORMS = ("none", "instance", "layer", "batch")
 PARAMETERIZATIONS = ("standard", "ntk")
 
@@ -258,6 +258,13 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
     return ConvNet(num_classes, width=width, extra_conv=False, norm=norm,
                    parameterization=parameterization, first_padding=first_padding,
                    width_growth=2, norm_first=True)
+  if name == "krr_st_convnet":
+    # KRR-ST's ConvNet: conv -> norm -> ReLU -> avg-pool, widths w, 2w, 4w; 28x28 images padded
+    # by 3 in the first conv as FRePo's (28 -> 32 -> 16 -> 8 -> 4).
+    first_padding = 3 if image_shape is not None and image_shape[:2] == (28, 28) else None
+    return ConvNet(num_classes, width=width, extra_conv=False, norm=norm,
+                   parameterization=parameterization, first_padding=first_padding,
+                   width_growth=2)
   if name in ("convnet", "convnet3"):
     first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
     return ConvNet(num_classes, width=width, extra_conv=name == "convnet", norm=norm,

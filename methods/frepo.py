@@ -33,32 +33,23 @@ from kip.augment import dsa
 from kip.krr import DEFAULT_REG, accuracy, krr_predict
 from kip.method import Batch, Data, Method
 from kip.nets import make_net
+from kip.pool import PoolState, make_pool
 
 __all__ = ["FrepoState", "make_frepo", "pool_features"]
 
 
 class FrepoState(NamedTuple):
-  """x: (n, H, W, C) support images; y: (n, C) learned labels; opt_state: LAMB's over (x, y).
-  pool_params / pool_stats / pool_opt: the pool's parameters, batch statistics and Adam states,
-  stacked on a leading (num_models,) axis; pool_steps: (num_models,) int32 online updates since
-  each model's (re-)initialisation; index: the pool model the next step uses."""
+  """x: (n, H, W, C) support images; y: (n, C) learned labels; opt_state: LAMB's over (x, y);
+  pool: the online models (`kip.pool.PoolState`)."""
 
   x: jax.Array
   y: jax.Array
   opt_state: Any
-  pool_params: Any
-  pool_stats: Any
-  pool_opt: Any
-  pool_steps: jax.Array
-  index: jax.Array
+  pool: PoolState
 
 
-def _take(tree, i):
-  return jax.tree_util.tree_map(lambda a: a[i], tree)
-
-
-def _put(tree, i, value):
-  return jax.tree_util.tree_map(lambda a, v: a.at[i].set(v), tree, value)
+def _half_sum_squares(out, y):
+  return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
 
 
 def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: int,
@@ -80,16 +71,14 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
     reg: ridge, relative to tr(K_ss)/n.
     augment: DSA transformations applied to the real batch (one per step), '' for none.
   """
-  if lr <= 0 or online_lr <= 0 or num_models < 1 or max_online_updates < 1:
-    raise ValueError("FRePo needs positive learning rates, num_models and max_online_updates")
+  if lr <= 0 or online_lr <= 0:
+    raise ValueError("FRePo needs positive learning rates")
   net = make_net("frepo_convnet", num_classes, width=width, norm=norm, image_shape=image_shape)
   optimizer = optax.lamb(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=final_lr_fraction))
-  online = optax.adam(online_lr)
-
-  def init_model(key):
-    variables = net.init(key, jnp.zeros((1, *image_shape)), train=False)
-    params = variables["params"]
-    return params, variables.get("batch_stats", {}), online.init(params)
+  # Fresh models with staggered counters, each re-initialised right after its last update.
+  pool = make_pool(net, image_shape, optax.adam(online_lr), loss=_half_sum_squares,
+                   num_models=num_models, max_updates=max_online_updates, start="stagger",
+                   reinit="after", online_batch=online_batch)
 
   def trainable(x, y):
     return (x, y) if learn_labels else (x,)
@@ -98,69 +87,36 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
     x = jnp.asarray(x_init, jnp.float32)
     # The official label scale: centred one-hot / sqrt(C / 10).
     y = jnp.asarray(y_init, jnp.float32) / math.sqrt(num_classes / 10)
-    params, stats, opt = jax.vmap(init_model)(jax.random.split(key, num_models))
-    stagger = jnp.arange(num_models, dtype=jnp.int32) * (max_online_updates // num_models)
-    return FrepoState(x, y, optimizer.init(trainable(x, y)), params, stats, opt, stagger,
-                      jnp.zeros((), jnp.int32))
+    return FrepoState(x, y, optimizer.init(trainable(x, y)), pool.init(key, x, y))
 
-  features = pool_features(width, num_classes, image_shape, norm)
-
-  def outer_loss(trained, y_fixed, params, stats, x_target, y_target):
+  def outer_loss(trained, y_fixed, pool_state, x_target, y_target):
     x_support = trained[0]
     y_support = trained[1] if learn_labels else y_fixed
     with jax.default_matmul_precision("highest"):
-      f_s = features(params, stats, x_support)
-      f_t = features(params, stats, x_target)
+      f_s = pool.features(pool_state, x_support)
+      f_t = pool.features(pool_state, x_target)
       pred = krr_predict(f_t @ f_s.T, f_s @ f_s.T, y_support, reg)
-    return 0.5 * jnp.mean(jnp.sum((pred - y_target) ** 2, axis=-1)), pred
-
-  def online_loss(params, stats, x, y):
-    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
-    if stats:
-      out, updated = net.apply(variables, x, train=True, mutable=["batch_stats"])
-      stats = updated["batch_stats"]
-    else:
-      out = net.apply(variables, x, train=True)
-    return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1)), stats
+    return _half_sum_squares(pred, y_target), pred
 
   @functools.partial(jax.jit, donate_argnums=0)
   def update(state: FrepoState, batch: Batch, key: jax.Array, step: jax.Array):
     del step  # the schedule counts in the optimiser state
-    k_aug, k_online, k_reinit, k_next = jax.random.split(key, 4)
-    i = state.index
-    params, stats = _take(state.pool_params, i), _take(state.pool_stats, i)
+    k_aug, k_pool = jax.random.split(key)
+    i = state.pool.index
     x_target = dsa(k_aug, batch.x, augment) if augment else batch.x
     y_target = batch.y / math.sqrt(num_classes / 10)
     trained = trainable(state.x, state.y)
     (loss, pred), grads = jax.value_and_grad(outer_loss, has_aux=True)(
-        trained, state.y, params, stats, x_target, y_target)
+        trained, state.y, state.pool, x_target, y_target)
     updates, opt_state = optimizer.update(grads, state.opt_state, trained)
     trained = optax.apply_updates(trained, updates)
     x, y = trained[0], trained[1] if learn_labels else state.y
-
     # The pool model's online step on the (new) support set, then re-initialisation if due.
-    n = x.shape[0]
-    take = min(online_batch, n)
-    idx = jax.random.permutation(k_online, n)[:take] if take < n else jnp.arange(n)
-    (online_value, new_stats), g = jax.value_and_grad(online_loss, has_aux=True)(
-        params, stats, jax.lax.stop_gradient(x[idx]), jax.lax.stop_gradient(y[idx]))
-    model_opt = _take(state.pool_opt, i)
-    u, model_opt = online.update(g, model_opt, params)
-    new_params = optax.apply_updates(params, u)
-    count = state.pool_steps[i] + 1
-    fresh = init_model(k_reinit)
-    reinit = count >= max_online_updates
-    new_params, new_stats, model_opt = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(reinit, a, b), fresh, (new_params, new_stats, model_opt))
-    count = jnp.where(reinit, 0, count)
+    pool_state, online_value = pool.step(state.pool, k_pool, x, y)
     metrics = {"loss": loss, "target_acc": accuracy(pred, jnp.argmax(y_target, -1)),
                "grad_norm": optax.global_norm(grads), "online_loss": online_value,
                "pool_index": i}
-    return FrepoState(
-        x, y, opt_state, _put(state.pool_params, i, new_params),
-        _put(state.pool_stats, i, new_stats), _put(state.pool_opt, i, model_opt),
-        state.pool_steps.at[i].set(count),
-        jax.random.randint(k_next, (), 0, num_models)), metrics
+    return FrepoState(x, y, opt_state, pool_state), metrics
 
   def export(state: FrepoState) -> dict[str, jax.Array]:
     return {"images": state.x, "labels": state.y}

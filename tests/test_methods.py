@@ -31,9 +31,9 @@ def test_frepo_loss_matches_numpy_krr_on_the_pool_features():
   method = make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=10, width=8, num_models=2,
                       max_online_updates=4, target_batch=40, augment="")
   state = method.init(jax.random.key(0), X[:10], Y[:10])
-  i = int(state.index)
-  params = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool_params)
-  stats = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool_stats)
+  i = int(state.pool.index)
+  params = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool.params)
+  stats = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool.stats)
   net = make_net("frepo_convnet", CLASSES, width=8, norm="batch", image_shape=SHAPE)
 
   def features(x):
@@ -44,15 +44,15 @@ def test_frepo_loss_matches_numpy_krr_on_the_pool_features():
   expected = 0.5 * np.mean(np.sum((pred - y_t) ** 2, axis=1))
   # The pool: counters staggered (0, 2), each counting its own model's online updates and
   # wrapping to 0 (re-initialisation) at 4.
-  np.testing.assert_array_equal(state.pool_steps, [0, 2])
+  np.testing.assert_array_equal(state.pool.steps, [0, 2])
   state, metrics = method.update(state, Batch(x_t, y_t), jax.random.key(1), 1)  # donates state
   assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
   assert int(metrics["pool_index"]) == i
   counts = []
   for step in range(2, 12):
-    before = int(state.index)
+    before = int(state.pool.index)
     state, _ = method.update(state, Batch(x_t, y_t), jax.random.key(step), step)
-    counts.append(int(state.pool_steps[before]))
+    counts.append(int(state.pool.steps[before]))
   assert all(0 <= c < 4 for c in counts) and 0 in counts
 
 def numpy_rfad_pred(phi_s, phi_t, y_s):
