@@ -32,6 +32,7 @@ import numpy as np
 from experiments.teacher import default_teacher
 from kip import cli
 from kip.barlow import load_teacher
+from kip.data import Preprocessor
 from kip.loop import Evaluator
 from kip.pipeline import distill, prepare_data, selecting_loop_config
 from methods.krr_st import DEFAULT_REG, krr_st_loss, make_krr_st, pool_features
@@ -89,10 +90,11 @@ def load_checked_teacher(path: str, dataset: str):
 def run_krr_st(config: Config, workdir: str, teacher_path: str) -> dict:
   """Runs KRR-ST as configured in `workdir`; returns the final evaluation."""
   teacher = load_checked_teacher(teacher_path, config.dataset)
-  data = prepare_data(config.dataset, preprocess="standard", data_dir=config.data_dir,
+  # The teacher's own standardisation (fitted on the whole training split), not one refitted on
+  # what is left after holding out the validation images.
+  preprocessor = Preprocessor(np.asarray(teacher.config["mean"]), np.asarray(teacher.config["std"]))
+  data = prepare_data(config.dataset, preprocessor=preprocessor, data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
-  if not np.allclose(data.preprocessor.mean, teacher.config["mean"], rtol=1e-6):
-    raise cli.UserError(f"{teacher_path} was trained with other preprocessing statistics")
   cli.log(f"{config.dataset}: {len(data.x_train)} unlabelled training images, "
           f"{len(data.x_test)} held out; teacher {teacher_path} ({teacher.dim}-d)")
   if config.size > len(data.x_train):

@@ -107,7 +107,7 @@ class Protocol:
                        f"of {', '.join(SCHEDULES)}")
 
 
-LOSSES = ("mse", "xent")
+LOSSES = ("mse", "mse_mean", "xent")  # mse: 0.5 mean((f - y)^2); mse_mean: PyTorch's, no 0.5
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "warmup_cosine", "constant")
 
@@ -142,6 +142,20 @@ PROTOCOLS: dict[str, Protocol] = {
         loss="mse", lr=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=513, schedule="constant",
         width=1024, norm="none", steps=20_000, net="convnet3", centering=True,
         decay_to_init=True, label_scale=8.0, cpu_width=128, cpu_steps=2000),
+    "krr_st_pretrain": Protocol(
+        name="krr_st_pretrain", source="KRR-ST's pre-training on a distilled set (Lee et al., ICLR "
+        "2024, official code: algorithms/pretrain_krr_st.py): MSE to the targets, no "
+        "augmentation, 1000 epochs",
+        loss="mse_mean", lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=256,
+        schedule="constant", width=128, norm="batch", epochs=1000, net="krr_st_convnet",
+        partial_batches=True, cpu_width=32),
+    "krr_st_finetune": Protocol(
+        name="krr_st_finetune", source="KRR-ST's fine-tuning on the target data (Lee et al., ICLR "
+        "2024, official code: algorithms/finetune.py): a new head, every layer trained, random "
+        "crop (and flip, not for digits)",
+        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="cosine",
+        width=128, norm="batch", steps=10_000, augment="crop", augment_per_image=True,
+        net="krr_st_convnet", cpu_width=32, cpu_steps=1000),
 }
 
 
@@ -190,10 +204,11 @@ class TrainState(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-  """test_acc: (n_seeds,) final accuracy on the whole test split; curve: [{"step", "test_acc":
-  [per seed]}]; lr: the learning rate used; train_time: seconds of training (no evaluation);
-  images_per_s: training images processed per second, all seeds together, compilation
-  included; wall_time: seconds of the whole run, evaluations included."""
+  """test_acc: (n_seeds,) final accuracy on the whole test split (empty without a test split);
+  curve: [{"step", "test_acc": [per seed]}]; lr: the learning rate used; train_time: seconds of
+  training (no evaluation); images_per_s: training images processed per second, all seeds
+  together, compilation included; wall_time: seconds of the whole run, evaluations included;
+  states: the trained networks (`TrainState`, stacked over seeds)."""
 
   test_acc: np.ndarray
   curve: list[dict]
@@ -203,6 +218,7 @@ class TrainResult(NamedTuple):
   images_per_s: float
   params: int
   wall_time: float = math.nan
+  states: Any = None
 
 
 def _variables(params, batch_stats) -> dict:
@@ -381,8 +397,9 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
                                                  strict=True))
     else:
       value = 0.0
-    if loss == "mse":
-      value = value + 0.5 * jnp.mean((logits - scale * y) ** 2) / scale**2
+    if loss in ("mse", "mse_mean"):
+      half = 0.5 if loss == "mse" else 1.0
+      value = value + half * jnp.mean((logits - scale * y) ** 2) / scale**2
     elif loss == "xent":
       value = value + optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     else:
@@ -442,10 +459,11 @@ def train_and_evaluate(
     protocol: Protocol,
     x_train: np.ndarray,
     y_train: np.ndarray,
-    x_test: np.ndarray,
-    labels_test: np.ndarray,
+    x_test: np.ndarray | None,
+    labels_test: np.ndarray | None,
     *,
     seeds: Sequence[int] = (0,),
+    init_from: TrainState | None = None,
     steps: int = 0,
     lr: float = 0.0,
     augment: str | None = None,
@@ -467,7 +485,11 @@ def train_and_evaluate(
       or (n_seeds, n, H, W, C): one set per seed (e.g. a different random subset each).
     y_train: (n, C) float32 labels as stored (centred one-hot or learned), or (n_seeds, n, C);
       `xent` protocols use their argmax.
-    x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int.
+    x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int; None: no
+      test evaluation (e.g. pre-training on regression targets).
+    init_from: start from these trained networks (stacked over seeds, e.g. the `states` of a
+      pre-training run of the same net) instead of a fresh initialisation: every parameter and
+      batch statistic but the readout's (a new head, freshly initialised), fresh optimiser state.
     steps, lr, augment: overrides of the protocol (0 / None keep it).
     dataset: the tfds name of the set's dataset, for protocols whose augmentation depends on it
       (`dc`: MNIST only); '' uses the protocol's default (none for `dc`) and says so.
@@ -487,7 +509,7 @@ def train_and_evaluate(
   if augment is None and not dataset and protocol.augment_by_dataset:
     log(f"protocol {protocol.name}: no dataset given, augmentation {protocol.augment or 'none'}; "
         f"pass dataset= for its per-dataset choice ({dict(protocol.augment_by_dataset)})")
-  labels = y_train if protocol.loss == "mse" else np.argmax(y_train, -1).astype(np.int32)
+  labels = y_train if protocol.loss != "xent" else np.argmax(y_train, -1).astype(np.int32)
   x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(labels)
   seed_keys = _seed_keys(seeds)
 
@@ -507,8 +529,9 @@ def train_and_evaluate(
 
   def init(key, x_init, y_init):
     del key, x_init, y_init  # each seed's network starts from its own seed
-    return init_states(net, tx, seeds, first.shape[1:],
-                       keep_init=protocol.centering or protocol.decay_to_init)
+    states = init_states(net, tx, seeds, first.shape[1:],
+                         keep_init=protocol.centering or protocol.decay_to_init)
+    return states if init_from is None else _start_from(states, init_from, tx)
 
   def update(states, batch, key, step):
     del batch, key  # batches and augmentation come from each seed's own key, inside the step
@@ -519,6 +542,7 @@ def train_and_evaluate(
     acc = evaluate_states(predict, states, x_test, labels_test)
     return {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
 
+  evaluators = [] if x_test is None else [Evaluator("test", test_accuracy)]
   trainer = Method(init, update, lambda states: {}, Data("none"))
   config = LoopConfig(steps=schedule.steps, eval_every=eval_every,
                       eval_at_start=eval_every > 0,
@@ -527,7 +551,7 @@ def train_and_evaluate(
   with contextlib.ExitStack() as stack:
     folder = workdir or stack.enter_context(tempfile.TemporaryDirectory())
     result = run(trainer, workdir=folder, config=config, sampler=make_sampler(Data("none"), None),
-                 evaluators=[Evaluator("test", test_accuracy)], log=log, progress=progress,
+                 evaluators=evaluators, log=log, progress=progress,
                  description=description)
     records = read_metrics(os.path.join(folder, "metrics.jsonl"))
   curve = [r for r in records if "test_acc" in r]
@@ -535,6 +559,23 @@ def train_and_evaluate(
   # From the run's own records, so a finished run read back reports what it measured then.
   train_time = records[-1]["train_time"] if records else result.train_time
   images = schedule.batch_size * len(seeds) * schedule.steps
-  return TrainResult(np.asarray(result.evals["test_acc"]), curve, float(lr), schedule.steps,
-                     train_time, images / train_time if train_time else math.nan, n_params,
-                     records[-1]["wall_time"] if records else result.wall_time)
+  return TrainResult(np.asarray(result.evals.get("test_acc", [])), curve, float(lr),
+                     schedule.steps, train_time, images / train_time if train_time else math.nan,
+                     n_params, records[-1]["wall_time"] if records else result.wall_time,
+                     result.state)
+
+
+def _start_from(states: TrainState, trained: TrainState, tx) -> TrainState:
+  """`states` (fresh, stacked) with every parameter and batch statistic but the readout's taken
+  from `trained` (stacked the same way); a fresh optimiser state."""
+  def take(fresh, source):
+    missing = sorted(set(fresh) - set(source) - {"readout"})
+    if missing:
+      raise ValueError(f"the pre-trained network lacks {', '.join(missing)}: another architecture")
+    return {k: (fresh[k] if k == "readout" else source[k]) for k in fresh}
+
+  params = take(states.params, trained.params)
+  stats = take(states.batch_stats, trained.batch_stats) if states.batch_stats else {}
+  opt_state = jax.vmap(tx.init)(params)
+  init_params = params if states.init_params != () else ()
+  return TrainState(params, stats, opt_state, init_params)
