@@ -22,7 +22,7 @@ import numpy as np
 
 from kip import cli
 from kip.io import load_distilled
-from kip.plots import plot_curves, plot_image_grid, read_curve
+from kip.plots import plot_curves, plot_image_grid, plot_projection, read_curve
 
 f = cli.field
 
@@ -35,6 +35,9 @@ class Config:
   dataset: str = f("", "dataset of a released set, to refit its preprocessing (default: from "
                        "the file)")
   per_class: int = f(10, "images per row; a class with more wraps onto further rows")
+  projection: str = f("", "a KRR-ST set: also write this PNG, a PCA of its teacher's "
+                          "representations of real training images (coloured by class) with "
+                          "those of the set's images and its learned targets on top")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
 
@@ -91,6 +94,30 @@ def show_set(config: Config) -> str:
                             title=title + ", regression targets", class_names=[""],
                             captions=False)
   assert drawn == n, f"drew {drawn} of {n} images"
+  if config.projection:
+    show_projection(config, distilled)
+  return out
+
+
+def show_projection(config: Config, distilled) -> str:
+  """KRR-ST's Figure 2 for `distilled` (a set with targets and the teacher that made them)."""
+  out = writable_output(config.projection)
+  teacher_path = distilled.meta.get("teacher")
+  if distilled.targets is None or not teacher_path:
+    lacks = "targets" if distilled.targets is None else "a teacher"
+    raise cli.UserError(f"--projection needs a KRR-ST set; {config.support} has no {lacks}")
+  from kip.barlow import load_teacher  # noqa: PLC0415
+  from kip.pipeline import prepare_data  # noqa: PLC0415
+
+  teacher = load_teacher(teacher_path)
+  data = prepare_data(distilled.dataset, preprocessor=distilled.preprocessor,
+                      data_dir=config.data_dir, manual_dir=config.manual_dir)
+  pick = np.sort(np.random.default_rng(0).choice(len(data.x_train), 5000, replace=False))
+  plot_projection(np.asarray(teacher.features(data.x_train[pick])), data.labels_train[pick],
+                  np.asarray(teacher.features(distilled.images)), distilled.targets, out,
+                  title=f"{os.path.basename(config.support)}: teacher representations, PCA of "
+                  f"5,000 real {distilled.dataset} images")
+  print(f"wrote {out}")
   return out
 
 

@@ -21,7 +21,7 @@ from kip.io import atomic_write  # noqa: E402
 from kip.loop import read_metrics  # noqa: E402
 
 __all__ = ["Curve", "read_curve", "plot_curves", "make_image_grid", "plot_image_grid",
-           "save_figure"]
+           "save_figure", "pca_2d", "plot_projection"]
 
 
 class Curve(NamedTuple):
@@ -142,3 +142,38 @@ def plot_image_grid(images: np.ndarray, labels: np.ndarray, path: str, *, per_cl
   drawn = sum(len(ax.images) for ax in fig.axes)
   save_figure(fig, path)
   return drawn
+
+
+def pca_2d(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+  """Projects `reference` (n, d) and each of `others` (m, d) on the first two principal axes of
+  `reference` (centred on its mean): a list of (n, 2) then (m, 2) arrays."""
+  reference = np.asarray(reference, np.float64)
+  mean = reference.mean(0)
+  _, _, vt = np.linalg.svd(reference - mean, full_matrices=False)
+  axes = vt[:2].T
+  return [(np.asarray(a, np.float64) - mean) @ axes for a in (reference, *others)]
+
+
+def plot_projection(real: np.ndarray, real_labels: np.ndarray, image_reps: np.ndarray,
+                    targets: np.ndarray, path: str, *, title: str = "") -> None:
+  """KRR-ST's Figure 2: a PCA of a teacher's representations of real images (`real` (n, d),
+  coloured by `real_labels` (n,), which only colour the plot), with the teacher's representations
+  of the distilled images (`image_reps` (m, d)) and the set's learned targets (`targets` (m, d))
+  on top, each distilled image's pair joined by a line."""
+  p_real, p_images, p_targets = pca_2d(real, image_reps, targets)
+  fig, ax = plt.subplots(figsize=(7, 6))
+  scatter = ax.scatter(p_real[:, 0], p_real[:, 1], c=real_labels, cmap="tab10", s=3, alpha=0.35)
+  for a, b in zip(p_images, p_targets, strict=True):
+    ax.plot([a[0], b[0]], [a[1], b[1]], color="0.5", linewidth=0.5)
+  marks = [ax.scatter(p_images[:, 0], p_images[:, 1], marker="o", facecolors="none",
+                      edgecolors="k", s=30, label="teacher(distilled image)"),
+           ax.scatter(p_targets[:, 0], p_targets[:, 1], marker="x", c="r", s=30,
+                      label="learned target")]
+  ax.add_artist(ax.legend(*scatter.legend_elements(), loc="lower right", fontsize=7,
+                          title="class"))
+  ax.legend(handles=marks, loc="upper left", fontsize=8)
+  ax.set_xlabel("PC 1")
+  ax.set_ylabel("PC 2")
+  ax.set_title(title or "teacher representations (PCA of the real images')")
+  fig.tight_layout()
+  save_figure(fig, path)

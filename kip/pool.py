@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["PoolState", "Pool", "make_pool", "STARTS", "REINITS"]
@@ -133,12 +134,18 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
       steps = jax.random.randint(k_steps, (num_models,), 1, max_updates, jnp.int32)
       x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
 
-      def pretrain(model, count, key):
-        def body(t, model):
-          return train_model(model, jax.random.fold_in(key, t), x, y)[0]
-        return jax.lax.fori_loop(0, count, body, model)
-
-      models = jax.vmap(pretrain)(models, steps, jax.random.split(k_train, num_models))
+      train_step = jax.jit(lambda model, key: train_model(model, key, x, y)[0])
+      # A Python loop of compiled steps, one model after another: XLA:CPU runs convolutions
+      # inside a compiled loop (fori_loop) or vmapped over models (grouped convolutions) several
+      # times slower (bench/transfer.py measures the latter).
+      keys = jax.random.split(k_train, num_models)
+      trained = []
+      for i, count in enumerate(np.asarray(steps)):
+        model = _take(models, i)
+        for t in range(int(count)):
+          model = train_step(model, jax.random.fold_in(keys[i], t))
+        trained.append(model)
+      models = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trained)
     index = jax.random.randint(k_index, (), 0, num_models)
     return PoolState(*models, steps, index)
 

@@ -1,0 +1,132 @@
+"""KRR-ST on a 2-core CPU: teacher, distillation (with and without the pool's counter reset) and
+the pre-train / fine-tune table of the paper's Table 1, for one source -> target pair.
+
+  python -m bench.krr_st --source mnist --target fashion_mnist --sizes 100 --labelled 1000,0
+
+Every step is a command of this project run in its own workdir under --root, so an interrupted
+benchmark resumes where it stopped and finished parts are read back, not redone:
+  teacher:       the default teacher of `experiments.teacher --dataset <source>` (runs/teachers/)
+  distillation:  <root>/krr_st-<source>-n<size>[-noreset]
+  evaluation:    <root>/krr_st-<source>-n<size>/pretrain-<target>-<labelled>
+Rows: no pre-training, a random real subset, the KRR-ST set (paper: counter reset), the KRR-ST set
+made with the official code's never-reset pool, and `--supervised` sets (e.g. FRePo's) and the
+teacher when asked. Prints one table and writes bench/results/krr_st_<source>_<target>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str]) -> float:
+  t0 = time.perf_counter()
+  print(f"$ python -m {' '.join(shlex.quote(a) for a in args)}", flush=True)
+  done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT)
+  if done.returncode:
+    raise SystemExit(f"failed ({done.returncode}): python -m {' '.join(args)}")
+  return time.perf_counter() - t0
+
+
+def _metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--source", default="mnist", help="distilled (unlabelled) dataset")
+  parser.add_argument("--target", default="fashion_mnist", help="fine-tuning dataset")
+  parser.add_argument("--sizes", default="100", help="distilled set sizes, comma-separated")
+  parser.add_argument("--labelled", default="1000,0",
+                      help="labelled target images, comma-separated (0: the whole split)")
+  parser.add_argument("--rows", default="none,random,distilled",
+                      help="rows of experiments.pretrain (the no-reset set is added)")
+  parser.add_argument("--no-reset-row", action=argparse.BooleanOptionalAction, default=True,
+                      help="also distil with the official never-reset pool and evaluate it")
+  parser.add_argument("--supervised", default="", help="supervised sets to add as rows")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--root", default="runs/bench")
+  parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))
+  parser.add_argument("--data-dir", default=os.path.join(ROOT, ".cache", "tfds"))
+  parser.add_argument("--eval-args", default="", help="extra flags for experiments.pretrain")
+  args = parser.parse_args(argv)
+  data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
+
+  teacher_time = _run(["experiments.teacher", "--dataset", args.source, "--no-progress", *data])
+  from experiments.teacher import default_teacher  # noqa: PLC0415
+
+  teacher = default_teacher(args.source)
+  teacher_metrics = _metrics(os.path.dirname(teacher))
+  rows, all_sets = [], {}
+  for size in args.sizes.split(","):
+    variants = [("reset", [])] + ([("noreset", ["--no-reset"])] if args.no_reset_row else [])
+    sets = {}
+    for name, flags in variants:
+      workdir = os.path.join(args.root, f"krr_st-{args.source}-n{size}"
+                             + ("-noreset" if name == "noreset" else ""))
+      seconds = _run(["experiments.krr_st", "--dataset", args.source, "--size", size,
+                      "--workdir", workdir, "--no-progress", *flags, *data])
+      records = _metrics(workdir)
+      sets[name] = {"workdir": workdir, "this_call_s": seconds,
+                    "wall_time": records[-1]["wall_time"], "steps": records[-1]["step"],
+                    "krr_validation_mse": [r["krr_validation_mse"] for r in records
+                                           if "krr_validation_mse" in r][-1],
+                    "pool_expired": records[-1].get("pool_expired")}
+    all_sets[size] = sets
+    base = sets["reset"]["workdir"]
+    for labelled in args.labelled.split(","):
+      supervised = [s for s in args.supervised.split(",") if s]
+      edir = os.path.join(base, f"pretrain-{args.target}-{labelled}")
+      _run(["experiments.pretrain", "--support", os.path.join(base, "distilled.npz"),
+            "--dataset", args.target, "--labelled", labelled, "--rows", args.rows,
+            "--seeds", str(args.seeds), "--workdir", edir, "--no-progress",
+            *(["--supervised", ",".join(supervised)] if supervised else []), *data,
+            *shlex.split(args.eval_args)])
+      with open(os.path.join(edir, "pretrain.json")) as f:
+        report = json.load(f)
+      found = report["rows"]
+      if "noreset" in sets:
+        ndir = os.path.join(sets["noreset"]["workdir"], f"pretrain-{args.target}-{labelled}")
+        _run(["experiments.pretrain", "--support",
+              os.path.join(sets["noreset"]["workdir"], "distilled.npz"), "--dataset",
+              args.target, "--labelled", labelled, "--rows", "distilled", "--seeds",
+              str(args.seeds), "--workdir", ndir, "--no-progress", *data,
+              *shlex.split(args.eval_args)])
+        with open(os.path.join(ndir, "pretrain.json")) as f:
+          extra = json.load(f)["rows"]
+        found = found + [dict(r, row="distilled (no reset)") for r in extra]
+      for r in found:
+        rows.append({"source": args.source, "target": args.target, "size": int(size),
+                     "labelled": report["labelled"], **r})
+  header = ("size", "labelled", "pre-training", "net", "linear probe (%)", "fine-tuned (%)")
+  lines = [header]
+  for r in rows:
+    lines.append((str(r["size"]), str(r["labelled"]), r["row"], r["net"],
+                  f"{100 * r['probe_acc_mean']:.2f} +- {100 * r['probe_acc_std']:.2f}",
+                  f"{100 * r['finetune_acc_mean']:.2f} +- {100 * r['finetune_acc_std']:.2f}"))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+                  for line in lines))
+  out = os.path.join(ROOT, "bench", "results", f"krr_st_{args.source}_{args.target}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump({"command": " ".join(sys.argv), "teacher": teacher,
+               "teacher_probe_test_acc": teacher_metrics[-1].get("probe_test_acc"),
+               "teacher_wall_time": teacher_metrics[-1]["wall_time"],
+               "teacher_this_call_s": teacher_time, "sets": all_sets, "rows": rows}, f, indent=2)
+  os.replace(out + ".tmp", out)
+  print(f"written {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

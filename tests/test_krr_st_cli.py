@@ -1,0 +1,86 @@
+"""KRR-ST's three commands end to end on real MNIST at a tiny size (teacher -> distillation ->
+pre-train/fine-tune evaluation), the teacher's reuse keyed on its full config, and their one-line
+errors."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from experiments.teacher import Config as TeacherConfig
+from experiments.teacher import default_teacher
+from kip.io import load_distilled
+from kip.loop import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_teacher_is_found_by_its_full_config_and_never_reused_for_another():
+  base = TeacherConfig(dataset="mnist")
+  assert base.default_workdir() == TeacherConfig(dataset="mnist").default_workdir()
+  # Paths, display and checkpoint cadence do not make another teacher...
+  for same in ({"progress": False}, {"checkpoint_every": 7}, {"manual_dir": "/x"}):
+    assert dataclasses.replace(base, **same).default_workdir() == base.default_workdir()
+  # ...every training setting does.
+  others = [{"epochs": 4.0}, {"width": 8}, {"lambd": 0.01}, {"views": "crop"}, {"seed": 1},
+            {"dataset": "fashion_mnist"}, {"projector": "64-64"}, {"min_scale": 0.5}]
+  folders = {dataclasses.replace(base, **o).default_workdir() for o in others}
+  assert base.default_workdir() not in folders and len(folders) == len(others)
+  assert default_teacher("mnist") == f"{base.default_workdir()}/teacher.msgpack"
+
+
+def _teacher_args(workdir, manual_dir, data_dir, epochs="0.01"):
+  return ["--dataset", "mnist", "--epochs", epochs, "--width", "2", "--projector", "16-16",
+          "--batch", "64", "--probe-steps", "50", "--checkpoint-every", "5", "--workdir",
+          str(workdir), "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
+
+
+def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir, data_dir):
+  teacher_dir = tmp_path / "teacher"
+  first = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir))
+  assert first.returncode == 0, first.stderr
+  assert "linear-probe test accuracy" in first.stdout
+  teacher = teacher_dir / "teacher.msgpack"
+  steps = [r["step"] for r in read_metrics(teacher_dir / "metrics.jsonl")]
+  assert steps[-1] == 10  # ceil(0.01 * 60000 / 64)
+  # The same command finds the finished teacher and trains nothing more; another setting in
+  # the same folder is refused.
+  again = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir))
+  assert again.returncode == 0 and "resuming from step 10" in again.stderr
+  clash = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir, "0.02"))
+  assert clash.returncode == 2 and "other settings (epochs" in clash.stderr
+
+  krr_dir = tmp_path / "krr_st"
+  krr_args = ["--dataset", "mnist", "--size", "20", "--teacher", str(teacher), "--steps", "8",
+              "--width", "4", "--target-batch", "64", "--val-size", "300", "--eval-every", "4",
+              "--checkpoint-every", "4", "--max-online-updates", "3", "--workdir", str(krr_dir),
+              "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
+  distil = run_cli("experiments.krr_st", *krr_args)
+  assert distil.returncode == 0, distil.stderr
+  records = read_metrics(krr_dir / "metrics.jsonl")
+  evals = [r["krr_validation_mse"] for r in records if "krr_validation_mse" in r]
+  assert len(evals) == 2 and all(np.isfinite(evals))
+  distilled = load_distilled(str(krr_dir / "distilled.npz"))
+  assert distilled.labels is None and distilled.targets.shape == (20, 16)  # ResNet-18: 8 x 2
+  assert distilled.meta["teacher"] == str(teacher) and distilled.meta["step"] == 8
+
+  # A teacher trained on another dataset is refused in one line.
+  wrong = run_cli("experiments.krr_st", "--dataset", "fashion_mnist", "--teacher", str(teacher),
+                  "--workdir", str(tmp_path / "wrong"), "--data-dir", data_dir)
+  assert wrong.returncode == 2 and "was trained on mnist, not fashion_mnist" in wrong.stderr
+  assert not (tmp_path / "wrong").exists()
+
+  evaluation = run_cli("experiments.pretrain", "--support", str(krr_dir / "distilled.npz"),
+                       "--dataset", "mnist", "--rows", "none,distilled", "--seeds", "1",
+                       "--labelled", "200", "--width", "4", "--pretrain-epochs", "20",
+                       "--finetune-steps", "20", "--probe-steps", "100", "--workdir",
+                       str(tmp_path / "eval"), "--manual-dir", manual_dir, "--data-dir",
+                       data_dir, "--no-progress")
+  assert evaluation.returncode == 0, evaluation.stderr
+  report = json.loads((tmp_path / "eval" / "pretrain.json").read_text())
+  assert [r["row"] for r in report["rows"]] == ["none", "distilled"]
+  for row in report["rows"]:
+    assert 0.1 < row["probe_acc_mean"] <= 1 and 0 < row["finetune_acc_mean"] <= 1
+  assert report["rows"][1]["pretrain_time"] > 0
