@@ -11,10 +11,11 @@ The default preset `cpu` fits a 2-core CPU (pool width 32, 256 real images per s
 pool models re-initialised after 100 updates: about 10 minutes); `--preset paper` takes the paper's
 sizes (width 128, 1,024 real images per step, 160,000 steps, 1,000 updates: a GPU job). Explicit
 flags override the preset. `--no-reset` reproduces the official code's pool, whose counters are
-never reset (see methods/krr_st.py). Every `--eval-every` steps the loop measures the KRR
-prediction's MSE to the teacher on `--val-size` training images held out of the distillation
-(`krr_validation_mse`). Evaluate the set by pre-training and fine-tuning with
-`python -m experiments.pretrain --support WORKDIR/distilled.npz`.
+never reset (see methods/krr_st.py). At the start and every `--eval-every` steps the loop
+measures the KRR prediction's MSE to the teacher on `--val-size` training images held out of the
+distillation, averaged over the pool's models (`krr_validation_mse`). Evaluate the set by
+pre-training and fine-tuning with `python -m experiments.pretrain --support WORKDIR/distilled.npz`,
+and by knowledge distillation with `python -m experiments.kd --support WORKDIR/distilled.npz`.
 
 Writes config.json, metrics.jsonl, distilled.npz (images + targets) and checkpoints/ in the
 workdir; re-running the same command with the same --workdir resumes.
@@ -119,14 +120,21 @@ def run_krr_st(config: Config, workdir: str, teacher_path: str) -> dict:
   features = pool_features(config.width, teacher.dim, image_shape)
 
   def validation_mse(state):
-    loss, _ = krr_st_loss(features(state.pool, state.x), features(state.pool, x_val), state.y,
-                          y_val, config.reg)
-    return {"krr_validation_mse": loss}
+    # Averaged over every pool model (young and trained alike), so the number does not jump
+    # with whichever model the next step happens to use.
+    losses = []
+    for i in range(config.num_models):
+      pool = state.pool._replace(index=jnp.asarray(i, jnp.int32))
+      loss, _ = krr_st_loss(features(pool, state.x), features(pool, x_val), state.y, y_val,
+                            config.reg)
+      losses.append(float(loss))
+    return {"krr_validation_mse": float(np.mean(losses))}
 
   meta = {"method": "krr_st", "dataset": config.dataset, "kernel": "krr_st-pool",
           "seed": config.seed, "size": config.size, "teacher": teacher_path,
           "config": dataclasses.asdict(config)}
-  loop_config = selecting_loop_config(dataclasses.replace(config, val_size=0), "")
+  loop_config = dataclasses.replace(
+      selecting_loop_config(dataclasses.replace(config, val_size=0), ""), eval_at_start=True)
   result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
                    y_init=y_init, meta=meta,
                    evaluators=[Evaluator("validation", validation_mse)], log=cli.log,

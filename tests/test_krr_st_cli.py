@@ -60,8 +60,8 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   distil = run_cli("experiments.krr_st", *krr_args)
   assert distil.returncode == 0, distil.stderr
   records = read_metrics(krr_dir / "metrics.jsonl")
-  evals = [r["krr_validation_mse"] for r in records if "krr_validation_mse" in r]
-  assert len(evals) == 2 and all(np.isfinite(evals))
+  evals = [(r["step"], r["krr_validation_mse"]) for r in records if "krr_validation_mse" in r]
+  assert [step for step, _ in evals] == [0, 4, 8] and all(np.isfinite([v for _, v in evals]))
   distilled = load_distilled(str(krr_dir / "distilled.npz"))
   assert distilled.labels is None and distilled.targets.shape == (20, 16)  # ResNet-18: 8 x 2
   assert distilled.meta["teacher"] == str(teacher) and distilled.meta["step"] == 8
@@ -72,15 +72,29 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   assert wrong.returncode == 2 and "was trained on mnist, not fashion_mnist" in wrong.stderr
   assert not (tmp_path / "wrong").exists()
 
-  evaluation = run_cli("experiments.pretrain", "--support", str(krr_dir / "distilled.npz"),
-                       "--dataset", "mnist", "--rows", "none,distilled", "--seeds", "1",
-                       "--labelled", "200", "--width", "4", "--pretrain-epochs", "20",
-                       "--finetune-steps", "20", "--probe-steps", "100", "--workdir",
-                       str(tmp_path / "eval"), "--manual-dir", manual_dir, "--data-dir",
-                       data_dir, "--no-progress")
+  eval_args = ["--support", str(krr_dir / "distilled.npz"), "--dataset", "mnist", "--rows",
+               "none,distilled", "--seeds", "1", "--labelled", "200", "--width", "4",
+               "--pretrain-epochs", "20", "--finetune-steps", "20", "--probe-steps", "100",
+               "--workdir", str(tmp_path / "eval"), "--manual-dir", manual_dir, "--data-dir",
+               data_dir, "--no-progress"]
+  evaluation = run_cli("experiments.pretrain", *eval_args)
   assert evaluation.returncode == 0, evaluation.stderr
   report = json.loads((tmp_path / "eval" / "pretrain.json").read_text())
   assert [r["row"] for r in report["rows"]] == ["none", "distilled"]
   for row in report["rows"]:
     assert 0.1 < row["probe_acc_mean"] <= 1 and 0 < row["finetune_acc_mean"] <= 1
   assert report["rows"][1]["pretrain_time"] > 0
+  # Re-run: every training run is read back from its workdir, not trained again: same numbers.
+  again = run_cli("experiments.pretrain", *eval_args)
+  assert again.returncode == 0 and again.stderr.count("resuming from step 20") == 3
+  assert json.loads((tmp_path / "eval" / "pretrain.json").read_text())["rows"] == report["rows"]
+
+  # Knowledge distillation with the set's images as the only inputs, beside Gaussian noise.
+  kd = run_cli("experiments.kd", "--support", str(krr_dir / "distilled.npz"), "--dataset",
+               "mnist", "--rows", "distilled,gaussian", "--width", "4", "--teacher-steps", "30",
+               "--steps", "10", "--seeds", "1", "--workdir", str(tmp_path / "kd"),
+               "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
+  assert kd.returncode == 0, kd.stderr
+  kd_report = json.loads((tmp_path / "kd" / "kd.json").read_text())
+  assert [r["row"] for r in kd_report["rows"]] == ["distilled", "gaussian"]
+  assert kd_report["teacher_test_acc"] > 0.3  # 30 steps on real MNIST
