@@ -20,8 +20,8 @@ Rows (`--rows`):
 - each set in `--supervised` (KIP, FRePo, ... sets with labels), pre-trained by MSE on its labels
   with FRePo's protocol (Adam, warm-up + cosine, DSA), as KRR-ST's code does for KIP and FRePo.
 
-The default preset `cpu` uses the KRR-ST ConvNet at width 32 and 1,000 fine-tuning steps; `--preset
-paper` width 128 and 10,000 steps. Writes pretrain.json and a table; each training run lives in
+The default preset `cpu` uses the KRR-ST ConvNet at width 32 and 500 fine-tuning steps (3 seeds
+take about 7 minutes per row on a 2-core CPU); `--preset paper` width 128 and 10,000 steps. Writes pretrain.json and a table; each training run lives in
 <workdir>/<row>/<stage>/ (the one loop's workdir), so re-running the same command resumes and
 finished runs are read back, not trained again.
 """
@@ -58,7 +58,7 @@ class Config(cli.RunConfig, cli.DataConfig):
   teacher: str = f("", "the teacher for the random and teacher rows (default: the set's own)")
   labelled: int = f(1000, "labelled target training images, class-balanced (0: the whole split)",
                     minimum=0)
-  preset: str = f("cpu", "sizes: cpu (width 32, 1,000 fine-tuning steps) or paper (width 128, "
+  preset: str = f("cpu", "sizes: cpu (width 32, 500 fine-tuning steps) or paper (width 128, "
                          "10,000 steps)", choices=("cpu", "paper"))
   net: str = f("krr_st_convnet", "the pre-trained and fine-tuned network", choices=NETS)
   width: int = f(0, "its width (0: the preset's; mlp: hidden units; resnet18: first stage)",

@@ -155,7 +155,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "crop (and flip, not for digits)",
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="cosine",
         width=128, norm="batch", steps=10_000, augment="crop", augment_per_image=True,
-        net="krr_st_convnet", cpu_width=32, cpu_steps=1000),
+        net="krr_st_convnet", cpu_width=32, cpu_steps=500),
 }
 
 
