@@ -1,6 +1,6 @@
 """KRR-ST and its pool: the outer loss against float64 NumPy for a fixed pool model, the pool's
-start, age and re-initialisation rules (with and without the counter reset), and a resumed
-distillation equal to an uninterrupted one."""
+start, age and re-initialisation rules (with and without the counter reset), a resumed
+distillation equal to an uninterrupted one, and the knowledge-distillation student."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from kip.loop import LoopConfig, run
+from kip.loop import LoopConfig, read_metrics, run
 from kip.method import Batch, make_sampler
 from kip.nets import make_net
 from kip.pool import make_pool
@@ -150,3 +150,36 @@ def test_a_resumed_krr_st_run_equals_an_uninterrupted_one(tmp_path):
                   jax.tree_util.tree_leaves(resumed.state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(straight.state.x), X[:10])  # it did learn
+
+
+def test_kd_student_learns_the_teachers_soft_predictions(tmp_path):
+  from experiments.kd import _soft_cross_entropy, make_student
+  from kip.train import init_states
+
+  logits_s = RNG.normal(size=(5, 4))
+  logits_t = RNG.normal(size=(5, 4))
+  p_t = np.exp(logits_t) / np.exp(logits_t).sum(1, keepdims=True)
+  log_p_s = logits_s - np.log(np.exp(logits_s).sum(1, keepdims=True))
+  assert float(_soft_cross_entropy(jnp.asarray(logits_s), jnp.asarray(logits_t))) == \
+      pytest.approx(-np.mean(np.sum(p_t * log_p_s, axis=1)), rel=1e-5)
+
+  net = make_net("krr_st_convnet", 4, width=2, norm="batch", image_shape=SHAPE)
+  teacher = jax.tree_util.tree_map(lambda a: a[0], init_states(net, optax.sgd(0.1), [7], SHAPE))
+  # A confident teacher (its readout scaled up), so its decisions are there to be learned.
+  readout = {k: v * 30 for k, v in teacher.params["readout"].items()}
+  teacher = teacher._replace(params={**teacher.params, "readout": readout})
+  student = make_student(net, teacher, X[:40], seeds=[0, 1], steps=60, batch=20, augment="",
+                         image_shape=SHAPE)
+  result = run(student, workdir=str(tmp_path), config=LoopConfig(steps=60, eval_every=0),
+               sampler=make_sampler(student.data, None), log=lambda _: None, progress=False)
+  losses = [r["loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
+  assert np.all(np.asarray(losses[-1]) < np.asarray(losses[0]))
+  # Trained only on the teacher's soft predictions of the inputs, the students agree with the
+  # teacher's decisions there far more often than chance (1/4).
+  variables = {"params": teacher.params, "batch_stats": teacher.batch_stats}
+  decided = np.argmax(net.apply(variables, X[:40], train=False), -1)
+  for i in range(2):
+    state = jax.tree_util.tree_map(lambda a, i=i: a[i], result.state)
+    mine = np.argmax(net.apply({"params": state.params, "batch_stats": state.batch_stats},
+                               X[:40], train=False), -1)
+    assert np.mean(mine == decided) > 0.6

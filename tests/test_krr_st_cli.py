@@ -88,13 +88,3 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   again = run_cli("experiments.pretrain", *eval_args)
   assert again.returncode == 0 and again.stderr.count("resuming from step 20") == 3
   assert json.loads((tmp_path / "eval" / "pretrain.json").read_text())["rows"] == report["rows"]
-
-  # Knowledge distillation with the set's images as the only inputs, beside Gaussian noise.
-  kd = run_cli("experiments.kd", "--support", str(krr_dir / "distilled.npz"), "--dataset",
-               "mnist", "--rows", "distilled,gaussian", "--width", "4", "--teacher-steps", "30",
-               "--steps", "10", "--seeds", "1", "--workdir", str(tmp_path / "kd"),
-               "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
-  assert kd.returncode == 0, kd.stderr
-  kd_report = json.loads((tmp_path / "kd" / "kd.json").read_text())
-  assert [r["row"] for r in kd_report["rows"]] == ["distilled", "gaussian"]
-  assert kd_report["teacher_test_acc"] > 0.3  # 30 steps on real MNIST
