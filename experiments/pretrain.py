@@ -21,7 +21,8 @@ Rows (`--rows`):
   with FRePo's protocol (Adam, warm-up + cosine, DSA), as KRR-ST's code does for KIP and FRePo.
 
 The default preset `cpu` uses the KRR-ST ConvNet at width 32 and 500 fine-tuning steps (3 seeds
-take about 7 minutes per row on a 2-core CPU); `--preset paper` width 128 and 10,000 steps. Writes pretrain.json and a table; each training run lives in
+take about 6 minutes per row on a 2-core CPU, pre-training about 5 more); `--preset paper` width
+128 and 10,000 steps. Writes pretrain.json and a table; each training run lives in
 <workdir>/<row>/<stage>/ (the one loop's workdir), so re-running the same command resumes and
 finished runs are read back, not trained again.
 """

@@ -180,8 +180,8 @@ def save_distilled(path: str, distilled: DistilledSet) -> None:
   atomic_write(path, arrays)
 
 
-_META_KEYS = ("dataset", "kernel", "kernel_type", "method", "step", "seed", "ipc", "size", "teacher",
-              "config")
+_META_KEYS = ("dataset", "kernel", "kernel_type", "method", "step", "seed", "ipc", "size",
+              "teacher", "config")
 
 
 def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
