@@ -66,8 +66,16 @@ def _pool(reset, reinit="before", start="random"):
 def _visit(pool, state, i, key):
   state = state._replace(index=jnp.asarray(i, jnp.int32))
   y = jnp.asarray(linear_teacher(PROJECTION, X[:8]))
-  new, _ = pool.step(state, key, jnp.asarray(X[:8]), y)
+  new, _ = _compiled(pool.step)(state, key, jnp.asarray(X[:8]), y)
   return new
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+  """One compiled step per pool (op-by-op dispatch of a conv net's step is slow on CPU)."""
+  return _COMPILED.setdefault(fn, jax.jit(fn))
 
 
 def _model(state, i):
