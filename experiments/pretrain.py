@@ -42,7 +42,7 @@ from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import load_distilled, write_json
 from kip.nets import NETS, make_net
 from kip.pipeline import prepare_data
-from kip.train import PROTOCOLS, TrainState, train_and_evaluate
+from kip.train import PROTOCOLS, TrainState, init_states, make_optimizer, train_and_evaluate
 
 f = cli.field
 ROWS = ("none", "distilled", "random", "teacher")
@@ -166,7 +166,6 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
     net = make_net(net_name, target.num_classes, width=row_width,
                    norm="batch" if net_name != "mlp" else "none", image_shape=x_tgt.shape[1:])
     if init_from is None:  # no pre-training: the probe sees freshly initialised networks
-      from kip.train import init_states, make_optimizer  # noqa: PLC0415
       init_from = init_states(net, make_optimizer(PROTOCOLS["krr_st_finetune"], 0.01, 1), seeds,
                               x_tgt.shape[1:])
     features = _features_fn(net, init_from)
