@@ -53,6 +53,9 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   steps: int = f(1000, "AdaBelief steps", minimum=0)
   lr: float = f(1e-3, "AdaBelief learning rate of the support set", above=0)
   target_batch: int = f(256, "class-balanced real images per step", minimum=1)
+  target_chunk: int = f(1280, "real images whose features are computed at once, one random net "
+                              "at a time, bounding memory (0: all images and nets at once)",
+                        minimum=0)
   width: int = f(32, "channels of the random ConvNets", minimum=1)
   num_models: int = f(2, "random ConvNets drawn per step", minimum=1)
   jitter: float = f(5e-3, "ridge relative to tr(K_ss)/n_s", minimum=0)
@@ -83,6 +86,7 @@ def run_rfad(config: Config, workdir: str) -> dict:
   method = make_rfad(num_classes=data.num_classes, image_shape=image_shape, width=config.width,
                      num_models=config.num_models, lr=config.lr, jitter=config.jitter,
                      platt=config.platt, target_batch=config.target_batch,
+                     target_chunk=config.target_chunk,
                      learn_labels=config.learn_labels)
   eval_features = random_features(data.num_classes, image_shape, width=config.width,
                                   num_models=config.eval_models)

@@ -62,6 +62,9 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
+  distilled: bool = f(True, "train the set's own row (--no-distilled: the baselines only, e.g. "
+                            "the random row beside a set measured before; the set then gives "
+                            "the size and the preprocessing)")
   eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
 
 
@@ -70,7 +73,10 @@ def _rows(config: Config) -> list[str]:
   unknown = [b for b in names if b not in ROWS[1:]]
   if unknown:
     raise cli.UserError(f"unknown baseline {', '.join(unknown)}; choose random, full or none")
-  return ["distilled", *dict.fromkeys(names)]
+  rows = ["distilled"] * config.distilled + list(dict.fromkeys(names))
+  if not rows:
+    raise cli.UserError("nothing to train: --no-distilled needs a baseline (--baselines random)")
+  return rows
 
 
 def _net_settings(config: Config) -> tuple[str, int, str]:
@@ -200,7 +206,8 @@ def main(argv=None) -> int:
   _rows(config)
   workdir = cli.prepare_workdir(
       config, "transfer", [config.dataset, _net_settings(config)[0], config.protocol],
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching"),
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching",
+              "baselines", "distilled"),  # rows are folders of their own: add or leave out any
       inputs={"support": cli.file_digest(config.support)})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)

@@ -64,8 +64,10 @@ def numpy_rfad_pred(phi_s, phi_t, y_s):
 
 
 def test_rfad_loss_matches_numpy_on_the_same_random_features():
+  # The 40 target images' features in chunks of 16 (one net at a time, the last chunk padded),
+  # the reference's all at once.
   method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
-                     target_batch=40)
+                     target_batch=40, target_chunk=16)
   state = method.init(jax.random.key(0), X[:20], Y[:20])
   key = jax.random.key(3)
   features = random_features(CLASSES, SHAPE, width=4, num_models=2)

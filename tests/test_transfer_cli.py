@@ -62,6 +62,14 @@ def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
   assert again.stderr.count("resuming from step 60") == 2  # read back, not trained again
   assert json.loads((tmp_path / "run" / "transfer.json").read_text())["rows"] == report["rows"]
 
+  baseline_only = run_cli("experiments.transfer", *args, "--no-distilled")
+  assert baseline_only.returncode == 0, baseline_only.stderr
+  assert baseline_only.stderr.count("resuming from step 60") == 1
+  (only,) = json.loads((tmp_path / "run" / "transfer.json").read_text())["rows"]
+  assert only == rows["random"]
+  nothing = run_cli("experiments.transfer", *args, "--no-distilled", "--baselines", "none")
+  assert nothing.returncode == 2 and "nothing to train" in nothing.stderr
+
   changed = run_cli("experiments.transfer", *transfer_args(
       sets["released"], tmp_path / "run", manual_dir, data_dir, "--protocol", "dc"))
   assert changed.returncode == 2
