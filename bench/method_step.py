@@ -4,8 +4,9 @@ sizes, on MNIST-shaped data (28x28x1, 10 classes), 10 images per class.
   python -m bench.method_step --rounds 3
 
 Each row: one compiled step (compile time reported apart), then `--rounds` timed steps, median.
-Paper sizes are slow on a CPU (seconds to minutes per step); `--only cpu` skips them. Prints a
-table and writes bench/results/method_step.json.
+Paper sizes are slow on a CPU (seconds to minutes per step); `--only cpu` skips them,
+`--methods rfad` measures one method. Prints a table and writes bench/results/method_step.json
+(rows measured now replace the same rows of the file; the others are kept).
 """
 
 from __future__ import annotations
@@ -68,10 +69,19 @@ def measure(name: str, preset: str, rounds: int) -> dict:
 
 
 def _write(rows: list[dict]) -> str:
+  """Writes the rows measured now over the same (method, preset) rows of the file, keeping the
+  others (each row records its own command)."""
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "method_step.json")
+  command = " ".join(["python -m bench.method_step", *sys.argv[1:]])
+  rows = [r | {"command": command} for r in rows]
+  if os.path.exists(out):
+    with open(out) as f:
+      old = json.load(f)
+    kept = [{"command": old["command"]} | r for r in old["rows"]]
+    fresh = {(r["method"], r["preset"]): r for r in rows}
+    rows = [fresh.pop((r["method"], r["preset"]), r) for r in kept] + list(fresh.values())
   with open(out + ".tmp", "w") as f:
-    json.dump({"command": " ".join(["python -m bench.method_step", *sys.argv[1:]]),
-               "machine": f"{os.cpu_count()} CPU cores, "
+    json.dump({"command": command, "machine": f"{os.cpu_count()} CPU cores, "
                f"{platform.processor() or platform.machine()}, JAX {jax.__version__} on "
                f"{jax.default_backend()}", "rows": rows}, f, indent=2)
   os.replace(out + ".tmp", out)
@@ -83,12 +93,13 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--only", choices=("all", "cpu", "paper"), default="all")
+  parser.add_argument("--methods", default="frepo,rfad", help="comma-separated: frepo, rfad")
   args = parser.parse_args(argv)
   print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}",
         flush=True)
   rows = []
   for name, preset in SIZES:  # the slowest (RFAD at paper size) last; each row saved as it ends
-    if args.only not in ("all", preset):
+    if args.only not in ("all", preset) or name not in args.methods.split(","):
       continue
     r = measure(name, preset, args.rounds)
     rows.append(r)
