@@ -206,8 +206,9 @@ def main(argv=None) -> int:
   _rows(config)
   workdir = cli.prepare_workdir(
       config, "transfer", [config.dataset, _net_settings(config)[0], config.protocol],
+      # Rows are folders of their own (add or leave out any); the curve's cadence may change.
       ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching",
-              "baselines", "distilled"),  # rows are folders of their own: add or leave out any
+              "eval_every", "baselines", "distilled"),
       inputs={"support": cli.file_digest(config.support)})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)
