@@ -68,3 +68,41 @@ def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = No
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **(env or {}))
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+class Interrupt(Exception):
+  """What `interrupting`'s update raises: a run killed after some steps."""
+
+
+def interrupting(method, after: int):
+  """`method` whose update raises Interrupt from its (after + 1)-th call on."""
+  calls = {"n": 0}
+
+  def update(*args):
+    calls["n"] += 1
+    if calls["n"] > after:
+      raise Interrupt
+    return method.update(*args)
+
+  return method._replace(update=update)
+
+
+def assert_resumed_equals_straight(go, method, after: int):
+  """Runs `go("straight", method)`; then `go("resumed", ...)` interrupted after `after` updates
+  and run again; asserts the two final states equal leaf by leaf (PRNG keys by their data).
+  Returns (straight, resumed), the loop's results."""
+  import jax
+  import numpy as np
+
+  straight = go("straight", method)
+  with pytest.raises(Interrupt):
+    go("resumed", interrupting(method, after))
+  resumed = go("resumed", method)
+
+  def leaves(state):
+    return [jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+            for a in jax.tree_util.tree_leaves(state)]
+
+  for a, b in zip(leaves(straight.state), leaves(resumed.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return straight, resumed

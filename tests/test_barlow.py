@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_resumed_equals_straight
 
 from kip.augment import random_crop
 from kip.barlow import (
@@ -92,33 +93,15 @@ def _tiny_barlow(steps=6):
 X = RNG.normal(size=(64, 12, 12, 1)).astype(np.float32)
 
 
-class Interrupt(Exception):
-  pass
-
-
 def test_a_resumed_teacher_run_equals_an_uninterrupted_one_and_the_file_round_trips(tmp_path):
   method, _ = _tiny_barlow()
   config = LoopConfig(steps=6, eval_every=0, checkpoint_every=2, seed=3)
 
-  def go(workdir, m):
-    return run(m, workdir=str(workdir), config=config, sampler=make_sampler(m.data, X, seed=3),
-               log=lambda _: None, progress=False)
+  def go(folder, m):
+    return run(m, workdir=str(tmp_path / folder), config=config,
+               sampler=make_sampler(m.data, X, seed=3), log=lambda _: None, progress=False)
 
-  straight = go(tmp_path / "a", method)
-  calls = {"n": 0}
-
-  def update(*args):
-    calls["n"] += 1
-    if calls["n"] > 3:
-      raise Interrupt
-    return method.update(*args)
-
-  with pytest.raises(Interrupt):
-    go(tmp_path / "b", method._replace(update=update))
-  resumed = go(tmp_path / "b", method)
-  for a, b in zip(jax.tree_util.tree_leaves(straight.state),
-                  jax.tree_util.tree_leaves(resumed.state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  straight, _ = assert_resumed_equals_straight(go, method, after=3)
 
   path = str(tmp_path / "teacher.msgpack")
   save_teacher(path, straight.state, {"backbone": "mlp", "width": 8, "projector": "8-8",

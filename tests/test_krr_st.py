@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_resumed_equals_straight
 
 from kip.loop import LoopConfig, read_metrics, run
 from kip.method import Batch, make_sampler
@@ -129,34 +130,17 @@ def test_frepo_pool_reinitialises_right_after_its_last_update():
     _pool(False, reinit="after")
 
 
-class Interrupt(Exception):
-  pass
-
-
 def test_a_resumed_krr_st_run_equals_an_uninterrupted_one(tmp_path):
   method = _method(crop_pad=2, max_online_updates=3)
   config = LoopConfig(steps=7, eval_every=0, checkpoint_every=3, seed=2)
   y_init = np.asarray(linear_teacher(PROJECTION, X[:10]))
 
-  def go(workdir, m):
-    return run(m, workdir=str(workdir), config=config, sampler=make_sampler(m.data, X, seed=2),
-               x_init=X[:10], y_init=y_init, log=lambda _: None, progress=False)
+  def go(folder, m):
+    return run(m, workdir=str(tmp_path / folder), config=config,
+               sampler=make_sampler(m.data, X, seed=2), x_init=X[:10], y_init=y_init,
+               log=lambda _: None, progress=False)
 
-  straight = go(tmp_path / "a", method)
-  calls = {"n": 0}
-
-  def update(*args):
-    calls["n"] += 1
-    if calls["n"] > 4:
-      raise Interrupt
-    return method.update(*args)
-
-  with pytest.raises(Interrupt):
-    go(tmp_path / "b", method._replace(update=update))
-  resumed = go(tmp_path / "b", method)
-  for a, b in zip(jax.tree_util.tree_leaves(straight.state),
-                  jax.tree_util.tree_leaves(resumed.state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  straight, _ = assert_resumed_equals_straight(go, method, after=4)
   assert not np.array_equal(np.asarray(straight.state.x), X[:10])  # it did learn
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import Interrupt, interrupting
 
 from kip.kernels import make_kernel
 from kip.loop import Evaluator, LoopConfig, NonFiniteLossError, read_metrics, run
@@ -33,22 +34,6 @@ def run_loop(workdir, method, saved, config=CONFIG, x_init=X[:6], y_init=Y[:6]):
                  x=np.asarray(method.export(state)["images"]),
                  y=np.asarray(method.export(state)["labels"]), step=step),
              log=lambda _: None, progress=False)
-
-
-class Interrupt(Exception):
-  pass
-
-
-def interrupting(method, after):
-  calls = {"n": 0}
-
-  def update(*args):
-    calls["n"] += 1
-    if calls["n"] > after:
-      raise Interrupt
-    return method.update(*args)
-
-  return method._replace(update=update)
 
 
 @pytest.mark.parametrize("interrupt_after", [1, 4, 7])

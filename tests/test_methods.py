@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_resumed_equals_straight
 
 from kip.loop import LoopConfig, run
 from kip.method import Batch, make_sampler
@@ -98,10 +99,6 @@ def test_rfad_platt_loss_is_the_cross_entropy_of_the_scaled_prediction():
   assert float(state.log_scale) != 0.0  # the scale is learned
 
 
-class Interrupt(Exception):
-  pass
-
-
 def _method(name):
   if name == "frepo":
     return make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=8, width=4, num_models=2,
@@ -115,23 +112,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
   config = LoopConfig(steps=8, eval_every=0, checkpoint_every=3, seed=1)
   method = _method(name)
 
-  def go(workdir, m):
-    return run(m, workdir=str(workdir), config=config,
+  def go(folder, m):
+    return run(m, workdir=str(tmp_path / folder), config=config,
                sampler=make_sampler(m.data, X, LABELS, Y, seed=1), x_init=X[:10], y_init=Y[:10],
                log=lambda _: None, progress=False)
 
-  straight = go(tmp_path / "a", method)
-  calls = {"n": 0}
-
-  def update(*args):
-    calls["n"] += 1
-    if calls["n"] > 4:
-      raise Interrupt
-    return method.update(*args)
-
-  with pytest.raises(Interrupt):
-    go(tmp_path / "b", method._replace(update=update))
-  resumed = go(tmp_path / "b", method)
-  for a, b in zip(jax.tree_util.tree_leaves(straight.state),
-                  jax.tree_util.tree_leaves(resumed.state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_resumed_equals_straight(go, method, after=4)
