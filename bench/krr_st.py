@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from kip import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -107,15 +109,11 @@ def main(argv=None) -> int:
       for r in found:
         rows.append({"source": args.source, "target": args.target, "size": int(size),
                      "labelled": report["labelled"], **r})
-  header = ("size", "labelled", "pre-training", "net", "linear probe (%)", "fine-tuned (%)")
-  lines = [header]
-  for r in rows:
-    lines.append((str(r["size"]), str(r["labelled"]), r["row"], r["net"],
-                  f"{100 * r['probe_acc_mean']:.2f} +- {100 * r['probe_acc_std']:.2f}",
-                  f"{100 * r['finetune_acc_mean']:.2f} +- {100 * r['finetune_acc_std']:.2f}"))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
-                  for line in lines))
+  print(cli.format_table(
+      ("size", "labelled", "pre-training", "net", "linear probe (%)", "fine-tuned (%)"),
+      [(str(r["size"]), str(r["labelled"]), r["row"], r["net"],
+        cli.percent(r["probe_acc_mean"], r["probe_acc_std"]),
+        cli.percent(r["finetune_acc_mean"], r["finetune_acc_std"])) for r in rows]))
   out = os.path.join(ROOT, "bench", "results", f"krr_st_{args.source}_{args.target}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".tmp", "w") as f:

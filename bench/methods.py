@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from kip import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,16 +90,12 @@ def main(argv=None) -> int:
                      "this_call_s": distil_time, **{k: r[k] for k in (
                          "row", "net", "width", "protocol", "seeds", "test_acc", "test_acc_mean",
                          "test_acc_std", "steps", "lr", "train_time")}})
-  header = ("method", "dataset", "ipc", "set", "net", "protocol", "test acc (%)", "distil steps",
-            "distil wall")
-  lines = [header]
-  for r in rows:
-    lines.append((r["method"], r["dataset"], str(r["ipc"]), r["row"], f"{r['net']}-{r['width']}",
-                  r["protocol"], f"{100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f}",
-                  str(r["distil_steps"]), f"{r['distil_wall_time'] or 0:.0f} s"))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
-                  for line in lines))
+  print(cli.format_table(
+      ("method", "dataset", "ipc", "set", "net", "protocol", "test acc (%)", "distil steps",
+       "distil wall"),
+      [(r["method"], r["dataset"], str(r["ipc"]), r["row"], f"{r['net']}-{r['width']}",
+        r["protocol"], cli.percent(r["test_acc_mean"], r["test_acc_std"]),
+        str(r["distil_steps"]), f"{r['distil_wall_time'] or 0:.0f} s") for r in rows]))
   out = os.path.join(ROOT, "bench", "results", f"methods_{args.tag}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".tmp", "w") as f:

@@ -179,7 +179,7 @@ def run_kd(config: Config, workdir: str) -> dict:
     report["rows"].append({"row": row, "seeds": seeds, "test_acc": acc.tolist(),
                            "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std()),
                            "train_time": result.train_time})
-    cli.log(f"{row}: student {100 * acc.mean():.2f} +- {100 * acc.std():.2f}%")
+    cli.log(f"{row}: student {cli.percent(acc.mean(), acc.std())}%")
     write_json(os.path.join(workdir, "kd.json"), report)
   return report
 

@@ -42,7 +42,15 @@ from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import load_distilled, write_json
 from kip.nets import NETS, make_net
 from kip.pipeline import prepare_data
-from kip.train import PROTOCOLS, TrainState, init_states, make_optimizer, train_and_evaluate
+from kip.train import (
+  PROTOCOLS,
+  TrainState,
+  choose_seed_batching,
+  init_states,
+  make_optimizer,
+  over_seeds,
+  train_and_evaluate,
+)
 
 f = cli.field
 ROWS = ("none", "distilled", "random", "teacher")
@@ -91,19 +99,16 @@ def _stack(tree, n: int):
 
 def _features_fn(net, states: TrainState):
   """Frozen features (inference mode) of each seed's network: x -> (n_seeds, n, d)."""
-  @jax.jit
   def one(params, stats, x):
-    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
-    return net.apply(variables, x, train=False, features=True)
+    return net.apply({"params": params, **({"batch_stats": stats} if stats else {})}, x,
+                     train=False, features=True)
+
+  per_seed = over_seeds(one, (0, 0, None), choose_seed_batching(net))
 
   def features(x):
-    out = []
-    for i in range(len(jax.tree_util.tree_leaves(states.params)[0])):
-      params = jax.tree_util.tree_map(lambda a, i=i: a[i], states.params)
-      stats = jax.tree_util.tree_map(lambda a, i=i: a[i], states.batch_stats)
-      out.append(np.concatenate([np.asarray(one(params, stats, jnp.asarray(x[j:j + 500])))
-                                 for j in range(0, len(x), 500)]))
-    return np.stack(out)
+    return np.concatenate([np.asarray(per_seed(states.params, states.batch_stats,
+                                               jnp.asarray(x[j:j + 500])))
+                           for j in range(0, len(x), 500)], axis=1)
 
   return features
 
@@ -172,7 +177,7 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
     f_train, f_test = features(x_tgt), features(target.x_test)
     probe = [linear_probe(a, labels_tgt, b, target.labels_test, steps=config.probe_steps)
              for a, b in zip(f_train, f_test, strict=True)]
-    cli.log(f"{row}: linear probe {100 * np.mean(probe):.2f} +- {100 * np.std(probe):.2f}%")
+    cli.log(f"{row}: linear probe {cli.percent(np.mean(probe), np.std(probe))}%")
     fine = train_and_evaluate(net, PROTOCOLS["krr_st_finetune"], x_tgt, y_tgt, target.x_test,
                               target.labels_test, seeds=seeds, steps=finetune_steps,
                               init_from=None if row == "none" else init_from,
@@ -187,8 +192,8 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
               "finetune_acc_std": float(np.std(fine.test_acc)),
               "finetune_steps": fine.steps, "pretrain_time": pretrain_time,
               "finetune_time": fine.train_time}
-    cli.log(f"{row}: fine-tuned {100 * result['finetune_acc_mean']:.2f} +- "
-            f"{100 * result['finetune_acc_std']:.2f}%")
+    cli.log(f"{row}: fine-tuned "
+            f"{cli.percent(result['finetune_acc_mean'], result['finetune_acc_std'])}%")
     report["rows"].append(result)
     write_json(os.path.join(workdir, "pretrain.json"), report)
   return report
@@ -215,18 +220,12 @@ def _pretraining_set(row: str, distilled, teacher, config: Config, seeds):
 
 
 def format_table(report: dict) -> str:
-  header = ("pre-training", "net", "linear probe (%)", "fine-tuned (%)", "pre-train time",
-            "fine-tune time")
-  lines = [header]
-  for r in report["rows"]:
-    lines.append((r["row"], r["net"],
-                  f"{100 * r['probe_acc_mean']:.2f} +- {100 * r['probe_acc_std']:.2f}",
-                  f"{100 * r['finetune_acc_mean']:.2f} +- {100 * r['finetune_acc_std']:.2f}",
-                  f"{r['pretrain_time']:.0f} s", f"{r['finetune_time']:.0f} s"))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-  text.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(text)
+  return cli.format_table(
+      ("pre-training", "net", "linear probe (%)", "fine-tuned (%)", "pre-train time",
+       "fine-tune time"),
+      [(r["row"], r["net"], cli.percent(r["probe_acc_mean"], r["probe_acc_std"]),
+        cli.percent(r["finetune_acc_mean"], r["finetune_acc_std"]), f"{r['pretrain_time']:.0f} s",
+        f"{r['finetune_time']:.0f} s") for r in report["rows"]])
 
 
 def main(argv=None) -> int:

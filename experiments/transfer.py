@@ -182,23 +182,16 @@ def _steps(config: Config) -> int:
 
 
 def _format_acc(result: dict) -> str:
-  return (f"{100 * result['test_acc_mean']:.2f} +- {100 * result['test_acc_std']:.2f}% "
+  return (f"{cli.percent(result['test_acc_mean'], result['test_acc_std'])}% "
           f"({len(result['seeds'])} seeds)")
 
 
 def format_table(report: dict) -> str:
-  header = ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "train time",
-            "img/s")
-  lines = [header]
-  for r in report["rows"]:
-    lines.append((r["set"], str(r["n_images"]), f"{r['net']}-{r['width']}", r["protocol"],
-                  f"{100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f}",
-                  str(r["steps"]), f"{r['lr']:.3g}", f"{r['train_time']:.0f} s",
-                  f"{r['images_per_s']:.0f}"))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-  text.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(text)
+  return cli.format_table(
+      ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "train time", "img/s"),
+      [(r["set"], str(r["n_images"]), f"{r['net']}-{r['width']}", r["protocol"],
+        cli.percent(r["test_acc_mean"], r["test_acc_std"]), str(r["steps"]), f"{r['lr']:.3g}",
+        f"{r['train_time']:.0f} s", f"{r['images_per_s']:.0f}") for r in report["rows"]])
 
 
 def main(argv=None) -> int:

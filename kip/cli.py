@@ -23,7 +23,8 @@ from kip.loop import NonFiniteLossError, ResumeError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
            "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
-           "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "check_choice"]
+           "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "check_choice",
+           "format_table", "percent"]
 
 
 class UserError(ValueError):
@@ -155,6 +156,20 @@ def report(message: str) -> None:
   """A job's result on stdout (once, from the first process)."""
   if not _QUIET:
     print(message, flush=True)
+
+
+def percent(mean: float, std: float) -> str:
+  """A fraction's mean and spread as `97.12 +- 0.34` (percent)."""
+  return f"{100 * mean:.2f} +- {100 * std:.2f}"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A plain-text table: every column as wide as its widest cell, a rule under the header."""
+  widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+  text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+          for line in [header, *rows]]
+  text.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(line.rstrip() for line in text)
 
 
 def peak_rss_mib() -> float:

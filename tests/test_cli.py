@@ -265,3 +265,14 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
   del legacy["inputs"]  # recorded before digests were kept: taken as is
   (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
   cli.prepare_workdir(config, "t", [], inputs={"support": cli.file_digest(str(support))})
+
+
+def test_format_table_pads_every_column_to_its_widest_cell():
+  from kip.cli import format_table, percent
+
+  table = format_table(("set", "acc (%)"), [("distilled", percent(0.97123, 0.0034)),
+                                            ("random", percent(0.9, 0.0))])
+  assert table.splitlines() == ["set        acc (%)",
+                                "---------  -------------",
+                                "distilled  97.12 +- 0.34",
+                                "random     90.00 +- 0.00"]
