@@ -155,9 +155,12 @@ def run(
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   root_key = jax.random.key(config.seed)
-  state = method.init(jax.random.fold_in(root_key, 0), x_init, y_init)
+  init_key = jax.random.fold_in(root_key, 0)
+  state = method.init(init_key, x_init, y_init)
   start_step, wall_offset, train_time = 0, 0.0, 0.0
   restored = restore_checkpoint(workdir, state)
+  if restored is None and method.prepare is not None:
+    state = method.prepare(init_key, state)  # a resumed run skips it: its state is restored
   if restored is not None:
     state, start_step, wall_offset, train_time = restored
     if start_step > config.steps:

@@ -3,7 +3,7 @@
 A method is a pair of pure functions, like an optax transformation (see DESIGN.md):
 
     method = make_something(hyperparameters...)
-    state = method.init(key, x_init, y_init)
+    state = init_state(method, key, x_init, y_init)      # init, then the optional `prepare`
     state, metrics = method.update(state, batch, key, step)   # jitted; may donate `state`
     arrays = method.export(state)      # {"images": ..., "labels" or "targets": ..., extras}
 
@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-__all__ = ["DATA_KINDS", "Data", "Batch", "Method", "Sampler", "make_sampler", "check_export"]
+__all__ = ["DATA_KINDS", "Data", "Batch", "Method", "Sampler", "make_sampler", "check_export",
+           "init_state"]
 
 DATA_KINDS = ("labelled", "unlabelled", "none")
 
@@ -50,7 +51,10 @@ class Batch(NamedTuple):
 
 class Method(NamedTuple):
   """init(key, x_init, y_init) -> state; update(state, batch, key, step) -> (state, metrics);
-  export(state) -> {name: array}; data: what `update` needs each step.
+  export(state) -> {name: array}; data: what `update` needs each step; prepare (optional):
+  (key, state) -> state, work a fresh state needs once before its first step (e.g. training a
+  model pool to its start), given init's key. A run resumed from a checkpoint restores onto
+  init's (cheap) state and skips `prepare`; `init_state` does both for a fresh start.
 
   `export` must return `images` (N, H, W, C) and either `labels` (N, C) or `targets` (N, D);
   anything else is a named extra saved beside them (a learned learning rate, a Platt scale...).
@@ -60,6 +64,13 @@ class Method(NamedTuple):
   update: Callable[..., tuple[Any, dict[str, Any]]]
   export: Callable[[Any], dict[str, Any]]
   data: Data = Data()
+  prepare: Callable[[Any, Any], Any] | None = None
+
+
+def init_state(method: Method, key: Any, x_init: Any = None, y_init: Any = None) -> Any:
+  """A fresh state ready for its first step: `init`, then `prepare` when the method has one."""
+  state = method.init(key, x_init, y_init)
+  return state if method.prepare is None else method.prepare(key, state)
 
 
 Sampler = Callable[[int], Batch | None]

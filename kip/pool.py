@@ -7,7 +7,7 @@ at every stage of training, so the support set is optimised for features of youn
 networks alike.
 
     pool = make_pool(net, image_shape, optax.adam(3e-4), loss=..., num_models=10, max_updates=100)
-    pool_state = pool.init(key, x_support, y_support)
+    pool_state = pool.init(key, x_support, y_support)  # = pool.warm(pool.fresh(key), key, ...)
     f = pool.features(pool_state, x)                                  # the current model
     pool_state, online_loss = pool.step(pool_state, key, x_support, y_support)
 
@@ -54,13 +54,18 @@ class PoolState(NamedTuple):
 
 
 class Pool(NamedTuple):
-  """init(key, x, y) -> PoolState; features(state, x) -> (n, d) features of the current model in
-  inference mode; step(state, key, x, y) -> (state, online_loss): the current model's online step
-  (or re-initialisation), then a new random current model."""
+  """init(key, x, y) -> PoolState, ready to use: `warm(fresh(key), key, x, y)`; fresh(key) ->
+  the models as initialised, with their start counters (cheap); warm(state, key, x, y) -> the
+  models trained to their counters on (x, y) (the `random` start's work; nothing for `stagger`);
+  features(state, x) -> (n, d) features of the current model in inference mode; step(state, key,
+  x, y) -> (state, online_loss): the current model's online step (or re-initialisation), then a
+  new random current model."""
 
   init: Callable[..., PoolState]
   features: Callable[[PoolState, jax.Array], jax.Array]
   step: Callable[..., tuple[PoolState, jax.Array]]
+  fresh: Callable[[jax.Array], PoolState]
+  warm: Callable[..., PoolState]
 
 
 def _take(tree, i):
@@ -125,29 +130,37 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
     updates, opt = optimizer.update(grads, opt, params)
     return (optax.apply_updates(params, updates), stats, opt), value
 
-  def init(key: jax.Array, x: jax.Array, y: jax.Array) -> PoolState:
-    k_models, k_steps, k_train, k_index = jax.random.split(key, 4)
-    models = jax.vmap(init_model)(jax.random.split(k_models, num_models))
+  def fresh(key: jax.Array) -> PoolState:
+    k_models, k_steps, _, k_index = jax.random.split(key, 4)
+    params, stats, opt = jax.vmap(init_model)(jax.random.split(k_models, num_models))
     if start == "stagger":
       steps = jnp.arange(num_models, dtype=jnp.int32) * (max_updates // num_models)
     else:
       steps = jax.random.randint(k_steps, (num_models,), 1, max_updates, jnp.int32)
-      x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
-
-      train_step = jax.jit(lambda model, key: train_model(model, key, x, y)[0])
-      # A Python loop of compiled steps, one model after another: XLA:CPU runs convolutions
-      # inside a compiled loop (fori_loop) or vmapped over models (grouped convolutions) several
-      # times slower (bench/transfer.py measures the latter).
-      keys = jax.random.split(k_train, num_models)
-      trained = []
-      for i, count in enumerate(np.asarray(steps)):
-        model = _take(models, i)
-        for t in range(int(count)):
-          model = train_step(model, jax.random.fold_in(keys[i], t))
-        trained.append(model)
-      models = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trained)
     index = jax.random.randint(k_index, (), 0, num_models)
-    return PoolState(*models, steps, index)
+    return PoolState(params, stats, opt, steps, index)
+
+  def warm(state: PoolState, key: jax.Array, x: jax.Array, y: jax.Array) -> PoolState:
+    if start == "stagger":
+      return state
+    k_train = jax.random.split(key, 4)[2]
+    x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
+    train_step = jax.jit(lambda model, key: train_model(model, key, x, y)[0])
+    # A Python loop of compiled steps, one model after another: XLA:CPU runs convolutions inside
+    # a compiled loop (fori_loop) or vmapped over models (grouped convolutions) several times
+    # slower (bench/transfer.py measures the latter).
+    keys = jax.random.split(k_train, num_models)
+    trained = []
+    for i, count in enumerate(np.asarray(state.steps)):
+      model = _take((state.params, state.stats, state.opt), i)
+      for t in range(int(count)):
+        model = train_step(model, jax.random.fold_in(keys[i], t))
+      trained.append(model)
+    params, stats, opt = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trained)
+    return state._replace(params=params, stats=stats, opt=opt)
+
+  def init(key: jax.Array, x: jax.Array, y: jax.Array) -> PoolState:
+    return warm(fresh(key), key, x, y)
 
   def features(state: PoolState, x: jax.Array) -> jax.Array:
     params, stats = _take(state.params, state.index), _take(state.stats, state.index)
@@ -179,4 +192,4 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
                     jax.random.randint(k_next, (), 0, num_models))
     return new, value
 
-  return Pool(init, features, step)
+  return Pool(init, features, step, fresh, warm)

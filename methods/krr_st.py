@@ -133,7 +133,7 @@ def make_krr_st(*, image_shape: tuple[int, int, int],
   def init(key: jax.Array, x_init, y_init) -> KrrStState:
     x = jnp.asarray(x_init, jnp.float32)
     y = jnp.asarray(y_init, jnp.float32)
-    return KrrStState(x, y, optimizer.init((x, y)), pool.init(key, x, y))
+    return KrrStState(x, y, optimizer.init((x, y)), pool.fresh(key))
 
   def outer_loss(trained, pool_state, f_t, y_target):
     x_support, y_support = trained
@@ -167,4 +167,7 @@ def make_krr_st(*, image_shape: tuple[int, int, int],
   def export(state: KrrStState) -> dict[str, jax.Array]:
     return {"images": state.x, "targets": state.y}
 
-  return Method(init, update, export, Data("unlabelled", target_batch))
+  def prepare(key: jax.Array, state):  # the pool's start: skipped when a run resumes
+    return state._replace(pool=pool.warm(state.pool, key, state.x, state.y))
+
+  return Method(init, update, export, Data("unlabelled", target_batch), prepare)
