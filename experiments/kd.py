@@ -189,7 +189,7 @@ def main(argv=None) -> int:
   if not config.support:
     raise cli.UserError("--support is required: the set whose images the student sees")
   workdir = cli.prepare_workdir(config, "kd", [config.dataset],
-                                inputs={"support": cli.file_digest(config.support)})
+                                inputs={"support": config.support})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = run_kd(config, workdir)
   print(f"teacher classifier ({report['target']}): {100 * report['teacher_test_acc']:.2f}%")

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
   if not os.path.isfile(teacher_path):
     load_checked_teacher(teacher_path, config.dataset)  # the one-line error
   workdir = cli.prepare_workdir(config, "krr_st", [config.dataset, f"n{config.size}"],
-                                inputs={"teacher": cli.file_digest(teacher_path)})
+                                inputs={"teacher": teacher_path})
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_krr_st(config, workdir, teacher_path)
   cli.report(f"KRR validation MSE to the teacher: {result.get('krr_validation_mse', np.nan):.5g}; "

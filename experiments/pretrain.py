@@ -233,7 +233,7 @@ def main(argv=None) -> int:
   if not config.support:
     raise cli.UserError("--support is required: the KRR-ST set to evaluate")
   _rows(config)
-  inputs = {"support": cli.file_digest(config.support)}
+  inputs = {"support": config.support}
   workdir = cli.prepare_workdir(config, "pretrain", [config.dataset], inputs=inputs)
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = pretrain_and_transfer(config, workdir)

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
       # Rows are folders of their own (add or leave out any); the curve's cadence may change.
       ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching",
               "eval_every", "baselines", "distilled"),
-      inputs={"support": cli.file_digest(config.support)})
+      inputs={"support": config.support})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)
   print(format_table(report))

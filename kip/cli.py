@@ -15,7 +15,10 @@ import json
 import os
 import sys
 import typing
+import zipfile
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from kip.data import DATASETS, DataError
 from kip.io import FileFormatError, write_json
@@ -223,20 +226,23 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
 
   Re-running in a workdir that holds a run with other settings is refused (fields in `ignore`
   may differ: paths, display, resources, and `steps`, so a finished run can be extended).
-  `inputs` (name -> digest, e.g. of an input file's content) are recorded too, and a different
-  digest is refused: the run's finished parts were made from another input (a workdir recorded
-  before a digest was kept is taken as is). In a multi-host run only process 0 writes.
+  `inputs` (name -> path of an input file) are recorded by their content's digest
+  (`file_digest`), and a different content is refused: the run's finished parts were made from
+  another input (a workdir recorded before a digest was kept is taken as is; one recorded with a
+  digest of the file's bytes is compared by bytes). In a multi-host run only process 0 writes.
   """
   workdir = config.workdir or os.path.join(
       "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
   _check_writable_dir(workdir, "--workdir")
   current = dataclasses.asdict(config) | {"workdir": workdir, "job": job}
+  digests = {name: file_digest(p) for name, p in (inputs or {}).items()}
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    changed = [k for k, digest in (inputs or {}).items()
-               if previous.get("inputs", {}).get(k, digest) != digest]
+    changed = [k for k, digest in digests.items()
+               if previous.get("inputs", {}).get(k, digest)
+               not in (digest, _bytes_digest(inputs[k]))]
     if changed:
       raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
                       "changed since); use a new --workdir for this one")
@@ -254,7 +260,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     if not os.path.isdir(workdir):
       _CREATED.append(workdir)
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, current | ({"inputs": dict(inputs)} if inputs else {}))
+    write_json(path, current | ({"inputs": digests} if digests else {}))
   return workdir
 
 
@@ -263,7 +269,28 @@ _CREATED: list[str] = []  # workdirs this command created; removed again if it f
 
 
 def file_digest(path: str) -> str:
-  """The SHA-256 of a file's bytes (hex), or '' when it does not exist (reported elsewhere)."""
+  """A digest of a file's content, or '' when it does not exist (reported elsewhere).
+
+  An `.npz` is digested by its arrays (names, dtypes, shapes, values: `npz:<sha256>`), so saving
+  the same arrays again (a finished run re-writes its output; zip entries carry the save time)
+  keeps its digest; any other file by its bytes (`<sha256>`)."""
+  if not os.path.isfile(path):
+    return ""
+  if path.endswith(".npz"):
+    try:
+      digest = hashlib.sha256()
+      with np.load(path, allow_pickle=False) as data:
+        for name in sorted(data.files):
+          a = np.ascontiguousarray(data[name])
+          digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+          digest.update(a.tobytes())
+      return "npz:" + digest.hexdigest()
+    except (OSError, ValueError, zipfile.BadZipFile):
+      pass  # not a readable npz: its bytes
+  return _bytes_digest(path)
+
+
+def _bytes_digest(path: str) -> str:
   if not os.path.isfile(path):
     return ""
   digest = hashlib.sha256()

@@ -251,20 +251,42 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
     support: str = ""
     workdir: str = ""
 
-  support = tmp_path / "set.npz"
+  support = tmp_path / "set.bin"
   support.write_bytes(b"first set")
   config = Config(str(support), str(tmp_path / "w"))
-  first = cli.file_digest(str(support))
-  assert first == hashlib.sha256(b"first set").hexdigest()
-  cli.prepare_workdir(config, "t", [], inputs={"support": first})
-  cli.prepare_workdir(config, "t", [], inputs={"support": first})  # same content: resumes
+  assert cli.file_digest(str(support)) == hashlib.sha256(b"first set").hexdigest()
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})  # same content: resumes
   support.write_bytes(b"second set")
   with pytest.raises(cli.UserError, match="made from another support"):
-    cli.prepare_workdir(config, "t", [], inputs={"support": cli.file_digest(str(support))})
+    cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
   legacy = json.loads((tmp_path / "w" / "config.json").read_text())
   del legacy["inputs"]  # recorded before digests were kept: taken as is
   (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
-  cli.prepare_workdir(config, "t", [], inputs={"support": cli.file_digest(str(support))})
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
+
+  # An .npz by its arrays: the same arrays saved again (other bytes) keep the digest,
+  # other values do not; a workdir that recorded the file's bytes is still compared by bytes.
+  npz = tmp_path / "set.npz"
+  np.savez(npz, images=np.ones((2, 3)), labels=np.eye(2))
+  config = Config(str(npz), str(tmp_path / "n"))
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
+  recorded = json.loads((tmp_path / "n" / "config.json").read_text())["inputs"]["support"]
+  expected = hashlib.sha256()
+  for name, a in (("images", np.ones((2, 3))), ("labels", np.eye(2))):
+    expected.update(f"{name}:{a.dtype.str}:{a.shape};".encode() + a.tobytes())
+  assert recorded == "npz:" + expected.hexdigest()
+  before = npz.read_bytes()
+  np.savez(npz, labels=np.eye(2), images=np.ones((2, 3)))  # the same arrays, other bytes
+  assert npz.read_bytes() != before
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
+  legacy = json.loads((tmp_path / "n" / "config.json").read_text())
+  legacy["inputs"]["support"] = hashlib.sha256(npz.read_bytes()).hexdigest()
+  (tmp_path / "n" / "config.json").write_text(json.dumps(legacy))
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
+  np.savez(npz, images=np.zeros((2, 3)), labels=np.eye(2))
+  with pytest.raises(cli.UserError, match="made from another support"):
+    cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
 
 
 def test_format_table_pads_every_column_to_its_widest_cell():
