@@ -7,15 +7,17 @@ Every step is a command of this project run in its own workdir under --root, so 
 benchmark resumes where it stopped and finished parts are read back, not redone:
   teacher:       the default teacher of `experiments.teacher --dataset <source>` (runs/teachers/)
   distillation:  <root>/krr_st-<source>-n<size>[-noreset]
-  evaluation:    <root>/krr_st-<source>-n<size>/pretrain-<target>-<labelled>
+  evaluation:    <root>/krr_st-<source>-n<size>/pretrain-<target>-<labelled>[-<net>]
 Rows: no pre-training, a random real subset, the KRR-ST set (paper: counter reset), the KRR-ST set
 made with the official code's never-reset pool, and `--supervised` sets (e.g. FRePo's) and the
-teacher when asked. Prints one table and writes bench/results/krr_st_<source>_<target>.json.
+teacher when asked; `--nets` repeats the table for other architectures (generalisation). Prints
+one table and writes bench/results/krr_st_<source>_<target>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -25,6 +27,7 @@ import time
 
 from kip import cli
 
+NETS_DEFAULT = "krr_st_convnet"  # experiments.pretrain's default network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +58,10 @@ def main(argv=None) -> int:
   parser.add_argument("--no-reset-row", action=argparse.BooleanOptionalAction, default=True,
                       help="also distil with the official never-reset pool and evaluate it")
   parser.add_argument("--supervised", default="", help="supervised sets to add as rows")
+  parser.add_argument("--nets", default=NETS_DEFAULT,
+                      help="architectures pre-trained and fine-tuned on the same sets, e.g. "
+                      "krr_st_convnet,mlp,resnet18 (the no-reset and supervised rows: the first "
+                      "only)")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--root", default="runs/bench")
   parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))
@@ -85,18 +92,20 @@ def main(argv=None) -> int:
                     "pool_expired": records[-1].get("pool_expired")}
     all_sets[size] = sets
     base = sets["reset"]["workdir"]
-    for labelled in args.labelled.split(","):
-      supervised = [s for s in args.supervised.split(",") if s]
-      edir = os.path.join(base, f"pretrain-{args.target}-{labelled}")
+    for labelled, net in itertools.product(args.labelled.split(","), args.nets.split(",")):
+      default_net = net == NETS_DEFAULT
+      supervised = [s for s in args.supervised.split(",") if s] if default_net else []
+      suffix = "" if default_net else f"-{net}"
+      edir = os.path.join(base, f"pretrain-{args.target}-{labelled}{suffix}")
       _run(["experiments.pretrain", "--support", os.path.join(base, "distilled.npz"),
             "--dataset", args.target, "--labelled", labelled, "--rows", args.rows,
             "--seeds", str(args.seeds), "--workdir", edir, "--no-progress",
-            *(["--supervised", ",".join(supervised)] if supervised else []), *data,
-            *shlex.split(args.eval_args)])
+            *(["--supervised", ",".join(supervised)] if supervised else []),
+            *([] if default_net else ["--net", net]), *data, *shlex.split(args.eval_args)])
       with open(os.path.join(edir, "pretrain.json")) as f:
         report = json.load(f)
       found = report["rows"]
-      if "noreset" in sets:
+      if "noreset" in sets and default_net:
         ndir = os.path.join(sets["noreset"]["workdir"], f"pretrain-{args.target}-{labelled}")
         _run(["experiments.pretrain", "--support",
               os.path.join(sets["noreset"]["workdir"], "distilled.npz"), "--dataset",

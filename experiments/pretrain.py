@@ -234,7 +234,11 @@ def main(argv=None) -> int:
     raise cli.UserError("--support is required: the KRR-ST set to evaluate")
   _rows(config)
   inputs = {"support": config.support}
-  workdir = cli.prepare_workdir(config, "pretrain", [config.dataset], inputs=inputs)
+  # Each row is a folder of its own: rows may be added or left out in the same workdir.
+  workdir = cli.prepare_workdir(
+      config, "pretrain", [config.dataset], inputs=inputs,
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "memory_mb", "distributed", "rows",
+              "supervised"))
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = pretrain_and_transfer(config, workdir)
   print(format_table(report))
