@@ -60,8 +60,8 @@ def main(argv=None) -> int:
   parser.add_argument("--supervised", default="", help="supervised sets to add as rows")
   parser.add_argument("--nets", default=NETS_DEFAULT,
                       help="architectures pre-trained and fine-tuned on the same sets, e.g. "
-                      "krr_st_convnet,mlp,resnet18 (the no-reset and supervised rows: the first "
-                      "only)")
+                      "krr_st_convnet,mlp,resnet18 (the no-reset and supervised rows: "
+                      "krr_st_convnet only)")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--root", default="runs/bench")
   parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))

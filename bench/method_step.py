@@ -73,17 +73,17 @@ def _write(rows: list[dict]) -> str:
   others (each row records its own command)."""
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "method_step.json")
   command = " ".join(["python -m bench.method_step", *sys.argv[1:]])
-  rows = [r | {"command": command} for r in rows]
+  machine = (f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+             f"JAX {jax.__version__} on {jax.default_backend()}")
+  rows = [r | {"command": command, "machine": machine} for r in rows]
   if os.path.exists(out):
     with open(out) as f:
       old = json.load(f)
-    kept = [{"command": old["command"]} | r for r in old["rows"]]
+    kept = [{"command": old["command"], "machine": old["machine"]} | r for r in old["rows"]]
     fresh = {(r["method"], r["preset"]): r for r in rows}
     rows = [fresh.pop((r["method"], r["preset"]), r) for r in kept] + list(fresh.values())
   with open(out + ".tmp", "w") as f:
-    json.dump({"command": command, "machine": f"{os.cpu_count()} CPU cores, "
-               f"{platform.processor() or platform.machine()}, JAX {jax.__version__} on "
-               f"{jax.default_backend()}", "rows": rows}, f, indent=2)
+    json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=2)
   os.replace(out + ".tmp", out)
   return out
 
@@ -95,6 +95,9 @@ def main(argv=None) -> int:
   parser.add_argument("--only", choices=("all", "cpu", "paper"), default="all")
   parser.add_argument("--methods", default="frepo,rfad", help="comma-separated: frepo, rfad")
   args = parser.parse_args(argv)
+  unknown = set(args.methods.split(",")) - {"frepo", "rfad"}
+  if unknown:
+    parser.error(f"unknown --methods {', '.join(sorted(unknown))}; choose frepo, rfad")
   print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}",
         flush=True)
   rows = []

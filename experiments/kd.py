@@ -194,8 +194,7 @@ def main(argv=None) -> int:
   report = run_kd(config, workdir)
   print(f"teacher classifier ({report['target']}): {100 * report['teacher_test_acc']:.2f}%")
   for r in report["rows"]:
-    print(f"student from {r['row']} inputs: {100 * r['test_acc_mean']:.2f} +- "
-          f"{100 * r['test_acc_std']:.2f}%")
+    print(f"student from {r['row']} inputs: {cli.percent(r['test_acc_mean'], r['test_acc_std'])}%")
   return 0
 
 

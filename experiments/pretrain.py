@@ -233,12 +233,13 @@ def main(argv=None) -> int:
   if not config.support:
     raise cli.UserError("--support is required: the KRR-ST set to evaluate")
   _rows(config)
-  inputs = {"support": config.support}
-  # Each row is a folder of its own: rows may be added or left out in the same workdir.
+  # Each row is a folder of its own: rows may be added or left out in the same workdir (a
+  # supervised set's file is an input too: another content at the same path is refused).
+  inputs = {"support": config.support} | {f"supervised:{r.split(':', 1)[1]}": r.split(":", 1)[1]
+                                          for r in _rows(config) if r.startswith("supervised:")}
   workdir = cli.prepare_workdir(
       config, "pretrain", [config.dataset], inputs=inputs,
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "memory_mb", "distributed", "rows",
-              "supervised"))
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "rows", "supervised"))
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = pretrain_and_transfer(config, workdir)
   print(format_table(report))

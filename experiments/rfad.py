@@ -89,7 +89,7 @@ def run_rfad(config: Config, workdir: str) -> dict:
                      target_chunk=config.target_chunk,
                      learn_labels=config.learn_labels)
   eval_features = random_features(data.num_classes, image_shape, width=config.width,
-                                  num_models=config.eval_models)
+                                  num_models=config.eval_models, chunk=config.target_chunk)
 
   def eval_kernel(key, x1, x2):
     return nngp_readout(eval_features(key, x1), eval_features(key, x2))
@@ -108,7 +108,10 @@ def run_rfad(config: Config, workdir: str) -> dict:
 
 def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__, presets=PRESETS)
-  workdir = cli.prepare_workdir(config, "rfad", [config.dataset, f"ipc{config.ipc}"])
+  workdir = cli.prepare_workdir(  # target_chunk changes memory only, not the numbers
+      config, "rfad", [config.dataset, f"ipc{config.ipc}"],
+      ignore=("workdir", "manual_dir", "data_dir", "progress", "steps", "eval_every", "memory_mb",
+              "distributed", "target_chunk"))
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_rfad(config, workdir)
   acc = result.get(f"rf_{result['split']}_acc", np.nan)

@@ -64,7 +64,8 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
   distilled: bool = f(True, "train the set's own row (--no-distilled: the baselines only, e.g. "
                             "the random row beside a set measured before; the set then gives "
-                            "the size and the preprocessing)")
+                            "the size and the preprocessing; transfer.json lists this call's "
+                            "rows, each row's own folder keeps its records)")
   eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
 
 

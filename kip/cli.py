@@ -240,9 +240,10 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
+    recorded = previous.get("inputs", {})
     changed = [k for k, digest in digests.items()
-               if previous.get("inputs", {}).get(k, digest)
-               not in (digest, _bytes_digest(inputs[k]))]
+               if recorded.get(k, digest) != digest
+               and recorded[k] != _bytes_digest(inputs[k])]  # recorded before: by its bytes
     if changed:
       raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
                       "changed since); use a new --workdir for this one")
@@ -271,16 +272,17 @@ _CREATED: list[str] = []  # workdirs this command created; removed again if it f
 def file_digest(path: str) -> str:
   """A digest of a file's content, or '' when it does not exist (reported elsewhere).
 
-  An `.npz` is digested by its arrays (names, dtypes, shapes, values: `npz:<sha256>`), so saving
-  the same arrays again (a finished run re-writes its output; zip entries carry the save time)
-  keeps its digest; any other file by its bytes (`<sha256>`)."""
+  An `.npz` is digested by its arrays (names, dtypes, shapes, values: `npz:<sha256>`) except
+  `config`, the record of the command line that wrote it, so saving the same set again (a
+  finished run re-writes its output, maybe from a command with other display or path flags; zip
+  entries carry the save time) keeps its digest; any other file by its bytes (`<sha256>`)."""
   if not os.path.isfile(path):
     return ""
   if path.endswith(".npz"):
     try:
       digest = hashlib.sha256()
       with np.load(path, allow_pickle=False) as data:
-        for name in sorted(data.files):
+        for name in sorted(set(data.files) - {"config"}):
           a = np.ascontiguousarray(data[name])
           digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
           digest.update(a.tobytes())
