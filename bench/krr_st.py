@@ -11,7 +11,7 @@ benchmark resumes where it stopped and finished parts are read back, not redone:
 Rows: no pre-training, a random real subset, the KRR-ST set (paper: counter reset), the KRR-ST set
 made with the official code's never-reset pool, and `--supervised` sets (e.g. FRePo's) and the
 teacher when asked; `--nets` repeats the table for other architectures (generalisation). Prints
-one table and writes bench/results/krr_st_<source>_<target>.json.
+one table and writes bench/results/krr_st_<source>_<target>[_<tag>].json.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
   parser.add_argument("--root", default="runs/bench")
   parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))
   parser.add_argument("--data-dir", default=os.path.join(ROOT, ".cache", "tfds"))
+  parser.add_argument("--tag", default="", help="suffix of the results file's name")
   parser.add_argument("--eval-args", default="", help="extra flags for experiments.pretrain")
   args = parser.parse_args(argv)
   data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
       [(str(r["size"]), str(r["labelled"]), r["row"], r["net"],
         cli.percent(r["probe_acc_mean"], r["probe_acc_std"]),
         cli.percent(r["finetune_acc_mean"], r["finetune_acc_std"])) for r in rows]))
-  out = os.path.join(ROOT, "bench", "results", f"krr_st_{args.source}_{args.target}.json")
+  tag = f"_{args.tag}" if args.tag else ""
+  out = os.path.join(ROOT, "bench", "results", f"krr_st_{args.source}_{args.target}{tag}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + ".tmp", "w") as f:
     json.dump({"command": " ".join(sys.argv), "teacher": teacher,
