@@ -239,11 +239,12 @@ class ResNet18(nn.Module):
 
 def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
              parameterization: str = "standard", image_shape: tuple[int, int, int] | None = None,
-             dc_padding: bool = False) -> nn.Module:
+             dc_padding: bool = False, depth: int = 3) -> nn.Module:
   """The network `name` (one of `NETS`).
 
   Args:
     width: channels (convnets; the first stage of resnet18) or hidden units (mlp).
+    depth: conv blocks of `convnet` / `convnet3` (e.g. ConvNet-7 for 224x224 images).
     norm: one of `NORMS` (ignored by mlp).
     image_shape: (H, W, C) of the inputs, needed only with `dc_padding`.
     dc_padding: pad the first conv of a ConvNet by 3 on 28x28x1 images, as the DC ConvNet does.
@@ -267,7 +268,7 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
                    width_growth=2)
   if name in ("convnet", "convnet3"):
     first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
-    return ConvNet(num_classes, width=width, extra_conv=name == "convnet", norm=norm,
+    return ConvNet(num_classes, width=width, depth=depth, extra_conv=name == "convnet", norm=norm,
                    parameterization=parameterization, first_padding=first_padding)
   if name == "mlp":
     return MLP(num_classes, width=width, parameterization=parameterization)

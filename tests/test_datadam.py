@@ -1,0 +1,108 @@
+"""DataDAM and DM: the attention map and both losses against NumPy on the step's own network, the
+class grouping, and a resumed run equal to an uninterrupted one in the loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_resumed_equals_straight
+
+from kip.loop import LoopConfig, run
+from kip.method import Batch, init_state, make_sampler
+from kip.nets import make_net
+from methods.datadam import attention_map, class_grouped, make_datadam
+from methods.dm import make_dm
+
+RNG = np.random.default_rng(0)
+SHAPE, CLASSES, IPC, REAL = (8, 8, 1), 3, 2, 5
+X = RNG.normal(size=(60, *SHAPE)).astype(np.float32)
+LABELS = np.arange(60) % CLASSES
+Y = (np.eye(CLASSES)[LABELS] - 1 / CLASSES).astype(np.float32)
+
+
+def test_attention_map_is_the_normalised_channel_sum_of_powers():
+  f = RNG.normal(size=(2, 3, 4, 5))
+  for p in (1.0, 4.0):
+    a = (np.abs(f) ** p).sum(-1).reshape(2, 12)
+    expected = a / np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(attention_map(jnp.asarray(f, jnp.float32), p), expected,
+                               rtol=1e-5)
+  assert np.all(np.asarray(attention_map(jnp.zeros((1, 2, 2, 3)), 4.0)) == 0)
+
+
+def _numpy_loss(norm, x_syn, y_syn, x_real, y_real, key, power, w_att, w_emb):
+  """The loss in float64 NumPy from the activations of the step's network (drawn from the same
+  key), each class's real and synthetic images passed separately (their own batch statistics)."""
+  net = make_net("convnet3", CLASSES, width=4, norm=norm, image_shape=SHAPE, dc_padding=True)
+  variables = net.init(jax.random.split(key)[0], jnp.zeros((1, *SHAPE)), train=False)
+
+  def forward(x):
+    e, col = net.apply(variables, jnp.asarray(x), train=True, features=True,
+                       mutable=["intermediates", "batch_stats"])
+    blocks = [np.asarray(col["intermediates"][f"block_{i}"][0], np.float64) for i in range(2)]
+    maps = []
+    for f in blocks:
+      a = (np.abs(f) ** power).sum(-1).reshape(len(f), -1)
+      maps.append(a / np.linalg.norm(a, axis=1, keepdims=True))
+    return maps, np.asarray(e, np.float64)
+
+  total = 0.0
+  for c in range(CLASSES):
+    maps_r, e_r = forward(x_real[y_real.argmax(1) == c])
+    maps_s, e_s = forward(x_syn[y_syn.argmax(1) == c])
+    att = sum(((a.mean(0) - b.mean(0)) ** 2).sum() for a, b in zip(maps_r, maps_s, strict=True))
+    total += w_att * att + w_emb * ((e_r.mean(0) - e_s.mean(0)) ** 2).sum()
+  return total
+
+
+@pytest.mark.parametrize("power", [1.0, 4.0])
+def test_datadam_loss_matches_numpy_on_the_steps_network(power):
+  method = make_datadam(num_classes=CLASSES, image_shape=SHAPE, width=4, power=power,
+                        real_per_class=REAL, augment="")
+  # The support arrives class-interleaved and the real batch shuffled: both are regrouped.
+  state = init_state(method, jax.random.key(0), X[:IPC * CLASSES], Y[:IPC * CLASSES])
+  perm = RNG.permutation(REAL * CLASSES)
+  x_real, y_real = X[30:30 + REAL * CLASSES][perm], Y[30:30 + REAL * CLASSES][perm]
+  key = jax.random.key(5)
+  expected = _numpy_loss("batch", X[:6], Y[:6], x_real, y_real, key, power, 100.0, 1.0)
+  x_before = np.asarray(state.x)
+  state, metrics = method.update(state, Batch(x_real, y_real), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  # SGD's first step (momentum 0.5 has no history yet): x - lr * grad moved the images.
+  assert not np.allclose(np.asarray(state.x), x_before)
+
+
+def test_dm_loss_is_the_embedding_term_alone_with_instance_norm():
+  method = make_dm(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
+                   augment="")
+  state = init_state(method, jax.random.key(0), X[:6], Y[:6])
+  key = jax.random.key(6)
+  x_real, y_real = X[30:45], Y[30:45]
+  expected = _numpy_loss("instance", X[:6], Y[:6], x_real, y_real, key, 4.0, 0.0, 1.0)
+  _, metrics = method.update(state, Batch(x_real, y_real), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  assert float(metrics["attention_loss"]) > 0  # measured, but weighted 0
+
+
+def test_the_support_is_grouped_by_class_and_must_be_balanced():
+  x, y = class_grouped(X[:6], Y[:6])
+  assert list(y.argmax(1)) == [0, 0, 1, 1, 2, 2]
+  np.testing.assert_array_equal(x[1], X[3])  # class 0's second image, stable order
+  with pytest.raises(ValueError, match="same number of synthetic images per class"):
+    class_grouped(X[:5], Y[:5])
+
+
+@pytest.mark.parametrize("make, augment", [(make_datadam, "color_crop_cutout_flip_scale_rotate"),
+                                            (make_dm, "")])  # DSA compiles slowly: once
+def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augment):
+  method = make(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
+                augment=augment)
+  config = LoopConfig(steps=6, eval_every=0, checkpoint_every=2, seed=4)
+
+  def go(folder, m):
+    return run(m, workdir=str(tmp_path / folder), config=config,
+               sampler=make_sampler(m.data, X, LABELS, Y, seed=4), x_init=X[:6], y_init=Y[:6],
+               log=lambda _: None, progress=False)
+
+  straight, _ = assert_resumed_equals_straight(go, method, after=3)
+  assert not np.allclose(np.asarray(straight.state.x), class_grouped(X[:6], Y[:6])[0])
