@@ -27,12 +27,14 @@ from kip.kernels import KERNEL_TYPES, KERNELS, Kernel, make_kernel, no_params
 from kip.krr import DEFAULT_REG, evaluate
 from kip.loop import Evaluator, LoopConfig, RunResult, run
 from kip.method import Method, make_sampler
+from kip.nets import make_net
 from kip.sharding import shard_feature_kernel, shard_kernel
+from kip.train import PROTOCOLS, train_and_evaluate
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
            "log_kernel_layouts", "PREPROCESSING", "PreprocessConfig", "SetPreprocessConfig",
-           "preprocessing_of", "held_out_split", "selecting_loop_config"]
+           "preprocessing_of", "held_out_split", "selecting_loop_config", "finite_evaluator"]
 
 
 class Data(NamedTuple):
@@ -233,6 +235,30 @@ def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None 
     if not prefix:
       return result
     return {f"{prefix}_{split}_{k[len('test_'):]}": v for k, v in result.items()}
+
+  return Evaluator(name, fn, every)
+
+
+def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps: int = 300,
+                     seeds: tuple[int, ...] = (0,), net: str = "", width: int = 0,
+                     dataset: str = "", split: str = "test", every: int | None = None,
+                     name: str = "finite") -> Evaluator:
+  """An evaluator: fresh networks trained on the method's exported set under a named transfer
+  protocol (`kip.train.PROTOCOLS`, shortened to `steps`), tested on the held-out split; reports
+  `<name>_<split>_acc` (the mean over `seeds`). For methods with no kernel to evaluate with (DM,
+  DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job."""
+  chosen = PROTOCOLS[protocol]
+  model = make_net(net or chosen.net, data.num_classes, width=width or chosen.width,
+                   norm=chosen.norm, image_shape=data.x_train.shape[1:],
+                   dc_padding=chosen.dc_padding)
+
+  def fn(state):
+    arrays = method.export(state)
+    result = train_and_evaluate(model, chosen, np.asarray(arrays["images"]),
+                                np.asarray(arrays["labels"]), data.x_test, data.labels_test,
+                                seeds=seeds, steps=steps, dataset=dataset, progress=False,
+                                log=lambda _: None)
+    return {f"{name}_{split}_acc": float(np.mean(result.test_acc))}
 
   return Evaluator(name, fn, every)
 

@@ -100,8 +100,10 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
       x_real, x_syn = dsa(key, x_real, augment), dsa(key, x_syn, augment)
     maps_real, e_real = embed(variables, x_real)
     maps_syn, e_syn = embed(variables, x_syn)
-    att = sum(jnp.sum((a.mean(0) - b.mean(0)) ** 2)
-              for a, b in zip(maps_real, maps_syn, strict=True))
+    att = jnp.zeros(())  # DM: no attention term, none computed
+    if attention_weight:
+      att = sum(jnp.sum((a.mean(0) - b.mean(0)) ** 2)
+                for a, b in zip(maps_real, maps_syn, strict=True))
     mmd = jnp.sum((e_real.mean(0) - e_syn.mean(0)) ** 2)
     return attention_weight * att + embedding_weight * mmd, (att, mmd)
 
