@@ -8,6 +8,7 @@ with one line saying what to do.
 import os
 import pathlib
 import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -68,6 +69,35 @@ def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = No
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **(env or {}))
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+class InProcessResult(NamedTuple):
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+@pytest.fixture
+def run_in_process(capsys, monkeypatch):
+  """`run_cli` for commands that fail before any work (bad flags, bad paths): `python -m module
+  args` run in this process through the command's own `cli.run_main`, which spares the start-up
+  of a new interpreter (seconds per call). Returns (returncode, stdout, stderr)."""
+  import importlib
+
+  from kip import cli
+
+  def run(module: str, *args: str) -> InProcessResult:
+    main = importlib.import_module(module).main
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+      cli.run_main(main)
+    out = capsys.readouterr()
+    code = exit_.value.code
+    return InProcessResult(code if isinstance(code, int) else 1, out.out, out.err)
+
+  return run
 
 
 class Interrupt(Exception):

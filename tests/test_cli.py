@@ -103,9 +103,10 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
     ("experiments.evaluate", ["--support", "x.npz", "--zca", "yes", "--preprocess", "standard"],
      "--zca yes means --preprocess kip_zca"),
 ])
-def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, message):
-  out = run_cli(module, *args, "--workdir", str(tmp_path / "w")) if module != \
-      "experiments.evaluate" else run_cli(module, *args)
+def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, run_in_process, module, args,
+                                                  message):
+  out = run_in_process(module, *args, "--workdir", str(tmp_path / "w")) if module != \
+      "experiments.evaluate" else run_in_process(module, *args)
   assert out.returncode == 2
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and message in lines[0], out.stderr
@@ -114,13 +115,13 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, module, args, messag
 
 @pytest.mark.parametrize("module", ["experiments.kip", "experiments.label_solve",
                                     "experiments.transfer", "experiments.frepo"])
-def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, module):
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, run_in_process, module):
   blocker = tmp_path / "file"
   blocker.write_text("x")
   for workdir, message in ((blocker, "is a file, not a folder"),
                            (blocker / "run", "which is a file")):
-    out = run_cli(module, "--workdir", str(workdir), "--support", "s.npz") if \
-        module == "experiments.transfer" else run_cli(module, "--workdir", str(workdir))
+    out = run_in_process(module, "--workdir", str(workdir), "--support", "s.npz") if \
+        module == "experiments.transfer" else run_in_process(module, "--workdir", str(workdir))
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
 

@@ -135,11 +135,19 @@ def worker_env(devices: int, **extra) -> dict:
 WORKER = [sys.executable, str(ROOT / "tests" / "sharding_worker.py")]
 
 
-def run_worker(devices: int, out: pathlib.Path) -> dict:
-  result = subprocess.run([*WORKER, str(out)], env=worker_env(devices), capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+def start_worker(devices: int, out: pathlib.Path) -> subprocess.Popen:
+  return subprocess.Popen([*WORKER, str(out)], env=worker_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish_worker(process: subprocess.Popen, out: pathlib.Path) -> dict:
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr[-3000:]
   return dict(np.load(out))
+
+
+def run_worker(devices: int, out: pathlib.Path) -> dict:
+  return finish_worker(start_worker(devices, out), out)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +171,10 @@ def test_same_numbers_on_1_2_and_4_devices(tmp_path, one_device):
     losses = one_device[f"{arch}/losses"]
     assert losses[-1] < losses[0]  # the steps did something
     assert not np.allclose(one_device[f"{arch}/label_solve"], 0)
-  for devices in (2, 4):
-    results = run_worker(devices, tmp_path / f"{devices}.npz")
+  # Both workers at once: much of each is single-threaded (imports, compilation).
+  workers = {d: start_worker(d, tmp_path / f"{d}.npz") for d in (2, 4)}
+  for devices, process in workers.items():
+    results = finish_worker(process, tmp_path / f"{devices}.npz")
     assert int(results["devices"]) == devices
     assert_same_numbers(results, one_device)
 
