@@ -32,6 +32,7 @@ from kip.augment import DSA_STRATEGY
 from kip.nets import NORMS
 from kip.pipeline import (
   PreprocessConfig,
+  SelectionConfig,
   distill,
   finite_evaluator,
   held_out_split,
@@ -52,7 +53,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class MatchConfig(cli.RunConfig, PreprocessConfig, cli.DataConfig):
+class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
   """The flags DataDAM and DM share."""
 
   preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU), paper (the official code's) or "
@@ -70,13 +71,6 @@ class MatchConfig(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   init: str = f("real", "initial synthetic images", choices=("real", "noise"))
   eval_every: int = f(250, "steps between finite-net evaluations (0: at the end)", minimum=0)
   eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
-  checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
-                            minimum=1)
-  patience: int = f(0, "with --val-size: stop once the validation accuracy has not improved for "
-                       "this many steps (0: never); distilled_best.npz keeps the best set",
-                    minimum=0)
-  val_size: int = f(0, "hold out this many training images and evaluate on them instead of test",
-                    minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 from kip import cli
 from kip.pipeline import (
   PreprocessConfig,
+  SelectionConfig,
   distill,
   held_out_split,
   initial_support,
@@ -46,7 +47,7 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
+class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
   preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a GPU)",
                   choices=tuple(PRESETS))
   ipc: int = f(10, "support images per class", minimum=1)
@@ -64,13 +65,6 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   init: str = f("real", "initial support images", choices=("real", "noise"))
   eval_models: int = f(4, "random nets (fixed seed) of the KRR evaluation", minimum=1)
   eval_every: int = f(100, "steps between KRR evaluations (0: at the end)", minimum=0)
-  checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
-                            minimum=1)
-  patience: int = f(0, "with --val-size: stop once the validation accuracy has not improved for "
-                      "this many steps (0: never); distilled_best.npz keeps the best set",
-                    minimum=0)
-  val_size: int = f(0, "hold out this many training images and evaluate on them instead of test "
-                       "(RFAD: 500 per class)", minimum=0)
 
 
 def run_rfad(config: Config, workdir: str) -> dict:

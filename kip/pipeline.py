@@ -34,7 +34,8 @@ from kip.train import PROTOCOLS, train_and_evaluate
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
            "log_kernel_layouts", "PREPROCESSING", "PreprocessConfig", "SetPreprocessConfig",
-           "preprocessing_of", "held_out_split", "selecting_loop_config", "finite_evaluator"]
+           "preprocessing_of", "held_out_split", "selecting_loop_config", "finite_evaluator",
+           "SelectionConfig"]
 
 
 class Data(NamedTuple):
@@ -266,6 +267,20 @@ def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps:
 def held_out_split(val_size: int) -> str:
   """The name of the split `prepare_data(val_size=...)` evaluates on."""
   return "validation" if val_size else "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+  """Checkpoint cadence and the validation split that picks the best set (with `--patience`),
+  for the commands whose loop runs through `selecting_loop_config` (frepo, rfad, datadam, dm)."""
+
+  checkpoint_every: int = cli.field(100, "steps between checkpoints (and distilled.npz updates)",
+                                    minimum=1)
+  patience: int = cli.field(0, "with --val-size: stop once the validation accuracy has not "
+                               "improved for this many steps (0: never); distilled_best.npz "
+                               "keeps the best set", minimum=0)
+  val_size: int = cli.field(0, "hold out this many training images and evaluate on them instead "
+                               "of test", minimum=0)
 
 
 def selecting_loop_config(config, select_metric: str) -> LoopConfig:
