@@ -9,7 +9,10 @@ synthetic images of every class. Presets:
 - `paper`: the official code's settings (width 128, 64 real per class, 20,000 steps, attention x
   100, MMD x 100 x 0.01, images by SGD lr 1, momentum 0.5);
 - `report`: the settings of the report that ran DataDAM on MNIST (ANCHORS.md, "seed settings":
-  width 128, 256 real per class, image lr 0.1, lambda 0.01, K 100 x T 10 = 1,000 steps).
+  width 128, 256 real per class, image lr 0.1, lambda 0.01, K 100 x T 10 = 1,000 steps);
+- `report_mhist`: the same report on MHIST (`--dataset mhist --manual-dir DIR`, the folder as
+  published): ConvNet-7 width 32, 50 images per class, 128 real per class, K 200 x T 10 = 2,000
+  steps.
 
 `--power` is p of the attention |f|^p: 4 as the paper's hyperparameter table (the default), 1 as
 its code; `--norm batch` (the code's and the maintainers' choice) or `instance` (the paper's).
@@ -29,7 +32,7 @@ import numpy as np
 
 from kip import cli
 from kip.augment import DSA_STRATEGY
-from kip.nets import NORMS
+from kip.nets import NORMS, default_depth
 from kip.pipeline import (
   PreprocessConfig,
   SelectionConfig,
@@ -45,10 +48,12 @@ from methods.datadam import make_matching
 f = cli.field
 
 PRESETS = {
-    "cpu": {"width": 32, "real_per_class": 32, "steps": 1000},
+    "cpu": {"width": 32, "real_per_class": 32, "steps": 1000, "eval_width": 32},
     "paper": {"width": 128, "real_per_class": 64, "steps": 20_000, "eval_every": 2000,
               "checkpoint_every": 500},
     "report": {"width": 128, "real_per_class": 256, "steps": 1000, "lr": 0.1},
+    "report_mhist": {"width": 32, "depth": 7, "ipc": 50, "real_per_class": 128, "steps": 2000,
+                     "lr": 0.1},
 }
 
 
@@ -57,13 +62,15 @@ class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConf
   """The flags DataDAM and DM share."""
 
   preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU), paper (the official code's) or "
-                         "report (the MNIST report's seed settings)", choices=tuple(PRESETS))
+                         "report / report_mhist (the seed settings of the report on MNIST / "
+                         "MHIST)", choices=tuple(PRESETS))
   ipc: int = f(10, "synthetic images per class", minimum=1)
   steps: int = f(1000, "matching steps (a fresh network each)", minimum=0)
   lr: float = f(1.0, "SGD learning rate of the images", above=0)
   momentum: float = f(0.5, "SGD momentum of the images", minimum=0)
   width: int = f(32, "ConvNet-3 channels", minimum=1)
-  depth: int = f(3, "ConvNet blocks (7 for 224x224 MHIST, as the report)", minimum=1)
+  depth: int = f(0, "ConvNet blocks of the matching and evaluation nets (0: by image size, 3 up "
+                    "to 32 pixels, 7 for 224x224 MHIST as the report)", minimum=0)
   norm: str = f("batch", "the drawn ConvNet's normalisation (batch: the code; instance: the "
                          "paper)", choices=NORMS)
   real_per_class: int = f(32, "real images per class per step", minimum=1)
@@ -71,6 +78,8 @@ class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConf
   init: str = f("real", "initial synthetic images", choices=("real", "noise"))
   eval_every: int = f(250, "steps between finite-net evaluations (0: at the end)", minimum=0)
   eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
+  eval_width: int = f(0, "channels of the evaluation's ConvNet (0: the dc protocol's 128)",
+                      minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,26 +105,29 @@ def run_matching(config: MatchConfig, workdir: str, method_name: str, *,
           f"{data.preprocessor.name}")
   image_shape = data.x_train.shape[1:]
   x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  depth = config.depth or default_depth(image_shape)
   method = make_matching(num_classes=data.num_classes, image_shape=image_shape,
-                         width=config.width, depth=config.depth, norm=config.norm,
+                         width=config.width, depth=depth, norm=config.norm,
                          attention_weight=attention_weight, embedding_weight=embedding_weight,
                          power=power, lr=config.lr, momentum=config.momentum,
                          real_per_class=config.real_per_class,
                          augment="" if config.augment == "none" else config.augment)
   finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
-                            seeds=(config.seed,), dataset=config.dataset, split=split)
+                            seeds=(config.seed,), width=config.eval_width, depth=depth,
+                            dataset=config.dataset, split=split)
   meta = {"method": method_name, "dataset": config.dataset, "seed": config.seed,
           "ipc": config.ipc, "config": dataclasses.asdict(config)}
   result = distill(method, data, workdir=workdir,
                    loop_config=selecting_loop_config(config, f"finite_{split}_acc"),
                    x_init=x_init, y_init=y_init, meta=meta, evaluators=[finite], log=cli.log,
                    progress=config.progress)
-  return result.evals | {"split": split}
+  return result.evals | {"split": split, "depth": depth}
 
 
 def report(result: dict, workdir: str) -> None:
   acc = result.get(f"finite_{result['split']}_acc", np.nan)
-  cli.report(f"ConvNet-3 trained on the set ({result['split']}): {100 * acc:.2f}%; distilled "
+  cli.report(f"ConvNet-{result['depth']} trained on the set ({result['split']}): "
+             f"{100 * acc:.2f}%; distilled "
              f"set: {os.path.join(workdir, 'distilled.npz')}")
 
 

@@ -19,7 +19,7 @@ from kip.nets import NORMS
 f = cli.field
 
 PRESETS = {
-    "cpu": {"width": 32, "real_per_class": 64, "steps": 1000},
+    "cpu": {"width": 32, "real_per_class": 64, "steps": 1000, "eval_width": 32},
     "paper": {"width": 128, "real_per_class": 256, "steps": 20_000, "eval_every": 2000,
               "checkpoint_every": 500},
 }

@@ -112,7 +112,9 @@ def train_teacher(config: Config, workdir: str) -> dict:
       optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
       warmup_steps=round(config.warmup_epochs * len(data.x_train) / config.batch),
       views=config.views, min_scale=config.min_scale)
-  record = dataclasses.asdict(config) | {"image_shape": list(image_shape),
+  # Only what makes the teacher: paths and display flags would change the file's bytes (and so
+  # its digest in the runs made from it) each time a finished run is resumed from elsewhere.
+  record = config.teacher_settings() | {"image_shape": list(image_shape),
                                          "preprocessing": "standardize",
                                          "mean": data.preprocessor.mean.tolist(),
                                          "std": data.preprocessor.std.tolist()}

@@ -24,7 +24,7 @@ import numpy as np
 from kip import cli
 from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import load_distilled, write_json
-from kip.nets import NETS, NORMS, PARAMETERIZATIONS, make_net
+from kip.nets import NETS, NORMS, PARAMETERIZATIONS, default_depth, make_net
 from kip.pipeline import SetPreprocessConfig, data_for_set
 from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
 
@@ -54,6 +54,8 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                     "1000 with augmentation)")
   full_steps: int = f(2000, "step budget of the full-training-set baseline")
   width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)")
+  depth: int = f(0, "conv blocks of convnet/convnet3 (0: by image size, 3 up to 32 pixels, 7 "
+                    "for 224x224 MHIST)", minimum=0)
   norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
                 choices=("auto", *NORMS))
   parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
@@ -107,13 +109,15 @@ def transfer(config: Config, workdir: str) -> dict:
   protocol = PROTOCOLS[config.protocol]
   net_name, width, norm = _net_settings(config)
   image_shape = distilled.images.shape[1:]
+  depth = config.depth or default_depth(image_shape)
   net = make_net(net_name, data.num_classes, width=width, norm=norm,
                  parameterization=config.parameterization, image_shape=image_shape,
-                 dc_padding=protocol.dc_padding)
+                 dc_padding=protocol.dc_padding, depth=depth)
   seeds = [config.seed + i for i in range(config.seeds)]
   n_support = len(distilled.images)
   cli.log(f"{config.support}: {n_support} images; test split: {len(data.x_test)} images, "
-          f"{data.preprocessor.name}; net {net_name} (width {width}, norm {norm}, "
+          f"{data.preprocessor.name}; net {net_name} (width {width}, "
+          f"{f'depth {depth}, ' if net_name.startswith('convnet') else ''}norm {norm}, "
           f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
   augment = None if config.augment == "auto" else config.augment
   results = []

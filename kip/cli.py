@@ -66,9 +66,10 @@ def _check_ranges(config) -> None:
 # Shared config groups: a job's config inherits the ones it uses, so every flag is defined once.
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = field("mnist", "tfds dataset", choices=tuple(DATASETS))
-  manual_dir: str = field("", "offline: folder with <dataset>/ raw tfds files (or "
-                              "$KIP_MANUAL_DIR)")
+  dataset: str = field("mnist", "dataset (tfds name; mhist is read from --manual-dir)",
+                       choices=tuple(DATASETS))
+  manual_dir: str = field("", "offline: folder with <dataset>/ raw tfds files, or mhist/ "
+                              "as published (or $KIP_MANUAL_DIR)")
   data_dir: str = field("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Preprocessor",
     "load_dataset",
     "prepare_dataset",
+    "load_mhist",
     "fit_preprocessor",
     "one_hot",
     "centered_one_hot",
@@ -48,7 +49,10 @@ DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
     "cifar10": ((32, 32, 3), 10),
     "cifar100": ((32, 32, 3), 100),
     "svhn_cropped": ((32, 32, 3), 10),
+    "mhist": ((224, 224, 3), 2),  # not in tfds: read from its published folder (`load_mhist`)
 }
+# Datasets read from a folder in their own published layout under `manual_dir/<name>/`.
+FOLDER_DATASETS = ("mhist",)
 
 MANUAL_DIR_ENV = "KIP_MANUAL_DIR"
 DATA_DIR_ENV = "KIP_DATA_DIR"
@@ -82,6 +86,8 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
   `manual_dir`, or when there is neither a manual dir nor a network connection.
   """
   check_dataset(name)
+  if name in FOLDER_DATASETS:
+    raise DataError(f"{name} is not a tfds dataset; load it with load_dataset")
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
   manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None
   tfds = _import_tfds()
@@ -127,10 +133,11 @@ def load_dataset(
     val_size: int = 0,
     seed: int = 0,
 ) -> dict[str, Split]:
-  """Loads `train`, `validation` and `test` splits of a tfds image-classification dataset.
+  """Loads `train`, `validation` and `test` splits of an image-classification dataset.
 
   Args:
-    name: a tfds name from `DATASETS`.
+    name: a name from `DATASETS`: a tfds dataset, or one of FOLDER_DATASETS (MHIST), read from
+      `manual_dir/<name>/` in its published layout.
     data_dir: where tfds keeps prepared datasets (default: `$KIP_DATA_DIR`, else tfds' default).
     manual_dir: a folder with one subfolder per dataset holding the raw files of tfds' download, for
       building offline (default: `$KIP_MANUAL_DIR`; None or "" with neither set: tfds downloads).
@@ -142,12 +149,16 @@ def load_dataset(
   Returns:
     {"train", "validation", "test"} -> Split with uint8 images in NHWC.
   """
-  builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
-  tfds = _import_tfds()
-  splits = {}
-  for split in ("train", "test"):
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    splits[split] = Split(arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32))
+  check_dataset(name)
+  if name in FOLDER_DATASETS:
+    splits = load_mhist(_dataset_folder(name, manual_dir))
+  else:
+    builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
+    tfds = _import_tfds()
+    splits = {}
+    for split in ("train", "test"):
+      arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+      splits[split] = Split(arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32))
   train = splits["train"]
   if val_size < 0 or val_size >= len(train.labels):
     raise DataError(f"val_size must be in [0, {len(train.labels)}), got {val_size}")
@@ -158,6 +169,80 @@ def load_dataset(
   splits["validation"] = Split(train.images[val_idx], train.labels[val_idx])
   splits["train"] = Split(train.images[keep], train.labels[keep])
   return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder datasets
+
+MHIST_URL = "https://bmirds.github.io/MHIST/"
+MHIST_CLASSES = ("HP", "SSA")  # label ids 0, 1: hyperplastic polyp, sessile serrated adenoma
+_MHIST_COLUMNS = ("Image Name", "Majority Vote Label", "Partition")
+
+
+def _dataset_folder(name: str, manual_dir: str | None) -> str:
+  """`manual_dir/<name>/`, or `manual_dir` itself when it is the dataset's folder."""
+  manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None
+  if manual_dir is None:
+    raise DataError(f"{name} is not in tensorflow-datasets: download it from {MHIST_URL} and "
+                    f"pass --manual-dir DIR with its annotations.csv and images/ in DIR/{name}/")
+  folder = os.path.join(manual_dir, name)
+  if not os.path.isdir(folder) and os.path.isfile(os.path.join(manual_dir, "annotations.csv")):
+    folder = manual_dir
+  return folder
+
+
+def load_mhist(folder: str) -> dict[str, Split]:
+  """Reads MHIST in its published layout: `folder/annotations.csv` (columns `Image Name`,
+  `Majority Vote Label` HP or SSA, `Partition` train or test; others ignored) and the 224 x 224
+  RGB images it names in `folder/images/`. Returns {"train", "test"} -> Split in the csv's order,
+  labels HP = 0, SSA = 1. Anything missing or malformed is one DataError line naming the file."""
+  import csv  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415  (a dependency of matplotlib)
+
+  csv_path = os.path.join(folder, "annotations.csv")
+  if not os.path.isfile(csv_path):
+    raise DataError(f"MHIST needs {csv_path} (and the images in {folder}/images/); download it "
+                    f"from {MHIST_URL}")
+  image_dir = os.path.join(folder, "images")
+  if not os.path.isdir(image_dir):
+    hint = " (unzip images.zip there)" if os.path.isfile(image_dir + ".zip") else ""
+    raise DataError(f"MHIST needs its images in {image_dir}/{hint}")
+  try:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+      rows = list(csv.DictReader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(f"{csv_path} is not a readable csv file ({e})") from e
+  header = {k.strip() for k in (rows[0].keys() if rows else []) if k is not None}
+  missing = [c for c in _MHIST_COLUMNS if c not in header]
+  if not rows or missing:
+    raise DataError(f"{csv_path} lacks the column(s) {', '.join(missing) or '(no rows)'}")
+  shape = DATASETS["mhist"][0]
+  images = {"train": [], "test": []}
+  labels = {"train": [], "test": []}
+  for line, row in enumerate(rows, start=2):
+    row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    where = f"{csv_path} line {line}"
+    label, partition = row["Majority Vote Label"], row["Partition"].lower()
+    if label not in MHIST_CLASSES:
+      raise DataError(f"{where}: label {label!r} is not one of {', '.join(MHIST_CLASSES)}")
+    if partition not in images:
+      raise DataError(f"{where}: partition {row['Partition']!r} is not train or test")
+    path = os.path.join(image_dir, row["Image Name"])
+    try:
+      with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), np.uint8)
+    except (OSError, ValueError) as e:
+      raise DataError(f"{where}: cannot read image {path} ({e})") from e
+    if array.shape != shape:
+      raise DataError(f"{where}: {path} is {'x'.join(map(str, array.shape))}, MHIST images are "
+                      f"{'x'.join(map(str, shape))}")
+    images[partition].append(array)
+    labels[partition].append(MHIST_CLASSES.index(label))
+  for partition in images:
+    if not images[partition]:
+      raise DataError(f"{csv_path} has no {partition} images")
+  return {k: Split(np.stack(images[k]), np.asarray(labels[k], np.int32)) for k in images}
 
 
 def _download_error(name: str, builder, reason: str) -> DataError:

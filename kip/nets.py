@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
-           "make_net", "count_params"]
+           "make_net", "default_depth", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
 NETS = ("convnet", "convnet3", "frepo_convnet", "krr_st_convnet", "mlp", "resnet18")
@@ -275,6 +275,14 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
   if name == "resnet18":
     return ResNet18(num_classes, width=width, norm=norm, parameterization=parameterization)
   raise ValueError(f"unknown net {name!r}; choose one of {', '.join(NETS)}")
+
+
+def default_depth(image_shape: tuple[int, ...]) -> int:
+  """ConvNet blocks for images of `image_shape` (H, W, C): 3 up to 32 pixels (the DC family's
+  ConvNet-3); beyond, enough 2x2 poolings to bring the side to 2 or less: 5 at 64, 6 at 128, 7 at
+  224 (MHIST's ConvNet-7, as the report that ran DataDAM on it)."""
+  side = max(image_shape[:2])
+  return 3 if side <= 32 else math.ceil(math.log2(side / 2))
 
 
 def count_params(params) -> int:

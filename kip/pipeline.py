@@ -27,7 +27,7 @@ from kip.kernels import KERNEL_TYPES, KERNELS, Kernel, make_kernel, no_params
 from kip.krr import DEFAULT_REG, evaluate
 from kip.loop import Evaluator, LoopConfig, RunResult, run
 from kip.method import Method, make_sampler
-from kip.nets import make_net
+from kip.nets import default_depth, make_net
 from kip.sharding import shard_feature_kernel, shard_kernel
 from kip.train import PROTOCOLS, train_and_evaluate
 
@@ -242,16 +242,18 @@ def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None 
 
 def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps: int = 300,
                      seeds: tuple[int, ...] = (0,), net: str = "", width: int = 0,
-                     dataset: str = "", split: str = "test", every: int | None = None,
-                     name: str = "finite") -> Evaluator:
+                     depth: int = 0, dataset: str = "", split: str = "test",
+                     every: int | None = None, name: str = "finite") -> Evaluator:
   """An evaluator: fresh networks trained on the method's exported set under a named transfer
   protocol (`kip.train.PROTOCOLS`, shortened to `steps`), tested on the held-out split; reports
   `<name>_<split>_acc` (the mean over `seeds`). For methods with no kernel to evaluate with (DM,
-  DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job."""
+  DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job. `width`
+  and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images."""
   chosen = PROTOCOLS[protocol]
+  image_shape = data.x_train.shape[1:]
   model = make_net(net or chosen.net, data.num_classes, width=width or chosen.width,
-                   norm=chosen.norm, image_shape=data.x_train.shape[1:],
-                   dc_padding=chosen.dc_padding)
+                   norm=chosen.norm, image_shape=image_shape, dc_padding=chosen.dc_padding,
+                   depth=depth or default_depth(image_shape))
 
   def fn(state):
     arrays = method.export(state)

@@ -10,7 +10,9 @@ import pathlib
 import sys
 from typing import NamedTuple
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -136,3 +138,21 @@ def assert_resumed_equals_straight(go, method, after: int):
   for a, b in zip(leaves(straight.state), leaves(resumed.state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   return straight, resumed
+
+
+def make_mhist_folder(root, rows, size=(224, 224)):
+  """A folder in MHIST's published layout: annotations.csv + images/<name>.png, random pixels."""
+  rng = np.random.default_rng(0)
+  folder = root / "mhist"
+  (folder / "images").mkdir(parents=True)
+  lines = ["Image Name,Majority Vote Label,Number of Annotators who Selected SSA (Out of 7),"
+           "Partition"]
+  pixels = {}
+  for i, (label, partition) in enumerate(rows):
+    name = f"MHIST_{i:03d}.png"
+    pixels[name] = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels[name]).save(folder / "images" / name)
+    lines.append(f"{name},{label},{3 if label == 'SSA' else 1},{partition}")
+  (folder / "annotations.csv").write_text("\n".join(lines) + "\n")
+  return folder, pixels
+

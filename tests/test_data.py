@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, make_mhist_folder
 
 import kip.data
 from kip.data import (
@@ -257,3 +257,55 @@ def test_class_balanced_sampling_is_seeded_and_balanced():
   assert np.array_equal(batch, sample_target_batch(labels, 53, seed=0, step=4, num_classes=10))
   assert not np.array_equal(batch, sample_target_batch(labels, 53, seed=0, step=5,
                                                        num_classes=10))
+
+
+def test_mhist_loads_from_its_published_folder_layout(tmp_path):
+  rows = [("HP", "train"), ("SSA", "test"), ("SSA", "train"), ("HP", "train"), ("HP", "test"),
+          ("SSA", "train")]
+  folder, pixels = make_mhist_folder(tmp_path, rows)
+  splits = load_dataset("mhist", manual_dir=str(tmp_path), val_size=2, seed=0)
+  train, val, test = splits["train"], splits["validation"], splits["test"]
+  assert test.images.shape == (2, 224, 224, 3) and test.images.dtype == np.uint8
+  np.testing.assert_array_equal(test.images[0], pixels["MHIST_001.png"])
+  np.testing.assert_array_equal(test.images[1], pixels["MHIST_004.png"])
+  assert test.labels.tolist() == [1, 0]  # HP = 0, SSA = 1
+  # Train (csv order 0, 2, 3, 5) minus a 2-image class-stratified validation draw.
+  assert len(train.labels) == 2 and len(val.labels) == 2
+  assert sorted(val.labels.tolist()) == [0, 1] and sorted(train.labels.tolist()) == [0, 1]
+  everything = {img.tobytes() for img in np.concatenate([train.images, val.images])}
+  assert everything == {pixels[f"MHIST_{i:03d}.png"].tobytes() for i in (0, 2, 3, 5)}
+  # The folder itself as --manual-dir works too.
+  assert len(load_dataset("mhist", manual_dir=str(folder))["test"].labels) == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_folder", r"MHIST needs .*annotations\.csv.*download it from https://bmirds"),
+    ("no_images", r"MHIST needs its images in .*images/ \(unzip images\.zip there\)"),
+    ("column", r"annotations\.csv lacks the column\(s\) Partition"),
+    ("label", r"annotations\.csv line 3: label 'TA' is not one of HP, SSA"),
+    ("partition", r"line 2: partition 'dev' is not train or test"),
+    ("size", r"line 2: .*MHIST_000\.png is 100x100x3, MHIST images are 224x224x3"),
+    ("missing_image", r"line 3: cannot read image .*MHIST_001\.png"),
+])
+def test_a_malformed_mhist_folder_is_one_clear_error(tmp_path, damage, message):
+  rows = [("HP", "train"), ("SSA", "test")]
+  if damage == "no_folder":
+    (tmp_path / "mhist").mkdir()
+  else:
+    size = (100, 100) if damage == "size" else (224, 224)
+    folder, _ = make_mhist_folder(tmp_path, rows, size=size)
+    csv = folder / "annotations.csv"
+    text = csv.read_text()
+    if damage == "no_images":
+      (folder / "images").rename(folder / "other")
+      (folder / "images.zip").write_bytes(b"")
+    elif damage == "column":
+      csv.write_text(text.replace(",Partition", ",Split"))
+    elif damage == "label":
+      csv.write_text(text.replace("SSA,3", "TA,3"))
+    elif damage == "partition":
+      csv.write_text(text.replace("HP,1,train", "HP,1,dev"))
+    elif damage == "missing_image":
+      (folder / "images" / "MHIST_001.png").unlink()
+  with pytest.raises(DataError, match=message):
+    load_dataset("mhist", manual_dir=str(tmp_path))

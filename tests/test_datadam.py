@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_resumed_equals_straight
+from conftest import assert_resumed_equals_straight, make_mhist_folder
 
-from kip.loop import LoopConfig, run
+from kip.io import load_distilled
+from kip.loop import LoopConfig, read_metrics, run
 from kip.method import Batch, init_state, make_sampler
 from kip.nets import make_net
 from methods.datadam import attention_map, class_grouped, make_datadam
@@ -104,3 +105,39 @@ def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augm
 
   straight, _ = assert_resumed_equals_straight(go, method, after=3)
   assert not np.allclose(np.asarray(straight.state.x), class_grouped(X[:6], Y[:6])[0])
+
+
+def test_datadam_and_transfer_run_on_an_mhist_folder_with_convnet7(tmp_path, run_in_process,
+                                                                    monkeypatch):
+  """MHIST end to end from a folder in its published layout (224x224 RGB): DataDAM picks
+  ConvNet-7, the loop's evaluation and `experiments.transfer` train ConvNet-7 too. Without
+  the folder: one line."""
+  rows = [(label, "train") for label in ("HP", "SSA") * 3] + [("HP", "test"), ("SSA", "test")]
+  make_mhist_folder(tmp_path / "manual", rows)
+  workdir = tmp_path / "datadam"
+  args = ["--dataset", "mhist", "--manual-dir", str(tmp_path / "manual"), "--ipc", "1",
+          "--steps", "2", "--width", "2", "--real-per-class", "2", "--eval-every", "2",
+          "--eval-steps", "2", "--eval-width", "2", "--workdir", str(workdir), "--no-progress"]
+  first = run_in_process("experiments.datadam", *args)
+  assert first.returncode == 0, first.stderr
+  assert "ConvNet-7 trained on the set (test)" in first.stdout
+  distilled = load_distilled(str(workdir / "distilled.npz"))
+  assert distilled.images.shape == (2, 224, 224, 3)
+  assert distilled.labels.argmax(-1).tolist() == [0, 1]
+  evals = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "finite_test_acc" in r]
+  assert evals == [2]
+
+  transfer = run_in_process(
+      "experiments.transfer", "--support", str(workdir / "distilled.npz"), "--dataset", "mhist",
+      "--manual-dir", str(tmp_path / "manual"), "--protocol", "dc", "--steps", "2", "--seeds",
+      "1", "--width", "2", "--baselines", "none", "--workdir", str(tmp_path / "transfer"),
+      "--no-progress")
+  assert transfer.returncode == 0, transfer.stderr
+  assert "net convnet3 (width 2, depth 7, norm instance" in transfer.stderr
+
+  monkeypatch.delenv("KIP_MANUAL_DIR", raising=False)
+  missing = run_in_process("experiments.dm", "--dataset", "mhist", "--workdir",
+                           str(tmp_path / "dm"))
+  assert missing.returncode == 2 and missing.stderr.count("error:") == 1
+  assert not (tmp_path / "dm").exists()
+  assert "mhist is not in tensorflow-datasets: download it from" in missing.stderr

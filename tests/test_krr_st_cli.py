@@ -37,7 +37,8 @@ def _teacher_args(workdir, manual_dir, data_dir, epochs="0.01"):
           str(workdir), "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
 
 
-def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir, data_dir):
+def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir, data_dir,
+                                                            run_in_process):
   teacher_dir = tmp_path / "teacher"
   first = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir))
   assert first.returncode == 0, first.stderr
@@ -49,6 +50,12 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   # above; the loop's resume of a finished run is tested in test_barlow.py).
   clash = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir, "0.02"))
   assert clash.returncode == 2 and "other settings (epochs" in clash.stderr
+  # Resuming the finished teacher with other paths and display flags leaves its file's bytes (the
+  # digest later runs recorded it by) as they were.
+  before = teacher.read_bytes()
+  again = run_in_process("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir),
+                         "--progress", "--checkpoint-every", "7")
+  assert again.returncode == 0 and teacher.read_bytes() == before
 
   krr_dir = tmp_path / "krr_st"
   krr_args = ["--dataset", "mnist", "--size", "20", "--teacher", str(teacher), "--steps", "8",
