@@ -21,7 +21,8 @@ from kip.io import atomic_write  # noqa: E402
 from kip.loop import read_metrics  # noqa: E402
 
 __all__ = ["Curve", "read_curve", "plot_curves", "make_image_grid", "plot_image_grid",
-           "save_figure", "pca_2d", "plot_projection"]
+           "save_figure", "pca_2d", "plot_projection", "plot_panels", "plot_confusion",
+           "confusion_matrix"]
 
 
 class Curve(NamedTuple):
@@ -175,5 +176,54 @@ def plot_projection(real: np.ndarray, real_labels: np.ndarray, image_reps: np.nd
   ax.set_xlabel("PC 1")
   ax.set_ylabel("PC 2")
   ax.set_title(title or "teacher representations (PCA of the real images')")
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def plot_panels(x: np.ndarray, series: dict[str, np.ndarray], path: str, *,
+                xlabel: str = "epoch", title: str = "", columns: int = 3) -> None:
+  """One small panel per named series against `x` (each on its own scale)."""
+  rows = -(-len(series) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), dpi=110,
+                           squeeze=False)
+  for ax in axes.ravel()[len(series):]:
+    ax.axis("off")
+  for ax, (name, values) in zip(axes.ravel(), series.items(), strict=False):
+    ax.plot(x, values, marker=".", markersize=3)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
+  save_figure(fig, path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+  return matrix
+
+
+def plot_confusion(matrix: np.ndarray, path: str, *, title: str = "",
+                   class_names: Sequence[str] | None = None) -> None:
+  """A confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+  n = len(matrix)
+  names = list(class_names) if class_names else [str(i) for i in range(n)]
+  fig, ax = plt.subplots(figsize=(0.5 * n + 2, 0.5 * n + 1.6), dpi=110)
+  ax.imshow(matrix, cmap="Blues")
+  threshold = matrix.max() / 2 if matrix.size else 0
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+              color="white" if matrix[i, j] > threshold else "black")
+  ax.set_xticks(range(n), names, fontsize=8)
+  ax.set_yticks(range(n), names, fontsize=8)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   save_figure(fig, path)
