@@ -1,12 +1,15 @@
-"""Distil with FRePo / RFAD / KIP on a 2-core CPU, then train finite networks on every set under
-the named protocols beside a random real subset of the same size; print one table, write JSON.
+"""Distil with FRePo / RFAD / KIP / DataDAM / DM on a 2-core CPU, then train finite networks on
+every set under the named protocols beside a random real subset of the same size; print one
+table, write JSON.
 
   python -m bench.methods --runs frepo:mnist:10 --protocols frepo,dc --seeds 5
 
-Each run is `method:dataset:ipc`. Every step is a command of this project run in its own
-workdir under --root (distillation: runs/<method>-<dataset>-ipc<ipc>; transfer:
-runs/<...>/transfer-<protocol>), so an interrupted benchmark resumes where it stopped and finished
-parts are read back, not redone. Extra flags for a method go after `--method-args`, e.g.
+Each run is `method:dataset:ipc`, or `method:dataset:ipc:flag=value:...` for a variant with its
+own workdir (e.g. `datadam:mnist:10:init=noise` adds `--init noise`). Every step is a command of
+this project run in its own workdir under --root (distillation:
+runs/<method>-<dataset>-ipc<ipc>[-<flag>-<value>]; transfer: runs/<...>/transfer-<protocol>), so
+an interrupted benchmark resumes where it stopped and finished parts are read back, not redone.
+Extra flags for a method go after `--method-args`, e.g.
 `--method-args kip="--kernel nfk-convnet3 --steps 300"`. Results: bench/results/methods_<tag>.json.
 """
 
@@ -66,11 +69,14 @@ def main(argv=None) -> int:
   data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
   rows = []
   for run in args.runs.split(","):
-    method, dataset, ipc = run.split(":")
-    workdir = os.path.join(args.root, f"{method}-{dataset}-ipc{ipc}")
+    method, dataset, ipc, *options = run.split(":")
+    # method:dataset:ipc[:flag=value...]: a variant, with its own workdir.
+    flags = [a for o in options for a in (f"--{o.partition('=')[0]}", o.partition("=")[2])]
+    variant = "".join(f"-{o.replace('=', '-')}" for o in options)
+    workdir = os.path.join(args.root, f"{method}-{dataset}-ipc{ipc}{variant}")
     distil_time = _run([f"experiments.{method}", "--dataset", dataset, "--ipc", ipc,
-                        "--workdir", workdir, "--no-progress", *data, *extra.get(method, [])],
-                       print)
+                        "--workdir", workdir, "--no-progress", *data, *extra.get(method, []),
+                        *flags], print)
     metrics = _last_metrics(workdir)
     support = os.path.join(workdir, "distilled.npz")
     for protocol in args.protocols.split(","):
@@ -81,12 +87,12 @@ def main(argv=None) -> int:
       with open(os.path.join(tdir, "transfer.json")) as f:
         report = json.load(f)
       for r in report["rows"]:
-        rows.append({"method": method, "dataset": dataset, "ipc": int(ipc),
+        rows.append({"method": method + variant, "dataset": dataset, "ipc": int(ipc),
                      "distil_steps": metrics.get("step"),
                      "distil_wall_time": metrics.get("wall_time"),
                      "distil_krr_acc": next((v for k, v in metrics.items()
                                              if k in ("test_acc", "krr_test_acc",
-                                                      "rf_test_acc")), None),
+                                                      "rf_test_acc", "finite_test_acc")), None),
                      "this_call_s": distil_time, **{k: r[k] for k in (
                          "row", "net", "width", "protocol", "seeds", "test_acc", "test_acc_mean",
                          "test_acc_std", "steps", "lr", "train_time")}})

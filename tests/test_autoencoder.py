@@ -164,9 +164,9 @@ def test_a_resumed_phase_two_equals_an_uninterrupted_one(tmp_path):
 def test_the_command_on_real_mnist(tmp_path, run_in_process, manual_dir, data_dir):
   workdir = tmp_path / "ae"
   args = ["--dataset", "mnist", "--samples", "20", "--batch", "2000", "--pretrain-epochs", "2",
-          "--epochs", "2", "--lr", "0.01", "--worth-steps", "20", "--probe-steps", "20", "--probe-seeds", "1",
-          "--workdir", str(workdir), "--manual-dir", manual_dir, "--data-dir", data_dir,
-          "--no-progress"]
+          "--epochs", "2", "--lr", "0.01", "--worth-steps", "20", "--probe-steps", "20",
+          "--probe-seeds", "1", "--workdir", str(workdir), "--manual-dir", manual_dir,
+          "--data-dir", data_dir, "--no-progress"]
   first = run_in_process("experiments.autoencoder", *args)
   assert first.returncode == 0, first.stderr
   assert "pre-trained on the samples" in first.stdout

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from experiments.teacher import Config as TeacherConfig
 from experiments.teacher import default_teacher
@@ -40,7 +39,7 @@ def _teacher_args(workdir, manual_dir, data_dir, epochs="0.01"):
 def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir, data_dir,
                                                             run_in_process):
   teacher_dir = tmp_path / "teacher"
-  first = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir))
+  first = run_in_process("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir))
   assert first.returncode == 0, first.stderr
   assert "linear-probe test accuracy" in first.stdout
   teacher = teacher_dir / "teacher.msgpack"
@@ -48,7 +47,8 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   assert steps[-1] == 10  # ceil(0.01 * 60000 / 64)
   # Another setting in the same folder is refused (the default folder is keyed on the config,
   # above; the loop's resume of a finished run is tested in test_barlow.py).
-  clash = run_cli("experiments.teacher", *_teacher_args(teacher_dir, manual_dir, data_dir, "0.02"))
+  clash = run_in_process("experiments.teacher",
+                         *_teacher_args(teacher_dir, manual_dir, data_dir, "0.02"))
   assert clash.returncode == 2 and "other settings (epochs" in clash.stderr
   # Resuming the finished teacher with other paths and display flags leaves its file's bytes (the
   # digest later runs recorded it by) as they were.
@@ -62,7 +62,7 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
               "--width", "4", "--target-batch", "64", "--val-size", "300", "--eval-every", "4",
               "--checkpoint-every", "4", "--max-online-updates", "3", "--workdir", str(krr_dir),
               "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress"]
-  distil = run_cli("experiments.krr_st", *krr_args)
+  distil = run_in_process("experiments.krr_st", *krr_args)
   assert distil.returncode == 0, distil.stderr
   records = read_metrics(krr_dir / "metrics.jsonl")
   evals = [(r["step"], r["krr_validation_mse"]) for r in records if "krr_validation_mse" in r]
@@ -72,8 +72,9 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   assert distilled.meta["teacher"] == str(teacher) and distilled.meta["step"] == 8
 
   # A teacher trained on another dataset is refused in one line.
-  wrong = run_cli("experiments.krr_st", "--dataset", "fashion_mnist", "--teacher", str(teacher),
-                  "--workdir", str(tmp_path / "wrong"), "--data-dir", data_dir)
+  wrong = run_in_process("experiments.krr_st", "--dataset", "fashion_mnist", "--teacher",
+                         str(teacher), "--workdir", str(tmp_path / "wrong"), "--data-dir",
+                         data_dir)
   assert wrong.returncode == 2 and "was trained on mnist, not fashion_mnist" in wrong.stderr
   assert not (tmp_path / "wrong").exists()
 
@@ -82,7 +83,7 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
                "--pretrain-epochs", "20", "--finetune-steps", "20", "--probe-steps", "100",
                "--workdir", str(tmp_path / "eval"), "--manual-dir", manual_dir, "--data-dir",
                data_dir, "--no-progress"]
-  evaluation = run_cli("experiments.pretrain", *eval_args)
+  evaluation = run_in_process("experiments.pretrain", *eval_args)
   assert evaluation.returncode == 0, evaluation.stderr
   report = json.loads((tmp_path / "eval" / "pretrain.json").read_text())
   assert [r["row"] for r in report["rows"]] == ["none", "distilled"]
@@ -90,6 +91,6 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
     assert 0.1 < row["probe_acc_mean"] <= 1 and 0 < row["finetune_acc_mean"] <= 1
   assert report["rows"][1]["pretrain_time"] > 0
   # Re-run: every training run is read back from its workdir, not trained again: same numbers.
-  again = run_cli("experiments.pretrain", *eval_args)
+  again = run_in_process("experiments.pretrain", *eval_args)
   assert again.returncode == 0 and again.stderr.count("resuming from step 20") == 3
   assert json.loads((tmp_path / "eval" / "pretrain.json").read_text())["rows"] == report["rows"]
