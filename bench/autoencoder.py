@@ -11,7 +11,7 @@ noise initialisation), `tied` (tied weights), `code` (the later code's weight sc
 `clip` (samples kept in [0, 1]). Prints one table (validation accuracy of encoder + head, the
 selected epoch, the samples' homogeneity, and the linear probe of an autoencoder pre-trained on
 the samples beside random real images and no pre-training) and writes
-bench/results/autoencoder_<dataset>.json.
+bench/results/autoencoder_<dataset>_<preset>.json.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 
 from kip import cli
 from kip.io import write_json
+from kip.loop import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -65,16 +66,15 @@ def main(argv=None) -> int:
       raise SystemExit(f"failed ({done.returncode}): python -m {shlex.join(command)}")
     with open(os.path.join(ROOT, workdir, "worth.json")) as f:
       worth = json.load(f)
-    with open(os.path.join(ROOT, workdir, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in records if "validation_acc" in r]
-    best = max(evals, key=lambda r: r["validation_acc"])
-    spe = max(1, evals[1]["step"] - evals[0]["step"]) if len(evals) > 1 else 1
+    evals = [r for r in read_metrics(os.path.join(ROOT, workdir, "metrics.jsonl"))
+             if "validation_acc" in r]
+    selected = next(r for r in evals if r["step"] == worth["selected_step"])  # what was probed
+    spe = worth["steps_per_epoch"]
     probe = {r["row"]: r for r in worth["rows"]}
     rows.append({
         "variant": variant, "flags": " ".join(VARIANTS[variant]), "workdir": workdir,
         "command": f"python -m {shlex.join(command)}",
-        "validation_acc": best["validation_acc"], "selected_epoch": best["step"] // spe,
+        "validation_acc": selected["validation_acc"], "selected_epoch": selected["step"] // spe,
         "epochs_run": evals[-1]["step"] // spe,
         "homogeneity": probe["distilled"]["homogeneity"],
         "initial_homogeneity": worth["initial_homogeneity"],
@@ -89,10 +89,10 @@ def main(argv=None) -> int:
             *(cli.percent(*r["probe"][k]) for k in ("distilled", "random", "none", "real"))]
            for r in rows]
   print(cli.format_table(header, table))
-  out = os.path.join(ROOT, "bench", "results",
-                     f"autoencoder_{args.dataset}{'_' + args.tag if args.tag else ''}.json")
+  out = os.path.join(ROOT, "bench", "results", f"autoencoder_{args.dataset}_{args.preset}"
+                     f"{'_' + args.tag if args.tag else ''}.json")
   previous = {}
-  if os.path.exists(out):
+  if os.path.exists(out):  # rows of other variants at the same preset, measured before
     with open(out) as f:
       previous = {r["variant"]: r for r in json.load(f).get("rows", [])}
   merged = previous | {r["variant"]: r for r in rows}

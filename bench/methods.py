@@ -5,10 +5,11 @@ table, write JSON.
   python -m bench.methods --runs frepo:mnist:10 --protocols frepo,dc --seeds 5
 
 Each run is `method:dataset:ipc`, or `method:dataset:ipc:flag=value:...` for a variant with its
-own workdir (e.g. `datadam:mnist:10:init=noise` adds `--init noise`). Every step is a command of
-this project run in its own workdir under --root (distillation:
-runs/<method>-<dataset>-ipc<ipc>[-<flag>-<value>]; transfer: runs/<...>/transfer-<protocol>), so
-an interrupted benchmark resumes where it stopped and finished parts are read back, not redone.
+own workdir (e.g. `datadam:mnist:10:init=noise` adds `--init noise`; a bare `flag` adds the
+switch `--flag`). Every step is a command of this project run in its own workdir under --root
+(distillation: runs/<method>-<dataset>-ipc<ipc>[-<flag>-<value>]; transfer:
+runs/<...>/transfer-<protocol>), so an interrupted benchmark resumes where it stopped and
+finished parts are read back, not redone.
 Extra flags for a method go after `--method-args`, e.g.
 `--method-args kip="--kernel nfk-convnet3 --steps 300"`. Results: bench/results/methods_<tag>.json.
 """
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
   for run in args.runs.split(","):
     method, dataset, ipc, *options = run.split(":")
     # method:dataset:ipc[:flag=value...]: a variant, with its own workdir.
-    flags = [a for o in options for a in (f"--{o.partition('=')[0]}", o.partition("=")[2])]
+    flags = [a for o in options for a in (f"--{o.partition('=')[0]}", o.partition("=")[2])
+             if a != ""]  # a bare `flag` is a boolean switch
     variant = "".join(f"-{o.replace('=', '-')}" for o in options)
     workdir = os.path.join(args.root, f"{method}-{dataset}-ipc{ipc}{variant}")
     distil_time = _run([f"experiments.{method}", "--dataset", dataset, "--ipc", ipc,

@@ -108,10 +108,6 @@ class Config(cli.RunConfig, cli.DataConfig):
   probe_seeds: int = f(3, "step 3: seeds per row", minimum=1)
 
 
-def _pixels(images: np.ndarray) -> np.ndarray:
-  return (np.asarray(images, np.float32) / 255.0)
-
-
 def load(config: Config) -> tuple[Data, np.ndarray, np.ndarray]:
   """Train and validation splits in [0, 1] (as `Data`, validation in the test slots), and the
   test split (images, labels)."""
@@ -122,9 +118,9 @@ def load(config: Config) -> tuple[Data, np.ndarray, np.ndarray]:
   classes = int(train.labels.max()) + 1
   channels = train.images.shape[-1]
   unit = Preprocessor(np.zeros(channels), np.ones(channels))  # pixels / 255
-  data = Data(_pixels(train.images), centered_one_hot(train.labels, classes), train.labels,
-              _pixels(val.images), val.labels, unit, classes)
-  return data, _pixels(test.images), test.labels
+  data = Data(unit.apply(train.images), centered_one_hot(train.labels, classes), train.labels,
+              unit.apply(val.images), val.labels, unit, classes)
+  return data, unit.apply(test.images), test.labels
 
 
 def train_autoencoder(config: Config, data: Data, workdir: str) -> dict:
@@ -250,7 +246,8 @@ def draw(config: Config, data: Data, workdir: str, real_params, chosen) -> None:
   records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
              if "validation_acc" in r]
   series = {name: np.array([r[key] for r in records]) for name, key in (
-      ("cross-entropy (val)", "val_cls"), ("reconstruction of D", "rec"),
+      ("cross-entropy (val)", "val_cls"),
+      ("reconstruction of D" + (" and val" if config.reconstruct == "both" else ""), "rec"),
       ("gradient penalty", "gp"), ("diversity", "div"),
       ("validation accuracy", "validation_acc"), ("mean pairwise distance", "homogeneity"))}
   plot_panels(np.array([r["step"] / spe for r in records]), series,
@@ -341,6 +338,7 @@ def main(argv=None) -> int:
   if report is None:
     report = worth(config, data, x_test, labels_test, chosen.images, params)
     report["selected_step"] = chosen.meta.get("step")
+    report["steps_per_epoch"] = math.ceil(len(data.x_train) / config.batch)
     write_json(path, report)
   draw(config, data, workdir, params, chosen)
   print_report(report)

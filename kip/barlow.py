@@ -26,7 +26,8 @@ mean and std), one draw per image, as the paper's augmentations (`VIEW_TRANSFORM
 
 `make_barlow_twins` is the training step as a `kip.method.Method` (uniform unlabelled batches), so
 the teacher trains, checkpoints and resumes in the one loop. A trained teacher is one file
-(`save_teacher` / `load_teacher`) holding its variables and the full config that made it.
+(`save_teacher` / `load_teacher`) holding its variables and the settings that made it (paths and
+display flags left out).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def make_barlow_twins(*, image_shape: tuple[int, int, int], mean: np.ndarray, st
 class Teacher(NamedTuple):
   """A trained teacher: `features(x)` maps (n, H, W, C) standardised images to (n, dim)
   representations (batched, jitted); `apply(variables, x)` is the same, pure, for use inside a
-  jitted step; `config` is the full config it was trained with."""
+  jitted step; `config` holds the settings it was trained with."""
 
   features: Callable[[Any], jax.Array]
   apply: Callable[[Any, jax.Array], jax.Array]

@@ -210,13 +210,16 @@ def load_mhist(folder: str) -> dict[str, Split]:
     raise DataError(f"MHIST needs its images in {image_dir}/{hint}")
   try:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.DictReader(f))
+      reader = csv.DictReader(f)
+      header = {k.strip() for k in reader.fieldnames or []}
+      rows = list(reader)
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DataError(f"{csv_path} is not a readable csv file ({e})") from e
-  header = {k.strip() for k in (rows[0].keys() if rows else []) if k is not None}
   missing = [c for c in _MHIST_COLUMNS if c not in header]
-  if not rows or missing:
-    raise DataError(f"{csv_path} lacks the column(s) {', '.join(missing) or '(no rows)'}")
+  if missing:
+    raise DataError(f"{csv_path} lacks the column(s) {', '.join(missing)}")
+  if not rows:
+    raise DataError(f"{csv_path} lists no images")
   shape = DATASETS["mhist"][0]
   images = {"train": [], "test": []}
   labels = {"train": [], "test": []}

@@ -27,6 +27,7 @@ autoencoder pre-trained on D alone, then a linear probe on labelled data).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kip.method import Batch, Data, Method
@@ -122,13 +124,15 @@ def diversity(d: jax.Array, reduction: str = "mean") -> jax.Array:
 
 
 def mean_pairwise_distance(x) -> float:
-  """The mean Euclidean distance between distinct samples of x (n, ...): the report's
+  """The mean Euclidean distance between distinct samples of x (n, ...), in float64 on the host
+  (direct differences: no cancellation for near-identical samples): the report's
   "homogeneity" as a number (0 when all samples are equal)."""
-  flat = jnp.asarray(x, jnp.float32).reshape(len(x), -1)
-  sq = jnp.sum(flat * flat, axis=-1)
-  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2 * flat @ flat.T, 0.0)
-  n = flat.shape[0]
-  return float(jnp.sum(jnp.sqrt(d2) * (1 - jnp.eye(n))) / max(n * (n - 1), 1))
+  flat = np.asarray(x, np.float64).reshape(len(x), -1)
+  n = len(flat)
+  if n < 2:
+    return 0.0
+  total = sum(np.linalg.norm(flat[i + 1:] - flat[i], axis=1).sum() for i in range(n - 1))
+  return float(2 * total / (n * (n - 1)))
 
 
 class LossWeights(NamedTuple):
@@ -192,7 +196,8 @@ def params_from_extras(extras: dict) -> dict:
 
 
 class AutoencoderState(NamedTuple):
-  """Phase 1: the autoencoder's (and head's, untrained) params and Adam's state."""
+  """Phase 1: the autoencoder's params (and the head's, left at their initialisation) and Adam's
+  state."""
 
   params: Any
   opt_state: Any
@@ -207,6 +212,9 @@ class DistillState(NamedTuple):
   opt_state: Any
 
 
+_HEAD = ("w_head", "b_head")
+
+
 def _adam_l2(lr: float, weight_decay: float) -> optax.GradientTransformation:
   """PyTorch's Adam(lr, weight_decay): the L2 term added to the gradient before Adam."""
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
@@ -218,15 +226,20 @@ def make_autoencoder_training(*, image_shape: tuple[int, ...], hidden: int = 64,
   """Phase 1 as a `kip.method.Method` on unlabelled real batches: init(key, params=None, _)
   starts from fresh weights (or the given params), `export` returns {"params": ...}."""
   model = Autoencoder(math.prod(image_shape), hidden, num_classes, tied)
-  tx = _adam_l2(lr, weight_decay)
+  # The head is not part of phase 1 (the report's phase 1 has none): it keeps its initialisation,
+  # where Adam's L2 term alone (its loss gradient is 0) would shrink it to ~0 within an epoch.
+  tx = optax.multi_transform(
+      {"autoencoder": _adam_l2(lr, weight_decay), "head": optax.set_to_zero()},
+      lambda params: {k: "head" if k in _HEAD else "autoencoder" for k in params})
 
   def init(key, params=None, y_init=None) -> AutoencoderState:
     del y_init
     if params is None:
       params = model.init(key, jnp.zeros((1, math.prod(image_shape))))["params"]
+    params = jax.tree_util.tree_map(jnp.array, params)  # copies: the step donates its state
     return AutoencoderState(params, tx.init(params))
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def update(state: AutoencoderState, data: Batch, key, step):
     del key, step
     loss, grads = jax.value_and_grad(
@@ -267,13 +280,16 @@ def make_autoencoder_distillation(*, image_shape: tuple[int, ...], params: Any,
   tx = _adam_l2(lr, weight_decay)
   if reduction not in ("mean", "sum"):
     raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
+  if reconstruct not in ("synthetic", "both"):
+    raise ValueError(f"unknown reconstruct {reconstruct!r}; choose synthetic or both")
 
   def init(key, d_init, y_init=None) -> DistillState:
     del key, y_init
-    d = jnp.asarray(d_init, jnp.float32)
-    return DistillState(params, d, tx.init((params, d)))
+    d = jnp.array(d_init, jnp.float32)  # copies: the step donates its state
+    start = jax.tree_util.tree_map(jnp.array, params)
+    return DistillState(start, d, tx.init((start, d)))
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def update(state: DistillState, data: Batch, key, step):
     del key
     epoch = ((step - 1) // steps_per_epoch).astype(jnp.float32)

@@ -282,6 +282,7 @@ def test_mhist_loads_from_its_published_folder_layout(tmp_path):
     ("no_folder", r"MHIST needs .*annotations\.csv.*download it from https://bmirds"),
     ("no_images", r"MHIST needs its images in .*images/ \(unzip images\.zip there\)"),
     ("column", r"annotations\.csv lacks the column\(s\) Partition"),
+    ("empty", r"annotations\.csv lists no images"),
     ("label", r"annotations\.csv line 3: label 'TA' is not one of HP, SSA"),
     ("partition", r"line 2: partition 'dev' is not train or test"),
     ("size", r"line 2: .*MHIST_000\.png is 100x100x3, MHIST images are 224x224x3"),
@@ -299,6 +300,8 @@ def test_a_malformed_mhist_folder_is_one_clear_error(tmp_path, damage, message):
     if damage == "no_images":
       (folder / "images").rename(folder / "other")
       (folder / "images.zip").write_bytes(b"")
+    elif damage == "empty":
+      csv.write_text(text.splitlines()[0] + "\n")
     elif damage == "column":
       csv.write_text(text.replace(",Partition", ",Split"))
     elif damage == "label":
