@@ -24,8 +24,9 @@ Pictures in WORKDIR: reconstructions.png (an original of every class over phase 
 reconstruction), samples.png (the samples, grouped by the head's class), curves.png (the four
 terms, validation accuracy and homogeneity per epoch), confusion.png (the head on validation).
 
-Presets: `cpu` (default: 40 phase-2 epochs at most, about 10 minutes on a 2-core CPU) and `paper`
-(the report's: up to 100 + 250 epochs). Re-running with the same --workdir resumes each part.
+Presets: `cpu` (default: phase 1 up to 30 epochs, phase 2 up to 40: 4 minutes on a 2-core CPU
+shared with another job) and `paper` (the report's: up to 100 + 250 epochs, 4-8 minutes there;
+each part stops early). Re-running with the same --workdir resumes each part.
 The report's 96.7% is the validation accuracy of the encoder + head trained on real data (step 2's
 `validation_acc`); no model there was trained on the samples, which is what step 3 measures.
 """

@@ -20,8 +20,8 @@ def kip_args(workdir, manual_dir, data_dir, steps):
           "--no-progress"]
 
 
-def test_kip_command_distils_real_mnist_and_resumes(tmp_path, manual_dir, data_dir):
-  full = run_cli("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30))
+def test_kip_command_distils_real_mnist_and_resumes(tmp_path, manual_dir, data_dir, run_in_process):
+  full = run_in_process("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30))
   assert full.returncode == 0, full.stderr
   assert "final KRR test accuracy" in full.stdout
   for name in ("config.json", "metrics.jsonl", "distilled.npz", "checkpoints"):
@@ -36,38 +36,38 @@ def test_kip_command_distils_real_mnist_and_resumes(tmp_path, manual_dir, data_d
   assert distilled.images.shape == (20, 28, 28, 1) and distilled.meta["step"] == 30
 
   # The same command in two sittings (stopped after 20 steps, then run to 30) ends the same.
-  part = run_cli("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 20))
+  part = run_in_process("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 20))
   assert part.returncode == 0, part.stderr
-  rest = run_cli("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 30))
+  rest = run_in_process("experiments.kip", *kip_args(tmp_path / "part", manual_dir, data_dir, 30))
   assert rest.returncode == 0 and "resuming from step 20" in rest.stderr
   resumed = load_distilled(str(tmp_path / "part" / "distilled.npz"), "mnist")
   np.testing.assert_allclose(resumed.images, distilled.images, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(resumed.labels, distilled.labels, rtol=1e-5, atol=1e-6)
 
   # evaluate reproduces the run's own final accuracy from the file alone.
-  ev = run_cli("experiments.evaluate", "--support", str(tmp_path / "full" / "distilled.npz"),
-               "--dataset", "mnist", "--kernel", "fc", "--data-dir", data_dir, "--json-out")
+  ev = run_in_process("experiments.evaluate", "--support", str(tmp_path / "full" / "distilled.npz"),
+                      "--dataset", "mnist", "--kernel", "fc", "--data-dir", data_dir, "--json-out")
   assert ev.returncode == 0, ev.stderr
   assert json.loads(ev.stdout)["test_acc"] == pytest.approx(evals[-1]["test_acc"], abs=2e-4)
 
   # A different setting in the same workdir is refused in one line.
-  clash = run_cli("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30),
-                  "--lr", "0.1")
+  clash = run_in_process("experiments.kip", *kip_args(tmp_path / "full", manual_dir, data_dir, 30),
+                         "--lr", "0.1")
   assert clash.returncode == 2 and "other settings (lr: 0.04 -> 0.1)" in clash.stderr
   assert "Traceback" not in clash.stderr
 
 
-def test_label_solve_beats_one_hot_labels(tmp_path, manual_dir, data_dir):
-  out = run_cli("experiments.label_solve", "--dataset", "mnist", "--ipc", "2", "--kernel", "fc",
-                "--target-size", "5000", "--workdir", str(tmp_path), "--manual-dir", manual_dir,
-                "--data-dir", data_dir, "--no-progress")
+def test_label_solve_beats_one_hot_labels(tmp_path, manual_dir, data_dir, run_in_process):
+  out = run_in_process("experiments.label_solve", "--dataset", "mnist", "--ipc", "2", "--kernel",
+                       "fc", "--target-size", "5000", "--workdir", str(tmp_path), "--manual-dir",
+                       manual_dir, "--data-dir", data_dir, "--no-progress")
   assert out.returncode == 0, out.stderr
   records = {r["labels"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
   assert records["label_solve"]["test_acc"] > records["one_hot"]["test_acc"]
   assert load_distilled(str(tmp_path / "distilled.npz")).labels.shape == (20, 10)
 
 
-def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
+def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir, run_in_process):
   """A file with only `images` and `labels`, named as the authors name theirs (nozca): the test
   split gets standardisation fitted on train, and real images score as they should."""
   from kip.data import centered_one_hot, class_balanced_indices, fit_preprocessor
@@ -79,8 +79,8 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir):
   folder.mkdir(parents=True)
   path = folder / "ConvNet_ssize100_nozca_nol_noaug_ckpt0.npz"
   np.savez(path, images=images, labels=centered_one_hot(train.labels[idx], 10))
-  out = run_cli("experiments.evaluate", "--support", str(path), "--dataset", "mnist",
-                "--data-dir", data_dir, "--json-out")
+  out = run_in_process("experiments.evaluate", "--support", str(path), "--dataset", "mnist",
+                       "--data-dir", data_dir, "--json-out")
   assert out.returncode == 0, out.stderr
   assert 0.6 < json.loads(out.stdout)["test_acc"] < 0.9  # 10 real images per class, FC NTK
 
@@ -126,10 +126,10 @@ def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, run_in_process,
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
 
 
-def test_malformed_file_is_rejected_in_one_line(tmp_path):
+def test_malformed_file_is_rejected_in_one_line(tmp_path, run_in_process):
   path = tmp_path / "nchw.npz"
   np.savez(path, images=np.zeros((10, 1, 28, 28)), labels=np.zeros((10, 10)))
-  out = run_cli("experiments.evaluate", "--support", str(path), "--dataset", "mnist")
+  out = run_in_process("experiments.evaluate", "--support", str(path), "--dataset", "mnist")
   assert out.returncode == 2 and "NCHW" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -9,7 +9,7 @@ import matplotlib.image
 import nbformat
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from nbclient import NotebookClient
 
 from kip.data import centered_one_hot, class_balanced_indices, fit_preprocessor
@@ -42,9 +42,9 @@ def transfer_args(support, workdir, manual_dir, data_dir, *extra):
 
 
 def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
-    sets, tmp_path, manual_dir, data_dir):
+    sets, tmp_path, manual_dir, data_dir, run_in_process):
   args = transfer_args(sets["released"], tmp_path / "run", manual_dir, data_dir)
-  first = run_cli("experiments.transfer", *args)
+  first = run_in_process("experiments.transfer", *args)
   assert first.returncode == 0, first.stderr
   assert "ConvNet_ssize50_nozca_nol_noaug_ckpt0.npz" in first.stdout and "random" in first.stdout
   report = json.loads((tmp_path / "run" / "transfer.json").read_text())
@@ -58,27 +58,28 @@ def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
   assert [c["step"] for c in curve if "test_acc" in c] == [0, 30, 60]
 
   # Re-run with the baseline alone: read back, not trained again, the same numbers.
-  baseline_only = run_cli("experiments.transfer", *args, "--no-distilled")
+  baseline_only = run_in_process("experiments.transfer", *args, "--no-distilled")
   assert baseline_only.returncode == 0, baseline_only.stderr
   assert baseline_only.stderr.count("resuming from step 60") == 1
   (only,) = json.loads((tmp_path / "run" / "transfer.json").read_text())["rows"]
   assert only == rows["random"]
-  nothing = run_cli("experiments.transfer", *args, "--no-distilled", "--baselines", "none")
+  nothing = run_in_process("experiments.transfer", *args, "--no-distilled", "--baselines", "none")
   assert nothing.returncode == 2 and "nothing to train" in nothing.stderr
 
-  changed = run_cli("experiments.transfer", *transfer_args(
+  changed = run_in_process("experiments.transfer", *transfer_args(
       sets["released"], tmp_path / "run", manual_dir, data_dir, "--protocol", "dc"))
   assert changed.returncode == 2
   assert changed.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "protocol: 'kip' -> 'dc'" in changed.stderr
 
 
-def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, data_dir):
-  result = run_cli("experiments.transfer", "--support", sets["ours"], "--dataset", "mnist",
-                   "--net", "convnet3", "--width", "16", "--protocol", "dc", "--steps", "40",
-                   "--seeds", "2", "--baselines", "none", "--eval-every", "40",
-                   "--workdir", str(tmp_path / "dc"), "--manual-dir", manual_dir, "--data-dir",
-                   data_dir, "--no-progress")
+def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, data_dir,
+                                                   run_in_process):
+  result = run_in_process("experiments.transfer", "--support", sets["ours"], "--dataset", "mnist",
+                          "--net", "convnet3", "--width", "16", "--protocol", "dc", "--steps",
+                          "40", "--seeds", "2", "--baselines", "none", "--eval-every", "40",
+                          "--workdir", str(tmp_path / "dc"), "--manual-dir", manual_dir,
+                          "--data-dir", data_dir, "--no-progress")
   assert result.returncode == 0, result.stderr
   (row,) = json.loads((tmp_path / "dc" / "transfer.json").read_text())["rows"]
   assert row["protocol"] == "dc" and row["norm"] == "instance" and row["lr"] == 0.01
@@ -90,39 +91,40 @@ def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, d
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--net", "vgg"], "invalid choice: 'vgg'"),
 ])
-def test_transfer_user_errors_are_one_line(sets, tmp_path, manual_dir, data_dir, flags, message):
-  result = run_cli("experiments.transfer", *transfer_args(sets["ours"], tmp_path / "x",
-                                                          manual_dir, data_dir), *flags)
+def test_transfer_user_errors_are_one_line(sets, tmp_path, manual_dir, data_dir, flags, message,
+                                           run_in_process):
+  result = run_in_process("experiments.transfer", *transfer_args(sets["ours"], tmp_path / "x",
+                                                                 manual_dir, data_dir), *flags)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: ")
   assert message in result.stderr
   assert "Traceback" not in result.stderr
 
 
-def test_show_draws_the_grid_and_the_curves(sets, tmp_path, manual_dir, data_dir):
-  grid = run_cli("experiments.show", sets["ours"], "--out", str(tmp_path / "grid.png"))
+def test_show_draws_the_grid_and_the_curves(sets, tmp_path, manual_dir, data_dir, run_in_process):
+  grid = run_in_process("experiments.show", sets["ours"], "--out", str(tmp_path / "grid.png"))
   assert grid.returncode == 0, grid.stderr
   image = matplotlib.image.imread(tmp_path / "grid.png")
   assert image.shape[0] > image.shape[1]  # ten class rows of five images
   # A released set: its preprocessing is refitted on the real training split.
-  released = run_cli("experiments.show", sets["released"], "--out", str(tmp_path / "r.png"),
-                     "--manual-dir", manual_dir, "--data-dir", data_dir)
+  released = run_in_process("experiments.show", sets["released"], "--out", str(tmp_path / "r.png"),
+                            "--manual-dir", manual_dir, "--data-dir", data_dir)
   assert released.returncode == 0, released.stderr
   assert os.path.getsize(tmp_path / "r.png") > 10_000
 
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("".join(json.dumps({"step": s, "test_acc": [a, a + 0.02]}) + "\n"
                              for s, a in ((0, 0.1), (10, 0.5), (20, 0.7))))
-  curve = run_cli("experiments.show", "--metrics", str(metrics), "--out",
-                  str(tmp_path / "curve.png"))
+  curve = run_in_process("experiments.show", "--metrics", str(metrics), "--out",
+                         str(tmp_path / "curve.png"))
   assert curve.returncode == 0, curve.stderr
   assert matplotlib.image.imread(tmp_path / "curve.png").ndim == 3
 
-  neither = run_cli("experiments.show")
+  neither = run_in_process("experiments.show")
   assert neither.returncode == 2 and "give either a distilled set" in neither.stderr
   empty = tmp_path / "empty.jsonl"
   empty.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
-  bad = run_cli("experiments.show", "--metrics", str(empty))
+  bad = run_in_process("experiments.show", "--metrics", str(empty))
   assert bad.returncode == 2 and "no test_acc records" in bad.stderr
 
 
