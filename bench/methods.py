@@ -11,7 +11,8 @@ switch `--flag`). Every step is a command of this project run in its own workdir
 runs/<...>/transfer-<protocol>), so an interrupted benchmark resumes where it stopped and
 finished parts are read back, not redone.
 Extra flags for a method go after `--method-args`, e.g.
-`--method-args kip="--kernel nfk-convnet3 --steps 300"`. Results: bench/results/methods_<tag>.json.
+`--method-args kip="--kernel nfk-convnet3 --steps 300"`; `--nets convnet3,mlp` evaluates each set
+with each network (cross-architecture columns). Results: bench/results/methods_<tag>.json.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
   parser.add_argument("--runs", default="frepo:mnist:10",
                       help="method:dataset:ipc, comma-separated")
   parser.add_argument("--protocols", default="frepo,dc", help="transfer protocols")
+  parser.add_argument("--nets", default="auto",
+                      help="evaluation networks, comma-separated (auto: the protocol's; "
+                           "another, e.g. mlp, gets the workdir transfer-<protocol>-<net>)")
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--root", default="runs/bench", help="workdirs of every step")
   parser.add_argument("--manual-dir", default=os.path.join(ROOT, "..", "shared", "data"))
@@ -81,11 +85,12 @@ def main(argv=None) -> int:
                         *flags], print)
     metrics = _last_metrics(workdir)
     support = os.path.join(workdir, "distilled.npz")
-    for protocol in args.protocols.split(","):
-      tdir = os.path.join(workdir, f"transfer-{protocol}")
+    for protocol, net in [(p, n) for p in args.protocols.split(",")
+                          for n in args.nets.split(",")]:
+      tdir = os.path.join(workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}"))
       _run(["experiments.transfer", "--support", support, "--dataset", dataset, "--protocol",
-            protocol, "--seeds", str(args.seeds), "--workdir", tdir, "--no-progress", *data,
-            *shlex.split(args.transfer_args)], print)
+            protocol, "--net", net, "--seeds", str(args.seeds), "--workdir", tdir,
+            "--no-progress", *data, *shlex.split(args.transfer_args)], print)
       with open(os.path.join(tdir, "transfer.json")) as f:
         report = json.load(f)
       for r in report["rows"]:

@@ -38,7 +38,8 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
                        "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
   protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
-                           "dsa: DSA/DM/MTT's; frepo: FRePo's; rfad: RFAD's, centred output, "
+                           "dsa: DSA/DM/MTT's; report: the MNIST/MHIST report's 50 epochs, "
+                           "cosine; frepo: FRePo's; rfad: RFAD's, centred output, "
                            "decay to init, label scale 8)", choices=tuple(PROTOCOLS))
   preset: str = f("cpu", "sizes: cpu (finishes in minutes on a 2-core CPU: kip width 64 and "
                           "1,000 steps, frepo width 32; dc as published) or paper (every "

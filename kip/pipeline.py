@@ -243,12 +243,14 @@ def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None 
 def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps: int = 300,
                      seeds: tuple[int, ...] = (0,), net: str = "", width: int = 0,
                      depth: int = 0, dataset: str = "", split: str = "test",
-                     every: int | None = None, name: str = "finite") -> Evaluator:
+                     every: int | None = None, name: str = "finite",
+                     lr_extra: str = "") -> Evaluator:
   """An evaluator: fresh networks trained on the method's exported set under a named transfer
   protocol (`kip.train.PROTOCOLS`, shortened to `steps`), tested on the held-out split; reports
   `<name>_<split>_acc` (the mean over `seeds`). For methods with no kernel to evaluate with (DM,
   DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job. `width`
-  and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images."""
+  and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images; `lr_extra`
+  names an exported extra that is the learning rate to train with (a learned one, as MTT's)."""
   chosen = PROTOCOLS[protocol]
   image_shape = data.x_train.shape[1:]
   model = make_net(net or chosen.net, data.num_classes, width=width or chosen.width,
@@ -260,7 +262,8 @@ def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps:
     result = train_and_evaluate(model, chosen, np.asarray(arrays["images"]),
                                 np.asarray(arrays["labels"]), data.x_test, data.labels_test,
                                 seeds=seeds, steps=steps, dataset=dataset, progress=False,
-                                log=lambda _: None)
+                                log=lambda _: None,
+                                lr=float(arrays[lr_extra]) if lr_extra else 0.0)
     return {f"{name}_{split}_acc": float(np.mean(result.test_acc))}
 
   return Evaluator(name, fn, every)

@@ -130,6 +130,14 @@ PROTOCOLS: dict[str, Protocol] = {
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
         width=128, norm="instance", epochs=300, epochs_augmented=1000, augment=DSA_STRATEGY,
         augment_per_image=True, partial_batches=True, dc_padding=True, net="convnet3"),
+    "report": Protocol(
+        name="report", source="the evaluation of the report that ran DataDAM and PAD on MNIST "
+        "and MHIST (ANCHORS.md, seed settings: SGD, lr 0.01, cosine annealing, 50 epochs; its "
+        "unstated momentum, weight decay, batch and augmentation taken from DC's: 0.9, 5e-4, "
+        "256, none)",
+        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="cosine",
+        width=128, norm="instance", epochs=50, partial_batches=True, dc_padding=True,
+        net="convnet3"),
     "frepo": Protocol(
         name="frepo", source="FRePo's evaluation (Zhou et al., NeurIPS 2022, official code)",
         loss="mse", lr=3e-4, momentum=0.0, weight_decay=0.0, batch_size=500,

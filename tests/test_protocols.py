@@ -43,6 +43,14 @@ def test_dc_augments_mnist_only_and_dsa_every_dataset():
   assert resolve_schedule(dsa, 500) == (2000, 256, 2, DSA_STRATEGY)
 
 
+def test_the_report_protocol_is_fifty_epochs_cosine_without_augmentation():
+  report = PROTOCOLS["report"]
+  assert (report.schedule, report.lr, report.loss) == ("cosine", 0.01, "xent")
+  # 100 images: one batch an epoch; all of MNIST at 256: ceil(60000 / 256) = 235 an epoch.
+  assert resolve_schedule(report, 100, dataset="mnist") == (50, 100, 1, "")
+  assert resolve_schedule(report, 60_000, dataset="mnist") == (50 * 235, 256, 235, "")
+
+
 @pytest.mark.parametrize("protocol,dataset,spec,batch_mode", [
     ("dc", "mnist", "dc:crop_scale_rotate", True),  # DC's augmentation draws per image itself
     ("dsa", "mnist", DSA_STRATEGY, False),  # DiffAugment without a seed: Siamese off, per image

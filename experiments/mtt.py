@@ -1,0 +1,193 @@
+"""Distil a dataset with MTT: `python -m experiments.mtt --dataset mnist --ipc 10`.
+
+Matching training trajectories (Cazenavette et al., CVPR 2022; methods/mtt.py): a student network
+starts from an expert's parameters after a random epoch t < `--max-start-epoch`, takes
+`--syn-steps` SGD steps on the synthetic set (DSA per image) at a learned learning rate, and its
+end point is pulled toward the expert's parameters `--expert-epochs` later (the squared distance
+normalised by the expert's own). Images and the learning rate are learned by SGD with momentum
+0.5. The experts come from `python -m experiments.buffer` (same --dataset and --preset: the store
+is found where that command puts it, or give `--buffer DIR`); the network is the experts' own.
+
+Presets (our MNIST settings: MTT has none for MNIST):
+- `cpu` (default): 10 student steps, expert epochs 2, start epochs below 4, 300 iterations,
+  images lr 100, learning-rate lr 1e-5, on the cpu buffer (4 experts, width 32, 6 epochs);
+- `paper`: the official CIFAR-10 ipc-10 configuration (30 student steps, expert epochs 2, start
+  epochs below 20, 5,000 iterations, images lr 1,000 on ZCA images, lr lr 1e-5, initial lr 0.01)
+  on the paper buffer (100 experts of width 128, 50 epochs).
+
+Every `--eval-every` iterations the loop trains a `dc`-protocol ConvNet (the experts' width) on
+the current set at its learned learning rate for `--eval-steps` steps. The set's file carries the
+learned rate (`lr`), which `experiments.transfer` uses. Writes config.json, metrics.jsonl,
+distilled.npz and checkpoints/ in the workdir; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.buffer import default_buffer, expert_model
+from kip import cli
+from kip.augment import DSA_STRATEGY
+from kip.io import write_json
+from kip.nets import default_depth
+from kip.pipeline import (
+  PreprocessConfig,
+  SelectionConfig,
+  distill,
+  finite_evaluator,
+  held_out_split,
+  initial_support,
+  prepare_data,
+  selecting_loop_config,
+)
+from methods.mtt import make_mtt
+from methods.trajectory import ExpertStore, StoreMismatch
+
+f = cli.field
+
+PRESETS = {
+    "cpu": {"steps": 300, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 4,
+            "lr_img": 100.0},
+    "paper": {"steps": 5000, "syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 20,
+              "lr_img": 1000.0, "eval_every": 500, "checkpoint_every": 100},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
+  """The flags MTT, DATM and PAD share."""
+
+  preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU, with the cpu buffer) or paper (the "
+                         "official CIFAR-10 settings, with the paper buffer)",
+                  choices=("cpu", "paper"))
+  buffer: str = f("", "the expert store (default: where `experiments.buffer --dataset D "
+                      "--preset P` puts it)")
+  experts: int = f(0, "use the store's first N experts (0: every finished one at the start)",
+                   minimum=0)
+  ipc: int = f(10, "synthetic images per class", minimum=1)
+  steps: int = f(300, "matching iterations", minimum=0)
+  syn_steps: int = f(10, "the student's SGD steps per iteration", minimum=1)
+  expert_epochs: int = f(2, "M: expert epochs between the start and the target", minimum=1)
+  max_start_epoch: int = f(4, "start epochs are drawn below this", minimum=1)
+  batch_syn: int = f(0, "synthetic images per student step (0: all)", minimum=0)
+  lr_img: float = f(100.0, "SGD learning rate of the images", above=0)
+  lr_lr: float = f(1e-5, "SGD learning rate of the student's learning rate", minimum=0)
+  lr_init: float = f(0.01, "the student's initial learning rate (MTT: the experts' 0.01)",
+                     above=0)
+  momentum: float = f(0.5, "SGD momentum of the images and the learning rate", minimum=0)
+  augment: str = f(DSA_STRATEGY, "DSA strategy of the student's steps, per image (none: off)")
+  init: str = f("real", "initial synthetic images", choices=("real", "noise"))
+  eval_every: int = f(100, "iterations between finite-net evaluations (0: at the end)",
+                      minimum=0)
+  eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TrajectoryConfig):
+  pass
+
+
+def open_store(config: TrajectoryConfig) -> tuple[ExpertStore, str]:
+  """The run's expert store, checked to hold experts of the run's dataset and preprocessing."""
+  path = config.buffer or default_buffer(config.dataset, config.preset,
+                                         preprocess=config.preprocessing())
+  try:
+    store = ExpertStore.open(path)
+  except FileNotFoundError:
+    hint = "" if config.buffer else f" --preset {config.preset}"
+    raise cli.UserError(f"no expert store at {path}; make it first with python -m "
+                        f"experiments.buffer --dataset {config.dataset}{hint}"
+                        + (f" --buffer {path}" if config.buffer else "")) from None
+  for key, value in (("dataset", config.dataset), ("preprocess", config.preprocessing())):
+    if store.settings.get(key) != value:
+      raise cli.UserError(f"the expert store {path} holds experts of {key} "
+                          f"{store.settings.get(key)!r}, this run is {value!r}")
+  return store, path
+
+
+def chosen_experts(store: ExpertStore, config: TrajectoryConfig, workdir: str) -> list[int]:
+  """The experts this run samples from, fixed at its first start (workdir/experts.json), so a
+  resumed run draws as the uninterrupted one even if the store has grown since."""
+  path = os.path.join(workdir, "experts.json")
+  if os.path.exists(path):
+    with open(path) as fh:
+      return json.load(fh)
+  finished = store.experts()
+  experts = finished[:config.experts] if config.experts else finished
+  if not experts or (config.experts and len(experts) < config.experts):
+    raise cli.UserError(f"the expert store {store.path} holds {len(finished)} finished experts, "
+                        f"this run needs {config.experts or 1}; train them with python -m "
+                        "experiments.buffer")
+  write_json(path, experts)
+  return experts
+
+
+def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, make_method,
+                   *, init_support=None, **method_kwargs) -> dict:
+  """Runs a trajectory-matching method as configured in `workdir`; returns the last evaluation.
+  `make_method(model, params_template, store, **kwargs) -> Method`; `init_support(data, model,
+  store, experts) -> (x, y)` replaces the class-balanced initial support (DATM)."""
+  store, _ = open_store(config)
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
+  split = held_out_split(config.val_size)
+  image_shape = data.x_train.shape[1:]
+  model = expert_model(store.settings, image_shape, data.num_classes)
+  template = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)["params"]
+  experts = chosen_experts(store, config, workdir)
+  cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "
+          f"store {store.path}: {len(experts)} experts of {store.epochs} epochs, width "
+          f"{store.settings['width']}")
+  if init_support is None or config.init == "noise":
+    x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  else:
+    x_init, y_init = init_support(data, model, store, experts)
+  try:
+    method = make_method(
+        model, template, store, image_shape=image_shape, syn_steps=config.syn_steps,
+        expert_epochs=config.expert_epochs, max_start_epoch=config.max_start_epoch,
+        batch_syn=config.batch_syn, lr_img=config.lr_img, lr_lr=config.lr_lr,
+        lr_init=config.lr_init, momentum=config.momentum,
+        augment="" if config.augment == "none" else config.augment, experts=experts,
+        seed=config.seed, **method_kwargs)
+  except (StoreMismatch, ValueError) as e:
+    raise cli.UserError(str(e)) from None
+  depth = store.settings["depth"] or default_depth(image_shape)
+  finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
+                            seeds=(config.seed,), width=store.settings["width"], depth=depth,
+                            dataset=config.dataset, split=split, lr_extra="lr")
+  meta = {"method": method_name, "dataset": config.dataset, "seed": config.seed,
+          "ipc": config.ipc, "config": dataclasses.asdict(config), "buffer": store.path}
+  result = distill(method, data, workdir=workdir,
+                   loop_config=selecting_loop_config(config, f"finite_{split}_acc"),
+                   x_init=x_init, y_init=y_init, meta=meta, evaluators=[finite], log=cli.log,
+                   progress=config.progress)
+  return result.evals | {"split": split, "lr": float(np.asarray(result.state.lr))}
+
+
+def report(result: dict, workdir: str) -> None:
+  acc = result.get(f"finite_{result['split']}_acc", np.nan)
+  cli.report(f"ConvNet trained on the set at its learned lr {result['lr']:.4g} "
+             f"({result['split']}): {100 * acc:.2f}%; distilled set: "
+             f"{os.path.join(workdir, 'distilled.npz')}")
+
+
+def main(argv=None) -> int:
+  config = cli.parse_config(Config, argv, __doc__, presets=PRESETS)
+  store_path = config.buffer or default_buffer(config.dataset, config.preset,
+                                               preprocess=config.preprocessing())
+  workdir = cli.prepare_workdir(config, "mtt", [config.dataset, f"ipc{config.ipc}"],
+                                inputs={"buffer": os.path.join(store_path, "store.json")})
+  cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
+  report(run_trajectory(config, workdir, "mtt", make_mtt), workdir)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

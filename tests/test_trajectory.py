@@ -1,0 +1,179 @@
+"""Trajectory matching: the normalised loss against NumPy, the student's gradient against finite
+differences in float64, the expert store's round trip and refusal, PAD's curriculum fractions and
+shallow-layer mask, and resumed expert training and distillation equal to uninterrupted runs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import Interrupt, assert_resumed_equals_straight, interrupting
+from jax.flatten_util import ravel_pytree
+
+import methods.trajectory as trajectory
+from kip.loop import LoopConfig, run
+from kip.method import make_sampler
+from kip.nets import make_net
+from methods.trajectory import (
+  ExpertStore,
+  StoreMismatch,
+  curriculum_window,
+  epoch_plan,
+  layer_mask,
+  make_student,
+  make_trajectory_matching,
+  train_expert,
+  trajectory_loss,
+)
+
+RNG = np.random.default_rng(0)
+SHAPE, CLASSES = (8, 8, 1), 3
+MODEL = make_net("convnet3", CLASSES, width=3, depth=2, norm="instance", image_shape=SHAPE)
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), train=False)["params"]
+P = ravel_pytree(PARAMS)[0].size
+X = RNG.normal(size=(48, *SHAPE)).astype(np.float32)
+LABELS = np.arange(48) % CLASSES
+
+
+def test_trajectory_loss_is_the_normalised_squared_distance():
+  a, b, c, m = (RNG.normal(size=50) for _ in range(4))
+  mask = (m > 0).astype(np.float64)
+  got = trajectory_loss(*(jnp.asarray(v, jnp.float32) for v in (a, b, c)))
+  np.testing.assert_allclose(got, np.sum((a - c) ** 2) / np.sum((b - c) ** 2), rtol=1e-5)
+  got = trajectory_loss(*(jnp.asarray(v, jnp.float32) for v in (a, b, c, mask)))
+  expected = np.sum(mask * (a - c) ** 2) / np.sum(mask * (b - c) ** 2)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_the_student_step_gradient_matches_finite_differences_in_float64(unroll):
+  """d loss / d (images, lr) through one (and two) differentiable SGD steps, against central
+  differences along random directions, all in float64."""
+  with jax.enable_x64(True):
+    theta0, unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                                          PARAMS))
+    target = theta0 + 0.05 * jnp.asarray(RNG.normal(size=theta0.shape))
+    x = jnp.asarray(X[:6], jnp.float64)
+    targets = jax.nn.one_hot(jnp.asarray(LABELS[:6]), CLASSES, dtype=jnp.float64)
+    key = jax.random.key(3)
+    for syn_steps in (1, 2):
+      student = make_student(MODEL, unravel, syn_steps=syn_steps, batch_syn=4, unroll=unroll)
+
+      @jax.jit
+      def loss(x, lr, student=student):
+        return trajectory_loss(student(x, targets, lr, theta0, key), theta0, target)
+
+      lr = jnp.asarray(0.1, jnp.float64)
+      gx, glr = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, lr)
+      direction = jnp.asarray(RNG.normal(size=x.shape))
+      eps = 1e-5
+      numeric = (loss(x + eps * direction, lr) - loss(x - eps * direction, lr)) / (2 * eps)
+      np.testing.assert_allclose(jnp.vdot(gx, direction), numeric, rtol=1e-6)
+      numeric_lr = (loss(x, lr + eps) - loss(x, lr - eps)) / (2 * eps)
+      np.testing.assert_allclose(glr, numeric_lr, rtol=1e-6)
+
+
+def test_the_store_round_trips_and_refuses_other_settings(tmp_path):
+  settings = {"dataset": "mnist", "width": 3, "lr": 0.01}
+  store = ExpertStore.create(str(tmp_path), settings, num_params=5, epochs=2)
+  traj = RNG.normal(size=(3, 5)).astype(np.float32)
+  store.add(1, traj, {"test_acc": 0.5})
+  again = ExpertStore.open(str(tmp_path), settings, num_params=5, epochs=2)
+  assert again.experts() == [1]
+  np.testing.assert_array_equal(again.trajectory(1), traj)
+  assert isinstance(again.trajectory(1), np.memmap)  # read lazily, not held
+  assert again.record(1) == {"test_acc": 0.5}
+  with pytest.raises(StoreMismatch, match="lr: store 0.01, asked 0.02"):
+    ExpertStore.create(str(tmp_path), settings | {"lr": 0.02}, num_params=5, epochs=2)
+  with pytest.raises(StoreMismatch, match="epochs 2"):
+    ExpertStore.open(str(tmp_path), settings, epochs=3)
+  with pytest.raises(ValueError, match=r"\(3, 5\)"):
+    store.add(2, traj[:2], {})
+  with pytest.raises(FileNotFoundError, match="experiments.buffer"):
+    ExpertStore.open(str(tmp_path / "none"))
+
+
+def test_the_curriculum_grows_then_drops_the_easiest():
+  window = dict(init_ratio=0.75, add_end_epoch=20, drops=((40, 0.1), (60, 0.2)))
+  assert curriculum_window(0, **window) == (0.0, 0.75)
+  assert curriculum_window(10, **window) == (0.0, 0.875)
+  assert curriculum_window(20, **window) == (0.0, 1.0)
+  assert curriculum_window(39, **window) == (0.0, 1.0)
+  assert curriculum_window(40, **window) == (0.1, 1.0)
+  assert curriculum_window(75, **window) == (0.2, 1.0)
+  assert curriculum_window(5) == (0.0, 1.0)
+  # 10 images per class; difficulty = the index (easiest first): the plan keeps the right ones.
+  labels = np.repeat(np.arange(2), 10)
+  order = np.argsort(np.r_[np.arange(10), np.arange(10)], kind="stable")
+  plan = epoch_plan(labels, 3, order=order, window=lambda e: [(0.0, 0.5), (0.0, 1.0),
+                                                              (0.2, 1.0)][e])
+  np.testing.assert_array_equal(plan[0], np.r_[np.arange(5), 10 + np.arange(5)])
+  assert len(plan[1]) == 20
+  np.testing.assert_array_equal(plan[2], np.r_[np.arange(2, 10), 10 + np.arange(2, 10)])
+
+
+def test_the_layer_mask_leaves_out_the_named_layers():
+  mask = layer_mask(PARAMS, ["conv_0"])
+  assert mask.shape == (P,)
+  _, unravel = ravel_pytree(PARAMS)
+  tree = unravel(jnp.asarray(mask))
+  for name, sub in tree.items():
+    for leaf in jax.tree_util.tree_leaves(sub):
+      assert np.all(np.asarray(leaf) == (0.0 if name == "conv_0" else 1.0)), name
+  n_conv0 = sum(a.size for a in jax.tree_util.tree_leaves(PARAMS["conv_0"]))
+  assert mask.sum() == P - n_conv0
+  with pytest.raises(ValueError, match="no layer"):
+    layer_mask(PARAMS, ["conv_9"])
+
+
+def _store(tmp_path, experts=2, epochs=3):
+  store = ExpertStore.create(str(tmp_path / "store"), {"dataset": "test"}, P, epochs)
+  plan = epoch_plan(LABELS, epochs)
+  for i in range(experts):
+    train_expert(store, i, MODEL, X, LABELS, plan=plan, batch=16, lr=0.05, seed=i,
+                 augment="crop_flip", log=lambda _: None, progress=False)
+  return store, plan
+
+
+def test_an_interrupted_expert_resumes_to_the_same_trajectory(tmp_path, monkeypatch):
+  store, plan = _store(tmp_path, experts=1)
+  straight = np.array(store.trajectory(0))
+  assert straight.shape == (4, P) and not np.allclose(straight[0], straight[-1])
+  assert not os.path.exists(store.work_dir(0))
+  other = ExpertStore.create(str(tmp_path / "other"), {"dataset": "test"}, P, 3)
+  real = trajectory.make_expert
+  monkeypatch.setattr(trajectory, "make_expert",
+                      lambda *a, **k: interrupting(real(*a, **k), after=5))  # mid-epoch 2
+  with pytest.raises(Interrupt):
+    train_expert(other, 0, MODEL, X, LABELS, plan=plan, batch=16, lr=0.05, seed=0,
+                 augment="crop_flip", log=lambda _: None, progress=False)
+  assert other.experts() == []
+  monkeypatch.setattr(trajectory, "make_expert", real)
+  train_expert(other, 0, MODEL, X, LABELS, plan=plan, batch=16, lr=0.05, seed=0,
+               augment="crop_flip", log=lambda _: None, progress=False)
+  np.testing.assert_array_equal(np.asarray(other.trajectory(0)), straight)
+
+
+def test_a_resumed_matching_run_equals_an_uninterrupted_one_and_lowers_the_loss(tmp_path):
+  store, _ = _store(tmp_path)
+  y = jax.nn.one_hot(LABELS[:6], CLASSES)
+  method = make_trajectory_matching(MODEL, PARAMS, store, image_shape=SHAPE, syn_steps=3,
+                                    expert_epochs=1, max_start_epoch=2, lr_img=10.0,
+                                    lr_lr=1e-4, augment="crop", seed=1)
+  config = LoopConfig(steps=6, eval_every=0, checkpoint_every=2, seed=1, log_every=1)
+
+  def go(folder, m):
+    return run(m, workdir=str(tmp_path / folder), config=config,
+               sampler=make_sampler(m.data, None), x_init=X[:6], y_init=y,
+               log=lambda _: None, progress=False)
+
+  straight, _ = assert_resumed_equals_straight(go, method, after=3)
+  assert not np.allclose(np.asarray(straight.state.x), X[:6])
+  assert float(straight.state.lr) != pytest.approx(0.01)
+  with pytest.raises(StoreMismatch, match="parameters"):
+    make_trajectory_matching(make_net("convnet3", CLASSES, width=4, depth=2, image_shape=SHAPE),
+                             {"w": jnp.zeros(3)}, store, image_shape=SHAPE)
+  with pytest.raises(ValueError, match="epochs"):
+    make_trajectory_matching(MODEL, PARAMS, store, image_shape=SHAPE, expert_epochs=2,
+                             max_start_epoch=3)
