@@ -93,14 +93,21 @@ class Config(TrajectoryConfig):
   pass
 
 
-def open_store(config: TrajectoryConfig) -> tuple[ExpertStore, str]:
+def store_path(config: TrajectoryConfig, **buffer_flags) -> str:
+  """--buffer, or where `experiments.buffer` with the run's dataset, preset and preprocessing
+  (and `buffer_flags`, e.g. PAD's curriculum) keeps its store."""
+  return config.buffer or default_buffer(config.dataset, config.preset,
+                                         preprocess=config.preprocessing(), **buffer_flags)
+
+
+def open_store(config: TrajectoryConfig, **buffer_flags) -> tuple[ExpertStore, str]:
   """The run's expert store, checked to hold experts of the run's dataset and preprocessing."""
-  path = config.buffer or default_buffer(config.dataset, config.preset,
-                                         preprocess=config.preprocessing())
+  path = store_path(config, **buffer_flags)
   try:
     store = ExpertStore.open(path)
   except FileNotFoundError:
-    hint = "" if config.buffer else f" --preset {config.preset}"
+    hint = "" if config.buffer else f" --preset {config.preset}" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in buffer_flags.items())
     raise cli.UserError(f"no expert store at {path}; make it first with python -m "
                         f"experiments.buffer --dataset {config.dataset}{hint}"
                         + (f" --buffer {path}" if config.buffer else "")) from None
@@ -129,11 +136,12 @@ def chosen_experts(store: ExpertStore, config: TrajectoryConfig, workdir: str) -
 
 
 def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, make_method,
-                   *, init_support=None, **method_kwargs) -> dict:
+                   *, init_support=None, buffer_flags: dict | None = None,
+                   **method_kwargs) -> dict:
   """Runs a trajectory-matching method as configured in `workdir`; returns the last evaluation.
   `make_method(model, params_template, store, **kwargs) -> Method`; `init_support(data, model,
-  store, experts) -> (x, y)` replaces the class-balanced initial support (DATM)."""
-  store, _ = open_store(config)
+  template, store, experts) -> (x, y)` replaces the class-balanced initial support (DATM)."""
+  store, _ = open_store(config, **(buffer_flags or {}))
   data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   split = held_out_split(config.val_size)
@@ -147,7 +155,7 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
   if init_support is None or config.init == "noise":
     x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
   else:
-    x_init, y_init = init_support(data, model, store, experts)
+    x_init, y_init = init_support(data, model, template, store, experts)
   try:
     method = make_method(
         model, template, store, image_shape=image_shape, syn_steps=config.syn_steps,
@@ -180,10 +188,8 @@ def report(result: dict, workdir: str) -> None:
 
 def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__, presets=PRESETS)
-  store_path = config.buffer or default_buffer(config.dataset, config.preset,
-                                               preprocess=config.preprocessing())
   workdir = cli.prepare_workdir(config, "mtt", [config.dataset, f"ipc{config.ipc}"],
-                                inputs={"buffer": os.path.join(store_path, "store.json")})
+                                inputs={"buffer": os.path.join(store_path(config), "store.json")})
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   report(run_trajectory(config, workdir, "mtt", make_mtt), workdir)
   return 0

@@ -60,7 +60,9 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
                 choices=("auto", *NORMS))
   parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
-  lr: float = f(0.0, "learning rate (0: the protocol's; kip: max stable rate of the NTK)")
+  lr: float = f(0.0, "learning rate (0: the set's learned one if it carries `lr`, as MTT's "
+                    "sets, for its own row; else the protocol's; kip: max stable rate of the "
+                    "NTK)")
   augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
@@ -121,6 +123,10 @@ def transfer(config: Config, workdir: str) -> dict:
           f"{f'depth {depth}, ' if net_name.startswith('convnet') else ''}norm {norm}, "
           f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
   augment = None if config.augment == "auto" else config.augment
+  set_lr = float(np.asarray(distilled.extras["lr"])) if "lr" in distilled.extras else 0.0
+  if set_lr and not config.lr:
+    cli.log(f"the set carries a learned learning rate: {set_lr:.4g} for its own row (--lr to "
+            "override)")
   results = []
   for row in rows:
     row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
@@ -135,7 +141,8 @@ def transfer(config: Config, workdir: str) -> dict:
       suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
       trained.append(train_and_evaluate(
           net, protocol, x[part] if part else x, y[part] if part else y, data.x_test,
-          data.labels_test, seeds=group, steps=steps, lr=config.lr, augment=augment,
+          data.labels_test, seeds=group, steps=steps,
+          lr=config.lr or (set_lr if row == "distilled" else 0.0), augment=augment,
           eval_every=config.eval_every or max(1, total_steps // 10),
           workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
           progress=config.progress, log=cli.log, description=row,

@@ -53,7 +53,7 @@ from kip.nets import MLP, count_params
 __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
            "max_stable_lr", "make_optimizer", "choose_seed_batching",
            "over_seeds", "init_states", "make_train_step",
-           "make_predict", "evaluate_states", "train_and_evaluate"]
+           "make_predict", "evaluate_states", "is_soft", "train_and_evaluate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,6 +408,8 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
     if loss in ("mse", "mse_mean"):
       half = 0.5 if loss == "mse" else 1.0
       value = value + half * jnp.mean((logits - scale * y) ** 2) / scale**2
+    elif loss == "xent" and y.ndim == logits.ndim:  # soft labels: probabilities
+      value = value + optax.softmax_cross_entropy(logits, y).mean()
     elif loss == "xent":
       value = value + optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     else:
@@ -462,6 +464,17 @@ def evaluate_states(predict: Callable, states: TrainState, x_test: np.ndarray,
   return correct / len(x_test)
 
 
+def is_soft(y: np.ndarray) -> bool:
+  """Whether (..., n, C) labels are soft: probabilities (non-negative rows summing to 1) that are
+  not all one class each (one entry above the rest, the others equal). Hard labels, one-hot or
+  centred, and learned labels that are not probabilities (KIP's) are not."""
+  y = np.asarray(y, np.float64)
+  top = np.sum(y == y.max(-1, keepdims=True), -1) == 1
+  rest = np.sum(y == y.min(-1, keepdims=True), -1) == y.shape[-1] - 1
+  hard = bool(np.all(top & rest))
+  return not hard and bool(np.all(y >= 0) and np.allclose(y.sum(-1), 1.0, atol=1e-4))
+
+
 def train_and_evaluate(
     net: nn.Module,
     protocol: Protocol,
@@ -492,7 +505,8 @@ def train_and_evaluate(
     x_train: (n, H, W, C) float32 images in the set's preprocessed space, shared by all seeds,
       or (n_seeds, n, H, W, C): one set per seed (e.g. a different random subset each).
     y_train: (n, C) float32 labels as stored (centred one-hot or learned), or (n_seeds, n, C);
-      `xent` protocols use their argmax.
+      `xent` protocols use their argmax, or, for soft labels (`is_soft`: probabilities, not
+      one class a row), the cross-entropy against them (DATM's).
     x_test, labels_test: (n_test, H, W, C) float32 in the same space, (n_test,) int; None: no
       test evaluation (e.g. pre-training on regression targets).
     init_from: start from these trained networks (stacked over seeds, e.g. the `states` of a
@@ -517,7 +531,8 @@ def train_and_evaluate(
   if augment is None and not dataset and protocol.augment_by_dataset:
     log(f"protocol {protocol.name}: no dataset given, augmentation {protocol.augment or 'none'}; "
         f"pass dataset= for its per-dataset choice ({dict(protocol.augment_by_dataset)})")
-  labels = y_train if protocol.loss != "xent" else np.argmax(y_train, -1).astype(np.int32)
+  soft = protocol.loss == "xent" and is_soft(y_train)
+  labels = y_train if protocol.loss != "xent" or soft else np.argmax(y_train, -1).astype(np.int32)
   x_dev, y_dev = jnp.asarray(x_train), jnp.asarray(labels)
   seed_keys = _seed_keys(seeds)
 

@@ -55,7 +55,7 @@ from kip.loop import Evaluator, LoopConfig, run
 from kip.method import Batch, Data, Method
 
 __all__ = ["ExpertStore", "StoreMismatch", "curriculum_window", "epoch_plan", "el2n_scores",
-           "make_expert", "train_expert", "trajectory_loss", "layer_mask",
+           "make_expert", "train_expert", "trajectory_loss", "depth_mask", "smallest_error_mask",
            "make_student", "make_trajectory_matching", "TrajectoryState"]
 
 STORE_FILE = "store.json"
@@ -340,19 +340,6 @@ def trajectory_loss(theta_student: jax.Array, theta_start: jax.Array, theta_targ
       m * (theta_start - theta_target) ** 2)
 
 
-def layer_mask(params, skip: Sequence[str]) -> np.ndarray:
-  """(P,) float32 in `ravel_pytree(params)` order: 0 for the parameters of the top-level modules
-  named in `skip`, 1 elsewhere."""
-  unknown = sorted(set(skip) - set(params))
-  if unknown:
-    raise ValueError(f"no layer {', '.join(unknown)} in the network ({', '.join(params)})")
-  ones = {k: jax.tree_util.tree_map(lambda a, keep=k not in skip: np.full(a.shape, float(keep),
-                                                                            np.float32), v)
-          for k, v in params.items()}
-  flat, _ = ravel_pytree(ones)
-  return np.asarray(flat, np.float32)
-
-
 def make_student(model, unravel: Callable, *, syn_steps: int, batch_syn: int = 0,
                  augment: str = "", remat: bool = True, unroll: bool = False) -> Callable:
   """(x (n, H, W, C), targets (n, C) probabilities, lr (), theta0 (P,), key) -> theta (P,): the
@@ -386,6 +373,43 @@ def make_student(model, unravel: Callable, *, syn_steps: int, batch_syn: int = 0
   return student
 
 
+def depth_mask(params, ratio: float) -> np.ndarray:
+  """(P,) float32 in `ravel_pytree(params)` order: 0 for the shallowest `floor(ratio * P)`
+  parameters, 1 for the rest (PAD's paper). Depth is the block index of a top-level module
+  (`conv_2`, `norm_2` -> 2; a module without one, the readout, is deepest); within a block, its
+  modules and leaves in `ravel_pytree` order."""
+  if not 0 <= ratio < 1:
+    raise ValueError(f"the shallow-parameter ratio must be in [0, 1), got {ratio}")
+
+  def depth(name):
+    tail = name.rsplit("_", 1)[-1]
+    return (int(tail), name) if tail.isdigit() else (float("inf"), name)
+
+  total = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
+  left = int(np.floor(ratio * total))
+  tree = {}
+  for name in sorted(params, key=depth):
+    leaves, treedef = jax.tree_util.tree_flatten(params[name])
+    masks = []
+    for leaf in leaves:
+      flat = np.ones(int(np.size(leaf)), np.float32)
+      cut = min(left, flat.size)
+      flat[:cut], left = 0.0, left - cut
+      masks.append(flat.reshape(np.shape(leaf)))
+    tree[name] = jax.tree_util.tree_unflatten(treedef, masks)
+  return np.asarray(ravel_pytree(tree)[0], np.float32)
+
+
+def smallest_error_mask(theta: jax.Array, theta_target: jax.Array, fraction: float) -> jax.Array:
+  """(P,) 0 for the `floor(fraction * P)` entries with the smallest (theta - target)^2, 1 else."""
+  err = (theta - theta_target) ** 2
+  k = int(np.floor(fraction * err.size))
+  if k == 0:
+    return jnp.ones_like(err)
+  threshold = jnp.sort(err)[k - 1]
+  return (err > threshold).astype(err.dtype)
+
+
 class TrajectoryState(NamedTuple):
   """x: (n, H, W, C) synthetic images; y: (n, C) labels (hard: one-hot; soft: learned logits);
   lr: () the student's learnable learning rate; opt_*: their optimisers' states."""
@@ -406,7 +430,8 @@ def make_trajectory_matching(
     momentum: float = 0.5, y_momentum: float = 0.9, soft_labels: bool = False,
     augment: str = "", param_mask: np.ndarray | None = None,
     skip_above: float = 0.0, experts: Sequence[int] | None = None, seed: int = 0,
-    remat: bool = True, unroll: bool | None = None) -> Method:
+    remat: bool = True, unroll: bool | None = None, largest_start: int | None = None,
+    drop_smallest: float = 0.0) -> Method:
   """Trajectory matching as a `kip.method.Method` (`Data("none")`: the method reads its expert
   store itself). Each update picks an expert and a start epoch t < max_start_epoch (a function
   of the step for DATM's widening window) from `rng([seed, step])`, reads the two parameter
@@ -422,6 +447,9 @@ def make_trajectory_matching(
     soft_labels, lr_y, y_momentum: DATM: labels are learned logits (soft cross-entropy) by SGD.
     param_mask: (P,) 1 for the parameters the loss matches (PAD), None for all.
     skip_above: DATM: an update whose loss exceeds this is not applied (0: never skip).
+    largest_start: the largest value `max_start_epoch(step)` takes (checked against the store).
+    drop_smallest: the official PAD code's mask: leave out this fraction of the parameters, those
+      the student matches best at this update (0: off).
     remat: recompute each student step's activations in the backward pass (bounded memory).
     unroll: compile the student's steps unrolled instead of as a loop (None: on CPU only, where
       XLA runs the convolutions of a loop body about 10x slower than the same ops unrolled:
@@ -436,10 +464,11 @@ def make_trajectory_matching(
     raise FileNotFoundError(f"the expert store {store.path} holds no finished expert yet")
   unrolled = jax.default_backend() == "cpu" if unroll is None else unroll
   window = max_start_epoch if callable(max_start_epoch) else (lambda step: max_start_epoch)
-  if window(1) + expert_epochs > store.epochs:
-    raise ValueError(f"start epochs up to {window(1) - 1} + {expert_epochs} need experts of "
-                     f"{window(1) - 1 + expert_epochs} epochs; the store's have {store.epochs}")
-  mask = None if param_mask is None else jnp.asarray(param_mask)
+  largest = largest_start if largest_start is not None else window(1)
+  if largest - 1 + expert_epochs > store.epochs:
+    raise ValueError(f"start epochs up to {largest - 1} + {expert_epochs} need experts of "
+                     f"{largest - 1 + expert_epochs} epochs; the store's have {store.epochs}")
+  fixed_mask = None if param_mask is None else jnp.asarray(param_mask)
   opt_x = optax.sgd(lr_img, momentum=momentum)
   opt_lr = optax.sgd(lr_lr, momentum=momentum)
   opt_y = optax.sgd(lr_y or 1.0, momentum=y_momentum)
@@ -453,6 +482,9 @@ def make_trajectory_matching(
   def loss_fn(learned, theta_start, theta_target, key):
     x, y, lr = learned
     theta = student(x, targets_of(y), lr, theta_start, key)
+    mask = fixed_mask
+    if drop_smallest:  # the official PAD code: leave out the best-matched parameters
+      mask = jax.lax.stop_gradient(smallest_error_mask(theta, theta_target, drop_smallest))
     return trajectory_loss(theta, theta_start, theta_target, mask)
 
   def init(key, x_init, y_init) -> TrajectoryState:

@@ -5,6 +5,7 @@ protocol says."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,3 +85,21 @@ def test_dc_without_a_dataset_trains_unaugmented_and_says_so(monkeypatch):
                               progress=False, log=lines.append)
   assert result.steps == 2
   assert any("no dataset given" in line and "mnist" in line for line in lines)
+
+
+def test_soft_labels_train_toward_their_probabilities():
+  """A set with soft labels (DATM's) is fitted by the cross-entropy against them: a net trained
+  long on two images labelled (0.7, 0.2, 0.1) and (0.1, 0.3, 0.6) predicts about those
+  probabilities, where hard labels (their argmax) would drive them toward 1."""
+  from kip.train import is_soft, make_predict
+
+  y = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
+  assert is_soft(y) and not is_soft(centered_one_hot(np.array([0, 2]), 3))
+  assert not is_soft(np.array([[1.2, -0.1, -0.1], [0.1, 0.5, 0.4]]))  # KIP's learned labels
+  x = np.random.default_rng(0).normal(size=(2, 4, 4, 1)).astype(np.float32)
+  net = make_net("mlp", 3, width=16)
+  protocol = dataclasses.replace(PROTOCOLS["dc"], weight_decay=0.0, schedule="constant")
+  result = train_and_evaluate(net, protocol, x, y, None, None, steps=400, lr=0.1, augment="none",
+                              progress=False, log=lambda _: None)
+  probs = np.asarray(jax.nn.softmax(make_predict(net)(result.states, x)))[0]
+  np.testing.assert_allclose(probs, y, atol=0.02)

@@ -1,6 +1,6 @@
 """Trajectory matching: the normalised loss against NumPy, the student's gradient against finite
 differences in float64, the expert store's round trip and refusal, PAD's curriculum fractions and
-shallow-layer mask, and resumed expert training and distillation equal to uninterrupted runs."""
+shallow-parameter masks, resumed expert training and distillation equal to uninterrupted runs."""
 
 import os
 
@@ -19,10 +19,11 @@ from methods.trajectory import (
   ExpertStore,
   StoreMismatch,
   curriculum_window,
+  depth_mask,
   epoch_plan,
-  layer_mask,
   make_student,
   make_trajectory_matching,
+  smallest_error_mask,
   train_expert,
   trajectory_loss,
 )
@@ -113,18 +114,31 @@ def test_the_curriculum_grows_then_drops_the_easiest():
   np.testing.assert_array_equal(plan[2], np.r_[np.arange(2, 10), 10 + np.arange(2, 10)])
 
 
-def test_the_layer_mask_leaves_out_the_named_layers():
-  mask = layer_mask(PARAMS, ["conv_0"])
-  assert mask.shape == (P,)
+def test_the_depth_mask_leaves_out_the_shallowest_parameters():
+  # ConvNet blocks conv_0, norm_0, conv_1, norm_1, then the readout: depth order by block.
+  sizes = {name: sum(a.size for a in jax.tree_util.tree_leaves(sub)) for name, sub in
+           PARAMS.items()}
   _, unravel = ravel_pytree(PARAMS)
-  tree = unravel(jnp.asarray(mask))
+  first_block = sizes["conv_0"] + sizes["norm_0"]
+  ratio = first_block / P  # exactly block 0
+  tree = unravel(jnp.asarray(depth_mask(PARAMS, ratio + 1e-9)))
   for name, sub in tree.items():
     for leaf in jax.tree_util.tree_leaves(sub):
-      assert np.all(np.asarray(leaf) == (0.0 if name == "conv_0" else 1.0)), name
-  n_conv0 = sum(a.size for a in jax.tree_util.tree_leaves(PARAMS["conv_0"]))
-  assert mask.sum() == P - n_conv0
-  with pytest.raises(ValueError, match="no layer"):
-    layer_mask(PARAMS, ["conv_9"])
+      assert np.all(np.asarray(leaf) == (0.0 if name.endswith("_0") else 1.0)), name
+  mask = depth_mask(PARAMS, 0.5)
+  assert mask.sum() == P - np.floor(0.5 * P)
+  assert depth_mask(PARAMS, 0.0).sum() == P
+  # The readout is deepest: never left out before the convolutions are.
+  assert np.all(np.asarray(unravel(jnp.asarray(mask))["readout"]["kernel"]) == 1.0)
+  with pytest.raises(ValueError, match="ratio"):
+    depth_mask(PARAMS, 1.0)
+
+
+def test_the_smallest_error_mask_drops_the_best_matched_entries():
+  theta = jnp.asarray([0.0, 1.0, 2.0, 3.0])
+  target = jnp.asarray([0.1, 0.0, 2.0, 1.0])  # squared errors 0.01, 1, 0, 4
+  np.testing.assert_array_equal(smallest_error_mask(theta, target, 0.5), [0, 1, 0, 1])
+  np.testing.assert_array_equal(smallest_error_mask(theta, target, 0.1), [1, 1, 1, 1])
 
 
 def _store(tmp_path, experts=2, epochs=3):
@@ -177,3 +191,23 @@ def test_a_resumed_matching_run_equals_an_uninterrupted_one_and_lowers_the_loss(
   with pytest.raises(ValueError, match="epochs"):
     make_trajectory_matching(MODEL, PARAMS, store, image_shape=SHAPE, expert_epochs=2,
                              max_start_epoch=3)
+
+
+def test_datm_widens_its_window_and_skips_updates_above_the_threshold(tmp_path):
+  from methods.datm import start_window
+
+  assert [start_window(s, first=2, last=5, steps=4) for s in (1, 2, 3, 4)] == [2, 3, 4, 5]
+  assert start_window(7, first=3, last=3, steps=10) == 3
+  store, _ = _store(tmp_path, experts=1)
+  y = jax.nn.one_hot(LABELS[:6], CLASSES) * 3.0  # logits
+  method = make_trajectory_matching(MODEL, PARAMS, store, image_shape=SHAPE, syn_steps=1,
+                                    expert_epochs=1, max_start_epoch=2, soft_labels=True,
+                                    lr_y=1.0, skip_above=1e-9)
+  state = method.init(None, X[:6], y)
+  x0, y0 = np.asarray(state.x), np.asarray(state.y)
+  state, metrics = method.update(state, None, jax.random.key(0), jnp.asarray(1))
+  assert float(metrics["skipped"]) == 1.0 and float(metrics["loss"]) > 1e-9
+  np.testing.assert_array_equal(np.asarray(state.x), x0)
+  np.testing.assert_array_equal(np.asarray(state.y), y0)
+  exported = method.export(state)
+  np.testing.assert_allclose(exported["labels"], jax.nn.softmax(y0), rtol=1e-6)
