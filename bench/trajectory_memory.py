@@ -8,9 +8,9 @@ norm (the cpu buffer's experts), DSA per image in the student's steps. Each row 
 memory analysis of the compiled gradient of the matching loss (temporary buffers: what the
 backward pass through the student's steps holds), then times the update of
 `methods.trajectory.make_trajectory_matching`: the first (compiling) one and the median of
-`--rounds` more (up to `--timed-max` student steps: compiled as a loop they are slow on CPU). Unrolled programs compile slower as the student
-grows; `--unrolled-max` caps the student steps compiled unrolled. Prints a table and writes
-bench/results/trajectory_memory.json.
+`--rounds` more (up to `--timed-max` student steps: compiled as a loop they are slow on CPU).
+Unrolled programs compile slower as the student grows; `--unrolled-max` caps the student steps
+compiled unrolled. Prints a table and writes bench/results/trajectory_memory.json.
 """
 
 from __future__ import annotations
