@@ -65,12 +65,11 @@ def test_buffers_then_mtt_and_pad_then_transfer(tmp_path, manual_dir, data_dir, 
   assert pad_set.labels.max() < 1.0 and "label_logits" in pad_set.extras
 
   # transfer trains the set at its learned rate, on its soft labels.
-  for name in ("pad",):
-    out = run_in_process("experiments.transfer", "--support",
-                         str(tmp_path / name / "distilled.npz"), "--dataset", "mnist",
-                         "--protocol", "dc", "--steps", "3", "--seeds", "1", "--width", "4",
-                         "--baselines", "none", "--workdir", str(tmp_path / f"t-{name}"),
-                         "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
-    assert out.returncode == 0, out.stderr
-    row = json.loads((tmp_path / f"t-{name}" / "transfer.json").read_text())["rows"][0]
-    assert row["lr"] == float(load_distilled(str(tmp_path / name / "distilled.npz")).extras["lr"])
+  out = run_in_process("experiments.transfer", "--support", str(tmp_path / "pad" / "distilled.npz"),
+                       "--dataset", "mnist", "--protocol", "dc", "--steps", "3", "--seeds", "1",
+                       "--width", "4", "--baselines", "none", "--workdir", str(tmp_path / "t"),
+                       "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
+  assert out.returncode == 0, out.stderr
+  assert "carries a learned learning rate" in out.stderr
+  row = json.loads((tmp_path / "t" / "transfer.json").read_text())["rows"][0]
+  assert row["lr"] == float(pad_set.extras["lr"])
