@@ -152,10 +152,6 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "
           f"store {store.path}: {len(experts)} experts of {store.epochs} epochs, width "
           f"{store.settings['width']}")
-  if init_support is None or config.init == "noise":
-    x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
-  else:
-    x_init, y_init = init_support(data, model, template, store, experts)
   try:
     method = make_method(
         model, template, store, image_shape=image_shape, syn_steps=config.syn_steps,
@@ -166,6 +162,10 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
         seed=config.seed, **method_kwargs)
   except (StoreMismatch, ValueError) as e:
     raise cli.UserError(str(e)) from None
+  if init_support is None or config.init == "noise":
+    x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  else:
+    x_init, y_init = init_support(data, model, template, store, experts)
   depth = store.settings["depth"] or default_depth(image_shape)
   finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
                             seeds=(config.seed,), width=store.settings["width"], depth=depth,

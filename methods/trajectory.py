@@ -489,8 +489,9 @@ def make_trajectory_matching(
 
   def init(key, x_init, y_init) -> TrajectoryState:
     del key
-    x = jnp.asarray(x_init, jnp.float32)
-    y = jnp.asarray(y_init, jnp.float32)
+    # Copies: the update donates its state, and the caller's arrays must outlive it.
+    x = jnp.array(x_init, jnp.float32)
+    y = jnp.array(y_init, jnp.float32)
     if not soft_labels:  # hard labels: one-hot of the class, whatever encoding came in
       y = jax.nn.one_hot(jnp.argmax(y, -1), y.shape[-1])
     lr = jnp.asarray(lr_init, jnp.float32)

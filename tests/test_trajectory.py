@@ -169,12 +169,20 @@ def test_an_interrupted_expert_resumes_to_the_same_trajectory(tmp_path, monkeypa
   np.testing.assert_array_equal(np.asarray(other.trajectory(0)), straight)
 
 
-def test_a_resumed_matching_run_equals_an_uninterrupted_one_and_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("name", ["mtt", "pad"])
+def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, name):
+  """MTT, and PAD (= DATM's soft labels, widening window and threshold, plus a mask)."""
+  from methods.pad import make_pad
+
   store, _ = _store(tmp_path)
   y = jax.nn.one_hot(LABELS[:6], CLASSES)
-  method = make_trajectory_matching(MODEL, PARAMS, store, image_shape=SHAPE, syn_steps=3,
-                                    expert_epochs=1, max_start_epoch=2, lr_img=10.0,
-                                    lr_lr=1e-4, augment="crop", seed=1)
+  common = dict(image_shape=SHAPE, syn_steps=3, expert_epochs=1, max_start_epoch=1,
+                lr_img=10.0, lr_lr=1e-4, augment="crop", seed=1)
+  if name == "mtt":
+    method = make_trajectory_matching(MODEL, PARAMS, store, **common)
+  else:
+    method = make_pad(MODEL, PARAMS, store, ratio=0.3, max_start_epoch_final=3, steps=6,
+                      lr_y=1.0, threshold=2.0, **common)
   config = LoopConfig(steps=6, eval_every=0, checkpoint_every=2, seed=1, log_every=1)
 
   def go(folder, m):
@@ -185,6 +193,9 @@ def test_a_resumed_matching_run_equals_an_uninterrupted_one_and_lowers_the_loss(
   straight, _ = assert_resumed_equals_straight(go, method, after=3)
   assert not np.allclose(np.asarray(straight.state.x), X[:6])
   assert float(straight.state.lr) != pytest.approx(0.01)
+  if name == "pad":
+    assert not np.allclose(np.asarray(straight.state.y), y)  # the soft labels learn
+    return
   with pytest.raises(StoreMismatch, match="parameters"):
     make_trajectory_matching(make_net("convnet3", CLASSES, width=4, depth=2, image_shape=SHAPE),
                              {"w": jnp.zeros(3)}, store, image_shape=SHAPE)
