@@ -10,7 +10,8 @@ backward pass through the student's steps holds), then times the update of
 `methods.trajectory.make_trajectory_matching`: the first (compiling) one and the median of
 `--rounds` more (up to `--timed-max` student steps: compiled as a loop they are slow on CPU).
 Unrolled programs compile slower as the student grows; `--unrolled-max` caps the student steps
-compiled unrolled. Prints a table and writes bench/results/trajectory_memory.json.
+compiled unrolled. Prints a table and writes bench/results/trajectory_memory.json (rows measured
+now replace the same rows of the file; the others are kept).
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ def main(argv=None) -> int:
         "-" if r["first_update_s"] is None else f"{r['first_update_s']:.1f}",
         "-" if r["update_s"] is None else f"{r['update_s']:.2f}") for r in rows]))
   out = os.path.join(ROOT, "bench", "results", "trajectory_memory.json")
+  if os.path.exists(out):  # rows measured now replace the same rows; the others are kept
+    with open(out) as f:
+      def key(r):
+        return r["syn_steps"], r["remat"], r["unrolled"]
+      done = {key(r) for r in rows}
+      rows = sorted([r for r in json.load(f)["rows"] if key(r) not in done] + rows, key=key)
   with open(out + ".tmp", "w") as f:
     json.dump({"command": " ".join(["python -m bench.trajectory_memory", *(argv or sys.argv[1:])]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
