@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -174,9 +173,7 @@ def build_buffer(config: Config, path: str) -> dict:
       scores = el2n_scores(model, x, labels, data.num_classes, nets=config.score_nets,
                            steps=config.score_steps, batch=config.batch, lr=config.lr * 10,
                            seed=config.seed)
-      buffer = io.BytesIO()
-      np.save(buffer, scores)
-      atomic_write(scores_path, buffer.getvalue())
+      atomic_write(scores_path, scores)
     order = np.argsort(np.load(scores_path), kind="stable")  # easiest first
 
     def window(epoch):

@@ -100,7 +100,7 @@ def store_path(config: TrajectoryConfig, **buffer_flags) -> str:
                                          preprocess=config.preprocessing(), **buffer_flags)
 
 
-def open_store(config: TrajectoryConfig, **buffer_flags) -> tuple[ExpertStore, str]:
+def open_store(config: TrajectoryConfig, **buffer_flags) -> ExpertStore:
   """The run's expert store, checked to hold experts of the run's dataset and preprocessing."""
   path = store_path(config, **buffer_flags)
   try:
@@ -115,7 +115,7 @@ def open_store(config: TrajectoryConfig, **buffer_flags) -> tuple[ExpertStore, s
     if store.settings.get(key) != value:
       raise cli.UserError(f"the expert store {path} holds experts of {key} "
                           f"{store.settings.get(key)!r}, this run is {value!r}")
-  return store, path
+  return store
 
 
 def chosen_experts(store: ExpertStore, config: TrajectoryConfig, workdir: str) -> list[int]:
@@ -141,7 +141,7 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
   """Runs a trajectory-matching method as configured in `workdir`; returns the last evaluation.
   `make_method(model, params_template, store, **kwargs) -> Method`; `init_support(data, model,
   template, store, experts) -> (x, y)` replaces the class-balanced initial support (DATM)."""
-  store, _ = open_store(config, **(buffer_flags or {}))
+  store = open_store(config, **(buffer_flags or {}))
   data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
                       manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
   split = held_out_split(config.val_size)
@@ -169,7 +169,7 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
   depth = store.settings["depth"] or default_depth(image_shape)
   finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
                             seeds=(config.seed,), width=store.settings["width"], depth=depth,
-                            dataset=config.dataset, split=split, lr_extra="lr")
+                            dataset=config.dataset, split=split)
   meta = {"method": method_name, "dataset": config.dataset, "seed": config.seed,
           "ipc": config.ipc, "config": dataclasses.asdict(config), "buffer": store.path}
   result = distill(method, data, workdir=workdir,

@@ -31,16 +31,20 @@ class FileFormatError(ValueError):
   """A distilled-set file that cannot be used as one; the message says what is wrong."""
 
 
-def atomic_write(path: str, content: bytes | dict[str, np.ndarray]) -> None:
-  """Writes bytes, or a dict of arrays as .npz, to a temporary file, then renames it to `path`.
+def atomic_write(path: str, content: bytes | np.ndarray | dict[str, np.ndarray]) -> None:
+  """Writes bytes, an array as .npy, or a dict of arrays as .npz, to a temporary file, then
+  renames it to `path`.
 
   A crash leaves either the old file or the new one, never half of one.
   """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  if isinstance(content, dict):
+  if isinstance(content, dict | np.ndarray):
     buffer = io.BytesIO()
-    np.savez(buffer, **content)
+    if isinstance(content, dict):
+      np.savez(buffer, **content)
+    else:
+      np.save(buffer, content)
     content = buffer.getvalue()
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:

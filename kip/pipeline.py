@@ -243,14 +243,13 @@ def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None 
 def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps: int = 300,
                      seeds: tuple[int, ...] = (0,), net: str = "", width: int = 0,
                      depth: int = 0, dataset: str = "", split: str = "test",
-                     every: int | None = None, name: str = "finite",
-                     lr_extra: str = "") -> Evaluator:
+                     every: int | None = None, name: str = "finite") -> Evaluator:
   """An evaluator: fresh networks trained on the method's exported set under a named transfer
   protocol (`kip.train.PROTOCOLS`, shortened to `steps`), tested on the held-out split; reports
   `<name>_<split>_acc` (the mean over `seeds`). For methods with no kernel to evaluate with (DM,
   DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job. `width`
-  and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images; `lr_extra`
-  names an exported extra that is the learning rate to train with (a learned one, as MTT's)."""
+  and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images. A set that
+  exports a learned learning rate `lr` (MTT's) trains at it, as `experiments.transfer` does."""
   chosen = PROTOCOLS[protocol]
   image_shape = data.x_train.shape[1:]
   model = make_net(net or chosen.net, data.num_classes, width=width or chosen.width,
@@ -263,7 +262,7 @@ def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps:
                                 np.asarray(arrays["labels"]), data.x_test, data.labels_test,
                                 seeds=seeds, steps=steps, dataset=dataset, progress=False,
                                 log=lambda _: None,
-                                lr=float(arrays[lr_extra]) if lr_extra else 0.0)
+                                lr=float(arrays["lr"]) if "lr" in arrays else 0.0)
     return {f"{name}_{split}_acc": float(np.mean(result.test_acc))}
 
   return Evaluator(name, fn, every)

@@ -36,7 +36,6 @@ whole unroll.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import shutil
@@ -124,9 +123,7 @@ class ExpertStore:
     if trajectory.shape != (self.epochs + 1, self.num_params):
       raise ValueError(f"an expert trajectory must be {(self.epochs + 1, self.num_params)}, got "
                        f"{trajectory.shape}")
-    buffer = io.BytesIO()
-    np.save(buffer, trajectory)
-    atomic_write(self._file(i), buffer.getvalue())
+    atomic_write(self._file(i), trajectory)
     write_json(self._file(i, "json"), record)
 
   def trajectory(self, i: int) -> np.ndarray:
@@ -267,9 +264,8 @@ def train_expert(store: ExpertStore, i: int, model, x_train: np.ndarray,
     if step not in row_of:
       return {}
     flat, _ = ravel_pytree(state.params)
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(flat, np.float32))
-    atomic_write(os.path.join(rows, f"epoch_{row_of[step]:03d}.npy"), buffer.getvalue())
+    atomic_write(os.path.join(rows, f"epoch_{row_of[step]:03d}.npy"),
+                 np.asarray(flat, np.float32))
     out = {"epoch": row_of[step]}
     if step == int(ends[-1]) and evaluate is not None:
       out["test_acc"] = evaluate(state.params)
@@ -296,18 +292,7 @@ def el2n_scores(model, x_train: np.ndarray, labels_train: np.ndarray, num_classe
   """EL2N difficulty (Paul et al., NeurIPS 2021): ||softmax(f(x)) - onehot(y)||_2 averaged over
   `nets` networks, each trained `steps` SGD steps (momentum 0.9) on random batches; (n,) float32,
   larger = harder."""
-  tx = optax.sgd(lr, momentum=0.9)
-  image_shape = x_train.shape[1:]
-
-  @jax.jit
-  def step_fn(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  trainer = make_expert(model, x_train.shape[1:], lr=lr, momentum=0.9)
 
   @jax.jit
   def error(params, x, y):
@@ -316,13 +301,13 @@ def el2n_scores(model, x_train: np.ndarray, labels_train: np.ndarray, num_classe
 
   scores = np.zeros(len(x_train), np.float64)
   for k in range(nets):
-    params = model.init(jax.random.key(seed * 1000 + k), jnp.zeros((1, *image_shape)),
-                        train=False)["params"]
-    opt_state = tx.init(params)
+    state = trainer.init(jax.random.key(seed * 1000 + k))
     rng = np.random.default_rng([seed, k])
-    for _ in range(steps):
+    for step in range(1, steps + 1):
       idx = rng.choice(len(x_train), batch, replace=False)
-      params, opt_state = step_fn(params, opt_state, x_train[idx], labels_train[idx])
+      batch_k = Batch(jnp.asarray(x_train[idx]), jnp.asarray(labels_train[idx], jnp.int32))
+      state, _ = trainer.update(state, batch_k, jax.random.key(0), jnp.asarray(step))
+    params = state.params
     for start in range(0, len(x_train), chunk):
       sl = slice(start, start + chunk)
       scores[sl] += np.asarray(error(params, x_train[sl], labels_train[sl]))
@@ -510,7 +495,8 @@ def make_trajectory_matching(
     if soft_labels and lr_y > 0:
       uy, opt_y_state = opt_y.update(gy, state.opt_y, state.y)
       new = new._replace(y=optax.apply_updates(state.y, uy), opt_y=opt_y_state)
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, state)
+    if skip_above > 0:  # a skipped update keeps every learned quantity and optimiser state
+      new = jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, state)
     return new, {"loss": loss, "skipped": 1.0 - apply.astype(jnp.float32),
                  "syn_lr": new.lr, "grad_norm": optax.global_norm(gx)}
 
