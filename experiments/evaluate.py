@@ -1,9 +1,10 @@
-"""KRR test accuracy of any distilled set, ours or released:
+"""KRR test accuracy of any distilled set, ours, released or another project's (kip/readers.py):
 `python -m experiments.evaluate --support FILE.npz --dataset mnist --kernel fc`.
 
 The test split gets the preprocessing the set was made with: the one stored in our files, or for
 a released set the one its name says (`zca`: standardisation + KIP's layer norm + ZCA fitted on
-the real training split; `nozca`: standardisation with training statistics).
+the real training split; `nozca`: standardisation with training statistics), or for another
+project's the one its family applies (e.g. DC's fixed statistics; see kip/readers.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kip import cli
-from kip.io import DistilledSet, load_distilled
+from kip.io import DistilledSet
 from kip.kernels import KERNELS
 from kip.pipeline import (
   KernelConfig,
@@ -31,7 +32,9 @@ _KERNEL_FIELDS = ("kernel", "depth", "kernel_type", "kernel_width")
 
 @dataclasses.dataclass(frozen=True)
 class Config(cli.DeviceConfig, KernelConfig, SetPreprocessConfig, cli.DataConfig):
-  support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`)")
+  support: str = f("", "the distilled set in any format kip.io reads: ours, KIP/LS, "
+                       "RFAD best.npz, FRePo dumps, DC/DSA/DM res_*.pt, MTT/DATM/PAD "
+                       "images_best.pt, DC-Bench pairs")
   kernel: str = f("auto", "kernel (auto: the one the set was distilled with, as its file "
                           "records it, else fc); see experiments.kip --help",
                   choices=("auto", *KERNELS))
@@ -63,7 +66,7 @@ def evaluate_file(config: Config, mesh=None, memory_bytes: float | None = None
   device) within `memory_bytes` per device."""
   if not config.support:
     raise cli.UserError("--support FILE.npz is required")
-  distilled = load_distilled(config.support, config.dataset)
+  distilled = config.load(config.support, config.dataset)
   if distilled.labels is None:
     raise cli.UserError(f"{config.support} holds regression targets, not class labels: KRR "
                         "classification needs labels")

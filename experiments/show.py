@@ -21,15 +21,16 @@ import tempfile
 import numpy as np
 
 from kip import cli
-from kip.io import load_distilled
 from kip.plots import plot_curves, plot_image_grid, plot_projection, read_curve
 
 f = cli.field
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  support: str = f("", "the distilled set (.npz) to draw as a grid")
+class Config(cli.SetReadConfig):
+  support: str = f("", "the distilled set in any format kip.io reads: ours, KIP/LS, "
+                       "RFAD best.npz, FRePo dumps, DC/DSA/DM res_*.pt, MTT/DATM/PAD "
+                       "images_best.pt, DC-Bench pairs")
   metrics: str = f("", "metrics.jsonl file(s), comma-separated, to plot test accuracy against step")
   out: str = f("", "PNG to write (default: grid.png or curve.png next to the input)")
   dataset: str = f("", "dataset of a released set, to refit its preprocessing (default: from "
@@ -67,7 +68,7 @@ def show_set(config: Config) -> str:
     raise cli.UserError(f"--per-class must be at least 1, got {config.per_class}")
   out = writable_output(config.out or os.path.join(os.path.dirname(config.support) or ".",
                                                    "grid.png"))
-  distilled = load_distilled(config.support, config.dataset or None)
+  distilled = config.load(config.support, config.dataset or None)
   preprocessor = distilled.preprocessor
   dataset = config.dataset or distilled.dataset
   note = ""

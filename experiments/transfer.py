@@ -1,18 +1,18 @@
 """Train finite-width networks on a distilled set and compare with real-data baselines:
 `python -m experiments.transfer --support FILE.npz --dataset mnist --net convnet --protocol kip`.
 
-The set may be ours or one released by the KIP/LS authors. Each seed trains its own network
-(all seeds in one jitted step); accuracy is measured on the whole real test split in the set's own
-preprocessed space. Rows: the set; `random`, a class-balanced random subset of real training
-images of the same size (a different subset per seed), with one-hot labels; `full`, the whole
-training split (capped at --full-steps, so it stays affordable on a CPU). Protocols (see
-kip/train.py): `kip` = the KIP authors' transfer colab (MSE on the set's labels, SGD momentum,
-lr from the empirical NTK, cosine decay); `dc` = the DC/DSA/MTT evaluation (cross-entropy, SGD
-0.01, lr x0.1 at half, DSA augmentation). Prints a table and writes transfer.json; per-row
-metrics.jsonl (test accuracy against step, for `experiments.show --metrics`) and checkpoints go to
+The set may be ours, one released by the KIP/LS authors, or another project's (RFAD, FRePo,
+DC/DSA/DM, MTT/DATM/PAD, DC-Bench; see kip/readers.py), read without PyTorch. Each seed trains its
+own network (all seeds in one jitted step); accuracy is measured on the whole real test split in the
+set's own preprocessed space. Rows: the set; `random`, a class-balanced random subset of real
+training images of the same size (a different subset per seed), with one-hot labels; `full`, the
+whole training split (capped at --full-steps, so it stays affordable on a CPU). Protocols (see
+kip/train.py): `kip` = the KIP authors' transfer colab (MSE on the set's labels, SGD momentum, lr
+from the empirical NTK, cosine decay); `dc` = the DC/DSA/MTT evaluation (cross-entropy, SGD 0.01, lr
+x0.1 at half, DSA augmentation). Prints a table and writes transfer.json; per-row metrics.jsonl
+(test accuracy against step, for `experiments.show --metrics`) and checkpoints go to
 <workdir>/<row>/ (the one loop's workdir). Re-running the same command on the same --workdir
-resumes, and rows already trained are read back from their checkpoints, not trained again.
-"""
+resumes, and rows already trained are read back from their checkpoints, not trained again. """
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from kip import cli
 from kip.data import centered_one_hot, class_balanced_indices
-from kip.io import load_distilled, write_json
+from kip.io import write_json
 from kip.nets import NETS, NORMS, PARAMETERIZATIONS, default_depth, make_net
 from kip.pipeline import SetPreprocessConfig, data_for_set
 from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
@@ -34,7 +34,9 @@ ROWS = ("distilled", "random", "full")
 
 @dataclasses.dataclass(frozen=True)
 class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
-  support: str = f("", "the distilled set (.npz with `images` NHWC and `labels`), ours or released")
+  support: str = f("", "the distilled set in any format kip.io reads: ours, KIP/LS, "
+                       "RFAD best.npz, FRePo dumps, DC/DSA/DM res_*.pt, MTT/DATM/PAD "
+                       "images_best.pt, DC-Bench pairs")
   net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
                        "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
   protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
@@ -106,7 +108,7 @@ def transfer(config: Config, workdir: str) -> dict:
   if config.seeds < 1:
     raise cli.UserError("--seeds must be at least 1")
   rows = _rows(config)
-  distilled = load_distilled(config.support, config.dataset)
+  distilled = config.load(config.support, config.dataset)
   data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
                       data_dir=config.data_dir, manual_dir=config.manual_dir)
   protocol = PROTOCOLS[config.protocol]

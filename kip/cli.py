@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from kip.data import DATASETS, DataError
-from kip.io import FileFormatError, write_json
+from kip.io import LAYOUTS, DistilledSet, FileFormatError, load_distilled, write_json
 from kip.loop import NonFiniteLossError, ResumeError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
            "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
-           "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "check_choice",
-           "format_table", "percent"]
+           "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "SetReadConfig",
+           "check_choice", "format_table", "percent"]
 
 
 class UserError(ValueError):
@@ -88,6 +88,22 @@ class DeviceConfig:
   distributed: bool = field(False, "multi-host: call jax.distributed.initialize() (SLURM, Open "
                                    "MPI, TPU pods, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
                                    "JAX_PROCESS_ID); needs --workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class SetReadConfig:
+  """How the jobs that read a set (evaluate, transfer, show) read another project's file."""
+
+  layout: str = field("auto", "image layout of an imported set: auto (NCHW when the second "
+                                  "axis has 1 or 3 entries and the last does not), nhwc or nchw",
+                          choices=LAYOUTS)
+  experiment: int = field(-1, "which experiment of a DC/DSA/DM results file (res_*.pt) to "
+                                  "read (-1: the last)")
+
+  def load(self, path: str, dataset: str | None = None) -> DistilledSet:
+    """The set at `path` in any format `kip.io.load_distilled` reads."""
+    return load_distilled(path, dataset, layout=self.layout, experiment=self.experiment)
+
 
 
 class _Parser(argparse.ArgumentParser):

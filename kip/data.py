@@ -363,6 +363,8 @@ class Preprocessor:
     zca_layer_norm: whether KIP's per-image layer norm precedes the whitening.
     zca_mean: (d,) float64 per-pixel mean of the standardised training images, subtracted before
       the whitening when `zca_layer_norm` is False; None otherwise.
+    zca_absolute: whether `zca_reg` is kornia's absolute eps (MTT's sets) rather than a multiple
+      of the mean eigenvalue.
   """
 
   mean: np.ndarray
@@ -371,12 +373,15 @@ class Preprocessor:
   zca_reg: float | None = None
   zca_layer_norm: bool = True
   zca_mean: np.ndarray | None = None
+  zca_absolute: bool = False
 
   @property
   def name(self) -> str:
     if self.zca is None:
       return "standardize"
-    return "standardize+layernorm+zca" if self.zca_layer_norm else "standardize+zca"
+    if self.zca_layer_norm:
+      return "standardize+layernorm+zca"
+    return "standardize+kornia_zca" if self.zca_absolute else "standardize+zca"
 
   def apply(self, images: np.ndarray) -> np.ndarray:
     """(n, H, W, C) uint8 (or [0, 255] float) -> (n, H, W, C) float32 in preprocessed space."""
@@ -415,6 +420,8 @@ class Preprocessor:
       out["pre_zca_layer_norm"] = np.asarray(self.zca_layer_norm)
       if self.zca_mean is not None:
         out["pre_zca_mean"] = np.asarray(self.zca_mean, np.float64)
+      if self.zca_absolute:
+        out["pre_zca_absolute"] = np.asarray(True)
     return out
 
   @classmethod
@@ -433,7 +440,9 @@ class Preprocessor:
                         "'pre_zca_mean'; re-save the set with this version")
       zca_mean = np.asarray(arrays["pre_zca_mean"], np.float64)
     mean = np.asarray(arrays["pre_mean"], np.float64)
-    return cls(mean, np.asarray(arrays["pre_std"], np.float64), zca, reg, layer_norm, zca_mean)
+    absolute = bool(arrays["pre_zca_absolute"]) if "pre_zca_absolute" in arrays else False
+    return cls(mean, np.asarray(arrays["pre_std"], np.float64), zca, reg, layer_norm, zca_mean,
+               absolute)
 
 
 def _layer_norm(x: np.ndarray) -> np.ndarray:
@@ -443,7 +452,8 @@ def _layer_norm(x: np.ndarray) -> np.ndarray:
 
 
 def fit_preprocessor(train_images: np.ndarray, *, zca: bool = False, zca_reg: float = 0.1,
-                     zca_layer_norm: bool = True) -> Preprocessor:
+                     zca_layer_norm: bool = True, stats: tuple | None = None,
+                     zca_eps: float | None = None) -> Preprocessor:
   """Fits the preprocessing on (n, H, W, C) uint8 training images, in float64.
 
   Both ZCA flavours whiten `X` (n, d) with `cov = X^T X / n` and
@@ -458,11 +468,18 @@ def fit_preprocessor(train_images: np.ndarray, *, zca: bool = False, zca_reg: fl
     unscaled. FRePo standardises with fixed published per-channel statistics and applies no ZCA
     to MNIST/Fashion-MNIST; here the statistics are fitted and ZCA is the caller's choice. MTT
     (kornia's `ZCAWhitening(eps=0.1)`) differs in using an absolute `eps` instead of
-    `reg * tr(cov)/d` and the unbiased covariance.
+    `reg * tr(cov)/d` and the unbiased covariance: `zca_eps` selects that (with
+    `zca_layer_norm=False`), for sets imported from MTT/DATM/PAD.
+
+  stats: fixed per-channel (mean, std) to standardise with instead of the training split's (the
+    published constants of DC/MTT and FRePo, for their sets).
   """
   x = np.asarray(train_images, np.float64) / 255.0
-  mean = x.mean(axis=(0, 1, 2))
-  std = x.std(axis=(0, 1, 2))
+  if stats is not None:
+    mean, std = (np.asarray(v, np.float64) for v in stats)
+  else:
+    mean = x.mean(axis=(0, 1, 2))
+    std = x.std(axis=(0, 1, 2))
   if not zca:
     return Preprocessor(mean, std)
   standardised = (x - mean) / std
@@ -473,14 +490,15 @@ def fit_preprocessor(train_images: np.ndarray, *, zca: bool = False, zca_reg: fl
     flat = standardised.reshape(len(x), -1)
     zca_mean = flat.mean(axis=0)
     flat = flat - zca_mean
-  cov = flat.T @ flat / len(flat)
+  cov = flat.T @ flat / (len(flat) - (zca_eps is not None))
   s, u = np.linalg.eigh(cov)  # ascending
-  reg = zca_reg * np.trace(cov) / cov.shape[0]
+  reg = zca_eps if zca_eps is not None else zca_reg * np.trace(cov) / cov.shape[0]
   scale = (np.maximum(s, 0.0) + reg) ** -0.5
-  if not zca_layer_norm and len(flat) < len(s):
+  if not zca_layer_norm and zca_eps is None and len(flat) < len(s):
     scale[: len(s) - len(flat)] = 1.0  # FRePo's rank control
   whiten = (u * scale) @ u.T
-  return Preprocessor(mean, std, whiten, zca_reg, zca_layer_norm, zca_mean)
+  return Preprocessor(mean, std, whiten, zca_eps if zca_eps is not None else zca_reg,
+                      zca_layer_norm, zca_mean, zca_eps is not None)
 
 
 # ----------------------------------------------------------------------------------------------

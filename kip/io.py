@@ -1,4 +1,6 @@
-"""Distilled sets on disk: our `distilled.npz` and the KIP/LS authors' released `.npz` files.
+"""Distilled sets on disk: our `distilled.npz`, the KIP/LS authors' released `.npz` files, and
+(through `kip.readers`) every other project's format: RFAD, FRePo, DC/DSA/DM, MTT/DATM/PAD,
+DC-Bench.
 
 Both share the released layout: `images` (N, H, W, C) float32 in preprocessed space and `labels`
 (N, C) float32. Ours adds metadata keys (dataset, preprocessing and its parameters, kernel, step,
@@ -21,14 +23,10 @@ import tempfile
 import numpy as np
 
 from kip.data import DATASETS, Preprocessor
+from kip.readers import LAYOUTS, FileFormatError, Source, is_foreign, read_foreign
 
 __all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "write_json",
-           "save_distilled",
-           "load_distilled", "parse_release_name"]
-
-
-class FileFormatError(ValueError):
-  """A distilled-set file that cannot be used as one; the message says what is wrong."""
+           "save_distilled", "load_distilled", "parse_release_name", "LAYOUTS"]
 
 
 def atomic_write(path: str, content: bytes | np.ndarray | dict[str, np.ndarray]) -> None:
@@ -79,7 +77,8 @@ class DistilledSet:
   regression `targets` (N, D) float32 instead; extras: named arrays a method exported beside them.
 
   meta: dataset, kernel, step, seed, ... (strings and numbers); preprocessor: how `images` were
-  mapped from pixels, when known (ours always; released sets through `release`).
+  mapped from pixels, when known (ours always; released sets through `release`; other projects'
+  formats through `source`, exactly when their family uses fixed statistics and no ZCA).
   """
 
   images: np.ndarray
@@ -89,6 +88,7 @@ class DistilledSet:
   release: ReleaseInfo | None = None
   targets: np.ndarray | None = None
   extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  source: Source | None = None
 
   @classmethod
   def from_export(cls, arrays: dict[str, np.ndarray], meta: dict,
@@ -101,13 +101,18 @@ class DistilledSet:
 
   @property
   def dataset(self) -> str | None:
-    return self.meta.get("dataset") or (self.release.dataset if self.release else None)
+    if self.meta.get("dataset"):
+      return self.meta["dataset"]
+    origin = self.release or self.source
+    return origin.dataset if origin else None
 
   @property
   def zca(self) -> bool | None:
     """Whether the images live in ZCA space (None: unknown)."""
     if self.preprocessor is not None:
       return self.preprocessor.zca is not None
+    if self.source is not None:
+      return self.source.zca is not None
     return self.release.zca if self.release else None
 
 
@@ -188,14 +193,20 @@ _META_KEYS = ("dataset", "kernel", "kernel_type", "method", "step", "seed", "ipc
               "teacher", "config")
 
 
-def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
-  """Loads ours or a released KIP/LS set; raises FileFormatError with one line on bad files.
+def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto",
+                   experiment: int = -1) -> DistilledSet:
+  """Loads ours, a released KIP/LS set or another project's (see `kip.readers`); raises
+  FileFormatError with one line on bad files.
 
   Args:
     dataset: the dataset the caller will use the set with; checked against the file's own.
+    layout: an imported file's image layout (auto, nhwc or nchw); ours are NHWC.
+    experiment: which experiment of a DC/DSA/DM results file (-1: the last).
   """
   if not os.path.exists(path):
     raise FileFormatError(f"{path}: no such file")
+  if is_foreign(path):
+    return _imported(path, dataset, layout, experiment)
   try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {k: data[k] for k in data.files}
@@ -203,7 +214,7 @@ def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
     raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
   for key in ("images", "labels"):
     if key not in arrays and not (key == "labels" and "targets" in arrays):
-      alt = {"x_proto": "FRePo", "x_syn": "a trajectory-matching run"}
+      alt = {"x_syn": "a trajectory-matching run"}
       hint = next((f" (looks like {v}'s format)" for k, v in alt.items() if k in arrays), "")
       raise FileFormatError(f"{path}: missing key {key!r}{hint}; found {sorted(arrays)}")
   meta = {}
@@ -222,6 +233,20 @@ def load_distilled(path: str, dataset: str | None = None) -> DistilledSet:
     raise FileFormatError(f"{path}: made from {distilled.dataset}, not {dataset}")
   _check(distilled.images, distilled.labels, path, dataset or distilled.dataset,
          distilled.targets)
+  return distilled
+
+
+def _imported(path: str, dataset: str | None, layout: str, experiment: int) -> DistilledSet:
+  foreign = read_foreign(path, layout=layout, experiment=experiment, dataset=dataset)
+  source = foreign.source
+  preprocessor = None
+  if source.stats is not None and source.zca is None:  # fully known without the training data
+    mean, std = (np.asarray(v, np.float64) for v in source.stats)
+    preprocessor = Preprocessor(mean, std)
+  meta = {"method": source.method} if source.method else {}
+  distilled = DistilledSet(foreign.images, foreign.labels, meta, preprocessor,
+                           extras=foreign.extras, source=source)
+  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset)
   return distilled
 
 

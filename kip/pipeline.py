@@ -51,17 +51,21 @@ class Data(NamedTuple):
   num_classes: int
 
 
-PREPROCESSING = ("standard", "kip_zca", "zca")
+PREPROCESSING = ("standard", "kip_zca", "zca", "kornia_zca")
 PREPROCESS_HELP = ("standard (per-channel standardisation with training statistics), kip_zca "
-                   "(then KIP's per-image layer norm and ZCA, reg 0.1: the KIP/LS releases) or zca "
-                   "(then ZCA without layer norm, reg 0.1: FRePo/MTT on colour data)")
+                   "(then KIP's per-image layer norm and ZCA, reg 0.1: the KIP/LS releases), zca "
+                   "(then ZCA without layer norm, reg 0.1 x mean eigenvalue: FRePo/RFAD on colour "
+                   "data) or kornia_zca (ZCA with absolute eps 0.1 and the unbiased covariance: "
+                   "MTT/DATM/PAD's sets)")
 
 
 def preprocessing_of(preprocessor: Preprocessor) -> str:
   """The PREPROCESSING name of a fitted preprocessor."""
   if preprocessor.zca is None:
     return "standard"
-  return "kip_zca" if preprocessor.zca_layer_norm else "zca"
+  if preprocessor.zca_layer_norm:
+    return "kip_zca"
+  return "kornia_zca" if preprocessor.zca_absolute else "zca"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,7 @@ class PreprocessConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SetPreprocessConfig:
+class SetPreprocessConfig(cli.SetReadConfig):
   """`--preprocess` of the jobs that read a set (evaluate, transfer): the real splits get the
   set's own preprocessing unless told otherwise; `--zca yes|no` is the older spelling."""
 
@@ -111,14 +115,16 @@ class SetPreprocessConfig:
 
 def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
                  manual_dir: str | None = None, val_size: int = 0, seed: int = 0,
-                 preprocessor: Preprocessor | None = None, preprocess: str | None = None
-                 ) -> Data:
+                 preprocessor: Preprocessor | None = None, preprocess: str | None = None,
+                 stats: tuple | None = None) -> Data:
   """Loads `dataset`, fits the preprocessing on its training split (unless one is given) and
   applies it to train and test. With `val_size`, the held-out validation split is the test set.
 
   preprocess: one of PREPROCESSING: `standard` (per-channel standardisation), `kip_zca` (then
   KIP's per-image layer norm and ZCA, the KIP/LS releases; what `zca=True` means) or `zca`
-  (standardisation then ZCA without layer norm, FRePo/MTT style), all with ZCA regulariser 0.1.
+  (standardisation then ZCA without layer norm, FRePo style), all with ZCA regulariser 0.1 x the
+  mean eigenvalue, or `kornia_zca` (MTT's: absolute eps 0.1, unbiased covariance).
+  stats: fixed per-channel (mean, std) instead of the training split's (imported sets).
   """
   if preprocess is None:
     preprocess = "kip_zca" if zca else "standard"
@@ -131,7 +137,8 @@ def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None
   train = splits["train"]
   test = splits["validation"] if val_size else splits["test"]
   preprocessor = preprocessor or fit_preprocessor(
-      train.images, zca=preprocess != "standard", zca_layer_norm=preprocess == "kip_zca")
+      train.images, zca=preprocess != "standard", zca_layer_norm=preprocess == "kip_zca",
+      stats=stats, zca_eps=0.1 if preprocess == "kornia_zca" else None)
   return Data(preprocessor.apply(train.images), centered_one_hot(train.labels, num_classes),
               train.labels, preprocessor.apply(test.images), test.labels, preprocessor,
               num_classes)
@@ -143,17 +150,24 @@ def data_for_set(distilled: DistilledSet, dataset: str, *, preprocess: str | Non
 
   The set's stored preprocessing is used when it has one (ours); a released set's is refitted on
   the real training split as its name says (`zca`: kip_zca; `nozca`: standard; a file that says
-  nothing is taken as standardised only). `preprocess` (one of PREPROCESSING) forces another
-  reading, refitted on the training split when it is not the stored one.
+  nothing is taken as standardised only); an imported set's as its family does it (its fixed
+  statistics, and the ZCA its family fits, see `kip.readers`). `preprocess` (one of
+  PREPROCESSING) forces another reading, refitted on the training split when it is not the stored
+  one (an imported set keeps its family's statistics).
   """
   preprocessor = distilled.preprocessor
+  source = distilled.source
   if preprocess is None:
-    preprocess = (preprocessing_of(preprocessor) if preprocessor is not None
-                  else "kip_zca" if distilled.zca else "standard")
+    if preprocessor is not None:
+      preprocess = preprocessing_of(preprocessor)
+    elif source is not None:
+      preprocess = source.zca or "standard"
+    else:
+      preprocess = "kip_zca" if distilled.zca else "standard"
   elif preprocessor is not None and preprocessing_of(preprocessor) != preprocess:
     preprocessor = None
   return prepare_data(dataset, preprocess=preprocess, data_dir=data_dir, manual_dir=manual_dir,
-                      preprocessor=preprocessor)
+                      preprocessor=preprocessor, stats=source.stats if source else None)
 
 
 def initial_support(data: Data, ipc: int, seed: int, init: str = "real"

@@ -64,7 +64,7 @@ def test_released_layout_loads_with_its_name(tmp_path):
 
 @pytest.mark.parametrize("arrays, message", [
     ({"images": np.zeros((4, 28, 28, 1))}, "missing key 'labels'"),
-    ({"x_proto": np.zeros((4, 28, 28, 1)), "y_proto": np.zeros((4, 10))}, "FRePo"),
+    ({"x_proto": np.zeros((4, 28, 28, 1)), "y_proto": np.zeros((5, 10))}, "4 images but 5 y_proto"),
     ({"images": np.zeros((4, 1, 28, 28)), "labels": np.zeros((4, 10))}, "NCHW"),
     ({"images": np.zeros((4, 28, 28, 1)), "labels": np.zeros((4, 3))}, "width 3.*10 classes"),
     ({"images": np.full((4, 28, 28, 1), np.nan), "labels": np.zeros((4, 10))}, "NaN"),
