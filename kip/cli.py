@@ -115,6 +115,11 @@ class _Parser(argparse.ArgumentParser):
 _UNSET = object()
 
 
+class _DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter,
+                               argparse.ArgumentDefaultsHelpFormatter):
+  """The command's docstring as written (its examples and lists), each flag with its default."""
+
+
 def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
                  positional: Sequence[str] = (), presets: dict[str, dict] | None = None):
   """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`.
@@ -125,7 +130,7 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   parser = _Parser(prog=f"python -m {spec.name}" if spec else None, description=description,
                    formatter_class=argparse.RawDescriptionHelpFormatter if presets
-                   else argparse.ArgumentDefaultsHelpFormatter)
+                   else _DescriptionAndDefaults)
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
     kind = hints[f.name]

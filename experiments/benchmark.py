@@ -1,0 +1,442 @@
+"""One benchmark table across methods, datasets, set sizes, protocols and networks:
+
+  python -m experiments.benchmark --methods dm,datadam --dataset mnist --ipc 1,10 --seeds 5
+
+Every cell is a command of this project run in its own workdir under --root, so an interrupted
+benchmark resumes cell by cell and a finished cell is read back, not redone:
+  distillation  <root>/<method>-<dataset>-ipc<ipc>                (experiments.<method>)
+  coresets      <root>/coreset-<select>-<dataset>-ipc<ipc>        (experiments.coreset)
+  expert store  the trajectory methods' default (experiments.buffer; PAD's with its curriculum)
+  evaluation    <cell>/transfer-<protocol>[-<net>]               (experiments.transfer)
+  full data     <root>/full-<dataset>/transfer-<protocol>[-<net>]
+The same layout as `bench.methods`, so sets distilled there are reused here. Imported sets
+(`--sets`, any format `kip.io` reads: RFAD, FRePo, DC/DSA/DM, MTT/DATM/PAD, DC-Bench, KIP/LS) are
+evaluated in <root>/imported-<name>/. Rows: each method, each imported set, the coresets (random,
+herding, k-center) and the full training split; columns: accuracy (mean +- std over --seeds
+networks), the published figure where ANCHORS.md has one for the same dataset and size (and the
+protocol it was measured under), the gap, and the training time of the evaluation.
+
+Writes <out>/benchmark.md (the table), benchmark.json (every number with the workdir it came
+from) and benchmark.png (accuracy against images per class, one line per method and network);
+--readme FILE replaces the table between `<!-- benchmark:begin -->` and `<!-- benchmark:end -->`.
+
+Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
+published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
+capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
+one dataset takes one to two hours (distillation 10-50 min per set, a 5-seed dc evaluation 5-20
+min). paper runs every method and evaluation at `--preset paper` (GPU-sized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from kip import cli
+from kip.io import atomic_write, write_json
+from kip.nets import NETS
+from kip.train import PROTOCOLS
+from methods.coreset import SELECTIONS
+
+f = cli.field
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Methods with a command `experiments.<name>` that writes <workdir>/distilled.npz with labels.
+METHODS = ("kip", "label_solve", "frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")
+_PRESETS = ("frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")  # take --preset
+_TRAJECTORY = {"mtt": [], "datm": [], "pad": ["--curriculum", "pad"]}  # their expert stores
+
+# Published accuracy of networks trained on the distilled sets, ipc -> %, from ANCHORS.md
+# (verified in the papers or their code); the protocol each was measured under.
+PUBLISHED = {
+    ("kip", "mnist"): ({1: 90.1, 10: 97.5, 50: 98.3}, "KIP finite ConvNet (width 1024, MSE)"),
+    ("kip", "fashion_mnist"): ({1: 73.5, 10: 86.8, 50: 88.0}, "KIP finite ConvNet"),
+    ("frepo", "mnist"): ({1: 93.0, 10: 98.6, 50: 99.2}, "FRePo's"),
+    ("frepo", "fashion_mnist"): ({1: 75.6, 10: 86.2, 50: 89.6}, "FRePo's"),
+    ("rfad", "mnist"): ({1: 94.4, 10: 98.5, 50: 98.8}, "RFAD finite (width 1024)"),
+    ("rfad", "fashion_mnist"): ({1: 78.6, 10: 87.0, 50: 88.8}, "RFAD finite"),
+    ("dm", "mnist"): ({1: 89.7, 10: 97.5, 50: 98.6}, "DSA/DM ConvNet-3"),
+    ("dm", "fashion_mnist"): ({1: 70.6, 10: 83.5, 50: 88.1}, "DSA/DM ConvNet-3"),
+    ("datadam", "mnist"): ({10: 88.36}, "the MNIST report (50 epochs, cosine)"),
+    ("pad", "mnist"): ({1: 49.97, 10: 90.55, 100: 97.04}, "the MNIST report (50 epochs, cosine)"),
+    ("full", "mnist"): ({0: 99.6}, "DC/DM ConvNet-3"),
+    ("full", "fashion_mnist"): ({0: 93.5}, "DC/DM ConvNet-3"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  methods: str = f("dm,datadam", "comma-separated methods to distil and evaluate: "
+                                 + ", ".join(METHODS) + " (empty: none)")
+  dataset: str = f("mnist", "comma-separated datasets (tfds names)")
+  ipc: str = f("1,10", "comma-separated images per class")
+  sets: str = f("", "comma-separated distilled files to evaluate beside the methods, in any "
+                    "format kip.io reads (name=path to name a row); their dataset and size come "
+                    "from the file")
+  coresets: str = f("random,herding,kcenter", "coreset rows (" + ", ".join(SELECTIONS)
+                    + "; empty: none)")
+  full: bool = f(True, "a row trained on the whole training split (capped at --full-steps)")
+  full_steps: int = f(2000, "step budget of the full-data row", minimum=1)
+  full_seeds: int = f(1, "networks of the full-data row", minimum=1)
+  protocol: str = f("dc", "comma-separated evaluation protocols: " + ", ".join(PROTOCOLS))
+  nets: str = f("auto", "comma-separated evaluation networks (auto: the protocol's; e.g. "
+                        "auto,mlp,resnet18 for cross-architecture columns): "
+                        + ", ".join(NETS))
+  seeds: int = f(5, "networks per cell (mean +- std reported)", minimum=1)
+  preset: str = f("cpu", "cpu (each method's CPU preset, published evaluation schedules) or "
+                         "paper (every command at --preset paper)", choices=("cpu", "paper"))
+  root: str = f("runs/benchmark", "workdirs of every cell")
+  out: str = f("", "where the table, JSON and figure go (default: --root)")
+  readme: str = f("", "also replace the table between `<!-- benchmark:begin -->` and "
+                      "`<!-- benchmark:end -->` in this file")
+  method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
+  transfer_args: str = f("", "extra flags for every evaluation (experiments.transfer)")
+  dry_run: bool = f(False, "list the commands that would run, run none")
+  in_process: bool = f(False, "run the commands in this process instead of one process each "
+                              "(faster to start, as the tests do; a long benchmark is safer in "
+                              "separate processes)")
+  progress: bool = f(True, "progress bars of the commands run")
+  manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
+  data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One set to evaluate: `kind` method | set | coreset | full."""
+
+  kind: str
+  name: str
+  dataset: str
+  ipc: int
+  workdir: str
+  support: str
+
+
+def _split(text: str) -> list[str]:
+  return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def check(config: Config) -> None:
+  """Every list flag checked against what exists, before any work."""
+  from kip.data import DATASETS  # noqa: PLC0415
+
+  for name, known, flag in ((m, METHODS, "method") for m in _split(config.methods)):
+    cli.check_choice(flag, name, known)
+  for name in _split(config.dataset):
+    cli.check_choice("dataset", name, tuple(DATASETS))
+  for name in _split(config.coresets):
+    cli.check_choice("coreset", name, SELECTIONS)
+  for name in _split(config.protocol):
+    cli.check_choice("protocol", name, tuple(PROTOCOLS))
+  for name in _split(config.nets):
+    cli.check_choice("net", name, ("auto", *NETS))
+  for value in _split(config.ipc):
+    if not value.isdigit() or int(value) < 1:
+      raise cli.UserError(f"--ipc takes positive integers, got {value!r}")
+  for item in _split(config.sets):
+    path = item.partition("=")[2] or item
+    if not os.path.exists(path):
+      raise cli.UserError(f"--sets: {path}: no such file")
+  if not (_split(config.methods) or _split(config.sets) or _split(config.coresets)
+          or config.full):
+    raise cli.UserError("nothing to benchmark: give --methods, --sets, --coresets or --full")
+
+
+def plan(config: Config) -> list[Cell]:
+  """The cells in the order they run: per dataset, per size, methods then coresets; imported
+  sets; the full split last."""
+  from kip.io import load_distilled  # noqa: PLC0415
+
+  cells = []
+  for dataset in _split(config.dataset):
+    for ipc in (int(v) for v in _split(config.ipc)):
+      for method in _split(config.methods):
+        workdir = os.path.join(config.root, f"{method}-{dataset}-ipc{ipc}")
+        cells.append(Cell("method", method, dataset, ipc, workdir,
+                          os.path.join(workdir, "distilled.npz")))
+      for select in _split(config.coresets):
+        workdir = os.path.join(config.root, f"coreset-{select}-{dataset}-ipc{ipc}")
+        cells.append(Cell("coreset", select, dataset, ipc, workdir,
+                          os.path.join(workdir, "distilled.npz")))
+  for item in _split(config.sets):
+    name, _, path = item.partition("=")
+    path = path or item
+    if path == item:  # unnamed: the file's folder and stem (images_best.pt alone says little)
+      folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+      stem = os.path.splitext(os.path.basename(path))[0]
+      name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{folder}-{stem}")
+    distilled = load_distilled(path)
+    if distilled.dataset is None:
+      raise cli.UserError(f"--sets: {path} does not say its dataset; give it as a file of ours "
+                          "or one whose name or folder names the dataset")
+    num_classes = distilled.labels.shape[1]
+    cells.append(Cell("set", name, distilled.dataset, len(distilled.images) // num_classes,
+                      os.path.join(config.root, f"imported-{name}"), path))
+  if config.full:
+    for dataset in _split(config.dataset) or sorted({c.dataset for c in cells}):
+      support = next((c.support for c in cells if c.dataset == dataset), "")
+      cells.append(Cell("full", "full", dataset, 0, os.path.join(config.root, f"full-{dataset}"),
+                        support))
+  return cells
+
+
+class Runner:
+  """Runs this project's commands as subprocesses (`dry_run`: only lists them)."""
+
+  def __init__(self, config: Config):
+    self.config = config
+    self.ran: list[str] = []
+    self.data = []
+    if config.manual_dir:
+      self.data += ["--manual-dir", config.manual_dir]
+    if config.data_dir:
+      self.data += ["--data-dir", config.data_dir]
+
+  def __call__(self, module: str, *args: str) -> float:
+    argv = [module, *args, *self.data] + ([] if self.config.progress else ["--no-progress"])
+    line = "python -m " + " ".join(shlex.quote(a) for a in argv)
+    self.ran.append(line)
+    cli.log(f"$ {line}")
+    if self.config.dry_run:
+      return 0.0
+    start = time.perf_counter()
+    if self.config.in_process:
+      importlib.import_module(module).main(argv[1:])
+    else:
+      done = subprocess.run([sys.executable, "-m", *argv], cwd=os.getcwd())
+      if done.returncode:
+        raise cli.UserError(f"failed (exit {done.returncode}): {line}")
+    return time.perf_counter() - start
+
+
+def _method_args(config: Config) -> dict[str, list[str]]:
+  out = {}
+  for item in (s for s in config.method_args.split(";") if s.strip()):
+    name, _, flags = item.partition("=")
+    out[name.strip()] = shlex.split(flags)
+  return out
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _last_metrics(workdir: str) -> dict:
+  """The latest value of every metric in `workdir`/metrics.jsonl ({} without one)."""
+  latest = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          latest.update(json.loads(line))
+  return latest
+
+
+def distillation_finished(workdir: str) -> bool:
+  """Whether `workdir` holds a finished run: its set, and its last step at its configured
+  `steps` (a run without steps is finished once its set exists)."""
+  if not os.path.exists(os.path.join(workdir, "distilled.npz")):
+    return False
+  recorded = _read_json(os.path.join(workdir, "config.json")) or {}
+  steps = recorded.get("steps")
+  return not steps or _last_metrics(workdir).get("step", -1) >= steps
+
+
+def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
+  """The cell's distilled.npz, made unless a finished run is in its workdir; returns how it
+  was obtained ("reused" or "made")."""
+  if cell.kind in ("set", "full") or distillation_finished(cell.workdir):
+    return "reused"
+  preset = ["--preset", config.preset]
+  if cell.kind == "coreset":
+    run("experiments.coreset", "--dataset", cell.dataset, "--ipc", str(cell.ipc), "--select",
+        cell.name, "--workdir", cell.workdir)
+    return "made"
+  if cell.name in _TRAJECTORY:
+    run("experiments.buffer", "--dataset", cell.dataset, *preset, *_TRAJECTORY[cell.name])
+  run(f"experiments.{cell.name}", "--dataset", cell.dataset, "--ipc", str(cell.ipc),
+      "--workdir", cell.workdir, *(preset if cell.name in _PRESETS else []),
+      *extra.get(cell.name, []))
+  return "made"
+
+
+def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
+  return os.path.join(cell.workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}"))
+
+
+def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -> tuple:
+  """(the row of transfer.json, "reused" | "made"): a finished evaluation with at least
+  --seeds networks is read back; otherwise experiments.transfer runs (and resumes)."""
+  tdir = transfer_dir(cell, protocol, net)
+  row_name = "full" if cell.kind == "full" else "distilled"
+  seeds = config.full_seeds if cell.kind == "full" else config.seeds
+  report = _read_json(os.path.join(tdir, "transfer.json"))
+  row = _row(report, row_name, seeds)
+  if row is not None:
+    return row, "reused"
+  rows = (["--no-distilled", "--baselines", "full", "--full-steps", str(config.full_steps)]
+          if cell.kind == "full" else ["--baselines", "none"])
+  run("experiments.transfer", "--support", cell.support, "--dataset", cell.dataset,
+      "--protocol", protocol, "--net", net, "--seeds", str(seeds), "--preset",
+      config.preset, "--workdir", tdir, *rows, *shlex.split(config.transfer_args))
+  if config.dry_run:
+    return None, "dry run"
+  return _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds), "made"
+
+
+def _row(report: dict | None, name: str, seeds: int) -> dict | None:
+  for row in (report or {}).get("rows", []):
+    if row["row"] == name and len(row["seeds"]) >= seeds:
+      return row
+  return None
+
+
+def published(cell: Cell) -> tuple[float | None, str]:
+  key = ("full" if cell.kind == "full" else cell.name, cell.dataset)
+  table, protocol = PUBLISHED.get(key, ({}, ""))
+  value = table.get(cell.ipc)
+  return value, protocol if value is not None else ""
+
+
+def run_benchmark(config: Config) -> dict:
+  check(config)
+  os.makedirs(config.root, exist_ok=True)
+  run = Runner(config)
+  extra = _method_args(config)
+  cells = plan(config)
+  evaluations = [(c, p, n) for c in cells for p in _split(config.protocol)
+                 for n in _split(config.nets)]
+  rows = []
+  prepared = {}
+  for i, (cell, protocol, net) in enumerate(evaluations, 1):
+    cli.log(f"[{i}/{len(evaluations)}] {cell.name} {cell.dataset} "
+            + (f"ipc {cell.ipc} " if cell.ipc else "") + f"{protocol} {net}")
+    if cell.kind == "full" and not cell.support:
+      raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that dataset "
+                          "to size its evaluation: add a method, coreset or --sets")
+    if cell.workdir not in prepared:
+      prepared[cell.workdir] = make_set(cell, config, run, extra)
+    made = prepared[cell.workdir]
+    row, evaluated = evaluate(cell, protocol, net, config, run)
+    if row is None:
+      continue
+    pub, pub_protocol = published(cell)
+    acc = 100 * row["test_acc_mean"]
+    rows.append({
+        "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,
+        "protocol": protocol, "net": f"{row['net']}-{row['width']}", "seeds": row["seeds"],
+        "test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
+        "test_acc_std": row["test_acc_std"], "train_time": row["train_time"],
+        "steps": row["steps"], "published": pub, "published_protocol": pub_protocol,
+        "gap": None if pub is None else acc - pub,
+        "distil_wall_time": _last_metrics(cell.workdir).get("wall_time")
+        if cell.kind == "method" else None,
+        "set": cell.support, "workdir": transfer_dir(cell, protocol, net),
+        "set_status": made, "evaluation_status": evaluated})
+  result = {"command": "python -m experiments.benchmark " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
+      "machine": cli.describe_devices(), "rows": rows, "commands_run": run.ran}
+  if not config.dry_run:
+    write_outputs(result, config)
+  return result
+
+
+def markdown(result: dict) -> str:
+  """The table as markdown, with the command and where each number came from."""
+  header = ("| method | dataset | ipc | net | protocol | test acc (%) | published | gap | "
+            "eval train time |\n|---|---|---|---|---|---|---|---|---|")
+  lines = [header]
+  for r in result["rows"]:
+    pub = "" if r["published"] is None else f"{r['published']:.2f} ({r['published_protocol']})"
+    gap = "" if r["gap"] is None else f"{r['gap']:+.2f}"
+    lines.append(f"| {r['method']} | {r['dataset']} | {r['ipc'] or 'all'} | {r['net']} | "
+                 f"{r['protocol']} | {cli.percent(r['test_acc_mean'], r['test_acc_std'])} "
+                 f"({len(r['seeds'])}) | {pub} | {gap} | {r['train_time']:.0f} s |")
+  lines.append("")
+  lines.append(f"`{result['command']}` on {result['machine']}; each number is the "
+               "`transfer.json` in the workdir listed in benchmark.json.")
+  return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, config: Config) -> None:
+  out = config.out or config.root
+  os.makedirs(out, exist_ok=True)
+  write_json(os.path.join(out, "benchmark.json"), result)
+  table = markdown(result)
+  atomic_write(os.path.join(out, "benchmark.md"), table.encode())
+  plot_accuracy(result["rows"], os.path.join(out, "benchmark.png"))
+  if config.readme:
+    replace_block(config.readme, table)
+  print(table)
+  cli.log(f"written {out}/benchmark.md, benchmark.json, benchmark.png")
+
+
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+
+
+def replace_block(path: str, table: str) -> None:
+  """Replaces the text between BEGIN and END in `path` with `table` (atomically)."""
+  with open(path) as f:
+    text = f.read()
+  if BEGIN not in text or END not in text:
+    raise cli.UserError(f"--readme {path} has no `{BEGIN}` ... `{END}` block to replace")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  atomic_write(path, f"{head}{BEGIN}\n{table}{END}{tail}".encode())
+
+
+def plot_accuracy(rows: list[dict], path: str) -> None:
+  """Accuracy against images per class, one line per method (and network), a panel per
+  dataset and protocol; the full-data row as a horizontal line."""
+  import matplotlib  # noqa: PLC0415
+
+  from kip.plots import save_figure  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  panels = sorted({(r["dataset"], r["protocol"]) for r in rows})
+  fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4),
+                           squeeze=False)
+  for ax, (dataset, protocol) in zip(axes[0], panels, strict=False):
+    chosen = [r for r in rows if (r["dataset"], r["protocol"]) == (dataset, protocol)]
+    for key in sorted({(r["method"], r["net"]) for r in chosen if r["kind"] != "full"}):
+      line = sorted((r["ipc"], 100 * r["test_acc_mean"], 100 * r["test_acc_std"])
+                    for r in chosen if (r["method"], r["net"]) == key)
+      x, y, e = (np.asarray(v) for v in zip(*line, strict=True))
+      ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{key[0]} ({key[1]})")
+    for r in (r for r in chosen if r["kind"] == "full"):
+      ax.axhline(100 * r["test_acc_mean"], color="k", ls="--", lw=1,
+                 label=f"full data ({r['net']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{dataset}, {protocol} protocol")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+  config = cli.parse_config(Config, argv, __doc__)
+  result = run_benchmark(config)
+  if config.dry_run:
+    print("\n".join(result["commands_run"]))
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

@@ -1,0 +1,102 @@
+"""Coreset baselines (methods/coreset.py) and the benchmark command (experiments.benchmark)."""
+
+import itertools
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from methods.coreset import herding, k_center, select
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "formats" / "res_DM_MNIST_ConvNet_1ipc.pt"
+
+
+def test_herding_follows_the_mean():
+  x = np.random.default_rng(0).normal(size=(30, 5))
+  order = herding(x, 30)
+  assert sorted(order) == list(range(30))  # all of them, each once
+  mean = x.mean(0)
+  assert order[0] == np.argmin(np.linalg.norm(x - mean, axis=1))
+  # Herding's running mean approaches the class mean faster than a random order's does.
+  gap = [np.linalg.norm(x[order[:t]].mean(0) - mean) for t in (5, 10, 20)]
+  rand = np.random.default_rng(1).permutation(30)
+  assert all(g < np.linalg.norm(x[rand[:t]].mean(0) - mean)
+             for g, t in zip(gap, (5, 10, 20), strict=True))
+
+
+def test_k_center_is_within_twice_the_optimal_radius():
+  x = np.random.default_rng(2).normal(size=(10, 2))
+  dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+  best = min(dist[:, list(c)].min(1).max() for c in itertools.combinations(range(10), 3))
+  for seed in range(5):
+    chosen = k_center(x, 3, np.random.default_rng(seed))
+    assert len(set(chosen.tolist())) == 3
+    assert dist[:, chosen].min(1).max() <= 2 * best + 1e-12
+
+
+def test_select_is_class_balanced():
+  labels = np.repeat(np.arange(3), 6)
+  x = np.random.default_rng(3).normal(size=(18, 2, 2, 1))
+  for selection in ("random", "herding", "kcenter"):
+    idx = select(selection, x, labels, 2, 0, 3)
+    assert len(set(idx.tolist())) == 6
+    np.testing.assert_array_equal(labels[idx], [0, 0, 1, 1, 2, 2])
+  with pytest.raises(ValueError, match="fewer than the 7"):
+    select("herding", x, labels, 7, 0, 3)
+
+
+def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir, run_in_process):
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- benchmark:begin -->\nold\n<!-- benchmark:end -->\nend\n")
+  root = tmp_path / "bench"
+  args = ["--methods", "", "--coresets", "herding", "--sets", f"noise={FIXTURE}", "--ipc", "1",
+          "--nets", "mlp", "--seeds", "2", "--full-steps", "20", "--transfer-args",
+          "--steps 20 --eval-every 20", "--root", str(root), "--readme", str(readme),
+          "--in-process", "--no-progress", "--manual-dir", manual_dir, "--data-dir", data_dir]
+
+  def run():
+    out = run_in_process("experiments.benchmark", *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads((root / "benchmark.json").read_text())
+
+  first = run()
+  assert [(r["method"], r["ipc"], r["set_status"], r["evaluation_status"])
+          for r in first["rows"]] == [("herding", 1, "made", "made"),
+                                      ("noise", 1, "reused", "made"),
+                                      ("full", 0, "reused", "made")]
+  assert all(len(r["test_acc"]) == (1 if r["kind"] == "full" else 2) for r in first["rows"])
+  herding_json = root / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp" / "transfer.json"
+  assert first["rows"][0]["workdir"] == str(herding_json.parent)
+  assert (root / "benchmark.png").stat().st_size > 0
+  table = (root / "benchmark.md").read_text()
+  text = readme.read_text()
+  assert "old" not in text and table in text and text.startswith("intro") and "end\n" in text
+  assert "| full | mnist | all | mlp-128 | dc |" in table and "99.60" in table  # published
+
+  # Everything finished: read back, nothing run again.
+  stamp = herding_json.stat().st_mtime_ns
+  second = run()
+  assert second["commands_run"] == []
+  assert {r["evaluation_status"] for r in second["rows"]} == {"reused"}
+  assert [r["test_acc"] for r in second["rows"]] == [r["test_acc"] for r in first["rows"]]
+  assert herding_json.stat().st_mtime_ns == stamp
+
+  # A cell whose evaluation was cut short is the only one run again, and resumes.
+  os.remove(herding_json)
+  third = run()
+  assert len(third["commands_run"]) == 1 and "coreset-herding" in third["commands_run"][0]
+  assert third["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "kipp"], "unknown method 'kipp'"),
+    (["--coresets", "forgetting"], "unknown coreset 'forgetting'"),
+    (["--ipc", "1,x"], "--ipc takes positive integers"),
+    (["--sets", "missing.pt"], "missing.pt: no such file"),
+    (["--methods", "", "--coresets", "", "--no-full"], "nothing to benchmark"),
+])
+def test_benchmark_bad_input_is_one_line(args, message, run_in_process, tmp_path):
+  out = run_in_process("experiments.benchmark", *args, "--root", str(tmp_path))
+  assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
