@@ -111,18 +111,40 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
     unreachable = _unreachable_host(builder.url_infos or {})
     if unreachable:
       raise _download_error(name, builder, f"no connection to {unreachable}")
-  try:
-    # One download folder per dataset: tfds names extracted manual files by their file name
-    # alone (downloads/extracted/GZIP.train-images-idx3-ubyte.gz), so with a shared folder a
-    # Fashion-MNIST build silently reused MNIST's extracted images.
-    builder.download_and_prepare(
-        download_dir=os.path.join(builder.data_dir_root, "downloads", name),
-        download_config=download_config)
-  except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
-    if manual_dir is not None:
-      raise
-    raise _download_error(name, builder, type(e).__name__) from e
+  # Two processes sharing a data dir (parallel tests, two runs at once) build it once: the
+  # second waits for the first and then finds it prepared.
+  with _build_lock(builder.data_dir_root, name):
+    if builder.is_prepared():
+      return tfds.builder(name, data_dir=data_dir)
+    try:
+      # One download folder per dataset: tfds names extracted manual files by their file name
+      # alone (downloads/extracted/GZIP.train-images-idx3-ubyte.gz), so with a shared folder a
+      # Fashion-MNIST build silently reused MNIST's extracted images.
+      builder.download_and_prepare(
+          download_dir=os.path.join(builder.data_dir_root, "downloads", name),
+          download_config=download_config)
+    except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
+      if manual_dir is not None:
+        raise
+      raise _download_error(name, builder, type(e).__name__) from e
   return builder
+
+
+@contextlib.contextmanager
+def _build_lock(root: str, name: str):
+  """An exclusive lock on `root/<name>.lock` (POSIX; elsewhere no lock)."""
+  try:
+    import fcntl  # noqa: PLC0415
+  except ImportError:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f"{name}.lock"), "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_dataset(
