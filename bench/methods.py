@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from experiments.benchmark import last_metrics
 from kip import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,16 +38,6 @@ def _run(args: list[str], log) -> float:
   if done.returncode:
     raise SystemExit(f"failed ({done.returncode}): python -m {' '.join(args)}")
   return time.perf_counter() - t0
-
-
-def _last_metrics(workdir: str) -> dict:
-  path = os.path.join(workdir, "metrics.jsonl")
-  latest = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        latest.update(json.loads(line))
-  return latest
 
 
 def main(argv=None) -> int:
@@ -83,7 +74,7 @@ def main(argv=None) -> int:
     distil_time = _run([f"experiments.{method}", "--dataset", dataset, "--ipc", ipc,
                         "--workdir", workdir, "--no-progress", *data, *extra.get(method, []),
                         *flags], print)
-    metrics = _last_metrics(workdir)
+    metrics = last_metrics(workdir)
     support = os.path.join(workdir, "distilled.npz")
     for protocol, net in [(p, n) for p in args.protocols.split(",")
                           for n in args.nets.split(",")]:

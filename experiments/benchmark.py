@@ -233,7 +233,7 @@ def _read_json(path: str) -> dict | None:
     return json.load(f)
 
 
-def _last_metrics(workdir: str) -> dict:
+def last_metrics(workdir: str) -> dict:
   """The latest value of every metric in `workdir`/metrics.jsonl ({} without one)."""
   latest = {}
   path = os.path.join(workdir, "metrics.jsonl")
@@ -252,7 +252,7 @@ def distillation_finished(workdir: str) -> bool:
     return False
   recorded = _read_json(os.path.join(workdir, "config.json")) or {}
   steps = recorded.get("steps")
-  return not steps or _last_metrics(workdir).get("step", -1) >= steps
+  return not steps or last_metrics(workdir).get("step", -1) >= steps
 
 
 def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
@@ -342,7 +342,7 @@ def run_benchmark(config: Config) -> dict:
         "test_acc_std": row["test_acc_std"], "train_time": row["train_time"],
         "steps": row["steps"], "published": pub, "published_protocol": pub_protocol,
         "gap": None if pub is None else acc - pub,
-        "distil_wall_time": _last_metrics(cell.workdir).get("wall_time")
+        "distil_wall_time": last_metrics(cell.workdir).get("wall_time")
         if cell.kind == "method" else None,
         "set": cell.support, "workdir": transfer_dir(cell, protocol, net),
         "set_status": made, "evaluation_status": evaluated})
