@@ -366,9 +366,40 @@ def markdown(result: dict) -> str:
                  f"{r['protocol']} | {cli.percent(r['test_acc_mean'], r['test_acc_std'])} "
                  f"({len(r['seeds'])}) | {pub} | {gap} | {r['train_time']:.0f} s |")
   lines.append("")
+  lines += [f"- {line}" for line in lossless(result["rows"])]
+  lines.append("")
   lines.append(f"`{result['command']}` on {result['machine']}; each number is the "
                "`transfer.json` in the workdir listed in benchmark.json.")
   return "\n".join(lines) + "\n"
+
+
+def lossless(rows: list[dict], within: float = 1.0) -> list[str]:
+  """Per method, dataset, protocol and network with a full-data row beside it: the smallest set
+  within `within` points of the full data's accuracy, and its training time against the full
+  data's (which trained --full-steps steps)."""
+  out = []
+  for full in (r for r in rows if r["kind"] == "full"):
+    group = (full["dataset"], full["protocol"], full["net"])
+    target = 100 * full["test_acc_mean"] - within
+    for method in sorted({r["method"] for r in rows if r["kind"] != "full"
+                          and (r["dataset"], r["protocol"], r["net"]) == group}):
+      sets = sorted((r for r in rows if r["method"] == method and r["kind"] != "full"
+                     and (r["dataset"], r["protocol"], r["net"]) == group),
+                    key=lambda r: r["ipc"])
+      hit = next((r for r in sets if 100 * r["test_acc_mean"] >= target), None)
+      where = f"{method} on {group[0]} ({group[1]}, {group[2]})"
+      if hit is None:
+        best = max(sets, key=lambda r: r["test_acc_mean"])
+        out.append(f"{where}: no size within {within:g} point of the full data's "
+                   f"{100 * full['test_acc_mean']:.2f}% (best {100 * best['test_acc_mean']:.2f}% "
+                   f"at {best['ipc']} per class)")
+      else:
+        out.append(f"{where}: {hit['ipc']} per class is within {within:g} point of the full "
+                   f"data ({100 * hit['test_acc_mean']:.2f}% vs "
+                   f"{100 * full['test_acc_mean']:.2f}%), training in {hit['train_time']:.0f} s "
+                   f"against {full['train_time']:.0f} s ({full['steps']} steps on the full "
+                   "split)")
+  return out
 
 
 def write_outputs(result: dict, config: Config) -> None:

@@ -100,3 +100,19 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
 def test_benchmark_bad_input_is_one_line(args, message, run_in_process, tmp_path):
   out = run_in_process("experiments.benchmark", *args, "--root", str(tmp_path))
   assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
+  from experiments.benchmark import lossless
+
+  def row(kind, method, ipc, acc, time):
+    return {"kind": kind, "method": method, "dataset": "mnist", "protocol": "dc", "ipc": ipc,
+            "net": "mlp-128", "test_acc_mean": acc, "train_time": time, "steps": 2000}
+
+  rows = [row("full", "full", 0, 0.98, 100), row("method", "dm", 1, 0.6, 5),
+          row("method", "dm", 50, 0.975, 20), row("method", "dm", 100, 0.979, 30),
+          row("coreset", "random", 10, 0.9, 5)]
+  lines = lossless(rows)
+  assert lines[0].startswith("dm on mnist (dc, mlp-128): 50 per class is within 1 point")
+  assert "20 s against 100 s" in lines[0]
+  assert lines[1].startswith("random on mnist") and "best 90.00% at 10 per class" in lines[1]
