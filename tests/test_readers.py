@@ -209,3 +209,33 @@ def test_real_dc_set_evaluates_and_importers_feed_every_command(tmp_path, manual
   shown = run_in_process("experiments.show", dc, "--out", str(grid))
   assert shown.returncode == 0, shown.stderr
   assert grid.stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["rfad", "frepo", "pair"])
+def test_real_images_in_each_format_score_as_real_images(family, tmp_path, mnist, data_dir,
+                                                         run_in_process):
+  """10 real MNIST images per class written as each family writes them (its layout, label form
+  and preprocessing): the KRR test accuracy is that of real images, so the reader recovered the
+  images, labels and the real splits' preprocessing (as test_cli's released-layout test)."""
+  from kip.data import class_balanced_indices
+
+  train = mnist["train"]
+  idx = class_balanced_indices(train.labels, 10, np.random.default_rng(0))
+  pixels, ids = train.images[idx] / 255.0, train.labels[idx]
+  if family == "rfad":
+    pre = fit_preprocessor(train.images)
+    x = ((pixels - pre.mean) / pre.std).transpose(0, 3, 1, 2)
+    path = tmp_path / "mnist" / "best.npz"
+    path.parent.mkdir()
+    np.savez(path, images=x, labels=centred(ids), k=np.float32(0), jit=0.005)
+  elif family == "frepo":
+    path = tmp_path / "frepo_mnist.npz"
+    np.savez(path, image=(pixels - 0.1307) / 0.3081, label=centred(ids))
+  else:
+    path = tmp_path / "MNIST_IPC10_images.npy"
+    np.save(path, ((pixels - 0.1307) / 0.3081).transpose(0, 3, 1, 2).astype(np.float32))
+    np.save(tmp_path / "MNIST_IPC10_labels.npy", ids.astype(np.int64))
+  out = run_in_process("experiments.evaluate", "--support", str(path), "--dataset", "mnist",
+                       "--data-dir", data_dir, "--json-out")
+  assert out.returncode == 0, out.stderr
+  assert 0.6 < json.loads(out.stdout)["test_acc"] < 0.9
