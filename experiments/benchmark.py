@@ -453,6 +453,10 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
       ax.axhline(100 * r["test_acc_mean"], color="k", ls="--", lw=1,
                  label=f"full data ({r['net']})")
     ax.set_xscale("log")
+    sizes = sorted({r["ipc"] for r in chosen if r["kind"] != "full"})
+    if sizes:
+      ax.set_xticks(sizes, [str(v) for v in sizes])
+      ax.minorticks_off()
     ax.set_xlabel("images per class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{dataset}, {protocol} protocol")
