@@ -119,6 +119,7 @@ class Cell:
   ipc: int
   workdir: str
   support: str
+  recorded: float | None = None  # an imported file's own accuracy (DC's accs_all_exps), %
 
 
 def _split(text: str) -> list[str]:
@@ -179,8 +180,12 @@ def plan(config: Config) -> list[Cell]:
       raise cli.UserError(f"--sets: {path} does not say its dataset; give it as a file of ours "
                           "or one whose name or folder names the dataset")
     num_classes = distilled.labels.shape[1]
+    accs = distilled.source.published.get("ConvNet", []) if distilled.source else []
+    recorded = float(np.mean(accs)) if accs else None
+    if recorded is not None and recorded <= 1:  # DC records fractions
+      recorded *= 100
     cells.append(Cell("set", name, distilled.dataset, len(distilled.images) // num_classes,
-                      os.path.join(config.root, f"imported-{name}"), path))
+                      os.path.join(config.root, f"imported-{name}"), path, recorded))
   if config.full:
     for dataset in _split(config.dataset) or sorted({c.dataset for c in cells}):
       support = next((c.support for c in cells if c.dataset == dataset), "")
@@ -305,6 +310,8 @@ def _row(report: dict | None, name: str, seeds: int) -> dict | None:
 
 
 def published(cell: Cell) -> tuple[float | None, str]:
+  if cell.recorded is not None:
+    return cell.recorded, "the authors', recorded in the file (ConvNet)"
   key = ("full" if cell.kind == "full" else cell.name, cell.dataset)
   table, protocol = PUBLISHED.get(key, ({}, ""))
   value = table.get(cell.ipc)

@@ -74,6 +74,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   text = readme.read_text()
   assert "old" not in text and table in text and text.startswith("intro") and "end\n" in text
   assert "| full | mnist | all | mlp-128 | dc |" in table and "99.60" in table  # published
+  assert first["rows"][1]["published"] == pytest.approx(88.75)  # the file's own accuracies
 
   # Everything finished: read back, nothing run again.
   stamp = herding_json.stat().st_mtime_ns
