@@ -309,7 +309,11 @@ def _row(report: dict | None, name: str, seeds: int) -> dict | None:
   return None
 
 
-def published(cell: Cell) -> tuple[float | None, str]:
+def published(cell: Cell, net: str) -> tuple[float | None, str]:
+  """The published figure for the cell's method, dataset and size, and the protocol it was
+  measured under; none for another architecture (every published figure is a ConvNet's)."""
+  if net.startswith(("mlp", "resnet")):
+    return None, ""
   if cell.recorded is not None:
     return cell.recorded, "the authors', recorded in the file (ConvNet)"
   key = ("full" if cell.kind == "full" else cell.name, cell.dataset)
@@ -340,7 +344,7 @@ def run_benchmark(config: Config) -> dict:
     row, evaluated = evaluate(cell, protocol, net, config, run)
     if row is None:
       continue
-    pub, pub_protocol = published(cell)
+    pub, pub_protocol = published(cell, row["net"])
     acc = 100 * row["test_acc_mean"]
     rows.append({
         "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,

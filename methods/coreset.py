@@ -55,6 +55,7 @@ def select(selection: str, x_train: np.ndarray, labels: np.ndarray, ipc: int, se
   if selection not in SELECTIONS:
     raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
   rng = np.random.default_rng([seed, 2])
+  start = np.random.default_rng([seed, 3])  # k-center's first picks: not random's draws
   chosen = []
   for c in range(num_classes):
     members = np.flatnonzero(labels == c)
@@ -65,6 +66,6 @@ def select(selection: str, x_train: np.ndarray, labels: np.ndarray, ipc: int, se
     elif selection == "herding":
       picked = herding(x_train[members], ipc)
     else:
-      picked = k_center(x_train[members], ipc, rng)
+      picked = k_center(x_train[members], ipc, start)
     chosen.append(members[picked])
   return np.concatenate(chosen)

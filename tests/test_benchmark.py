@@ -73,8 +73,15 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   table = (root / "benchmark.md").read_text()
   text = readme.read_text()
   assert "old" not in text and table in text and text.startswith("intro") and "end\n" in text
-  assert "| full | mnist | all | mlp-128 | dc |" in table and "99.60" in table  # published
-  assert first["rows"][1]["published"] == pytest.approx(88.75)  # the file's own accuracies
+  assert "| full | mnist | all | mlp-128 | dc |" in table
+  assert first["rows"][2]["published"] is None  # published figures are ConvNets'
+  from experiments.benchmark import Cell, published
+
+  full = Cell("full", "full", "mnist", 0, "w", "s")
+  assert published(full, "convnet3-128")[0] == 99.6 and published(full, "mlp-128")[0] is None
+  noise = Cell("set", "noise", "mnist", 1, "w", "s", 88.75)  # a DC file's recorded accuracy
+  assert published(noise, "convnet3-128") == (88.75, "the authors', recorded in the file "
+                                                     "(ConvNet)")
 
   # Everything finished: read back, nothing run again.
   stamp = herding_json.stat().st_mtime_ns
@@ -117,3 +124,12 @@ def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
   assert lines[0].startswith("dm on mnist (dc, mlp-128): 50 per class is within 1 point")
   assert "20 s against 100 s" in lines[0]
   assert lines[1].startswith("random on mnist") and "best 90.00% at 10 per class" in lines[1]
+
+
+def test_an_imported_dc_file_carries_its_recorded_accuracy(tmp_path):
+  from experiments.benchmark import Config, plan
+
+  cells = plan(Config(methods="", coresets="", full=False, sets=f"noise={FIXTURE}",
+                      root=str(tmp_path)))
+  assert [(c.kind, c.name, c.dataset, c.ipc) for c in cells] == [("set", "noise", "mnist", 1)]
+  assert cells[0].recorded == pytest.approx(88.75)  # mean of the file's ConvNet [0.875, 0.9]
