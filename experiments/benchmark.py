@@ -33,6 +33,7 @@ import dataclasses
 import importlib
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -359,10 +360,20 @@ def run_benchmark(config: Config) -> dict:
         "set_status": made, "evaluation_status": evaluated})
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
-      "machine": cli.describe_devices(), "rows": rows, "commands_run": run.ran}
+      "machine": machine(), "rows": rows, "commands_run": run.ran}
   if not config.dry_run:
     write_outputs(result, config)
   return result
+
+
+def machine() -> str:
+  """What ran the evaluations: CPU cores and model, and JAX's devices."""
+  model = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), model)
+  return f"{os.cpu_count()} CPU cores ({model}); JAX devices: {cli.describe_devices()}"
 
 
 def markdown(result: dict) -> str:
