@@ -125,8 +125,11 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
   size, stride = tuple(size), tuple(stride)
   if not size:
     return np.array(storage[offset])
+  if len(size) != len(stride) or min(stride) < 0 or offset < 0:
+    raise FileFormatError(f"a tensor with shape {size}, strides {stride} and offset {offset} "
+                          "does not describe its storage")
   extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-  if min(size) > 0 and (offset < 0 or extent > len(storage)):
+  if min(size) > 0 and extent > len(storage):
     raise FileFormatError(f"a tensor of shape {size} reaches past its storage ({len(storage)})")
   item = storage.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride],

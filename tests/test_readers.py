@@ -239,3 +239,14 @@ def test_real_images_in_each_format_score_as_real_images(family, tmp_path, mnist
                        "--data-dir", data_dir, "--json-out")
   assert out.returncode == 0, out.stderr
   assert 0.6 < json.loads(out.stdout)["test_acc"] < 0.9
+
+
+def test_a_tensor_reaching_outside_its_storage_is_refused():
+  from kip.readers import _rebuild_tensor
+
+  storage = np.arange(10, dtype=np.float32)
+  np.testing.assert_array_equal(_rebuild_tensor(storage, 2, (2, 3), (3, 1)),
+                                [[2, 3, 4], [5, 6, 7]])
+  for offset, size, stride in ((2, (3, 3), (3, 1)), (0, (2,), (-1,)), (-1, (2,), (1,))):
+    with pytest.raises(FileFormatError, match="storage"):
+      _rebuild_tensor(storage, offset, size, stride)
