@@ -13,8 +13,9 @@ The same layout as `bench.methods`, so sets distilled there are reused here. Imp
 (`--sets`, any format `kip.io` reads: RFAD, FRePo, DC/DSA/DM, MTT/DATM/PAD, DC-Bench, KIP/LS) are
 evaluated in <root>/imported-<name>/. Rows: each method, each imported set, the coresets (random,
 herding, k-center) and the full training split; columns: accuracy (mean +- std over --seeds
-networks), the published figure where ANCHORS.md has one for the same dataset and size (and the
-protocol it was measured under), the gap, and the training time of the evaluation.
+networks), the published figure where ANCHORS.md has one for the same dataset and size (ConvNet
+rows; with the protocol it was measured under; for an imported DC file, the accuracy it records),
+the gap, and the training time of the evaluation.
 
 Writes <out>/benchmark.md (the table), benchmark.json (every number with the workdir it came
 from) and benchmark.png (accuracy against images per class, one line per method and network);
@@ -23,8 +24,8 @@ from) and benchmark.png (accuracy against images per class, one line per method 
 Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
 published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
 capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
-one dataset takes one to two hours (distillation 10-50 min per set, a 5-seed dc evaluation 5-20
-min). paper runs every method and evaluation at `--preset paper` (GPU-sized).
+one dataset takes one to two hours (distillation 3-50 min per set, a 5-seed dc evaluation of a
+ConvNet 5-30 min, of an MLP about a minute). paper runs every method and evaluation at `--preset paper` (GPU-sized).
 """
 
 from __future__ import annotations
