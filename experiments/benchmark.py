@@ -25,7 +25,8 @@ Presets: cpu (default) runs every method at its own CPU preset and evaluates at 
 published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
 capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
 one dataset takes one to two hours (distillation 3-50 min per set, a 5-seed dc evaluation of a
-ConvNet 5-30 min, of an MLP about a minute). paper runs every method and evaluation at `--preset paper` (GPU-sized).
+ConvNet 5-30 min, of an MLP about a minute). paper runs every method and evaluation at
+`--preset paper` (GPU-sized).
 """
 
 from __future__ import annotations
