@@ -105,7 +105,6 @@ class SetReadConfig:
     return load_distilled(path, dataset, layout=self.layout, experiment=self.experiment)
 
 
-
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str):
     # One line instead of argparse's usage block; --help has the rest.

@@ -23,7 +23,15 @@ import tempfile
 import numpy as np
 
 from kip.data import DATASETS, Preprocessor
-from kip.readers import LAYOUTS, FileFormatError, Source, is_foreign, read_foreign
+from kip.readers import (
+  LAYOUTS,
+  FileFormatError,
+  Foreign,
+  Source,
+  npz_format,
+  read_foreign,
+  read_npz,
+)
 
 __all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "write_json",
            "save_distilled", "load_distilled", "parse_release_name", "LAYOUTS"]
@@ -205,13 +213,16 @@ def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto
   """
   if not os.path.exists(path):
     raise FileFormatError(f"{path}: no such file")
-  if is_foreign(path):
-    return _imported(path, dataset, layout, experiment)
+  if not path.endswith(".npz"):
+    return _imported(path, dataset, read_foreign(path, layout=layout, experiment=experiment,
+                                                 dataset=dataset))
   try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {k: data[k] for k in data.files}
   except Exception as e:  # noqa: BLE001  (zip, pickle and value errors all mean "not an npz")
     raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
+  if npz_format(set(arrays)):
+    return _imported(path, dataset, read_npz(path, arrays, layout=layout, dataset=dataset))
   for key in ("images", "labels"):
     if key not in arrays and not (key == "labels" and "targets" in arrays):
       alt = {"x_syn": "a trajectory-matching run"}
@@ -236,8 +247,7 @@ def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto
   return distilled
 
 
-def _imported(path: str, dataset: str | None, layout: str, experiment: int) -> DistilledSet:
-  foreign = read_foreign(path, layout=layout, experiment=experiment, dataset=dataset)
+def _imported(path: str, dataset: str | None, foreign: Foreign) -> DistilledSet:
   source = foreign.source
   preprocessor = None
   if source.stats is not None and source.zca is None:  # fully known without the training data

@@ -41,7 +41,8 @@ import zipfile
 import numpy as np
 
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
-           "DC_STATS", "FREPO_STATS", "read_torch", "read_foreign", "to_nhwc", "is_foreign"]
+           "DC_STATS", "FREPO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
+           "to_nhwc"]
 
 FORMATS = ("rfad", "frepo", "dc", "pair")
 LAYOUTS = ("auto", "nhwc", "nchw")
@@ -363,19 +364,8 @@ def to_nhwc(images: np.ndarray, layout: str, path: str) -> np.ndarray:
   return np.transpose(images, (0, 2, 3, 1)) if layout == "nchw" else images
 
 
-def is_foreign(path: str) -> bool:
-  """Whether `path` is in another project's format (not our / the KIP authors' `.npz`)."""
-  if not path.endswith(".npz"):
-    return True
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      keys = set(data.files)
-  except Exception:  # noqa: BLE001  (load_distilled reports unreadable files)
-    return False
-  return _npz_format(keys) is not None
-
-
-def _npz_format(keys: set) -> str | None:
+def npz_format(keys: set) -> str | None:
+  """"frepo" or "rfad" when an .npz's keys are that family's, else None (ours / KIP's)."""
   if {"x_proto", "y_proto"} <= keys or {"image", "label"} <= keys:
     return "frepo"
   if {"images", "labels", "k", "jit"} <= keys:
@@ -385,12 +375,11 @@ def _npz_format(keys: set) -> str | None:
 
 def read_foreign(path: str, *, layout: str = "auto", experiment: int = -1,
                  dataset: str | None = None) -> Foreign:
-  """Reads a set in any of FORMATS. `experiment`: which of a DC results file's experiments
-  (-1: the last); `dataset`: the caller's, used where the file does not name one."""
+  """Reads a .pt / .npy set (DC results, pairs; .npz files go through `read_npz`).
+  `experiment`: which of a DC results file's experiments (-1: the last); `dataset`: the
+  caller's, used where the file does not name one."""
   if not os.path.exists(path):
     raise FileFormatError(f"{path}: no such file")
-  if path.endswith(".npz"):
-    return _read_npz(path, layout, dataset)
   name = os.path.basename(path)
   if name.startswith("res_") and name.endswith((".pt", ".pth")):
     return _read_dc(path, layout, experiment, dataset)
@@ -400,13 +389,10 @@ def read_foreign(path: str, *, layout: str = "auto", experiment: int = -1,
                         "res_*.pt (DC/DSA/DM), or an images/labels pair (.pt or .npy)")
 
 
-def _read_npz(path, layout, dataset) -> Foreign:
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
-  except Exception as e:  # noqa: BLE001
-    raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
-  kind = _npz_format(set(arrays))
+def read_npz(path: str, arrays: dict, *, layout: str = "auto",
+             dataset: str | None = None) -> Foreign:
+  """An RFAD or FRePo set from the arrays of its .npz (`kip.io` has read them)."""
+  kind = npz_format(set(arrays))
   if kind == "frepo":
     x, y = ("x_proto", "y_proto") if "x_proto" in arrays else ("image", "label")
     images = to_nhwc(arrays[x], layout if layout != "auto" else "nhwc", path)
