@@ -80,6 +80,10 @@ class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConf
   eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
   eval_width: int = f(0, "channels of the evaluation's ConvNet (0: the dc protocol's 128)",
                       minimum=0)
+  keep_scale: bool = f(False, "ours, not the paper's: after every step rescale each image to its "
+                              "initial standard deviation (the loss hardly sees an image's "
+                              "contrast, so SGD inflates it: a set for networks without "
+                              "normalisation, e.g. an MLP)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,8 @@ def run_matching(config: MatchConfig, workdir: str, method_name: str, *,
                          attention_weight=attention_weight, embedding_weight=embedding_weight,
                          power=power, lr=config.lr, momentum=config.momentum,
                          real_per_class=config.real_per_class,
-                         augment="" if config.augment == "none" else config.augment)
+                         augment="" if config.augment == "none" else config.augment,
+                         keep_scale=config.keep_scale)
   finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
                             seeds=(config.seed,), width=config.eval_width, depth=depth,
                             dataset=config.dataset, split=split)

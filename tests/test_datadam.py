@@ -1,6 +1,8 @@
 """DataDAM and DM: the attention map and both losses against NumPy on the step's own network, the
 class grouping, and a resumed run equal to an uninterrupted one in the loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +94,31 @@ def test_the_support_is_grouped_by_class_and_must_be_balanced():
     class_grouped(X[:5], Y[:5])
 
 
-@pytest.mark.parametrize("make, augment", [(make_datadam, "crop_flip"), (make_dm, "")])
+def test_keep_scale_undoes_the_growth_that_a_scale_blind_loss_causes():
+  # One image per class through batch norm: the loss cannot see an image's scale, so its gradient
+  # is orthogonal to the image and SGD only grows it; keep_scale takes the same step, then moves
+  # each image about its own mean back to its initial standard deviation.
+  common = dict(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL, augment="",
+                lr=100.0)
+  batch, key = Batch(X[30:45], Y[30:45]), jax.random.key(7)
+  x0 = np.asarray(X[:CLASSES], np.float64)  # one image of each class, in class order
+  moved = {}
+  for keep in (False, True):
+    method = make_datadam(**common, keep_scale=keep)
+    state = init_state(method, jax.random.key(0), X[:CLASSES], Y[:CLASSES])
+    moved[keep] = np.asarray(method.update(state, batch, key, 1)[0].x, np.float64)
+  step, flat = (moved[False] - x0).reshape(CLASSES, -1), x0.reshape(CLASSES, -1)
+  cosine = (step * flat).sum(1) / np.linalg.norm(step, axis=1) / np.linalg.norm(flat, axis=1)
+  assert np.all(np.linalg.norm(step, axis=1) > 0.1) and np.all(np.abs(cosine) < 1e-2)
+  grown = moved[False].reshape(CLASSES, -1)
+  assert np.all(grown.std(1) > flat.std(1))
+  mean = grown.mean(1, keepdims=True)
+  expected = mean + (grown - mean) * (flat.std(1) / grown.std(1))[:, None]
+  np.testing.assert_allclose(moved[True].reshape(CLASSES, -1), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, augment", [(make_datadam, "crop_flip"), (make_dm, ""),
+                                           (functools.partial(make_datadam, keep_scale=True), "")])
 def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augment):
   method = make(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
                 augment=augment)
