@@ -9,8 +9,9 @@ normalised by the expert's own). Images and the learning rate are learned by SGD
 is found where that command puts it, or give `--buffer DIR`); the network is the experts' own.
 
 Presets (our MNIST settings: MTT has none for MNIST):
-- `cpu` (default): 10 student steps, expert epochs 2, start epochs below 4, 300 iterations,
-  images lr 100, learning-rate lr 1e-5, on the cpu buffer (4 experts, width 32, 6 epochs);
+- `cpu` (default): 10 student steps of at most 100 images (all of them up to 10 per class on
+  10-class data), expert epochs 2, start epochs below 4, 300 iterations, images lr 100,
+  learning-rate lr 1e-5, on the cpu buffer (4 experts, width 32, 6 epochs);
 - `paper`: the official CIFAR-10 ipc-10 configuration (30 student steps, expert epochs 2, start
   epochs below 20, 5,000 iterations, images lr 1,000 on ZCA images, lr lr 1e-5, initial lr 0.01)
   on the paper buffer (100 experts of width 128, 50 epochs).
@@ -50,6 +51,9 @@ from methods.mtt import make_mtt
 from methods.trajectory import ExpertStore, StoreMismatch
 
 f = cli.field
+CPU_BATCH_SYN = 100  # the cpu preset's student minibatch when --batch-syn is 0: 10 per class on
+# 10-class data, so a larger set costs an iteration what 10 per class do (every image is still
+# seen once per iteration at 100 per class with the 10 student steps)
 
 PRESETS = {
     "cpu": {"steps": 300, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 4,
@@ -75,7 +79,8 @@ class TrajectoryConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.Dat
   syn_steps: int = f(10, "the student's SGD steps per iteration", minimum=1)
   expert_epochs: int = f(2, "M: expert epochs between the start and the target", minimum=1)
   max_start_epoch: int = f(4, "start epochs are drawn below this", minimum=1)
-  batch_syn: int = f(0, "synthetic images per student step (0: all)", minimum=0)
+  batch_syn: int = f(0, "synthetic images per student step (0: all of them, at most "
+                        f"{CPU_BATCH_SYN} with the cpu preset)", minimum=0)
   lr_img: float = f(100.0, "SGD learning rate of the images", above=0)
   lr_lr: float = f(1e-5, "SGD learning rate of the student's learning rate", minimum=0)
   lr_init: float = f(0.01, "the student's initial learning rate (MTT: the experts' 0.01)",
@@ -156,7 +161,8 @@ def run_trajectory(config: TrajectoryConfig, workdir: str, method_name: str, mak
     method = make_method(
         model, template, store, image_shape=image_shape, syn_steps=config.syn_steps,
         expert_epochs=config.expert_epochs, max_start_epoch=config.max_start_epoch,
-        batch_syn=config.batch_syn, lr_img=config.lr_img, lr_lr=config.lr_lr,
+        batch_syn=config.batch_syn or (CPU_BATCH_SYN if config.preset == "cpu" else 0),
+        lr_img=config.lr_img, lr_lr=config.lr_lr,
         lr_init=config.lr_init, momentum=config.momentum,
         augment="" if config.augment == "none" else config.augment, experts=experts,
         seed=config.seed, **method_kwargs)

@@ -329,15 +329,16 @@ def make_student(model, unravel: Callable, *, syn_steps: int, batch_syn: int = 0
                  augment: str = "", remat: bool = True, unroll: bool = False) -> Callable:
   """(x (n, H, W, C), targets (n, C) probabilities, lr (), theta0 (P,), key) -> theta (P,): the
   student's parameters after `syn_steps` SGD steps on the mean cross-entropy of `batch_syn`
-  images (0: all) each, drawn by cycling through random permutations of the set, each minibatch
-  augmented per image by `augment`. Differentiable in x, targets, lr and theta0."""
+  images (0, or more than the set holds: all) each, drawn by cycling through random permutations
+  of the set, each minibatch augmented per image by `augment`. Differentiable in x, targets, lr
+  and theta0."""
 
   def student_loss(theta, x, targets):
     return _xent(model.apply({"params": unravel(theta)}, x, train=True), targets)
 
   def student(x, targets, lr, theta0, key):
     n = x.shape[0]
-    b = batch_syn or n
+    b = min(batch_syn, n) if batch_syn else n
     rounds = -(-syn_steps * b // n)
     k_perm, k_aug = jax.random.split(key)
     perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_perm, rounds))

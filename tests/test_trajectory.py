@@ -75,6 +75,22 @@ def test_the_student_step_gradient_matches_finite_differences_in_float64():
       np.testing.assert_allclose(glr, numeric_lr, rtol=1e-6)
 
 
+def test_a_student_minibatch_larger_than_the_set_is_the_whole_set_once():
+  theta0, unravel = ravel_pytree(PARAMS)
+  x, targets = jnp.asarray(X[:6]), jax.nn.one_hot(jnp.asarray(LABELS[:6]), CLASSES)
+  key = jax.random.key(2)
+  whole = make_student(MODEL, unravel, syn_steps=2)(x, targets, 0.1, theta0, key)
+  larger = make_student(MODEL, unravel, syn_steps=2, batch_syn=100)(x, targets, 0.1, theta0, key)
+  np.testing.assert_allclose(larger, whole, rtol=1e-6, atol=1e-7)
+  # by hand: two full-batch SGD steps on the mean cross-entropy (every image exactly once each)
+  def xent(theta):
+    logits = MODEL.apply({"params": unravel(theta)}, x, train=True)
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+  expected = theta0 - 0.1 * jax.grad(xent)(theta0)
+  expected = expected - 0.1 * jax.grad(xent)(expected)
+  np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_store_round_trips_and_refuses_other_settings(tmp_path):
   settings = {"dataset": "mnist", "width": 3, "lr": 0.01}
   store = ExpertStore.create(str(tmp_path), settings, num_params=5, epochs=2)
