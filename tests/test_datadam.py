@@ -13,7 +13,7 @@ from kip.io import load_distilled
 from kip.loop import LoopConfig, read_metrics, run
 from kip.method import Batch, init_state, make_sampler
 from kip.nets import make_net
-from methods.datadam import attention_map, class_grouped, make_datadam
+from methods.datadam import attention_map, class_grouped, image_stats, make_datadam
 from methods.dm import make_dm
 
 RNG = np.random.default_rng(0)
@@ -94,31 +94,43 @@ def test_the_support_is_grouped_by_class_and_must_be_balanced():
     class_grouped(X[:5], Y[:5])
 
 
-def test_keep_scale_undoes_the_growth_that_a_scale_blind_loss_causes():
+def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_written_set():
   # One image per class through batch norm: the loss cannot see an image's scale, so its gradient
-  # is orthogonal to the image and SGD only grows it; keep_scale takes the same step, then moves
-  # each image about its own mean back to its initial standard deviation.
+  # is orthogonal to the image and SGD only grows it. `image_stats` leaves the learning alone and
+  # writes each image standardised to the given mean and std.
   common = dict(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL, augment="",
                 lr=100.0)
   batch, key = Batch(X[30:45], Y[30:45]), jax.random.key(7)
   x0 = np.asarray(X[:CLASSES], np.float64)  # one image of each class, in class order
-  moved = {}
-  for keep in (False, True):
-    method = make_datadam(**common, keep_scale=keep)
+  states, exported = {}, {}
+  for stats in (None, (0.25, 1.5)):
+    method = make_datadam(**common, image_stats=stats)
     state = init_state(method, jax.random.key(0), X[:CLASSES], Y[:CLASSES])
-    moved[keep] = np.asarray(method.update(state, batch, key, 1)[0].x, np.float64)
-  step, flat = (moved[False] - x0).reshape(CLASSES, -1), x0.reshape(CLASSES, -1)
+    states[stats] = method.update(state, batch, key, 1)[0]
+    exported[stats] = np.asarray(method.export(states[stats])["images"], np.float64)
+  moved = np.asarray(states[None].x, np.float64)
+  step, flat = (moved - x0).reshape(CLASSES, -1), x0.reshape(CLASSES, -1)
   cosine = (step * flat).sum(1) / np.linalg.norm(step, axis=1) / np.linalg.norm(flat, axis=1)
   assert np.all(np.linalg.norm(step, axis=1) > 0.1) and np.all(np.abs(cosine) < 1e-2)
-  grown = moved[False].reshape(CLASSES, -1)
+  grown = moved.reshape(CLASSES, -1)
   assert np.all(grown.std(1) > flat.std(1))
-  mean = grown.mean(1, keepdims=True)
-  expected = mean + (grown - mean) * (flat.std(1) / grown.std(1))[:, None]
-  np.testing.assert_allclose(moved[True].reshape(CLASSES, -1), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(states[(0.25, 1.5)].x, states[None].x)  # learning untouched
+  np.testing.assert_array_equal(exported[None], moved)
+  expected = 0.25 + 1.5 * (grown - grown.mean(1, keepdims=True)) / grown.std(1, keepdims=True)
+  np.testing.assert_allclose(exported[(0.25, 1.5)].reshape(CLASSES, -1), expected, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_image_stats_average_each_images_mean_and_std():
+  x = np.zeros((5000, 2, 2, 1), np.float32)  # more than one chunk
+  x[:2500] = np.array([0, 0, 2, 2], np.float32).reshape(2, 2, 1)  # mean 1, std 1
+  x[2500:] = 3.0  # mean 3, std 0
+  assert image_stats(x) == pytest.approx((2.0, 0.5))
 
 
 @pytest.mark.parametrize("make, augment", [(make_datadam, "crop_flip"), (make_dm, ""),
-                                           (functools.partial(make_datadam, keep_scale=True), "")])
+                                           (functools.partial(make_datadam, image_stats=(0, 1)),
+                                            "")])
 def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augment):
   method = make(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
                 augment=augment)
