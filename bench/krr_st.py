@@ -68,6 +68,8 @@ def main(argv=None) -> int:
   parser.add_argument("--data-dir", default=os.path.join(ROOT, ".cache", "tfds"))
   parser.add_argument("--tag", default="", help="suffix of the results file's name")
   parser.add_argument("--eval-args", default="", help="extra flags for experiments.pretrain")
+  parser.add_argument("--distil-args", default="",
+                      help="extra flags for experiments.krr_st, e.g. --steps 1000")
   args = parser.parse_args(argv)
   data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
 
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
       workdir = os.path.join(args.root, f"krr_st-{args.source}-n{size}"
                              + ("-noreset" if name == "noreset" else ""))
       seconds = _run(["experiments.krr_st", "--dataset", args.source, "--size", size,
-                      "--workdir", workdir, "--no-progress", *flags, *data])
+                      "--workdir", workdir, "--no-progress", *flags, *data,
+                      *shlex.split(args.distil_args)])
       records = _metrics(workdir)
       sets[name] = {"workdir": workdir, "this_call_s": seconds,
                     "wall_time": records[-1]["wall_time"], "steps": records[-1]["step"],
