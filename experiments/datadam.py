@@ -120,7 +120,7 @@ def run_matching(config: MatchConfig, workdir: str, method_name: str, *,
                          power=power, lr=config.lr, momentum=config.momentum,
                          real_per_class=config.real_per_class,
                          augment="" if config.augment == "none" else config.augment,
-                         image_stats=image_stats(data.x_train) if config.standardise else None)
+                         export_stats=image_stats(data.x_train) if config.standardise else None)
   finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
                             seeds=(config.seed,), width=config.eval_width, depth=depth,
                             dataset=config.dataset, split=split)

@@ -21,9 +21,11 @@ loss hardly sees an image's contrast: at 1 image per class (batch norm over one 
 does not at all, so every gradient is orthogonal to the image and SGD only ever grows it
 (|x + lr g|^2 = |x|^2 + lr^2 |g|^2): DataDAM's MNIST images end at 5.7x the real ones' spread.
 The ConvNets that evaluate a set normalise too, but a network that does not (an MLP) sees images
-far outside the real data. `image_stats` (ours, off by default as the paper) standardises each
+far outside the real data. `export_stats` (ours, off by default as the paper) standardises each
 exported image over its pixels and gives it the real images' average per-image mean and standard
 deviation: the state, and so the learning, is untouched; only the written set changes.
+
+DM (Zhao & Bilen, WACV 2023) is the embedding term alone, with instance norm: `methods/dm.py`.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
                   attention_weight: float = 100.0, embedding_weight: float = 1.0,
                   power: float = 4.0, lr: float = 1.0, momentum: float = 0.5,
                   real_per_class: int = 64, augment: str = DSA_STRATEGY,
-                  image_stats: tuple[float, float] | None = None) -> Method:
+                  export_stats: tuple[float, float] | None = None) -> Method:
   """Attention and embedding matching as a `kip.method.Method` (labelled real batches of
   `real_per_class` images per class). See the module docstring for the loss.
 
@@ -107,7 +109,8 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
     power: p of the attention |f|^p.
     lr, momentum: SGD on the synthetic images.
     augment: DSA strategy applied siamese-wise (one draw per class); "" for none.
-    image_stats: (mean, std) that every exported image is standardised to (None: as learned).
+    export_stats: (mean, std) every exported image is standardised to (None: as learned), e.g.
+      `image_stats` of the real training images.
   """
   if lr <= 0 or real_per_class < 1 or power <= 0:
     raise ValueError("matching needs a positive lr, power and real_per_class")
@@ -167,7 +170,7 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
     return MatchState(x, state.y, opt_state), metrics
 
   def export(state: MatchState) -> dict[str, jax.Array]:
-    x = state.x if image_stats is None else standardised(state.x, *image_stats)
+    x = state.x if export_stats is None else standardised(state.x, *export_stats)
     return {"images": x, "labels": state.y}
 
   return Method(init, update, export, Data("labelled", real_per_class * num_classes))

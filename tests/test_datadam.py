@@ -96,7 +96,7 @@ def test_the_support_is_grouped_by_class_and_must_be_balanced():
 
 def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_written_set():
   # One image per class through batch norm: the loss cannot see an image's scale, so its gradient
-  # is orthogonal to the image and SGD only grows it. `image_stats` leaves the learning alone and
+  # is orthogonal to the image and SGD only grows it. `export_stats` leaves the learning alone and
   # writes each image standardised to the given mean and std.
   common = dict(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL, augment="",
                 lr=100.0)
@@ -104,7 +104,7 @@ def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_w
   x0 = np.asarray(X[:CLASSES], np.float64)  # one image of each class, in class order
   states, exported = {}, {}
   for stats in (None, (0.25, 1.5)):
-    method = make_datadam(**common, image_stats=stats)
+    method = make_datadam(**common, export_stats=stats)
     state = init_state(method, jax.random.key(0), X[:CLASSES], Y[:CLASSES])
     states[stats] = method.update(state, batch, key, 1)[0]
     exported[stats] = np.asarray(method.export(states[stats])["images"], np.float64)
@@ -129,7 +129,7 @@ def test_image_stats_average_each_images_mean_and_std():
 
 
 @pytest.mark.parametrize("make, augment", [(make_datadam, "crop_flip"), (make_dm, ""),
-                                           (functools.partial(make_datadam, image_stats=(0, 1)),
+                                           (functools.partial(make_datadam, export_stats=(0, 1)),
                                             "")])
 def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augment):
   method = make(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
