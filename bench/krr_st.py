@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,22 @@ def _run(args: list[str]) -> float:
 def _metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _share_pretraining(done: str, edir: str) -> None:
+  """Seed <edir>/<row>/pretrain from a finished budget's: pre-training never sees the labels.
+
+  experiments.pretrain keeps each row's pre-training in <workdir>/<row>/pretrain (the one loop's
+  workdir), and it depends on the set, the network and the pre-training flags only, which all
+  budgets of one (size, net) share; without this every labelled budget pre-trains again.
+  """
+  if done == edir or not os.path.isdir(done):
+    return
+  for row in sorted(os.listdir(done)):
+    src, dst = os.path.join(done, row, "pretrain"), os.path.join(edir, row, "pretrain")
+    if os.path.isdir(src) and not os.path.exists(dst):
+      shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
+      os.replace(dst + ".tmp", dst)
 
 
 def main(argv=None) -> int:
@@ -96,11 +113,13 @@ def main(argv=None) -> int:
                     "pool_expired": records[-1].get("pool_expired")}
     all_sets[size] = sets
     base = sets["reset"]["workdir"]
+    first_edir = {}  # net -> the first budget's evaluation workdir
     for labelled, net in itertools.product(args.labelled.split(","), args.nets.split(",")):
       default_net = net == NETS_DEFAULT
       supervised = [s for s in args.supervised.split(",") if s] if default_net else []
       suffix = "" if default_net else f"-{net}"
       edir = os.path.join(base, f"pretrain-{args.target}-{labelled}{suffix}")
+      _share_pretraining(first_edir.setdefault(net, edir), edir)
       _run(["experiments.pretrain", "--support", os.path.join(base, "distilled.npz"),
             "--dataset", args.target, "--labelled", labelled, "--rows", args.rows,
             "--seeds", str(args.seeds), "--workdir", edir, "--no-progress",

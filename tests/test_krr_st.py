@@ -178,3 +178,22 @@ def test_kd_student_learns_the_teachers_soft_predictions(tmp_path):
     mine = np.argmax(net.apply({"params": state.params, "batch_stats": state.batch_stats},
                                X[:40], train=False), -1)
     assert np.mean(mine == decided) > 0.6
+
+
+def test_bench_shares_pretraining_across_labelled_budgets(tmp_path):
+  from bench.krr_st import _share_pretraining  # noqa: PLC0415
+
+  done, new = tmp_path / "pretrain-fashion_mnist-1000", tmp_path / "pretrain-fashion_mnist-0"
+  for row in ("random", "distilled"):
+    (done / row / "pretrain" / "checkpoints").mkdir(parents=True)
+    (done / row / "pretrain" / "metrics.jsonl").write_text(f"{row}\n")
+    (done / row / "finetune").mkdir()
+  (done / "none" / "finetune").mkdir(parents=True)  # no pre-training: nothing to share
+  (new / "distilled" / "pretrain").mkdir(parents=True)  # already there: left alone
+  _share_pretraining(str(done), str(new))
+  assert (new / "random" / "pretrain" / "metrics.jsonl").read_text() == "random\n"
+  assert (new / "random" / "pretrain" / "checkpoints").is_dir()
+  assert not (new / "random" / "finetune").exists()  # fine-tuning depends on the labels
+  assert not (new / "none").exists()
+  assert not (new / "distilled" / "pretrain" / "metrics.jsonl").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([done.name, new.name])  # no .tmp
