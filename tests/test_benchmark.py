@@ -113,17 +113,20 @@ def test_benchmark_bad_input_is_one_line(args, message, run_in_process, tmp_path
 def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
   from experiments.benchmark import lossless
 
-  def row(kind, method, ipc, acc, time):
+  def row(kind, method, ipc, acc, time, steps=2000):
     return {"kind": kind, "method": method, "dataset": "mnist", "protocol": "dc", "ipc": ipc,
-            "net": "mlp-128", "test_acc_mean": acc, "train_time": time, "steps": 2000}
+            "net": "mlp-128", "test_acc_mean": acc, "train_time_per_net": time, "steps": steps}
 
   rows = [row("full", "full", 0, 0.98, 100), row("method", "dm", 1, 0.6, 5),
-          row("method", "dm", 50, 0.975, 20), row("method", "dm", 100, 0.979, 30),
-          row("coreset", "random", 10, 0.9, 5)]
+          row("method", "dm", 50, 0.975, 20, 800), row("method", "dm", 100, 0.979, 30),
+          row("coreset", "random", 10, 0.9, 5), row("method", "mtt", 10, 0.99, 250)]
   lines = lossless(rows)
   assert lines[0].startswith("dm on mnist (dc, mlp-128): 50 per class is within 1 point")
-  assert "20 s against 100 s" in lines[0]
-  assert lines[1].startswith("random on mnist") and "best 90.00% at 10 per class" in lines[1]
+  assert "20 s (800 steps) against 100 s (2000 steps" in lines[0]
+  assert lines[0].endswith("80% less training time")
+  assert lines[1].startswith("mtt on mnist")
+  assert lines[1].endswith("2.5x the training time (no saving)")
+  assert lines[2].startswith("random on mnist") and "best 90.00% at 10 per class" in lines[2]
 
 
 def test_an_imported_dc_file_carries_its_recorded_accuracy(tmp_path):
