@@ -98,6 +98,11 @@ class Config:
                          "paper (every command at --preset paper)", choices=("cpu", "paper"))
   root: str = f("runs/benchmark", "workdirs of every cell")
   out: str = f("", "where the table, JSON and figure go (default: --root)")
+  archive: str = f("", "a folder (e.g. <out>/cells, committed) that keeps each finished cell's "
+                       "distilled set and reports (distilled.npz, config.json, metrics.jsonl, "
+                       "transfer.json; a coreset's images are remade in seconds) and restores "
+                       "a workdir missing under --root from it, so the table's command reads "
+                       "back on a fresh checkout")
   readme: str = f("", "also replace the table between `<!-- benchmark:begin -->` and "
                       "`<!-- benchmark:end -->` in this file")
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
@@ -278,6 +283,47 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
   return "made"
 
 
+# What a cell's read-back needs: the set and how it was made (distillation_finished), the
+# distillation's wall time, and the evaluation's report (evaluate).
+_KEPT = ("distilled.npz", "config.json", "metrics.jsonl", "transfer.json")
+
+
+def _archived(workdir: str, config: Config) -> str:
+  return os.path.join(config.archive, os.path.relpath(workdir, config.root))
+
+
+def restore(workdir: str, config: Config) -> None:
+  """Copies `workdir`'s archived files back when the workdir does not exist (a fresh checkout);
+  a workdir that exists, finished or interrupted, is left to its own run."""
+  source = _archived(workdir, config) if config.archive else ""
+  if not source or os.path.exists(workdir) or not os.path.isdir(source):
+    return
+  for name in _KEPT:
+    if os.path.isfile(os.path.join(source, name)):
+      with open(os.path.join(source, name), "rb") as f:
+        atomic_write(os.path.join(workdir, name), f.read())
+  cli.log(f"restored {workdir} from {source}")
+
+
+def archive(workdir: str, config: Config) -> None:
+  """Copies `workdir`'s finished files into the archive, rewriting only those that changed."""
+  if not config.archive or config.dry_run:
+    return
+  target = _archived(workdir, config)
+  for name in _KEPT:
+    path = os.path.join(workdir, name)
+    if not os.path.isfile(path):
+      continue
+    with open(path, "rb") as f:
+      content = f.read()
+    kept = os.path.join(target, name)
+    if os.path.isfile(kept):
+      with open(kept, "rb") as f:
+        if f.read() == content:
+          continue
+    atomic_write(kept, content)
+
+
 def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
   return os.path.join(cell.workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}"))
 
@@ -286,6 +332,7 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
   """(the row of transfer.json, "reused" | "made"): a finished evaluation with at least
   --seeds networks is read back; otherwise experiments.transfer runs (and resumes)."""
   tdir = transfer_dir(cell, protocol, net)
+  restore(tdir, config)
   row_name = "full" if cell.kind == "full" else "distilled"
   seeds = config.full_seeds if cell.kind == "full" else config.seeds
   report = _read_json(os.path.join(tdir, "transfer.json"))
@@ -339,11 +386,17 @@ def run_benchmark(config: Config) -> dict:
       raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that dataset "
                           "to size its evaluation: add a method, coreset or --sets")
     if cell.workdir not in prepared:
+      # Only distilled sets are kept: a coreset is remade in seconds, the rest have no files.
+      if cell.kind == "method":
+        restore(cell.workdir, config)
       prepared[cell.workdir] = make_set(cell, config, run, extra)
+      if cell.kind == "method":
+        archive(cell.workdir, config)
     made = prepared[cell.workdir]
     row, evaluated = evaluate(cell, protocol, net, config, run)
     if row is None:
       continue
+    archive(transfer_dir(cell, protocol, net), config)
     pub, pub_protocol = published(cell, row["net"])
     acc = 100 * row["test_acc_mean"]
     rows.append({

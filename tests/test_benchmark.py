@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -54,6 +55,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   args = ["--methods", "", "--coresets", "herding", "--sets", f"noise={FIXTURE}", "--ipc", "1",
           "--nets", "mlp", "--seeds", "2", "--full-steps", "20", "--transfer-args",
           "--steps 20 --eval-every 20", "--root", str(root), "--readme", str(readme),
+          "--archive", str(tmp_path / "kept"),
           "--in-process", "--no-progress", "--manual-dir", manual_dir, "--data-dir", data_dir]
 
   def run():
@@ -96,6 +98,43 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   third = run()
   assert len(third["commands_run"]) == 1 and "coreset-herding" in third["commands_run"][0]
   assert third["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
+
+  # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade.
+  shutil.rmtree(root)
+  fourth = run()
+  assert [line.split()[2] for line in fourth["commands_run"]] == ["experiments.coreset"]
+  assert [r["test_acc"] for r in fourth["rows"]] == [r["test_acc"] for r in first["rows"]]
+  assert not (tmp_path / "kept" / "coreset-herding-mnist-ipc1" / "distilled.npz").exists()
+
+
+def test_archive_restores_a_finished_distillation_only_into_a_missing_workdir(tmp_path):
+  from experiments.benchmark import Config, archive, distillation_finished, restore
+
+  config = Config(root=str(tmp_path / "root"), archive=str(tmp_path / "kept"))
+  workdir = tmp_path / "root" / "dm-mnist-ipc1"
+  workdir.mkdir(parents=True)
+  np.savez(workdir / "distilled.npz", images=np.ones((10, 2, 2, 1)), labels=np.eye(10))
+  (workdir / "config.json").write_text(json.dumps({"steps": 3}))
+  (workdir / "metrics.jsonl").write_text('{"step": 3, "wall_time": 7.0}\n')
+  (workdir / "checkpoint").mkdir()  # resumable state: not kept
+  archive(str(workdir), config)
+  kept = tmp_path / "kept" / "dm-mnist-ipc1"
+  assert sorted(p.name for p in kept.iterdir()) == ["config.json", "distilled.npz",
+                                                    "metrics.jsonl"]
+  stamp = (kept / "distilled.npz").stat().st_mtime_ns
+  archive(str(workdir), config)  # unchanged files are not rewritten
+  assert (kept / "distilled.npz").stat().st_mtime_ns == stamp
+
+  shutil.rmtree(workdir)
+  assert not distillation_finished(str(workdir))
+  restore(str(workdir), config)
+  assert distillation_finished(str(workdir))
+  np.testing.assert_array_equal(np.load(workdir / "distilled.npz")["labels"], np.eye(10))
+
+  # A workdir that exists (an interrupted run) is its own run's: nothing is copied into it.
+  (workdir / "distilled.npz").unlink()
+  restore(str(workdir), config)
+  assert not (workdir / "distilled.npz").exists()
 
 
 @pytest.mark.parametrize("args, message", [
