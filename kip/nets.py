@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kip.conv import conv
+
 __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
            "make_net", "default_depth", "count_params"]
 
@@ -95,12 +97,8 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1] * self.kernel_size[0] * self.kernel_size[1]
 
-    def conv(kernel):
-      return jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    return _affine(self, (*self.kernel_size, x.shape[-1], self.features), fan_in, conv,
-                   self.use_bias)
+    return _affine(self, (*self.kernel_size, x.shape[-1], self.features), fan_in,
+                   lambda kernel: conv(x, kernel, self.strides, self.padding), self.use_bias)
 
 
 def _norm(kind: str, train: bool, name: str):

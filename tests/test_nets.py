@@ -4,6 +4,7 @@ and the NTK-parameterised ConvNet's empirical NTK tending to the infinite-width 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -91,3 +92,37 @@ def test_ntk_parameterised_convnet_tends_to_the_infinite_width_kernel():
     errors[width] = np.linalg.norm(mean - exact) / np.linalg.norm(exact)
   assert errors[256] < errors[16] / 2
   assert errors[256] < 0.1
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"),
+                                              ((1, 1), ((3, 3), (3, 3))), ((2, 2), "VALID")])
+def test_cpu_conv_derivatives_match_xlas_to_second_order(strides, padding):
+  """kip.conv's convolution (the CPU path of every net) against XLA's own convolution, in
+  float64: values, first derivatives and a second derivative (a gradient of a gradient norm,
+  as trajectory matching takes)."""
+  from kip.conv import conv2d, shifted_conv
+
+  def xla(x, w, s, p):
+    return jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  with jax.enable_x64(True):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (3, 9, 8, 2), jnp.float64)
+    w = jax.random.normal(kw, (3, 3, 2, 4), jnp.float64)
+
+    def loss(f):
+      return lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, padding)))
+
+    def meta(f):  # ||dL/dw||^2, differentiated again in x and w
+      return lambda x, w: jnp.sum(jax.grad(loss(f), argnums=1)(x, w) ** 2)
+
+    np.testing.assert_allclose(shifted_conv(x, w, strides, padding),
+                               xla(x, w, strides, padding), atol=1e-12)
+    for order in (loss, meta):
+      ours = jax.grad(order(conv2d), argnums=(0, 1))(x, w)
+      ref = jax.grad(order(xla), argnums=(0, 1))(x, w)
+      for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    # Forward mode too (a custom_jvp, not a custom_vjp).
+    tangent = jax.jvp(lambda w: conv2d(x, w, strides, padding), (w,), (jnp.ones_like(w),))[1]
+    np.testing.assert_allclose(tangent, xla(x, jnp.ones_like(w), strides, padding), atol=1e-10)
