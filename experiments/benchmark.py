@@ -55,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Methods with a command `experiments.<name>` that writes <workdir>/distilled.npz with labels.
 METHODS = ("kip", "label_solve", "frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")
 _PRESETS = ("frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")  # take --preset
-_TRAJECTORY = {"mtt": [], "datm": [], "pad": ["--curriculum", "pad"]}  # their expert stores
+_TRAJECTORY = {"mtt": {}, "datm": {}, "pad": {"curriculum": "pad"}}  # their stores' flags
 
 # Published accuracy of networks trained on the distilled sets, ipc -> %, from ANCHORS.md
 # (verified in the papers or their code); the protocol each was measured under.
@@ -100,9 +100,10 @@ class Config:
   out: str = f("", "where the table, JSON and figure go (default: --root)")
   archive: str = f("", "a folder (e.g. <out>/cells, committed) that keeps each finished cell's "
                        "distilled set and reports (distilled.npz, config.json, metrics.jsonl, "
-                       "transfer.json; a coreset's images are remade in seconds) and restores "
-                       "a workdir missing under --root from it, so the table's command reads "
-                       "back on a fresh checkout")
+                       "transfer.json; a coreset's images are remade in seconds) and the "
+                       "trajectory methods' expert stores, and restores from it what is missing "
+                       "under --root and runs/buffers, so the table's command reads back (or "
+                       "goes on) on a fresh checkout")
   readme: str = f("", "also replace the table between `<!-- benchmark:begin -->` and "
                       "`<!-- benchmark:end -->` in this file")
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
@@ -276,43 +277,55 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
         cell.name, "--workdir", cell.workdir)
     return "made"
   if cell.name in _TRAJECTORY:
-    run("experiments.buffer", "--dataset", cell.dataset, *preset, *_TRAJECTORY[cell.name])
+    from experiments.buffer import default_buffer  # noqa: PLC0415
+
+    flags = _TRAJECTORY[cell.name]
+    store = default_buffer(cell.dataset, config.preset, **flags)
+    restore(store, config)
+    run("experiments.buffer", "--dataset", cell.dataset, *preset,
+        *(a for k, v in flags.items() for a in (f"--{k}", v)))
+    archive(store, config)
   run(f"experiments.{cell.name}", "--dataset", cell.dataset, "--ipc", str(cell.ipc),
       "--workdir", cell.workdir, *(preset if cell.name in _PRESETS else []),
       *extra.get(cell.name, []))
   return "made"
 
 
-# What a cell's read-back needs: the set and how it was made (distillation_finished), the
-# distillation's wall time, and the evaluation's report (evaluate).
-_KEPT = ("distilled.npz", "config.json", "metrics.jsonl", "transfer.json")
+# The files the archive keeps: what a cell's read-back needs (the set and how it was made, for
+# distillation_finished; the distillation's wall time; the evaluation's report) and an expert
+# store's finished experts. Checkpoints and work folders are not kept.
+_KEPT = re.compile(r"distilled\.npz|config\.json|metrics\.jsonl|transfer\.json|store\.json"
+                   r"|expert_\d+\.(npy|json)")
 
 
-def _archived(workdir: str, config: Config) -> str:
-  return os.path.join(config.archive, os.path.relpath(workdir, config.root))
+def archived(folder: str, config: Config) -> str:
+  """Where the archive keeps `folder` (a workdir under --root, or an expert store)."""
+  if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "buffers":
+    return os.path.join(config.archive, "buffers", os.path.basename(folder))
+  return os.path.join(config.archive, os.path.relpath(folder, config.root))
 
 
-def restore(workdir: str, config: Config) -> None:
-  """Copies `workdir`'s archived files back when the workdir does not exist (a fresh checkout);
-  a workdir that exists, finished or interrupted, is left to its own run."""
-  source = _archived(workdir, config) if config.archive else ""
-  if not source or os.path.exists(workdir) or not os.path.isdir(source):
+def restore(folder: str, config: Config) -> None:
+  """Copies `folder`'s archived files back when the folder does not exist (a fresh checkout);
+  a folder that exists, finished or interrupted, is left to its own run."""
+  source = archived(folder, config) if config.archive else ""
+  if not source or os.path.exists(folder) or not os.path.isdir(source):
     return
-  for name in _KEPT:
-    if os.path.isfile(os.path.join(source, name)):
+  for name in sorted(os.listdir(source)):
+    if _KEPT.fullmatch(name) and os.path.isfile(os.path.join(source, name)):
       with open(os.path.join(source, name), "rb") as f:
-        atomic_write(os.path.join(workdir, name), f.read())
-  cli.log(f"restored {workdir} from {source}")
+        atomic_write(os.path.join(folder, name), f.read())
+  cli.log(f"restored {folder} from {source}")
 
 
-def archive(workdir: str, config: Config) -> None:
-  """Copies `workdir`'s finished files into the archive, rewriting only those that changed."""
-  if not config.archive or config.dry_run:
+def archive(folder: str, config: Config) -> None:
+  """Copies `folder`'s finished files into the archive, rewriting only those that changed."""
+  if not config.archive or config.dry_run or not os.path.isdir(folder):
     return
-  target = _archived(workdir, config)
-  for name in _KEPT:
-    path = os.path.join(workdir, name)
-    if not os.path.isfile(path):
+  target = archived(folder, config)
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if not _KEPT.fullmatch(name) or not os.path.isfile(path):
       continue
     with open(path, "rb") as f:
       content = f.read()

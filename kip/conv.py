@@ -26,10 +26,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["conv", "conv2d", "shifted_conv"]
+__all__ = ["SHIFTED_GRADIENT", "conv", "conv2d", "shifted_conv"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 Padding = str | tuple[tuple[int, int], ...]
+# None: `conv2d` on the CPU backend only; True / False: always / never (bench.conv_step compares).
+SHIFTED_GRADIENT: bool | None = None
 
 
 def _pads(x_shape: tuple[int, ...], w_shape: tuple[int, ...], strides: tuple[int, int],
@@ -79,9 +81,12 @@ conv2d.defjvp(_conv2d_jvp, symbolic_zeros=True)
 
 def conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
          padding: str | Sequence[tuple[int, int]]) -> jax.Array:
-  """NHWC x HWIO convolution: `conv2d` on the CPU, XLA's own elsewhere."""
+  """NHWC x HWIO convolution: `conv2d` on the CPU, XLA's own elsewhere (see SHIFTED_GRADIENT)."""
   strides = tuple(strides)
   padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
-  if jax.default_backend() == "cpu":
+  shifted = SHIFTED_GRADIENT
+  if shifted is None:
+    shifted = jax.default_backend() == "cpu"
+  if shifted:
     return conv2d(x, w, strides, padding)
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)

@@ -107,7 +107,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert not (tmp_path / "kept" / "coreset-herding-mnist-ipc1" / "distilled.npz").exists()
 
 
-def test_archive_restores_a_finished_distillation_only_into_a_missing_workdir(tmp_path):
+def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folders(tmp_path):
   from experiments.benchmark import Config, archive, distillation_finished, restore
 
   config = Config(root=str(tmp_path / "root"), archive=str(tmp_path / "kept"))
@@ -135,6 +135,20 @@ def test_archive_restores_a_finished_distillation_only_into_a_missing_workdir(tm
   (workdir / "distilled.npz").unlink()
   restore(str(workdir), config)
   assert not (workdir / "distilled.npz").exists()
+
+  # An expert store: its finished experts are kept, not an expert in training.
+  store = tmp_path / "runs" / "buffers" / "mnist-0123"
+  (store / "work" / "expert_001").mkdir(parents=True)
+  (store / "store.json").write_text("{}")
+  np.save(store / "expert_000.npy", np.arange(6.0).reshape(2, 3))
+  (store / "expert_000.json").write_text("{}")
+  archive(str(store), config)
+  assert sorted(p.name for p in (tmp_path / "kept" / "buffers" / "mnist-0123").iterdir()) == [
+      "expert_000.json", "expert_000.npy", "store.json"]
+  shutil.rmtree(store)
+  restore(str(store), config)
+  np.testing.assert_array_equal(np.load(store / "expert_000.npy"), np.arange(6.0).reshape(2, 3))
+  assert not (store / "work").exists()
 
 
 @pytest.mark.parametrize("args, message", [
