@@ -1,11 +1,11 @@
 """A 2-D convolution whose derivatives are fast on XLA's CPU backend.
 
 XLA:CPU computes a convolution's gradient with respect to its kernel ("backward filter") as a
-convolution whose window is the whole image, 20-40x slower than the forward pass (a ConvNet-3
-training step on 256 MNIST images: ~1.6 s, of which the forward pass is 0.13 s; openxla/xla
-#34273). `conv2d` computes the same convolution with XLA's forward kernel, but defines its
-derivative (a `custom_jvp`, so gradients of gradients work too, as trajectory matching and
-meta-learning need) as
+convolution whose window is the whole image, 20-40x slower than the forward pass (one 3x3, 32 ->
+32 channel layer on 256 28x28 images: forward 0.07 s, kernel gradient 2.7 s; openxla/xla
+#34273 reports the same). `conv2d` computes the same convolution with XLA's forward kernel, but
+defines its derivative (a `custom_jvp`, so gradients of gradients work too, as trajectory
+matching and meta-learning need) as
 
   d conv(x, w) = conv(dx, w) + sum_ij shift_ij(x) @ dw[i, j],
 
@@ -13,7 +13,8 @@ whose transpose in `dw` is kh * kw matrix products over the batch and positions 
 slow convolution; the transpose in `dx` is XLA's fast backward-input convolution. `conv` picks it
 on the CPU and XLA's own convolution elsewhere (cuDNN's backward filter is fast). Same numbers up
 to float rounding (tests/test_nets.py checks first and second derivatives against XLA's in
-float64).
+float64). A DC ConvNet-3 SGD step with DSA on 256 MNIST images: 1.8x faster at width 32, 2.5x at
+width 128; a gradient through one unrolled step, 1.9x / 2.5x (`python -m bench.conv_step`).
 """
 
 from __future__ import annotations
