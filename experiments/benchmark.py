@@ -311,20 +311,21 @@ def restore(folder: str, config: Config) -> None:
   source = archived(folder, config) if config.archive else ""
   if not source or os.path.exists(folder) or not os.path.isdir(source):
     return
-  for name in sorted(os.listdir(source)):
-    if _KEPT.fullmatch(name) and os.path.isfile(os.path.join(source, name)):
-      with open(os.path.join(source, name), "rb") as f:
-        atomic_write(os.path.join(folder, name), f.read())
+  _copy_kept(source, folder)
   cli.log(f"restored {folder} from {source}")
 
 
 def archive(folder: str, config: Config) -> None:
-  """Copies `folder`'s finished files into the archive, rewriting only those that changed."""
-  if not config.archive or config.dry_run or not os.path.isdir(folder):
-    return
-  target = archived(folder, config)
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
+  """Copies `folder`'s finished files into the archive."""
+  if config.archive and not config.dry_run and os.path.isdir(folder):
+    _copy_kept(folder, archived(folder, config))
+
+
+def _copy_kept(source: str, target: str) -> None:
+  """Copies the files of `source` that _KEPT names into `target`, rewriting only those whose
+  bytes differ (a committed archive is not touched when nothing changed)."""
+  for name in sorted(os.listdir(source)):
+    path = os.path.join(source, name)
     if not _KEPT.fullmatch(name) or not os.path.isfile(path):
       continue
     with open(path, "rb") as f:
