@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from kip.conv import conv
 
 __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
-           "make_net", "default_depth", "count_params"]
+           "PerImageNorm", "make_net", "default_depth", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
 NETS = ("convnet", "convnet3", "frepo_convnet", "krr_st_convnet", "mlp", "resnet18")
@@ -101,15 +101,32 @@ class Conv(nn.Module):
                    lambda kernel: conv(x, kernel, self.strides, self.padding), self.use_bias)
 
 
+class PerImageNorm(nn.Module):
+  """Normalise each image over `axes` (instance norm: H, W; layer norm: H, W, C) to zero mean and
+  unit (biased) variance, then a learned per-channel scale and bias: flax's GroupNorm with one
+  channel a group / one group, same parameter names, written out because XLA:CPU differentiates
+  this two-pass form ~1.2x faster in a width-32 ConvNet-3 step."""
+  axes: tuple[int, ...]
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    centred = x - x.mean(self.axes, keepdims=True)
+    var = jnp.square(centred).mean(self.axes, keepdims=True)
+    return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
 def _norm(kind: str, train: bool, name: str):
-  """instance: per image and channel over H, W (GroupNorm with one channel per group, as the DC
-  ConvNet's GroupNorm(C, C)); layer: per image over H, W, C; batch: over the batch."""
+  """instance: per image and channel over H, W (as the DC ConvNet's GroupNorm(C, C)); layer: per
+  image over H, W, C; batch: over the batch."""
   if kind == "none":
     return lambda x: x
   if kind == "instance":
-    return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
+    return PerImageNorm((1, 2), name=name)
   if kind == "layer":
-    return nn.GroupNorm(num_groups=1, epsilon=1e-5, name=name)
+    return PerImageNorm((1, 2, 3), name=name)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
   raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")

@@ -10,7 +10,7 @@ import pytest
 
 from kip._compat import nt
 from kip.kernels import make_kernel
-from kip.nets import NETS, count_params, make_net
+from kip.nets import NETS, _norm, count_params, make_net
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -45,6 +45,23 @@ def test_dc_convnet_pads_mnist_to_32():
   assert params["readout"]["kernel"].shape == (4 * 4 * 16, 10)
   # Instance norm: a per-channel scale and bias per block (GroupNorm with one channel a group).
   assert params["norm_0"]["scale"].shape == (16,)
+
+
+@pytest.mark.parametrize("kind, axes", [("instance", (1, 2)), ("layer", (1, 2, 3))])
+def test_per_image_norms_match_numpy(kind, axes):
+  """Instance / layer norm against the float64 formula (x - mean) / sqrt(biased var + 1e-5) *
+  scale + bias over the image's H, W (and C), with non-trivial scale and bias."""
+  rng = np.random.default_rng(0)
+  x = (3.0 * rng.standard_normal((4, 5, 6, 3)) + 2.0).astype(np.float32)
+  norm = _norm(kind, True, "n")
+  params = norm.init(jax.random.key(0), x)["params"]
+  assert {k: v.shape for k, v in params.items()} == {"scale": (3,), "bias": (3,)}
+  scale, bias = rng.standard_normal(3), rng.standard_normal(3)
+  out = norm.apply({"params": {"scale": jnp.asarray(scale, jnp.float32),
+                               "bias": jnp.asarray(bias, jnp.float32)}}, x)
+  x64 = x.astype(np.float64)
+  mean, var = x64.mean(axes, keepdims=True), x64.var(axes, keepdims=True)
+  np.testing.assert_allclose(out, (x64 - mean) / np.sqrt(var + 1e-5) * scale + bias, atol=2e-5)
 
 
 def test_resnet18_has_the_standard_cifar_parameter_count():
