@@ -113,19 +113,22 @@ def test_ntk_parameterised_convnet_tends_to_the_infinite_width_kernel():
 
 @pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"),
                                               ((1, 1), ((3, 3), (3, 3))), ((2, 2), "VALID")])
-def test_cpu_conv_derivatives_match_xlas_to_second_order(strides, padding):
+@pytest.mark.parametrize("c_in", [2, 6])  # one product of patches; a sum of shifted products
+def test_cpu_conv_derivatives_match_xlas_to_second_order(strides, padding, c_in):
   """kip.conv's convolution (the CPU path of every net) against XLA's own convolution, in
   float64: values, first derivatives and a second derivative (a gradient of a gradient norm,
   as trajectory matching takes)."""
-  from kip.conv import conv2d, shifted_conv
+  from kip.conv import PATCH_CHANNELS, conv2d, shifted_conv
+
+  assert (c_in <= PATCH_CHANNELS) == (c_in == 2)
 
   def xla(x, w, s, p):
     return jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   with jax.enable_x64(True):
     kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (3, 9, 8, 2), jnp.float64)
-    w = jax.random.normal(kw, (3, 3, 2, 4), jnp.float64)
+    x = jax.random.normal(kx, (3, 9, 8, c_in), jnp.float64)
+    w = jax.random.normal(kw, (3, 3, c_in, 4), jnp.float64)
 
     def loss(f):
       return lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, padding)))
