@@ -8,8 +8,13 @@ protocol's): `train`, one SGD step of the DC ConvNet-3 (instance norm, DC's padd
 drawn per image on a batch of 256, as the experts and the `dc` evaluation train; `meta`, the
 gradient in 100 synthetic images of a real-batch loss after one differentiable SGD step on them
 (a gradient of a gradient, as trajectory matching and meta-learning take). Compile time apart,
-two warm-up steps, then the median of `--rounds` steps, the two gradients alternating. Prints a
+two warm-up steps, then the median of `--rounds` steps, the variants alternating. Prints a
 table and writes bench/results/conv_step.json.
+
+Variants: `xla`, XLA's convolution gradient and flax's GroupNorm as the instance norm (the nets
+before kip.conv); `shifted`, kip.conv's kernel gradient as 9 shifted products in every layer,
+flax's GroupNorm (kip.conv's first version); `current`, what kip.nets does now (the first layer's
+few input channels as one product of patches, `kip.nets.PerImageNorm`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import kip.conv
+import kip.nets
 from kip.augment import DSA_STRATEGY
 from kip.method import Batch
 from kip.nets import make_net
@@ -41,24 +48,42 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
+VARIANTS = {"xla": dict(shifted=False, patch_channels=0, flax_norm=True),
+            "shifted": dict(shifted=True, patch_channels=0, flax_norm=True),
+            "current": dict(shifted=True, patch_channels=kip.conv.PATCH_CHANNELS, flax_norm=False)}
+
+
+def _flax_norm(kind, train, name):
+  if kind == "instance":
+    return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
+  return _NORM(kind, train, name)
+
+
+_NORM = kip.nets._norm
+
+
 def compare(kind: str, width: int, rounds: int) -> dict:
-  """Both gradients' steps built and compiled, two warm-up steps each, then `rounds` timed steps
-  taken alternately (so a change in the machine's load hits both alike); medians."""
+  """Every variant's step built and compiled, two warm-up steps each, then `rounds` timed steps
+  taken alternately (so a change in the machine's load hits all alike); medians."""
   steps, row = {}, {"step": kind, "width": width}
-  for name, shifted in (("xla", False), ("shifted", True)):
-    kip.conv.SHIFTED_GRADIENT = shifted  # read when the step is traced, below
+  for name, variant in VARIANTS.items():
+    # Read when the step is traced (its first call, below).
+    kip.conv.SHIFTED_GRADIENT = variant["shifted"]
+    kip.conv.PATCH_CHANNELS = variant["patch_channels"]
+    kip.nets._norm = _flax_norm if variant["flax_norm"] else _NORM
     steps[name] = make_step(kind, width)
     row[f"{name}_compile_s"] = _seconds(steps[name])
     _seconds(steps[name])
     _seconds(steps[name])
-  kip.conv.SHIFTED_GRADIENT = None
+  kip.conv.SHIFTED_GRADIENT, kip.conv.PATCH_CHANNELS = None, VARIANTS["current"]["patch_channels"]
+  kip.nets._norm = _NORM
   times = {name: [] for name in steps}
   for _ in range(rounds):
     for name, step in steps.items():
       times[name].append(_seconds(step))
   for name in steps:
     row[f"{name}_step_s"] = statistics.median(times[name])
-  row["speedup"] = row["xla_step_s"] / row["shifted_step_s"]
+  row["speedup"] = row["xla_step_s"] / row["current_step_s"]
   return row
 
 
@@ -108,14 +133,14 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="bench/results/conv_step.json")
   args = parser.parse_args(argv)
   rows = []
-  print("| step | width | XLA gradient (s) | kip.conv gradient (s) | speed-up |")
-  print("|---|---|---|---|---|")
+  print("| step | width | XLA gradient (s) | shifted products (s) | current (s) | speed-up |")
+  print("|---|---|---|---|---|---|")
   for kind in ("train", "meta"):
     for width in (int(w) for w in args.widths.split(",")):
       row = compare(kind, width, args.rounds)
       rows.append(row)
       print(f"| {kind} | {width} | {row['xla_step_s']:.3f} | {row['shifted_step_s']:.3f} | "
-            f"{row['speedup']:.2f}x |", flush=True)
+            f"{row['current_step_s']:.3f} | {row['speedup']:.2f}x |", flush=True)
   result = {"command": "python -m bench.conv_step " + " ".join(sys.argv[1:]),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
