@@ -48,18 +48,19 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
-VARIANTS = {"xla": dict(shifted=False, patch_channels=0, flax_norm=True),
-            "shifted": dict(shifted=True, patch_channels=0, flax_norm=True),
-            "current": dict(shifted=True, patch_channels=kip.conv.PATCH_CHANNELS, flax_norm=False)}
+_NORM, _PATCH_CHANNELS = kip.nets._norm, kip.conv.PATCH_CHANNELS  # what kip does now
 
 
 def _flax_norm(kind, train, name):
+  """kip.nets' norms as before PerImageNorm: flax's GroupNorm for the instance norm."""
   if kind == "instance":
     return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
   return _NORM(kind, train, name)
 
 
-_NORM = kip.nets._norm
+VARIANTS = {"xla": dict(shifted=False, patch_channels=0, flax_norm=True),
+            "shifted": dict(shifted=True, patch_channels=0, flax_norm=True),
+            "current": dict(shifted=True, patch_channels=_PATCH_CHANNELS, flax_norm=False)}
 
 
 def compare(kind: str, width: int, rounds: int) -> dict:
@@ -75,8 +76,7 @@ def compare(kind: str, width: int, rounds: int) -> dict:
     row[f"{name}_compile_s"] = _seconds(steps[name])
     _seconds(steps[name])
     _seconds(steps[name])
-  kip.conv.SHIFTED_GRADIENT, kip.conv.PATCH_CHANNELS = None, VARIANTS["current"]["patch_channels"]
-  kip.nets._norm = _NORM
+  kip.conv.SHIFTED_GRADIENT, kip.conv.PATCH_CHANNELS, kip.nets._norm = None, _PATCH_CHANNELS, _NORM
   times = {name: [] for name in steps}
   for _ in range(rounds):
     for name, step in steps.items():
