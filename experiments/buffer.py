@@ -6,8 +6,8 @@ every epoch in an expert store (methods/trajectory.py): one memory-mapped (epoch
 file per expert, read two rows at a time by `experiments.mtt`, `experiments.datm` and
 `experiments.pad`. Presets:
 
-- `cpu` (default): 4 experts of ConvNet-3 width 32 (instance norm), 6 epochs each (a few
-  minutes an expert on a 2-core CPU);
+- `cpu` (default): 4 experts of ConvNet-3 width 32 (instance norm), 6 epochs each (11-28
+  minutes of training an expert on this project's 2-core CPU, shared with other jobs);
 - `paper`: the official CIFAR-10 buffers (100 experts, width 128, 50 epochs).
 
 `--curriculum pad` trains PAD's experts: each class's images sorted by EL2N difficulty (the mean
