@@ -4,6 +4,8 @@ Loading goes through tfds' own builders: online they download as usual; offline 
 the raw files of tfds' download placed in `manual_dir/<dataset>/` (passed to tfds as
 `DownloadConfig(manual_dir=...)`). Without a manual dir and without a network connection, loading
 fails at once with a message saying what to do, instead of sitting in tfds' download retries.
+The first load also writes the decoded splits beside tfds' prepared files (`kip_arrays.npz`, plain
+uint8 arrays), so every later load reads them in a fraction of a second without TensorFlow.
 TensorFlow is imported only here, lazily, kept off accelerators and with its start-up chatter
 kept out of the user's terminal.
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import os
 import socket
 import sys
 import tempfile
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -56,6 +60,8 @@ FOLDER_DATASETS = ("mhist",)
 
 MANUAL_DIR_ENV = "KIP_MANUAL_DIR"
 DATA_DIR_ENV = "KIP_DATA_DIR"
+# The decoded splits, written beside tfds' prepared files after the first load.
+ARRAY_CACHE = "kip_arrays.npz"
 
 
 class DataError(ValueError):
@@ -163,7 +169,8 @@ def load_dataset(
     data_dir: where tfds keeps prepared datasets (default: `$KIP_DATA_DIR`, else tfds' default).
     manual_dir: a folder with one subfolder per dataset holding the raw files of tfds' download, for
       building offline (default: `$KIP_MANUAL_DIR`; None or "" with neither set: tfds downloads).
-      Unused once the dataset is prepared.
+      Unused once the dataset is prepared. The first load writes the decoded splits to
+      `ARRAY_CACHE` in the prepared dataset's folder; later loads read that file instead of tfds.
     val_size: images carved from the training split (a seeded, class-stratified draw) to form
       `validation`; the rest stays in `train`. 0 leaves `validation` empty.
     seed: seed of that draw.
@@ -175,12 +182,15 @@ def load_dataset(
   if name in FOLDER_DATASETS:
     splits = load_mhist(_dataset_folder(name, manual_dir))
   else:
-    builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
-    tfds = _import_tfds()
-    splits = {}
-    for split in ("train", "test"):
-      arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-      splits[split] = Split(arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32))
+    splits = _read_array_cache(name, data_dir)
+    if splits is None:
+      builder = prepare_dataset(name, data_dir=data_dir, manual_dir=manual_dir)
+      tfds = _import_tfds()
+      splits = {}
+      for split in ("train", "test"):
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        splits[split] = Split(arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32))
+      _write_array_cache(str(builder.data_dir), splits)
   train = splits["train"]
   if val_size < 0 or val_size >= len(train.labels):
     raise DataError(f"val_size must be in [0, {len(train.labels)}), got {val_size}")
@@ -191,6 +201,49 @@ def load_dataset(
   splits["validation"] = Split(train.images[val_idx], train.labels[val_idx])
   splits["train"] = Split(train.images[keep], train.labels[keep])
   return splits
+
+
+def _tfds_root(data_dir: str | None) -> str:
+  """The folder tfds prepares datasets in: as `tfds.builder` resolves it, without importing it."""
+  root = (data_dir or os.environ.get(DATA_DIR_ENV) or os.environ.get("TFDS_DATA_DIR")
+          or os.path.join("~", "tensorflow_datasets"))
+  return os.path.expanduser(root)
+
+
+def _read_array_cache(name: str, data_dir: str | None) -> dict[str, Split] | None:
+  """The train and test splits an earlier load wrote beside tfds' files, or None when there is no
+  such file, it is damaged, or more than one prepared version makes the folder ambiguous."""
+  prepared = glob.glob(os.path.join(_tfds_root(data_dir), name, "[0-9]*", "dataset_info.json"))
+  if len(prepared) != 1:
+    return None
+  try:
+    with np.load(os.path.join(os.path.dirname(prepared[0]), ARRAY_CACHE)) as arrays:
+      splits = {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"])
+                for split in ("train", "test")}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None
+  shape = DATASETS[name][0]
+  if any(s.images.dtype != np.uint8 or s.images.shape[1:] != shape or s.labels.dtype != np.int32
+         or s.labels.shape != s.images.shape[:1] for s in splits.values()):
+    return None
+  return splits
+
+
+def _write_array_cache(folder: str, splits: dict[str, Split]) -> None:
+  """Writes the decoded splits to `folder/ARRAY_CACHE` atomically; a folder that cannot be
+  written (read-only, remote) just goes without."""
+  tmp = None
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f".{ARRAY_CACHE}.", dir=folder)
+    os.chmod(tmp, 0o644)  # as readable as tfds' own files (mkstemp makes it private)
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **{f"{split}_{part}": getattr(splits[split], part)
+                     for split in ("train", "test") for part in ("images", "labels")})
+    os.replace(tmp, os.path.join(folder, ARRAY_CACHE))
+  except OSError:
+    if tmp is not None:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Data: tfds loading of the real MNIST files, preprocessing, labels and sampling."""
 
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +57,36 @@ def test_validation_split_is_carved_from_train(manual_dir, data_dir):
   sums = splits["train"].images.sum(dtype=np.int64) + splits["validation"].images.sum(
       dtype=np.int64)
   assert int(sums) == 1567298545  # a partition of the training split
+
+
+def test_later_loads_read_the_decoded_splits_without_tensorflow(manual_dir, data_dir, tmp_path,
+                                                                monkeypatch):
+  """The first load decodes through tfds and leaves the arrays beside its files; the next reads
+  them back bit for bit without tfds, and a damaged file is decoded again and replaced."""
+  prepared = next(pathlib.Path(data_dir, "mnist").glob("[0-9]*/dataset_info.json")).parent
+  copy = tmp_path / "tfds" / "mnist" / prepared.name
+  shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("kip_arrays.npz", ".kip_*"))
+  decoded = load_dataset("mnist", data_dir=str(tmp_path / "tfds"))  # through tfds
+  cache = copy / kip.data.ARRAY_CACHE
+  assert cache.is_file() and not list(copy.glob(".kip_*"))
+
+  def no_tfds():
+    raise AssertionError("tfds was imported")
+
+  tfds = kip.data._import_tfds
+  monkeypatch.setattr(kip.data, "_import_tfds", no_tfds)
+  again = load_dataset("mnist", data_dir=str(tmp_path / "tfds"))
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(again[split].images, decoded[split].images)
+    np.testing.assert_array_equal(again[split].labels, decoded[split].labels)
+
+  cache.write_bytes(cache.read_bytes()[:1000])  # a write cut short
+  monkeypatch.setattr(kip.data, "_import_tfds", tfds)
+  repaired = load_dataset("mnist", data_dir=str(tmp_path / "tfds"))
+  np.testing.assert_array_equal(repaired["train"].images, decoded["train"].images)
+  monkeypatch.setattr(kip.data, "_import_tfds", no_tfds)
+  np.testing.assert_array_equal(load_dataset("mnist", data_dir=str(tmp_path / "tfds"))[
+      "test"].labels, decoded["test"].labels)
 
 
 def test_missing_raw_files_offline_say_which_and_where(tmp_path):
