@@ -5,9 +5,12 @@ $KIP_MANUAL_DIR, else downloaded by tfds; a machine with none of these fails the
 with one line saying what to do.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +23,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DATA_DIR = pathlib.Path(os.environ.get("KIP_DATA_DIR", ROOT / ".cache" / "tfds"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One on-disk cache of compiled XLA programs for the whole run: pytest's process, which imports
+# this first, makes it; the xdist workers and every command the tests start inherit it, so a
+# program compiled once (the same network in a resumed run, a rerun command, another test) is read
+# back instead of compiled again. Removed when the run ends; compiles under a second stay uncached.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kip-tests-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def find_manual_dir() -> str:
