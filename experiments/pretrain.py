@@ -24,12 +24,14 @@ The default preset `cpu` uses the KRR-ST ConvNet at width 32 and 500 fine-tuning
 take about 6 minutes per row on a 2-core CPU, pre-training about 5 more); `--preset paper` width
 128 and 10,000 steps. Writes pretrain.json and a table; each training run lives in
 <workdir>/<row>/<stage>/ (the one loop's workdir), so re-running the same command resumes and
-finished runs are read back, not trained again.
+finished runs are read back, not trained again; each row's probe accuracies are kept in
+<workdir>/<row>/probe.json and read back when the settings they depend on are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -173,10 +175,8 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
     if init_from is None:  # no pre-training: the probe sees freshly initialised networks
       init_from = init_states(net, make_optimizer(PROTOCOLS["krr_st_finetune"], 0.01, 1), seeds,
                               x_tgt.shape[1:])
-    features = _features_fn(net, init_from)
-    f_train, f_test = features(x_tgt), features(target.x_test)
-    probe = [linear_probe(a, labels_tgt, b, target.labels_test, steps=config.probe_steps)
-             for a, b in zip(f_train, f_test, strict=True)]
+    probe = _probe(net, init_from, x_tgt, labels_tgt, target, config, seeds,
+                   os.path.join(folder, "probe.json"))
     cli.log(f"{row}: linear probe {cli.percent(np.mean(probe), np.std(probe))}%")
     fine = train_and_evaluate(net, PROTOCOLS["krr_st_finetune"], x_tgt, y_tgt, target.x_test,
                               target.labels_test, seeds=seeds, steps=finetune_steps,
@@ -197,6 +197,33 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
     report["rows"].append(result)
     write_json(os.path.join(workdir, "pretrain.json"), report)
   return report
+
+
+# What a row's networks and its probe depend on (not paths, display, or the fine-tuning).
+_PROBE_SETTINGS = ("dataset", "support", "teacher", "labelled", "preset", "net", "width",
+                   "pretrain_epochs", "probe_steps", "seed")
+
+
+def _probe(net, states, x_tgt, labels_tgt, target, config: Config, seeds, path: str
+           ) -> list[float]:
+  """Each seed's linear-probe test accuracy on the frozen features of `states`; read back from
+  `path` when this row's probe already ran with the same settings (its features cover every
+  training and test image, the slow part of re-running a finished command)."""
+  settings = {k: getattr(config, k) for k in _PROBE_SETTINGS} | {"seeds": seeds}
+  try:
+    with open(path) as f:
+      done = json.load(f)
+    if done["settings"] == settings:
+      cli.log(f"linear probe read back from {path}")
+      return done["probe_acc"]
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  features = _features_fn(net, states)
+  f_train, f_test = features(x_tgt), features(target.x_test)
+  probe = [linear_probe(a, labels_tgt, b, target.labels_test, steps=config.probe_steps)
+           for a, b in zip(f_train, f_test, strict=True)]
+  write_json(path, {"settings": settings, "probe_acc": probe})
+  return probe
 
 
 def _pretraining_set(row: str, distilled, teacher, config: Config, seeds):

@@ -93,4 +93,5 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   # Re-run: every training run is read back from its workdir, not trained again: same numbers.
   again = run_in_process("experiments.pretrain", *eval_args)
   assert again.returncode == 0 and again.stderr.count("resuming from step 20") == 3
+  assert again.stderr.count("linear probe read back") == 2  # not recomputed on all 70,000 images
   assert json.loads((tmp_path / "eval" / "pretrain.json").read_text())["rows"] == report["rows"]
