@@ -232,18 +232,12 @@ def _read_array_cache(name: str, data_dir: str | None) -> dict[str, Split] | Non
 def _write_array_cache(folder: str, splits: dict[str, Split]) -> None:
   """Writes the decoded splits to `folder/ARRAY_CACHE` atomically; a folder that cannot be
   written (read-only, remote) just goes without."""
-  tmp = None
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{ARRAY_CACHE}.", dir=folder)
-    os.chmod(tmp, 0o644)  # as readable as tfds' own files (mkstemp makes it private)
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{f"{split}_{part}": getattr(splits[split], part)
-                     for split in ("train", "test") for part in ("images", "labels")})
-    os.replace(tmp, os.path.join(folder, ARRAY_CACHE))
-  except OSError:
-    if tmp is not None:
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
+  from kip.io import atomic_write  # noqa: PLC0415  (kip.io imports this module)
+
+  with contextlib.suppress(OSError):
+    atomic_write(os.path.join(folder, ARRAY_CACHE),
+                 {f"{split}_{part}": getattr(splits[split], part)
+                  for split in ("train", "test") for part in ("images", "labels")})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,10 +65,10 @@ def test_later_loads_read_the_decoded_splits_without_tensorflow(manual_dir, data
   them back bit for bit without tfds, and a damaged file is decoded again and replaced."""
   prepared = next(pathlib.Path(data_dir, "mnist").glob("[0-9]*/dataset_info.json")).parent
   copy = tmp_path / "tfds" / "mnist" / prepared.name
-  shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("kip_arrays.npz", ".kip_*"))
+  shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns(kip.data.ARRAY_CACHE + "*"))
   decoded = load_dataset("mnist", data_dir=str(tmp_path / "tfds"))  # through tfds
   cache = copy / kip.data.ARRAY_CACHE
-  assert cache.is_file() and not list(copy.glob(".kip_*"))
+  assert cache.is_file() and not list(copy.glob("*.tmp"))
 
   def no_tfds():
     raise AssertionError("tfds was imported")
