@@ -132,7 +132,9 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
 
   def fresh(key: jax.Array) -> PoolState:
     k_models, k_steps, _, k_index = jax.random.split(key, 4)
-    params, stats, opt = jax.vmap(init_model)(jax.random.split(k_models, num_models))
+    # Compiled: run eagerly (a run's first pool), vmap would dispatch and compile every
+    # initializer's operations one by one (seconds each for a ResNet).
+    params, stats, opt = jax.jit(jax.vmap(init_model))(jax.random.split(k_models, num_models))
     if start == "stagger":
       steps = jnp.arange(num_models, dtype=jnp.int32) * (max_updates // num_models)
     else:

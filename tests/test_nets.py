@@ -88,6 +88,20 @@ def test_standard_parameterisation_initial_scales():
   assert np.asarray(ntk_params["conv_1"]["kernel"]).std() == pytest.approx(1.0, rel=0.02)
 
 
+def test_weights_are_flax_normal_draws_value_for_value():
+  """Our initializer draws flat and reshapes (XLA:CPU compiles that faster): the same numbers as
+  flax's `initializers.normal` drawing in the parameter's shape."""
+  from flax import linen as nn
+
+  from kip.nets import normal_init
+
+  for shape in [(3, 3, 8, 16), (7,), (256, 10), (2, 1, 3)]:
+    key = jax.random.key(len(shape))
+    ours = np.asarray(normal_init(0.3)(key, shape))
+    assert ours.shape == shape and ours.std() > 0.1
+    np.testing.assert_array_equal(ours, np.asarray(nn.initializers.normal(0.3)(key, shape)))
+
+
 def test_ntk_parameterised_convnet_tends_to_the_infinite_width_kernel():
   """The seed-averaged empirical NTK of ConvNet3 (8x8 images: 8 -> 4 -> 2 -> 1) approaches
   `kip.kernels`' analytic convnet3 NTK as the width grows: the error falls by more than 2x from

@@ -1,7 +1,7 @@
 """Kernel blocks across devices: tiles and layouts, the memory model against XLA's own buffer
 sizes, sharded kernels and their hand-written gradients against plain autodiff, and the same
-numbers on 1, 2 and 4 simulated devices and on two processes (subprocesses) for KIP, Label Solve
-and evaluation."""
+numbers on 1 and 2 simulated devices and on two processes of two devices each (subprocesses) for
+KIP, Label Solve and evaluation."""
 
 import os
 import pathlib
@@ -135,19 +135,11 @@ def worker_env(devices: int, **extra) -> dict:
 WORKER = [sys.executable, str(ROOT / "tests" / "sharding_worker.py")]
 
 
-def start_worker(devices: int, out: pathlib.Path) -> subprocess.Popen:
-  return subprocess.Popen([*WORKER, str(out)], env=worker_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
-def finish_worker(process: subprocess.Popen, out: pathlib.Path) -> dict:
-  _, stderr = process.communicate(timeout=600)
-  assert process.returncode == 0, stderr[-3000:]
-  return dict(np.load(out))
-
-
 def run_worker(devices: int, out: pathlib.Path) -> dict:
-  return finish_worker(start_worker(devices, out), out)
+  process = subprocess.run([*WORKER, str(out)], env=worker_env(devices), capture_output=True,
+                           text=True, timeout=600)
+  assert process.returncode == 0, process.stderr[-3000:]
+  return dict(np.load(out))
 
 
 @pytest.fixture(scope="module")
@@ -161,22 +153,20 @@ def assert_same_numbers(results: dict, reference: dict) -> None:
       assert rel(results[key], value) < 1e-5, key
 
 
-def test_same_numbers_on_1_2_and_4_devices(tmp_path, one_device):
+def test_same_numbers_on_1_and_2_devices(tmp_path, one_device):
   """KIP (loss, gradients, three steps), Label Solve and KRR evaluation give the same numbers on
-  1, 2 and 4 devices, with a target batch (13) and target sets (37, 29) that no device count
-  divides, for fc (one tile per device) and convnet kernels (several tiles, recomputed)."""
+  1 and 2 devices, with a target batch (13) and target sets (37, 29) that no device count
+  divides, for fc (one tile per device) and convnet kernels (several tiles, recomputed). Four
+  devices: the two-process test below (its mesh has four)."""
   assert int(one_device["devices"]) == 1
   assert bool(one_device["convnet/remat"]) and not bool(one_device["fc/remat"])
   for arch in ("fc", "convnet"):
     losses = one_device[f"{arch}/losses"]
     assert losses[-1] < losses[0]  # the steps did something
     assert not np.allclose(one_device[f"{arch}/label_solve"], 0)
-  # Both workers at once: much of each is single-threaded (imports, compilation).
-  workers = {d: start_worker(d, tmp_path / f"{d}.npz") for d in (2, 4)}
-  for devices, process in workers.items():
-    results = finish_worker(process, tmp_path / f"{devices}.npz")
-    assert int(results["devices"]) == devices
-    assert_same_numbers(results, one_device)
+  results = run_worker(2, tmp_path / "2.npz")
+  assert int(results["devices"]) == 2
+  assert_same_numbers(results, one_device)
 
 
 def test_same_numbers_on_two_processes(tmp_path, one_device):
