@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -c requirements.lock -e ".[dev]"
 
 test:
-	$(PYTHON) -m pytest -q -n 2 tests
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal tests
 
 lint:
 	$(PYTHON) -m ruff check kip experiments methods tests bench

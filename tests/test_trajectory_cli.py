@@ -23,7 +23,7 @@ def _distil_args(workdir, buffer, manual_dir, data_dir, *extra):
           "--no-progress", *extra]
 
 
-def test_buffers_then_mtt_and_pad_then_transfer(tmp_path, manual_dir, data_dir, run_in_process):
+def test_a_buffer_then_mtt(tmp_path, manual_dir, data_dir, run_in_process):
   plain = tmp_path / "plain"
   made = run_in_process("experiments.buffer", *_buffer_args(plain, manual_dir, data_dir))
   assert made.returncode == 0, made.stderr
@@ -48,6 +48,9 @@ def test_buffers_then_mtt_and_pad_then_transfer(tmp_path, manual_dir, data_dir, 
                                                             manual_dir, data_dir))
   assert missing.returncode == 2 and "experiments.buffer" in missing.stderr
 
+
+def test_a_curriculum_buffer_then_pad_then_transfer(tmp_path, manual_dir, data_dir,
+                                                    run_in_process):
   pad_buffer = tmp_path / "pad_buffer"
   made = run_in_process("experiments.buffer", *_buffer_args(
       pad_buffer, manual_dir, data_dir, "--curriculum", "pad", "--score-nets", "1",
