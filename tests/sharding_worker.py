@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with N simulated CPU devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=N`): a few KIP steps, the loss gradient,
-Label Solve and KRR evaluation on every device of a mesh, for `fc` and `convnet` kernels on small
-images. Writes every number to an .npz for the test to compare across device counts.
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`): a few KIP steps (losses, images, labels,
+Adam's moments), Label Solve and KRR evaluation on every device of a mesh, for `fc` and `convnet`
+kernels on small images. Writes every number to an .npz for the test to compare across device
+counts.
 
 usage: python tests/sharding_worker.py OUT.npz [--distributed]
   --distributed: one of several processes (jax.distributed.initialize from JAX_COORDINATOR_ADDRESS,
@@ -56,15 +57,9 @@ def main(out: str, distributed: bool = False) -> None:
     layout = step_kernel.layout(N_TARGET, N_SUPPORT, x_t.shape[1:])
     results[f"{arch}/remat"] = np.asarray(layout.remat)
 
-    def loss(x, y, kernel_fn=step_kernel):
-      with jax.default_matmul_precision("highest"):
-        return mse_loss(krr_predict(kernel_fn(x_t, x), kernel_fn(x, x), y), y_t)
-
-    value, (grad_x, grad_y) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x_s, y_s)
-    results[f"{arch}/loss0"] = np.asarray(value)
-    results[f"{arch}/grad_x"] = np.asarray(grad_x)
-    results[f"{arch}/grad_y"] = np.asarray(grad_y)
-
+    # Three KIP steps. The gradients' values show in Adam's moments (an exponential average of
+    # the gradients and of their squares: scale included, which Adam's step itself hides); a
+    # separate loss-and-gradient program would compile the same kernel twice more.
     method = make_kip(no_params(step_kernel), lr=0.01, learn_labels=True, mesh=mesh)
     state = method.init(jax.random.key(0), x_s, y_s)
     losses = []
@@ -73,6 +68,10 @@ def main(out: str, distributed: bool = False) -> None:
       losses.append(float(metrics["loss"]))
     results[f"{arch}/losses"] = np.asarray(losses)
     results[f"{arch}/x"], results[f"{arch}/y"] = np.asarray(state.x), np.asarray(state.y)
+    adam = state.opt_state[0]
+    for moment in ("mu", "nu"):
+      for i, leaf in enumerate(jax.tree_util.tree_leaves(getattr(adam, moment))):
+        results[f"{arch}/adam_{moment}{i}"] = np.asarray(leaf)
 
     results[f"{arch}/label_solve"] = label_solve(eval_kernel, x_s, x_ls, y_ls)
     results[f"{arch}/k_test"] = np.concatenate(

@@ -108,15 +108,17 @@ def test_ntk_parameterised_convnet_tends_to_the_infinite_width_kernel():
   width 16 to 256 and is below 10% at 256 (measured: ~30% and ~3%)."""
   x = np.random.default_rng(0).standard_normal((6, 8, 8, 1)).astype(np.float32)
   with jax.default_matmul_precision("highest"):
-    exact = np.asarray(make_kernel("convnet3", kernel_type="ntk").kernel_fn(x, x), np.float64)
+    exact = np.asarray(jax.jit(make_kernel("convnet3", kernel_type="ntk").kernel_fn)(x, x),
+                       np.float64)
   errors = {}
   for width in (16, 256):
     net = make_net("convnet3", 1, width=width, parameterization="ntk")
     ntk_fn = jax.jit(nt.empirical_ntk_fn(lambda p, x, net=net: net.apply({"params": p}, x),
                                          trace_axes=(), vmap_axes=0))
+    init = jax.jit(net.init)
     samples = []
     for seed in range(6):
-      params = net.init(jax.random.key(seed), x)["params"]
+      params = init(jax.random.key(seed), x)["params"]
       with jax.default_matmul_precision("highest"):
         samples.append(np.asarray(ntk_fn(x, None, params), np.float64).reshape(6, 6))
     mean = np.mean(samples, axis=0)

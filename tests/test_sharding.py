@@ -120,7 +120,8 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
   with jax.default_matmul_precision("highest"):
     ours = jax.jit(jax.value_and_grad(objective(sharded), argnums=(0, 1)))(x1, x2)
     plain = jax.jit(jax.value_and_grad(objective(kernel.kernel_fn), argnums=(0, 1)))(x1, x2)
-    np.testing.assert_allclose(jax.jit(sharded)(x1, x2), kernel.kernel_fn(x1, x2), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(sharded)(x1, x2), jax.jit(kernel.kernel_fn)(x1, x2),
+                               rtol=1e-6)
   assert rel(ours[0], plain[0]) < 1e-6
   for got, expected in zip(ours[1], plain[1], strict=True):
     assert rel(got, expected) < 1e-5
@@ -149,12 +150,12 @@ def assert_same_numbers(results: dict, reference: dict) -> None:
 
 
 def test_same_numbers_on_one_device_and_on_two_processes_of_two_devices(tmp_path):
-  """KIP (loss, gradients, three steps), Label Solve and KRR evaluation give the same numbers on
-  one device and on two processes with two CPU devices each, joined by
-  `jax.distributed.initialize` (gloo collectives) into one 4-device mesh: a target batch (13) and
-  target sets (37, 29) that 4 does not divide, fc kernels (one tile per device) and convnet
-  kernels (several tiles, recomputed). Each process drives two of the mesh's devices, so several
-  devices in one process are covered too."""
+  """KIP (three steps: losses, images, labels and Adam's moments, which carry the gradients),
+  Label Solve and KRR evaluation give the same numbers on one device and on two processes with
+  two CPU devices each, joined by `jax.distributed.initialize` (gloo collectives) into one
+  4-device mesh: a target batch (13) and target sets (37, 29) that 4 does not divide, fc kernels
+  (one tile per device) and convnet kernels (several tiles, recomputed). Each process drives two
+  of the mesh's devices, so several devices in one process are covered too."""
   one_device = run_worker(1, tmp_path / "1.npz")
   assert int(one_device["devices"]) == 1
   assert bool(one_device["convnet/remat"]) and not bool(one_device["fc/remat"])
