@@ -32,6 +32,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items):
+  """The `slow` tests (minutes each) run first. With `make test`'s work stealing, the worker that
+  ends up with the short ones takes the other's queued tests when it runs out, so the run ends on
+  short tests instead of one worker on a long one while the other idles."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
+
+
 def find_manual_dir() -> str:
   """../shared/data when it holds MNIST's raw files, else $KIP_MANUAL_DIR, else "" (no manual dir:
   tfds downloads; `load_dataset` and every command's `--manual-dir ''` read it so)."""

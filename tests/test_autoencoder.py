@@ -182,6 +182,7 @@ def test_phase_one_trains_the_autoencoder_leaves_the_head_and_resumes_exactly(tm
   assert not np.allclose(np.asarray(trained["w_enc"]), np.asarray(start["w_enc"]))
 
 
+@pytest.mark.slow
 def test_the_command_on_real_mnist(tmp_path, run_in_process, manual_dir, data_dir):
   workdir = tmp_path / "ae"
   args = ["--dataset", "mnist", "--samples", "20", "--batch", "2000", "--pretrain-epochs", "2",

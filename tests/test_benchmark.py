@@ -48,6 +48,7 @@ def test_select_is_class_balanced():
     select("herding", x, labels, 7, 0, 3)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir, run_in_process):
   readme = tmp_path / "README.md"
   readme.write_text("intro\n<!-- benchmark:begin -->\nold\n<!-- benchmark:end -->\nend\n")

@@ -36,6 +36,7 @@ def test_mnist_loads_from_raw_files_and_matches_published_statistics(mnist):
   assert len(mnist["validation"].labels) == 0
 
 
+@pytest.mark.slow
 def test_fashion_mnist_is_not_mnist_when_both_share_a_data_dir(mnist, manual_dir, data_dir):
   """Both built offline into one data_dir (MNIST first, by the `mnist` fixture): Fashion-MNIST
   has its own pixels (tfds names extracted manual files by file name alone, and the two datasets'

@@ -145,6 +145,7 @@ def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, make, augm
   assert not np.allclose(np.asarray(straight.state.x), class_grouped(X[:6], Y[:6])[0])
 
 
+@pytest.mark.slow
 def test_datadam_and_transfer_run_on_an_mhist_folder_with_convnet7(tmp_path, run_in_process,
                                                                     monkeypatch):
   """MHIST end to end from a folder in its published layout (224x224 RGB): DataDAM picks

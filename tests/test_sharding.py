@@ -100,7 +100,8 @@ def test_memory_model_bounds_xla_buffer_sizes(arch, side, tiles):
         assert analysis.temp_size_in_bytes >= model / 4
 
 
-@pytest.mark.parametrize("arch,memory", [("fc", None), ("convnet", 3e6)])
+@pytest.mark.parametrize("arch,memory", [("fc", None),
+                                         pytest.param("convnet", 3e6, marks=pytest.mark.slow)])
 def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
   """Values and both arguments' gradients of a smooth function of K, through the tiled path
   (convnet: several tiles, recomputed) and the one-tile path (fc), against neural-tangents'
@@ -149,6 +150,7 @@ def assert_same_numbers(results: dict, reference: dict) -> None:
       assert rel(results[key], value) < 1e-5, key
 
 
+@pytest.mark.slow
 def test_same_numbers_on_one_device_and_on_two_processes_of_two_devices(tmp_path):
   """KIP (three steps: losses, images, labels and Adam's moments, which carry the gradients),
   Label Solve and KRR evaluation give the same numbers on one device and on two processes with

@@ -5,9 +5,12 @@ learned learning rate and soft labels used by `experiments.transfer`, one-line r
 import json
 
 import numpy as np
+import pytest
 
 from kip.io import load_distilled
 from kip.loop import read_metrics
+
+pytestmark = pytest.mark.slow
 
 
 def _buffer_args(folder, manual_dir, data_dir, *extra):
