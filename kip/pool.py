@@ -113,6 +113,10 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
     params = variables["params"]
     return params, variables.get("batch_stats", {}), optimizer.init(params)
 
+  # Compiled once: called outside a compiled step (a run's first pool), a vmapped init would
+  # dispatch and compile every initializer's operations one by one (seconds for a ResNet).
+  init_models = jax.jit(jax.vmap(init_model))
+
   def online_loss(params, stats, x, y):
     if stats:
       out, updated = net.apply({"params": params, "batch_stats": stats}, x, train=True,
@@ -132,9 +136,7 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
 
   def fresh(key: jax.Array) -> PoolState:
     k_models, k_steps, _, k_index = jax.random.split(key, 4)
-    # Compiled: run eagerly (a run's first pool), vmap would dispatch and compile every
-    # initializer's operations one by one (seconds each for a ResNet).
-    params, stats, opt = jax.jit(jax.vmap(init_model))(jax.random.split(k_models, num_models))
+    params, stats, opt = init_models(jax.random.split(k_models, num_models))
     if start == "stagger":
       steps = jnp.arange(num_models, dtype=jnp.int32) * (max_updates // num_models)
     else:
