@@ -156,12 +156,12 @@ def test_same_numbers_on_one_device_and_on_two_processes_of_two_devices(tmp_path
   Label Solve and KRR evaluation give the same numbers on one device and on two processes with
   two CPU devices each, joined by `jax.distributed.initialize` (gloo collectives) into one
   4-device mesh: a target batch (13) and target sets (37, 29) that 4 does not divide, fc kernels
-  (one tile per device) and convnet kernels (several tiles, recomputed). Each process drives two
-  of the mesh's devices, so several devices in one process are covered too."""
+  (one tile per device) and a conv kernel (several tiles per device, recomputed). Each process
+  drives two of the mesh's devices, so several devices in one process are covered too."""
   one_device = run_worker(1, tmp_path / "1.npz")
   assert int(one_device["devices"]) == 1
-  assert bool(one_device["convnet/remat"]) and not bool(one_device["fc/remat"])
-  for arch in ("fc", "convnet"):
+  assert bool(one_device["conv/remat"]) and not bool(one_device["fc/remat"])
+  for arch in ("fc", "conv"):
     losses = one_device[f"{arch}/losses"]
     assert losses[-1] < losses[0]  # the steps did something
     assert not np.allclose(one_device[f"{arch}/label_solve"], 0)
