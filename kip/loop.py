@@ -391,10 +391,14 @@ def restore_checkpoint(workdir: str, template):
     train_time = float(data["train_time"]) if "train_time" in data else wall_time
   restored = []
   for a, b in zip(stored, leaves, strict=True):
-    sharding = getattr(b, "sharding", None)
     if _is_key(b):
-      key = jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(b))
-      restored.append(jax.device_put(key, sharding))
+      leaf = jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(b))
     else:
-      restored.append(jax.device_put(np.asarray(a, np.asarray(b).dtype), sharding))
+      leaf = jnp.asarray(np.asarray(a, np.asarray(b).dtype))
+    # Committed to the template's placement only where the template is (a mesh's replication):
+    # `jit` keys its programs on commitment, so a restored state committed where a fresh one is
+    # not would compile the step again (a resumed run in the same process: the tests).
+    if getattr(b, "committed", False):
+      leaf = jax.device_put(leaf, b.sharding)
+    restored.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, restored), step, wall_time, train_time

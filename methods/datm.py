@@ -38,21 +38,36 @@ def correctly_classified(model, params, x: np.ndarray, labels: np.ndarray, ipc: 
                          ) -> tuple[np.ndarray, np.ndarray]:
   """`ipc` indices per class (class 0's first) of images `model` with `params` classifies
   correctly, in a random order per class (`rng([seed, 1])`), and the (n, C) logits on them.
-  A class with too few correct images is completed with incorrect ones, and says so."""
+  A class with too few correct images is completed with incorrect ones (in the same order).
+
+  Each class is classified in that order, `chunk` images at a time, only until `ipc` correct
+  ones are found (the whole class when it has fewer): the same picks as classifying every
+  image, without a pass over the whole training set."""
   predict = jax.jit(lambda xb: model.apply({"params": params}, xb, train=False))
-  logits = np.concatenate([np.asarray(predict(jnp.asarray(x[s:s + chunk])))
-                           for s in range(0, len(x), chunk)])
-  correct = logits.argmax(-1) == labels
+
+  def classify(idx: np.ndarray) -> np.ndarray:  # padded to `chunk` rows: one compiled shape
+    batch = np.zeros((chunk, *x.shape[1:]), x.dtype)
+    batch[:len(idx)] = x[idx]
+    return np.asarray(predict(jnp.asarray(batch)))[:len(idx)]
+
   rng = np.random.default_rng([seed, 1])
-  picks = []
+  picks, picked_logits = [], []
   for c in range(num_classes):
     members = rng.permutation(np.flatnonzero(labels == c))
-    ranked = np.concatenate([members[correct[members]], members[~correct[members]]])
-    if len(ranked) < ipc:
-      raise ValueError(f"class {c} has {len(ranked)} training images, fewer than ipc {ipc}")
-    picks.append(ranked[:ipc])
-  idx = np.concatenate(picks)
-  return idx, logits[idx]
+    if len(members) < ipc:
+      raise ValueError(f"class {c} has {len(members)} training images, fewer than ipc {ipc}")
+    seen, logits = [], []
+    for s in range(0, len(members), chunk):
+      seen.append(members[s:s + chunk])
+      logits.append(classify(seen[-1]))
+      if np.sum(np.concatenate(logits).argmax(-1) == c) >= ipc:
+        break
+    seen, logits = np.concatenate(seen), np.concatenate(logits)
+    correct = logits.argmax(-1) == c
+    ranked = np.concatenate([np.flatnonzero(correct), np.flatnonzero(~correct)])[:ipc]
+    picks.append(seen[ranked])
+    picked_logits.append(logits[ranked])
+  return np.concatenate(picks), np.concatenate(picked_logits)
 
 
 def make_datm(model, params_template, store: ExpertStore, *, max_start_epoch: int,

@@ -208,6 +208,9 @@ def make_expert(model, image_shape: tuple[int, int, int], *, lr: float = 0.01,
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # int32 as `init` makes it: a weak-typed step (a Python int's) would change the state's type
+    # after one step, and compile the step a second time.
+    step = jnp.asarray(step, jnp.int32)
     return ExpertState(optax.apply_updates(state.params, updates), opt_state, step), {
         "loss": loss}
 

@@ -10,7 +10,7 @@ import pytest
 
 from kip._compat import nt
 from kip.kernels import make_kernel
-from kip.nets import NETS, _norm, count_params, make_net
+from kip.nets import NETS, _norm, count_params, default_depth, make_net
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -45,6 +45,17 @@ def test_dc_convnet_pads_mnist_to_32():
   assert params["readout"]["kernel"].shape == (4 * 4 * 16, 10)
   # Instance norm: a per-channel scale and bias per block (GroupNorm with one channel a group).
   assert params["norm_0"]["scale"].shape == (16,)
+
+
+def test_default_depth_pools_the_side_down_to_two_pixels_or_less():
+  """ConvNet-3 up to 32 pixels (the DC family's), then one 2x2 pooling per block until the side
+  is 2 or less: ConvNet-7 for MHIST's 224 (the report's), 5 for 64, 6 for 128."""
+  assert [default_depth((s, s, 1)) for s in (8, 28, 32)] == [3, 3, 3]
+  assert [default_depth((s, s, 3)) for s in (64, 128, 224)] == [5, 6, 7]
+  assert default_depth((224, 100, 3)) == 7  # the longer side
+  for side in (64, 128, 224):  # the final feature map is 2 pixels or less, one block fewer is not
+    depth = default_depth((side, side, 3))
+    assert side / 2**depth <= 2 < side / 2**(depth - 1)
 
 
 @pytest.mark.parametrize("kind, axes", [("instance", (1, 2)), ("layer", (1, 2, 3))])

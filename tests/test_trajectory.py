@@ -238,3 +238,39 @@ def test_datm_widens_its_window_and_skips_updates_above_the_threshold(tmp_path):
   np.testing.assert_array_equal(np.asarray(state.y), y0)
   exported = method.export(state)
   np.testing.assert_allclose(exported["labels"], jax.nn.softmax(y0), rtol=1e-6)
+
+
+class _Linear:
+  """A stand-in classifier for `correctly_classified`: logits = flattened image @ W."""
+
+  def apply(self, variables, x, train):
+    del train
+    return x.reshape(len(x), -1) @ variables["params"]
+
+
+def test_datm_initial_images_are_the_first_correct_ones_of_each_class_in_a_seeded_order():
+  """Against the definition in NumPy (every image classified; per class, in `rng([seed, 1])`'s
+  order, the correct ones first): the same indices and logits, though each class is classified
+  only until it has enough; a class with too few correct images is completed with wrong ones."""
+  from methods.datm import correctly_classified
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(90, 2, 2, 1)).astype(np.float32)
+  labels = np.arange(90) % 3
+  w = rng.normal(size=(4, 3)).astype(np.float32)
+  logits = x.reshape(90, -1) @ w
+  correct = logits.argmax(-1) == labels
+  # Class 0 has 5 correct images of 30, classes 1 and 2 have 13 and 15: ipc 8 stops early there.
+  assert correct[labels == 0].sum() < 8 <= min(correct[labels == c].sum() for c in (1, 2))
+  order = np.random.default_rng([5, 1])
+  expected = []
+  for c in range(3):
+    members = order.permutation(np.flatnonzero(labels == c))
+    expected.append(np.concatenate([members[correct[members]], members[~correct[members]]])[:8])
+  expected = np.concatenate(expected)
+  model = _Linear()
+  idx, got_logits = correctly_classified(model, jnp.asarray(w), x, labels, 8, 3, seed=5, chunk=7)
+  np.testing.assert_array_equal(idx, expected)
+  np.testing.assert_allclose(got_logits, logits[expected], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="class 0 has 30 training images, fewer than ipc 31"):
+    correctly_classified(model, jnp.asarray(w), x, labels, 31, 3, seed=5, chunk=7)
