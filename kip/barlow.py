@@ -233,11 +233,15 @@ def make_barlow_twins(*, image_shape: tuple[int, int, int], mean: np.ndarray, st
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  def init(key: jax.Array, x_init=None, y_init=None) -> BarlowState:
-    del x_init, y_init
+  @jax.jit  # one program: op by op, a ResNet-18's initialisation dispatches hundreds of ops
+  def initial_state(key: jax.Array) -> BarlowState:
     variables = model.init(key, jnp.zeros((2, *image_shape)), train=False)
     return BarlowState(variables["params"], variables["batch_stats"],
                        tx.init(variables["params"]))
+
+  def init(key: jax.Array, x_init=None, y_init=None) -> BarlowState:
+    del x_init, y_init
+    return initial_state(key)
 
   def loss_fn(params, batch_stats, v1, v2):
     z1, updated = model.apply({"params": params, "batch_stats": batch_stats}, v1, train=True,

@@ -372,8 +372,8 @@ def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int 
 def restore_checkpoint(workdir: str, template):
   """(state, step, wall_time, train_time) from the latest checkpoint, or None when there is none.
 
-  Every leaf takes the template's dtype and placement (e.g. replicated on a mesh), as the step
-  expects it; typed PRNG keys come back as keys."""
+  Every leaf takes the template's dtype, and its placement where the template's is committed
+  (e.g. replicated on a mesh), as the step expects it; typed PRNG keys come back as keys."""
   latest = latest_checkpoint(workdir)
   if latest is None:
     return None

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -138,7 +139,6 @@ def test_ctrl_c_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path, manual
   """A real interrupt of the real command (SIGINT once a checkpoint exists), then the same
   command again: it resumes and ends with the uninterrupted run's distilled set. (The rerun and
   the uninterrupted run go through the command's `main` in this process: no interpreter start.)"""
-  import os
   import signal
   import subprocess
   import sys
@@ -200,7 +200,8 @@ def test_conv_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_dir,
                 "--target-batch", "3", "--steps", "1", "--val-size", "10", "--memory-mb", "1",
                 "--workdir", str(tmp_path / "w"), "--manual-dir", manual_dir, "--data-dir",
                 data_dir, "--no-progress",
-                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                     + " --xla_force_host_platform_device_count=2"})
   assert out.returncode == 0, out.stderr
   assert "devices: 2 x cpu" in out.stderr and "within 1 MiB per device" in out.stderr
   assert "K(support, support): 10 x 10 in tiles of" in out.stderr

@@ -11,7 +11,15 @@ import pytest
 from conftest import Interrupt, interrupting
 
 from kip.kernels import make_kernel
-from kip.loop import Evaluator, LoopConfig, NonFiniteLossError, read_metrics, run
+from kip.loop import (
+  Evaluator,
+  LoopConfig,
+  NonFiniteLossError,
+  read_metrics,
+  restore_checkpoint,
+  run,
+  save_checkpoint,
+)
 from kip.method import Data, Method, make_sampler
 from methods.kip import make_kip
 
@@ -183,3 +191,33 @@ def test_selection_keeps_the_best_state_and_patience_stops_the_run(tmp_path, int
   assert best == {"step": 4, "count": 4} and saved["step"] == 7
   again = go(method)  # an early-stopped run stays stopped
   assert again.step == 7 and int(again.state.count) == 7
+
+
+def test_a_restored_state_is_placed_as_the_fresh_one_and_reuses_the_compiled_step(tmp_path):
+  """`jit` keys its programs on whether arguments are committed to a device: a state restored
+  committed where the fresh one is not would compile the step again (a resume in the same
+  process). Committed leaves (a mesh's replication) come back committed, with their sharding."""
+  from jax import monitoring
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  mesh = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("d",)), PartitionSpec())
+  fresh = {"w": jnp.zeros(3), "n": jnp.zeros((), jnp.int32), "key": jax.random.key(1),
+           "replicated": jax.device_put(jnp.ones(2), mesh)}
+  step = jax.jit(lambda s: {**s, "w": s["w"] + 1, "n": s["n"] + 1,
+                            "replicated": s["replicated"] * 2})
+  after = step(fresh)
+  (tmp_path / "checkpoints").mkdir()
+  save_checkpoint(str(tmp_path), after, 1, 0.0)
+  restored, at, _, _ = restore_checkpoint(str(tmp_path), fresh)
+  assert at == 1 and not restored["w"].committed and not restored["key"].committed
+  assert restored["replicated"].committed and restored["replicated"].sharding == mesh
+  np.testing.assert_array_equal(restored["w"], [1, 1, 1])
+  np.testing.assert_array_equal(jax.random.key_data(restored["key"]),
+                                jax.random.key_data(fresh["key"]))
+  compiles, counting = [], [True]  # the listener stays registered: it counts only here
+  monitoring.register_event_duration_secs_listener(
+      lambda name, *_, **__: compiles.append(name) if counting[0] and name.endswith(
+          "/backend_compile_duration") else None)
+  step(restored)
+  counting[0] = False
+  assert compiles == []

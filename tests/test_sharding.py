@@ -129,7 +129,9 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
 
 
 def worker_env(devices: int, **extra) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  # The suite's XLA_FLAGS (conftest) and the device count (a later flag wins over an earlier one).
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, XLA_FLAGS=flags.strip(),
               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
 

@@ -133,8 +133,8 @@ def test_demo_notebook_runs_headless(sets, tmp_path, manual_dir, data_dir, monke
   parameters = notebook.cells[1]
   assert parameters.source.startswith("# Parameters")
   parameters.source += "\n".join([
-      "", f"SUPPORT = {sets['ours']!r}", "WIDTH = 16", "STEPS = 20", "SEEDS = 2",
-      "EVAL_EVERY = 10", "TEST_IMAGES = 500", f"OUT_DIR = {str(tmp_path)!r}",
+      "", f"SUPPORT = {sets['ours']!r}", "NET = 'mlp'", "WIDTH = 4", "STEPS = 10", "SEEDS = 2",
+      "EVAL_EVERY = 5", "TEST_IMAGES = 200", f"OUT_DIR = {str(tmp_path)!r}",
       f"MANUAL_DIR = {manual_dir!r}"])
   monkeypatch.setenv("KIP_DATA_DIR", data_dir)
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
