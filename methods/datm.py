@@ -56,11 +56,12 @@ def correctly_classified(model, params, x: np.ndarray, labels: np.ndarray, ipc: 
     members = rng.permutation(np.flatnonzero(labels == c))
     if len(members) < ipc:
       raise ValueError(f"class {c} has {len(members)} training images, fewer than ipc {ipc}")
-    seen, logits = [], []
+    seen, logits, found = [], [], 0
     for s in range(0, len(members), chunk):
       seen.append(members[s:s + chunk])
       logits.append(classify(seen[-1]))
-      if np.sum(np.concatenate(logits).argmax(-1) == c) >= ipc:
+      found += int(np.sum(logits[-1].argmax(-1) == c))
+      if found >= ipc:
         break
     seen, logits = np.concatenate(seen), np.concatenate(logits)
     correct = logits.argmax(-1) == c

@@ -91,6 +91,13 @@ def mnist(manual_dir, data_dir):
   return load_dataset("mnist", data_dir=data_dir, manual_dir=manual_dir)
 
 
+def xla_flags_with_devices(devices: int) -> str:
+  """XLA_FLAGS for a command with `devices` simulated CPU devices: the suite's flags (above) and
+  the device count, which wins over any earlier one."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = None):
   """Runs `python -m module args` from the repo root (with `env` added to the environment);
   returns the CompletedProcess."""

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, xla_flags_with_devices
 
 from kip.io import load_distilled
 from kip.loop import read_metrics
@@ -200,8 +200,7 @@ def test_conv_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_dir,
                 "--target-batch", "3", "--steps", "1", "--val-size", "10", "--memory-mb", "1",
                 "--workdir", str(tmp_path / "w"), "--manual-dir", manual_dir, "--data-dir",
                 data_dir, "--no-progress",
-                env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-                     + " --xla_force_host_platform_device_count=2"})
+                env={"XLA_FLAGS": xla_flags_with_devices(2)})
   assert out.returncode == 0, out.stderr
   assert "devices: 2 x cpu" in out.stderr and "within 1 MiB per device" in out.stderr
   assert "K(support, support): 10 x 10 in tiles of" in out.stderr

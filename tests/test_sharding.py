@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, xla_flags_with_devices
 
 from kip.kernels import make_kernel
 from kip.sharding import (
@@ -23,8 +24,6 @@ from kip.sharding import (
   rows_per_call,
   shard_kernel,
 )
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def rel(a, b):
@@ -129,9 +128,7 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
 
 
 def worker_env(devices: int, **extra) -> dict:
-  # The suite's XLA_FLAGS (conftest) and the device count (a later flag wins over an earlier one).
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  return dict(os.environ, XLA_FLAGS=flags.strip(),
+  return dict(os.environ, XLA_FLAGS=xla_flags_with_devices(devices),
               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
 
