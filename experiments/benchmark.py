@@ -42,6 +42,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -262,38 +263,78 @@ def last_metrics(workdir: str) -> dict:
   return latest
 
 
-def distillation_finished(workdir: str) -> bool:
-  """Whether `workdir` holds a finished run: its set, and its last step at its configured
-  `steps` (a run without steps is finished once its set exists)."""
+def distillation_finished(workdir: str, steps: int | None = None) -> bool:
+  """Whether `workdir` holds a finished run: its set, and its last step at `steps` (default: its
+  configured steps; a run without steps is finished once its set exists)."""
   if not os.path.exists(os.path.join(workdir, "distilled.npz")):
     return False
   recorded = _read_json(os.path.join(workdir, "config.json")) or {}
-  steps = recorded.get("steps")
+  steps = recorded.get("steps") if steps is None else steps
   return not steps or last_metrics(workdir).get("step", -1) >= steps
 
 
+# Fields of a command's config that do not change what a finished run made: paths, display,
+# resources, the evaluation cadence, which baseline rows an evaluation adds; and the seeds of an
+# evaluation, whose report is read back when it holds at least the networks asked for.
+_NOT_SETTINGS = frozenset({"workdir", "manual_dir", "data_dir", "progress", "eval_every",
+                           "memory_mb", "distributed", "seeds_at_once", "seed_batching",
+                           "baselines", "distilled", "seeds", "checkpoint_every"})
+
+
+def check_settings(workdir: str, module: str, args: Sequence[str],
+                   ignore: Sequence[str] = ()):
+  """The config `python -m module args` runs with; refuses (one line) when `workdir` holds a run
+  recorded with other settings, so that a finished cell is never read back for a request it
+  does not answer (e.g. a set distilled with another kernel, or evaluated with another width).
+  A flag added after the run was recorded counts as having had its default then."""
+  command = importlib.import_module(module)
+  try:
+    wanted = cli.parse_config(command.Config, list(args), "",
+                              presets=getattr(command, "PRESETS", None))
+  except SystemExit as e:  # argparse has printed why
+    raise cli.UserError(f"bad flags for {module}: {' '.join(args)}") from e
+  recorded = _read_json(os.path.join(workdir, "config.json"))
+  if recorded is not None:
+    defaults = {f.name: f.default for f in dataclasses.fields(wanted)}
+    current = dataclasses.asdict(wanted)
+    differ = [k for k, v in current.items() if k not in _NOT_SETTINGS and k not in ignore
+              and recorded.get(k, defaults[k]) != v]
+    if differ:
+      changes = ", ".join(f"{k}: {recorded.get(k, defaults[k])!r} -> {current[k]!r}"
+                          for k in differ)
+      raise cli.UserError(f"{workdir} holds a {module.rsplit('.', 1)[-1]} run with other "
+                          f"settings ({changes}); use another --root, or remove it to redo it")
+  return wanted
+
+
 def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
-  """The cell's distilled.npz, made unless a finished run is in its workdir; returns how it
-  was obtained ("reused" or "made")."""
-  if cell.kind in ("set", "full") or distillation_finished(cell.workdir):
+  """The cell's distilled.npz, made unless a finished run with the same settings is in its
+  workdir; returns how it was obtained ("reused" or "made")."""
+  if cell.kind in ("set", "full"):
     return "reused"
-  preset = ["--preset", config.preset]
   if cell.kind == "coreset":
-    run("experiments.coreset", "--dataset", cell.dataset, "--ipc", str(cell.ipc), "--select",
-        cell.name, "--workdir", cell.workdir)
-    return "made"
-  if cell.name in _TRAJECTORY:
+    module = "experiments.coreset"
+    args = ["--dataset", cell.dataset, "--ipc", str(cell.ipc), "--select", cell.name,
+            "--workdir", cell.workdir]
+  else:
+    module = f"experiments.{cell.name}"
+    args = ["--dataset", cell.dataset, "--ipc", str(cell.ipc), "--workdir", cell.workdir,
+            *(["--preset", config.preset] if cell.name in _PRESETS else []),
+            *extra.get(cell.name, [])]
+  # `steps` may grow: a finished run is then extended by its own command.
+  wanted = check_settings(cell.workdir, module, args, ignore=("steps",))
+  if distillation_finished(cell.workdir, getattr(wanted, "steps", None)):
+    return "reused"
+  if cell.name in _TRAJECTORY and cell.kind == "method":
     from experiments.buffer import default_buffer  # noqa: PLC0415
 
     flags = _TRAJECTORY[cell.name]
     store = default_buffer(cell.dataset, config.preset, **flags)
     restore(store, config)
-    run("experiments.buffer", "--dataset", cell.dataset, *preset,
+    run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
         *(a for k, v in flags.items() for a in (f"--{k}", v)))
     archive(store, config)
-  run(f"experiments.{cell.name}", "--dataset", cell.dataset, "--ipc", str(cell.ipc),
-      "--workdir", cell.workdir, *(preset if cell.name in _PRESETS else []),
-      *extra.get(cell.name, []))
+  run(module, *args)
   return "made"
 
 
@@ -349,21 +390,25 @@ def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
 
 
 def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -> tuple:
-  """(the row of transfer.json, "reused" | "made"): a finished evaluation with at least
-  --seeds networks is read back; otherwise experiments.transfer runs (and resumes)."""
+  """(the row of transfer.json, "reused" | "made"): a finished evaluation with the same settings
+  and at least --seeds networks is read back; otherwise experiments.transfer runs (and
+  resumes)."""
   tdir = transfer_dir(cell, protocol, net)
   restore(tdir, config)
   row_name = "full" if cell.kind == "full" else "distilled"
   seeds = config.full_seeds if cell.kind == "full" else config.seeds
-  report = _read_json(os.path.join(tdir, "transfer.json"))
-  row = _row(report, row_name, seeds)
-  if row is not None:
-    return row, "reused"
   rows = (["--no-distilled", "--baselines", "full", "--full-steps", str(config.full_steps)]
           if cell.kind == "full" else ["--baselines", "none"])
-  run("experiments.transfer", "--support", cell.support, "--dataset", cell.dataset,
-      "--protocol", protocol, "--net", net, "--seeds", str(seeds), "--preset",
-      config.preset, "--workdir", tdir, *rows, *shlex.split(config.transfer_args))
+  args = ["--support", cell.support, "--dataset", cell.dataset, "--protocol", protocol,
+          "--net", net, "--seeds", str(seeds), "--preset", config.preset, "--workdir", tdir,
+          *rows, *shlex.split(config.transfer_args)]
+  # The full row's --support only sizes its network (any set of the dataset will do).
+  check_settings(tdir, "experiments.transfer", args,
+                 ignore=("support",) if cell.kind == "full" else ())
+  row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
+  if row is not None:
+    return row, "reused"
+  run("experiments.transfer", *args)
   if config.dry_run:
     return None, "dry run"
   return _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds), "made"

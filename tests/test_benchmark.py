@@ -94,6 +94,15 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert [r["test_acc"] for r in second["rows"]] == [r["test_acc"] for r in first["rows"]]
   assert herding_json.stat().st_mtime_ns == stamp
 
+  # A request that the finished cells do not answer (another evaluation length) is refused in
+  # one line, not read back; another evaluation cadence is the same request.
+  longer = [("--steps 30 --eval-every 20" if a == "--steps 20 --eval-every 20" else a)
+            for a in args]
+  out = run_in_process("experiments.benchmark", *longer)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "transfer-dc-mlp holds a transfer run with other settings (steps: 20 -> 30)" in out.stderr
+  assert herding_json.stat().st_mtime_ns == stamp
+
   # A cell whose evaluation was cut short is the only one run again, and resumes.
   os.remove(herding_json)
   third = run()
@@ -150,6 +159,41 @@ def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folde
   restore(str(store), config)
   np.testing.assert_array_equal(np.load(store / "expert_000.npy"), np.arange(6.0).reshape(2, 3))
   assert not (store / "work").exists()
+
+
+def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
+  import dataclasses
+
+  from experiments import kip
+  from experiments.benchmark import check_settings, distillation_finished
+  from kip import cli
+
+  workdir = tmp_path / "kip-mnist-ipc1"
+  workdir.mkdir()
+  made = cli.parse_config(kip.Config, ["--dataset", "mnist", "--ipc", "1", "--steps", "300"], "")
+  recorded = dataclasses.asdict(made) | {"workdir": str(workdir), "job": "kip"}
+  del recorded["reg"]  # a flag added after the run was made: its default then
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  np.savez(workdir / "distilled.npz", images=np.ones((10, 2, 2, 1)), labels=np.eye(10))
+  (workdir / "metrics.jsonl").write_text('{"step": 300}\n')
+  args = ["--dataset", "mnist", "--ipc", "1", "--workdir", str(workdir)]
+
+  wanted = check_settings(str(workdir), "experiments.kip", [*args, "--steps", "300"],
+                          ignore=("steps",))
+  assert distillation_finished(str(workdir), wanted.steps)
+  # More steps: the same settings, not finished (the command extends the run).
+  wanted = check_settings(str(workdir), "experiments.kip", [*args, "--steps", "500"],
+                          ignore=("steps",))
+  assert not distillation_finished(str(workdir), wanted.steps)
+  # Another kernel or labels: refused, naming what differs; display flags are not settings.
+  check_settings(str(workdir), "experiments.kip", [*args, "--steps", "300", "--no-progress"],
+                 ignore=("steps",))
+  with pytest.raises(cli.UserError, match=r"kip-mnist-ipc1 holds a kip run with other settings "
+                     r"\(kernel: 'fc' -> 'conv', learn_labels: True -> False\)"):
+    check_settings(str(workdir), "experiments.kip", [*args, "--steps", "300", "--kernel", "conv",
+                                                     "--no-learn-labels"], ignore=("steps",))
+  with pytest.raises(cli.UserError, match="other settings \\(reg: 1e-06 -> 0.001\\)"):
+    check_settings(str(workdir), "experiments.kip", [*args, "--reg", "1e-3"], ignore=("steps",))
 
 
 @pytest.mark.parametrize("args, message", [
