@@ -3,7 +3,8 @@
   python -m experiments.benchmark --methods dm,datadam --dataset mnist --ipc 1,10 --seeds 5
 
 Every cell is a command of this project run in its own workdir under --root, so an interrupted
-benchmark resumes cell by cell and a finished cell is read back, not redone:
+benchmark resumes cell by cell and a finished cell is read back, not redone (only for the
+settings it was made with: a workdir holding a run with others is refused, naming them):
   distillation  <root>/<method>-<dataset>-ipc<ipc>                (experiments.<method>)
   coresets      <root>/coreset-<select>-<dataset>-ipc<ipc>        (experiments.coreset)
   expert store  the trajectory methods' default (experiments.buffer; PAD's with its curriculum)
