@@ -9,7 +9,7 @@ settings it was made with: a workdir holding a run with others is refused, namin
   coresets      <root>/coreset-<select>-<dataset>-ipc<ipc>        (experiments.coreset)
   expert store  the trajectory methods' default (experiments.buffer; PAD's with its curriculum)
   evaluation    <cell>/transfer-<protocol>[-<net>]               (experiments.transfer)
-  full data     <root>/full-<dataset>/transfer-<protocol>[-<net>]
+  full data     <root>/full-<dataset>[-steps<N>]/transfer-<protocol>[-<net>]  (N: --full-steps)
 The same layout as `bench.methods`, so sets distilled there are reused here. Imported sets
 (`--sets`, any format `kip.io` reads: RFAD, FRePo, DC/DSA/DM, MTT/DATM/PAD, DC-Bench, KIP/LS) are
 evaluated in <root>/imported-<name>/. Rows: each method, each imported set, the coresets (random,
@@ -61,6 +61,8 @@ METHODS = ("kip", "label_solve", "frepo", "rfad", "dm", "datadam", "mtt", "datm"
 _PRESETS = ("frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")  # take --preset
 _TRAJECTORY = {"mtt": {}, "datm": {}, "pad": {"curriculum": "pad"}}  # their stores' flags
 
+FULL_STEPS = 2000  # the full-data row's default budget (8.5 epochs of MNIST at batch 256)
+
 # Published accuracy of networks trained on the distilled sets, ipc -> %, from ANCHORS.md
 # (verified in the papers or their code); the protocol each was measured under.
 PUBLISHED = {
@@ -95,7 +97,8 @@ class Config:
   coresets: str = f("random,herding,kcenter", "coreset rows (" + ", ".join(SELECTIONS)
                     + "; empty: none)")
   full: bool = f(True, "a row trained on the whole training split (capped at --full-steps)")
-  full_steps: int = f(2000, "step budget of the full-data row", minimum=1)
+  full_steps: int = f(FULL_STEPS, "step budget of the full-data row (another budget is a row "
+                                  "of its own: <root>/full-<dataset>-steps<N>)", minimum=1)
   full_seeds: int = f(1, "networks of the full-data row", minimum=1)
   protocol: str = f("dc", "comma-separated evaluation protocols: " + ", ".join(PROTOCOLS))
   nets: str = f("auto", "comma-separated evaluation networks (auto: the protocol's; e.g. "
@@ -205,8 +208,9 @@ def plan(config: Config) -> list[Cell]:
   if config.full:
     for dataset in _split(config.dataset) or sorted({c.dataset for c in cells}):
       support = next((c.support for c in cells if c.dataset == dataset), "")
-      cells.append(Cell("full", "full", dataset, 0, os.path.join(config.root, f"full-{dataset}"),
-                        support))
+      budget = "" if config.full_steps == FULL_STEPS else f"-steps{config.full_steps}"
+      cells.append(Cell("full", "full", dataset, 0,
+                        os.path.join(config.root, f"full-{dataset}{budget}"), support))
   return cells
 
 
@@ -532,7 +536,8 @@ def lossless(rows: list[dict], within: float = 1.0) -> list[str]:
                      and (r["dataset"], r["protocol"], r["net"]) == group),
                     key=lambda r: r["ipc"])
       hit = next((r for r in sets if 100 * r["test_acc_mean"] >= target), None)
-      where = f"{method} on {group[0]} ({group[1]}, {group[2]})"
+      where = (f"{method} on {group[0]} ({group[1]}, {group[2]}; the full split trained "
+               f"{full['steps']} steps)")
       if hit is None:
         best = max(sets, key=lambda r: r["test_acc_mean"])
         out.append(f"{where}: no size within {within:g} point of the full data's "

@@ -72,6 +72,8 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert all(len(r["test_acc"]) == (1 if r["kind"] == "full" else 2) for r in first["rows"])
   herding_json = root / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp" / "transfer.json"
   assert first["rows"][0]["workdir"] == str(herding_json.parent)
+  # A full-data budget other than the default is a row of its own.
+  assert first["rows"][2]["workdir"] == str(root / "full-mnist-steps20" / "transfer-dc-mlp")
   assert (root / "benchmark.png").stat().st_size > 0
   table = (root / "benchmark.md").read_text()
   text = readme.read_text()
@@ -220,7 +222,8 @@ def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
           row("method", "dm", 50, 0.975, 20, 800), row("method", "dm", 100, 0.979, 30),
           row("coreset", "random", 10, 0.9, 5), row("method", "mtt", 10, 0.99, 250, 2000, 100)]
   lines = lossless(rows)
-  assert lines[0].startswith("dm on mnist (dc, mlp-128): 50 per class is within 1 point")
+  assert lines[0].startswith("dm on mnist (dc, mlp-128; the full split trained 2000 steps): 50 "
+                             "per class is within 1 point")
   # Counted in images processed (800 x 256 against 2,000 x 256), not in the measured seconds.
   assert ("204,800 images (800 steps, 20 s measured) against 512,000 (2000 steps, 100 s)"
           in lines[0])
