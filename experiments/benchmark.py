@@ -27,8 +27,9 @@ it and its training saving, counted in images processed (steps x batch) beside t
 Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
 published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
 capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
-one dataset takes one to two hours (distillation 3-50 min per set, a 5-seed dc evaluation of a
-ConvNet 5-30 min, of an MLP about a minute). paper runs every method and evaluation at
+one dataset takes one to two hours (distillation 3-50 min per set; a 5-seed dc evaluation at
+10 per class about 12 min with ConvNet-3 of width 32, --transfer-args "--width 32", 50 min at
+the protocol's 128; of an MLP about a minute). paper runs every method and evaluation at
 `--preset paper` (GPU-sized).
 """
 
