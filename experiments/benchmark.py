@@ -303,8 +303,7 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
   if recorded is not None:
     defaults = {f.name: f.default for f in dataclasses.fields(wanted)}
     current = dataclasses.asdict(wanted)
-    differ = [k for k, v in current.items() if k not in _NOT_SETTINGS and k not in ignore
-              and recorded.get(k, defaults[k]) != v]
+    differ = cli.changed_settings(recorded, current, wanted, _NOT_SETTINGS | set(ignore))
     if differ:
       changes = ", ".join(f"{k}: {recorded.get(k, defaults[k])!r} -> {current[k]!r}"
                           for k in differ)

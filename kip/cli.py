@@ -268,10 +268,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     if changed:
       raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
                       "changed since); use a new --workdir for this one")
-    # A flag added after the run was made counts as having had its default then.
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    differ = [k for k in current
-              if k not in ignore and previous.get(k, defaults.get(k)) != current[k]]
+    differ = changed_settings(previous, current, config, ignore)
     if differ:
       changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
@@ -284,6 +281,14 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     os.makedirs(workdir, exist_ok=True)
     write_json(path, current | ({"inputs": digests} if digests else {}))
   return workdir
+
+
+def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str]) -> list[str]:
+  """The fields of `current` (a command's settings, from its `config` dataclass) not in `ignore`
+  whose value `previous` (a recorded config.json) does not hold; a flag added after the run was
+  recorded counts as having had its default then."""
+  defaults = {f.name: f.default for f in dataclasses.fields(config)}
+  return [k for k in current if k not in ignore and previous.get(k, defaults.get(k)) != current[k]]
 
 
 _WORKDIR: str | None = None  # this command's workdir, for the resume hint after Ctrl-C
