@@ -37,14 +37,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # One on-disk cache of compiled XLA programs for the whole run: pytest's process, which imports
 # this first, makes it; the xdist workers and every command the tests start inherit it, so a
 # program compiled once (the same network in a resumed run, a rerun command, another test) is read
-# back instead of compiled again. Removed when the run ends. Every program is cached, not only
-# those that took JAX's default second to compile: most of the suite's programs are small ones
-# compiled again by a resumed run or a rerun command (test_train, test_cli and test_krr_st on both
-# cores: 262 s of CPU with the one-second floor, 230 s without it).
+# back instead of compiled again. Removed when the run ends; compiles under a second stay uncached.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kip-tests-xla-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_collection_modifyitems(items):
