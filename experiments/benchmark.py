@@ -279,12 +279,12 @@ def distillation_finished(workdir: str, steps: int | None = None) -> bool:
   return not steps or last_metrics(workdir).get("step", -1) >= steps
 
 
-# Fields of a command's config that do not change what a finished run made: paths, display,
-# resources, the evaluation cadence, which baseline rows an evaluation adds; and the seeds of an
-# evaluation, whose report is read back when it holds at least the networks asked for.
-_NOT_SETTINGS = frozenset({"workdir", "manual_dir", "data_dir", "progress", "eval_every",
-                           "memory_mb", "distributed", "seeds_at_once", "seed_batching",
-                           "baselines", "distilled", "seeds", "checkpoint_every"})
+# Fields of a command's config that do not change what a finished run made: cli.NOT_SETTINGS
+# (paths, display, resources), the cadences, how seeds are batched, which baseline rows an
+# evaluation adds; and the seeds of an evaluation, whose report is read back when it holds at least
+# the networks asked for.
+_NOT_SETTINGS = frozenset({*cli.NOT_SETTINGS, "eval_every", "checkpoint_every", "seeds_at_once",
+                           "seed_batching", "baselines", "distilled", "seeds"})
 
 
 def check_settings(workdir: str, module: str, args: Sequence[str],

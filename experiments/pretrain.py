@@ -266,7 +266,7 @@ def main(argv=None) -> int:
                                           for r in _rows(config) if r.startswith("supervised:")}
   workdir = cli.prepare_workdir(
       config, "pretrain", [config.dataset], inputs=inputs,
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "rows", "supervised"))
+      ignore=(*cli.NOT_SETTINGS, "rows", "supervised"))
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = pretrain_and_transfer(config, workdir)
   print(format_table(report))

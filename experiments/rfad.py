@@ -104,8 +104,7 @@ def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__, presets=PRESETS)
   workdir = cli.prepare_workdir(  # target_chunk changes memory only, not the numbers
       config, "rfad", [config.dataset, f"ipc{config.ipc}"],
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "steps", "eval_every", "memory_mb",
-              "distributed", "target_chunk"))
+      ignore=(*cli.NOT_SETTINGS, "steps", "eval_every", "target_chunk"))
   cli.log(f"devices: {cli.describe_devices()}; preset {config.preset}; workdir: {workdir}")
   result = run_rfad(config, workdir)
   acc = result.get(f"rf_{result['split']}_acc", np.nan)

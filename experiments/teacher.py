@@ -42,8 +42,8 @@ PRESETS = {
               "checkpoint_every": 2000},
 }
 TEACHER_FILE = "teacher.msgpack"
-# Settings that do not change the teacher (paths, display, cadence).
-_NOT_THE_TEACHER = ("workdir", "manual_dir", "data_dir", "progress", "checkpoint_every")
+# Settings that do not change the teacher (paths, display, resources, cadence).
+_NOT_THE_TEACHER = (*cli.NOT_SETTINGS, "checkpoint_every")
 
 
 @dataclasses.dataclass(frozen=True)

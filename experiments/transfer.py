@@ -215,8 +215,8 @@ def main(argv=None) -> int:
   workdir = cli.prepare_workdir(
       config, "transfer", [config.dataset, _net_settings(config)[0], config.protocol],
       # Rows are folders of their own (add or leave out any); the curve's cadence may change.
-      ignore=("workdir", "manual_dir", "data_dir", "progress", "seeds_at_once", "seed_batching",
-              "eval_every", "baselines", "distilled"),
+      ignore=(*cli.NOT_SETTINGS, "seeds_at_once", "seed_batching", "eval_every", "baselines",
+              "distilled"),
       inputs={"support": config.support})
   cli.log(f"devices: {cli.describe_devices()}; workdir {workdir}")
   report = transfer(config, workdir)

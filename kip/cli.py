@@ -238,15 +238,20 @@ def setup_devices(config) -> tuple:
   return sharding.make_mesh(), memory
 
 
+# Fields that never change what a run computes: paths, display and resources. Every comparison
+# of a run's recorded settings (`prepare_workdir`, the benchmark's reuse of a finished cell)
+# leaves them out.
+NOT_SETTINGS = ("workdir", "manual_dir", "data_dir", "progress", "memory_mb", "distributed")
+
+
 def prepare_workdir(config, job: str, name_parts: Sequence[str],
-                    ignore: Sequence[str] = ("workdir", "manual_dir", "data_dir", "progress",
-                                             "steps", "eval_every", "memory_mb",
-                                             "distributed"),
+                    ignore: Sequence[str] = (*NOT_SETTINGS, "steps", "eval_every"),
                     inputs: dict[str, str] | None = None) -> str:
   """Creates the workdir (default: a new folder under ./runs) and writes or checks config.json.
 
   Re-running in a workdir that holds a run with other settings is refused (fields in `ignore`
-  may differ: paths, display, resources, and `steps`, so a finished run can be extended).
+  may differ: by default `NOT_SETTINGS`, the evaluation cadence, and `steps`, so a finished run
+  can be extended).
   `inputs` (name -> path of an input file) are recorded by their content's digest
   (`file_digest`), and a different content is refused: the run's finished parts were made from
   another input (a workdir recorded before a digest was kept is taken as is; one recorded with a
