@@ -85,10 +85,13 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
   """A figure with every image, grouped in rows by class (the argmax of its label).
 
   Each class starts a new row (class 0 first); a class with more than `per_class` images wraps
-  onto further rows, so nothing is left out. The figure is at least as wide as its title.
+  onto further rows, so nothing is left out. The figure is at least as wide as its title. The
+  images are tiled into one picture on a white ground (one matplotlib image, not an axes per
+  image: a 1,000-image grid draws in about a second instead of a minute).
 
   Args:
-    images: (n, H, W, C) float in [0, 1] (already mapped back from preprocessed space).
+    images: (n, H, W, C) float in [0, 1] (already mapped back from preprocessed space; values
+      outside are clipped).
     labels: (n, num_classes) float; each image is captioned with its label's largest value
       (unless `captions` is False).
     per_class: images per row.
@@ -96,6 +99,11 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
   Returns:
     The matplotlib Figure (not yet saved).
   """
+  return _image_grid(images, labels, per_class, title, class_names, captions)[0]
+
+
+def _image_grid(images, labels, per_class, title, class_names, captions):
+  """`make_image_grid`'s figure and the number of images placed in it."""
   images, labels = np.asarray(images), np.asarray(labels)
   if len(images) != len(labels):
     raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -106,21 +114,27 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
   # (class, first image's position among the class) per row; an empty class keeps its own row.
   rows = [(c, start) for c in range(num_classes)
           for start in range(0, max(int(counts[c]), 1), columns)]
-  fig, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns, 1.2 * len(rows)),
-                           dpi=100, squeeze=False)
-  for ax in axes.ravel():
-    ax.axis("off")
+  height, width = images.shape[1:3]
+  gap = max(1, round(0.12 * max(height, width)))  # white space between images, in pixels
+  band = round(0.4 * height) if captions else 0  # room for a caption above each image
+  cell_h, cell_w = band + height + gap, width + gap
+  canvas = np.ones((len(rows) * cell_h, columns * cell_w - gap, 3), np.float32)
+  fig, ax = plt.subplots(figsize=(1.1 * columns + 0.3, 1.2 * len(rows)), dpi=100)
+  placed = 0
   for r, (c, start) in enumerate(rows):
-    members = np.flatnonzero(classes == c)[start:start + columns]
+    top = r * cell_h + band  # the row's first image pixel
     if start == 0:
       name = class_names[c] if class_names else str(c)
-      axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center")
-    for j, i in enumerate(members):
-      image = images[i]
-      axes[r, j].imshow(image[..., 0] if image.shape[-1] == 1 else image,
-                        cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+      ax.text(-gap, top + (height - 1) / 2, name, ha="right", va="center")
+    for j, i in enumerate(np.flatnonzero(classes == c)[start:start + columns]):
+      left = j * cell_w
+      canvas[top:top + height, left:left + width] = np.clip(images[i], 0, 1)  # gray: to 3
+      placed += 1
       if captions:
-        axes[r, j].set_title(f"{labels[i, c]:.2f}", fontsize=7)
+        ax.text(left + (width - 1) / 2, top - 0.5, f"{labels[i, c]:.2f}", fontsize=7,
+                ha="center", va="bottom")
+  ax.imshow(canvas, interpolation="nearest")
+  ax.axis("off")
   top = 1.0
   if title:
     pad = 0.08 / fig.get_figheight()  # inches, as a fraction of the height
@@ -131,18 +145,16 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
     fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
     top = 1.0 - 2 * pad - extent.height / fig.dpi / fig.get_figheight()
   fig.tight_layout(rect=(0, 0, 1, top))
-  return fig
+  return fig, placed
 
 
 def plot_image_grid(images: np.ndarray, labels: np.ndarray, path: str, *, per_class: int = 10,
                     title: str = "", class_names: Sequence[str] | None = None,
                     captions: bool = True) -> int:
   """Writes `make_image_grid`'s figure to `path` as PNG; returns the number of images drawn."""
-  fig = make_image_grid(images, labels, per_class=per_class, title=title,
-                        class_names=class_names, captions=captions)
-  drawn = sum(len(ax.images) for ax in fig.axes)
+  fig, placed = _image_grid(images, labels, per_class, title, class_names, captions)
   save_figure(fig, path)
-  return drawn
+  return placed
 
 
 def pca_2d(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:

@@ -25,9 +25,25 @@ def _learned_set(counts, seed=0):
   return images, labels, classes
 
 
+def _cells(fig):
+  """The grid's picture cut into cells along its all-white rows and columns: a list of rows,
+  each a list of the row's (h, w) cells, blank ones included (the test images are never white)."""
+  (ax,) = fig.axes
+  (picture,) = ax.images
+  gray = np.asarray(picture.get_array())[..., 0]
+
+  def bands(inked):  # runs of True: [(start, stop), ...]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inked.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+  columns = bands((gray < 1).any(0))
+  return [[gray[r0:r1, c0:c1] for c0, c1 in columns] for r0, r1 in bands((gray < 1).any(1))]
+
+
 def _drawn_ids(fig, n):
-  """The images drawn, in row-major order of the axes."""
-  return [int(round(float(ax.images[0].get_array().mean()) * n)) for ax in fig.axes if ax.images]
+  """The images drawn, in row-major order (an image i is filled with the value i / n)."""
+  return [int(round(float(cell.mean()) * n)) for row in _cells(fig) for cell in row
+          if (cell < 1).all()]
 
 
 @pytest.mark.parametrize("per_class", [10, 4])
@@ -37,8 +53,13 @@ def test_grid_draws_every_image_of_an_unbalanced_set(per_class):
   fig = make_image_grid(images, labels, per_class=per_class, title="100 images")
   # Every image, once, grouped by class (class 0 first) in the set's own order within a class.
   assert _drawn_ids(fig, 100) == np.argsort(classes, kind="stable").tolist()
+  cells = _cells(fig)
   rows = sum(-(-c // per_class) for c in counts)  # classes longer than a row wrap
-  assert len(fig.axes) == rows * per_class
+  assert len(cells) == rows and {len(row) for row in cells} == {per_class}
+  for row in cells:  # the images fill each row from its left
+    drawn = [bool((cell < 1).all()) for cell in row]
+    assert drawn == sorted(drawn, reverse=True) and all((cell < 1).all() or (cell == 1).all()
+                                                        for cell in row)
 
 
 def test_plot_image_grid_writes_the_file_and_counts(tmp_path):
@@ -57,8 +78,8 @@ def test_title_fits_in_the_figure_above_the_grid(counts):
   (text,) = [t for t in fig.texts if t.get_text() == title]
   box, page = text.get_window_extent(renderer), fig.bbox
   assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
-  first_row = [ax for ax in fig.axes if ax.get_subplotspec().rowspan.start == 0]
-  assert all(box.y0 >= ax.get_tightbbox(renderer).y1 for ax in first_row)  # clear of the grid
+  (grid,) = fig.axes  # the picture with its captions and class names
+  assert box.y0 >= grid.get_tightbbox(renderer).y1  # clear of the grid
 
 
 def test_show_draws_a_set_with_regression_targets(tmp_path):
