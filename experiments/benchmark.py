@@ -288,11 +288,13 @@ _NOT_SETTINGS = frozenset({*cli.NOT_SETTINGS, "eval_every", "checkpoint_every", 
 
 
 def check_settings(workdir: str, module: str, args: Sequence[str],
-                   ignore: Sequence[str] = ()):
+                   ignore: Sequence[str] = (), inputs: dict[str, str] | None = None):
   """The config `python -m module args` runs with; refuses (one line) when `workdir` holds a run
   recorded with other settings, so that a finished cell is never read back for a request it
   does not answer (e.g. a set distilled with another kernel, or evaluated with another width).
-  A flag added after the run was recorded counts as having had its default then."""
+  A flag added after the run was recorded counts as having had its default then. `inputs`
+  (name -> path, as the command records them): refused too when the run was made from another
+  content of one of them (e.g. an evaluation of a set that has since been distilled further)."""
   command = importlib.import_module(module)
   try:
     wanted = cli.parse_config(command.Config, list(args), "",
@@ -301,6 +303,11 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
     raise cli.UserError(f"bad flags for {module}: {' '.join(args)}") from e
   recorded = _read_json(os.path.join(workdir, "config.json"))
   if recorded is not None:
+    changed = cli.changed_inputs(recorded, inputs or {})
+    if changed:
+      raise cli.UserError(f"{workdir} holds a {module.rsplit('.', 1)[-1]} run made from another "
+                          f"{', '.join(changed)} (its content changed since); remove it to redo "
+                          "it")
     defaults = {f.name: f.default for f in dataclasses.fields(wanted)}
     current = dataclasses.asdict(wanted)
     differ = cli.changed_settings(recorded, current, wanted, _NOT_SETTINGS | set(ignore))
@@ -409,7 +416,8 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
           *rows, *shlex.split(config.transfer_args)]
   # The full row's --support only sizes its network (any set of the dataset will do).
   check_settings(tdir, "experiments.transfer", args,
-                 ignore=("support",) if cell.kind == "full" else ())
+                 **({"ignore": ("support",)} if cell.kind == "full"
+                    else {"inputs": {"support": cell.support}}))
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
   if row is not None:
     return row, "reused"

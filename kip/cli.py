@@ -266,10 +266,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    recorded = previous.get("inputs", {})
-    changed = [k for k, digest in digests.items()
-               if recorded.get(k, digest) != digest
-               and recorded[k] != _bytes_digest(inputs[k])]  # recorded before: by its bytes
+    changed = changed_inputs(previous, inputs or {}, digests)
     if changed:
       raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
                       "changed since); use a new --workdir for this one")
@@ -286,6 +283,18 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     os.makedirs(workdir, exist_ok=True)
     write_json(path, current | ({"inputs": digests} if digests else {}))
   return workdir
+
+
+def changed_inputs(previous: dict, inputs: dict[str, str],
+                   digests: dict[str, str] | None = None) -> list[str]:
+  """The names in `inputs` (name -> path) whose file's content is not the one `previous` (a
+  recorded config.json) was made from; an input recorded before digests were kept counts as
+  unchanged, one recorded by its bytes (`_bytes_digest`, before `.npz` files were digested by
+  their arrays) is compared so. `digests`: the inputs' `file_digest`s, if already computed."""
+  recorded = previous.get("inputs", {})
+  digests = digests or {name: file_digest(p) for name, p in inputs.items()}
+  return [k for k, digest in digests.items()
+          if recorded.get(k, digest) != digest and recorded[k] != _bytes_digest(inputs[k])]
 
 
 def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str]) -> list[str]:

@@ -166,7 +166,7 @@ def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folde
 def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
   import dataclasses
 
-  from experiments import kip
+  from experiments import kip, transfer
   from experiments.benchmark import check_settings, distillation_finished
   from kip import cli
 
@@ -196,6 +196,26 @@ def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_
                                                      "--no-learn-labels"], ignore=("steps",))
   with pytest.raises(cli.UserError, match="other settings \\(reg: 1e-06 -> 0.001\\)"):
     check_settings(str(workdir), "experiments.kip", [*args, "--reg", "1e-3"], ignore=("steps",))
+
+  # An evaluation is read back only for the set it evaluated: the set distilled further since
+  # (more --steps) has other arrays, and its old evaluation is refused, not reported for it.
+  tdir = workdir / "transfer-dc"
+  tdir.mkdir()
+  support = str(workdir / "distilled.npz")
+  targs = ["--support", support, "--dataset", "mnist", "--protocol", "dc", "--seeds", "5",
+           "--workdir", str(tdir)]
+  evaluated = cli.parse_config(transfer.Config, targs, "")
+  (tdir / "config.json").write_text(json.dumps(
+      dataclasses.asdict(evaluated) | {"workdir": str(tdir), "job": "transfer",
+                                       "inputs": {"support": cli.file_digest(support)}}))
+  check_settings(str(tdir), "experiments.transfer", targs, inputs={"support": support})
+  np.savez(support, images=np.ones((10, 2, 2, 1)), labels=np.eye(10), config=np.array("{}"))
+  check_settings(str(tdir), "experiments.transfer", targs,  # re-saved, the same arrays
+                 inputs={"support": support})
+  np.savez(support, images=np.full((10, 2, 2, 1), 0.5), labels=np.eye(10))
+  with pytest.raises(cli.UserError, match=r"transfer-dc holds a transfer run made from another "
+                                          r"support \(its content changed since\)"):
+    check_settings(str(tdir), "experiments.transfer", targs, inputs={"support": support})
 
 
 @pytest.mark.parametrize("args, message", [
