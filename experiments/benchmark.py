@@ -415,9 +415,9 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
           "--net", net, "--seeds", str(seeds), "--preset", config.preset, "--workdir", tdir,
           *rows, *shlex.split(config.transfer_args)]
   # The full row's --support only sizes its network (any set of the dataset will do).
-  check_settings(tdir, "experiments.transfer", args,
-                 **({"ignore": ("support",)} if cell.kind == "full"
-                    else {"inputs": {"support": cell.support}}))
+  full = cell.kind == "full"
+  check_settings(tdir, "experiments.transfer", args, ignore=("support",) if full else (),
+                 inputs=None if full else {"support": cell.support})
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
   if row is not None:
     return row, "reused"
