@@ -42,6 +42,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ import numpy as np
 
 from kip import cli
 from kip.io import atomic_write, write_json
+from kip.loop import latest_checkpoint
 from kip.nets import NETS
 from kip.train import PROTOCOLS
 from methods.coreset import SELECTIONS
@@ -115,7 +117,9 @@ class Config:
                        "transfer.json; a coreset's images are remade in seconds) and the "
                        "trajectory methods' expert stores, and restores from it what is missing "
                        "under --root and runs/buffers, so the table's command reads back (or "
-                       "goes on) on a fresh checkout")
+                       "goes on) on a fresh checkout; of a command still running (every minute) "
+                       "or stopped short, also its latest checkpoint, so a fresh checkout "
+                       "resumes it there")
   readme: str = f("", "also replace the table between `<!-- benchmark:begin -->` and "
                       "`<!-- benchmark:end -->` in this file")
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
@@ -227,19 +231,33 @@ class Runner:
     if config.data_dir:
       self.data += ["--data-dir", config.data_dir]
 
-  def __call__(self, module: str, *args: str) -> None:
+  def __call__(self, module: str, *args: str, watch: str = "") -> None:
+    """Runs `python -m module args`; `watch`: the run's workdir, whose progress (its latest
+    checkpoint) goes into --archive every PROGRESS_EVERY seconds and when the command stops."""
     argv = [module, *args, *self.data] + ([] if self.config.progress else ["--no-progress"])
     line = "python -m " + " ".join(shlex.quote(a) for a in argv)
     self.ran.append(line)
     cli.log(f"$ {line}")
     if self.config.dry_run:
       return
-    if self.config.in_process:
-      importlib.import_module(module).main(argv[1:])
-    else:
-      done = subprocess.run([sys.executable, "-m", *argv], cwd=os.getcwd())
-      if done.returncode:
-        raise cli.UserError(f"failed (exit {done.returncode}): {line}")
+    try:
+      if self.config.in_process:
+        importlib.import_module(module).main(argv[1:])
+        return
+      with subprocess.Popen([sys.executable, "-m", *argv], cwd=os.getcwd()) as child:
+        while True:
+          try:
+            code = child.wait(timeout=PROGRESS_EVERY)
+            break
+          except subprocess.TimeoutExpired:
+            try:
+              archive_progress(watch, self.config)
+            except OSError as error:  # the command goes on; the archive catches up later
+              cli.log(f"could not keep {watch}'s progress in the archive: {error}")
+      if code:
+        raise cli.UserError(f"failed (exit {code}): {line}")
+    finally:
+      archive_progress(watch, self.config)
 
 
 def _method_args(config: Config) -> dict[str, list[str]]:
@@ -344,17 +362,21 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
     store = default_buffer(cell.dataset, config.preset, **flags)
     restore(store, config)
     run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
-        *(a for k, v in flags.items() for a in (f"--{k}", v)))
+        *(a for k, v in flags.items() for a in (f"--{k}", v)), watch=store)
     archive(store, config)
-  run(module, *args)
+  # Only distilled sets are kept: a coreset is remade in seconds.
+  run(module, *args, watch=cell.workdir if cell.kind == "method" else "")
   return "made"
 
 
 # The files the archive keeps: what a cell's read-back needs (the set and how it was made, for
 # distillation_finished; the distillation's wall time; the evaluation's report) and an expert
-# store's finished experts. Checkpoints and work folders are not kept.
+# store's finished experts. Of a run still going (or cut off), its progress too: the latest
+# checkpoint of each run folder in it with that folder's metrics.jsonl, so a fresh checkout
+# resumes the run instead of starting it again; a finished folder's progress is dropped.
 _KEPT = re.compile(r"distilled\.npz|config\.json|metrics\.jsonl|transfer\.json|store\.json"
                    r"|expert_\d+\.(npy|json)")
+PROGRESS_EVERY = 60.0  # seconds between copies of a running command's progress into --archive
 
 
 def archived(folder: str, config: Config) -> str:
@@ -365,36 +387,79 @@ def archived(folder: str, config: Config) -> str:
 
 
 def restore(folder: str, config: Config) -> None:
-  """Copies `folder`'s archived files back when the folder does not exist (a fresh checkout);
-  a folder that exists, finished or interrupted, is left to its own run."""
+  """Copies `folder`'s archived files (and the progress of a run cut off) back when the folder
+  does not exist (a fresh checkout); a folder that exists, finished or interrupted, is left to
+  its own run."""
   source = archived(folder, config) if config.archive else ""
   if not source or os.path.exists(folder) or not os.path.isdir(source):
     return
-  _copy_kept(source, folder)
+  for here in _own_folders(source):
+    _copy_kept(here, os.path.join(folder, os.path.relpath(here, source)), progress=True)
   cli.log(f"restored {folder} from {source}")
 
 
 def archive(folder: str, config: Config) -> None:
-  """Copies `folder`'s finished files into the archive."""
+  """Copies `folder`'s finished files into the archive and drops the progress kept for it."""
   if config.archive and not config.dry_run and os.path.isdir(folder):
-    _copy_kept(folder, archived(folder, config))
+    target = archived(folder, config)
+    _copy_kept(folder, target)
+    for name in sorted(os.listdir(target)):
+      if os.path.isdir(os.path.join(target, name)) and not name.startswith("transfer-"):
+        shutil.rmtree(os.path.join(target, name))
 
 
-def _copy_kept(source: str, target: str) -> None:
-  """Copies the files of `source` that _KEPT names into `target`, rewriting only those whose
-  bytes differ (a committed archive is not touched when nothing changed)."""
+def archive_progress(folder: str, config: Config) -> None:
+  """Keeps the progress of the run(s) in `folder`: for every folder under it with checkpoints,
+  its latest checkpoint (older ones kept before are removed) and then its metrics.jsonl, so the
+  kept metrics reach at least the kept checkpoint (a resumed run drops records past it); and the
+  kept files of `folder` itself."""
+  if not folder or not config.archive or config.dry_run or not os.path.isdir(folder):
+    return
+  target = archived(folder, config)
+  for here in _own_folders(folder):
+    latest = latest_checkpoint(here)
+    if latest is None:
+      continue
+    kept = os.path.join(target, os.path.relpath(here, folder))
+    name = os.path.basename(latest[1])
+    _copy_file(latest[1], os.path.join(kept, "checkpoints", name))
+    for old in os.listdir(os.path.join(kept, "checkpoints")):
+      if old != name:
+        os.remove(os.path.join(kept, "checkpoints", old))
+    _copy_kept(here, kept)
+  _copy_kept(folder, target)
+
+
+def _own_folders(folder: str):
+  """`folder` and the folders under it, but not its evaluations (`transfer-*`: kept on their
+  own)."""
+  for here, dirs, _ in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("transfer-"))
+    yield here
+
+
+def _copy_kept(source: str, target: str, progress: bool = False) -> None:
+  """Copies the files of `source` that _KEPT names (`progress`: also checkpoints) into
+  `target`, rewriting only those whose bytes differ (a committed archive is not touched when
+  nothing changed)."""
   for name in sorted(os.listdir(source)):
     path = os.path.join(source, name)
-    if not _KEPT.fullmatch(name) or not os.path.isfile(path):
-      continue
-    with open(path, "rb") as f:
-      content = f.read()
-    kept = os.path.join(target, name)
-    if os.path.isfile(kept):
-      with open(kept, "rb") as f:
-        if f.read() == content:
-          continue
-    atomic_write(kept, content)
+    if os.path.isfile(path) and (_KEPT.fullmatch(name) or progress and _CHECKPOINT.fullmatch(
+        name)):
+      _copy_file(path, os.path.join(target, name))
+
+
+_CHECKPOINT = re.compile(r"ckpt_\d+\.npz")
+
+
+def _copy_file(path: str, kept: str) -> None:
+  with open(path, "rb") as f:
+    content = f.read()
+  if os.path.isfile(kept):
+    with open(kept, "rb") as f:
+      if f.read() == content:
+        return
+  atomic_write(kept, content)
 
 
 def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
@@ -421,7 +486,7 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
   if row is not None:
     return row, "reused"
-  run("experiments.transfer", *args)
+  run("experiments.transfer", *args, watch=tdir)
   if config.dry_run:
     return None, "dry run"
   return _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds), "made"

@@ -55,7 +55,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   root = tmp_path / "bench"
   args = ["--methods", "", "--coresets", "herding", "--sets", f"noise={FIXTURE}", "--ipc", "1",
           "--nets", "mlp", "--seeds", "2", "--full-steps", "20", "--transfer-args",
-          "--steps 20 --eval-every 20", "--root", str(root), "--readme", str(readme),
+          "--steps 20 --eval-every 10", "--root", str(root), "--readme", str(readme),
           "--archive", str(tmp_path / "kept"),
           "--in-process", "--no-progress", "--manual-dir", manual_dir, "--data-dir", data_dir]
 
@@ -98,7 +98,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
 
   # A request that the finished cells do not answer (another evaluation length) is refused in
   # one line, not read back; another evaluation cadence is the same request.
-  longer = [("--steps 30 --eval-every 20" if a == "--steps 20 --eval-every 20" else a)
+  longer = [("--steps 30 --eval-every 20" if a == "--steps 20 --eval-every 10" else a)
             for a in args]
   out = run_in_process("experiments.benchmark", *longer)
   assert out.returncode != 0 and "Traceback" not in out.stderr
@@ -110,6 +110,24 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   third = run()
   assert len(third["commands_run"]) == 1 and "coreset-herding" in third["commands_run"][0]
   assert third["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
+
+  # An evaluation cut off at step 10 on another machine, its progress archived there (what the
+  # benchmark does every minute while a command runs): a fresh checkout resumes it from step 10
+  # and ends with the uninterrupted run's accuracies.
+  from experiments.benchmark import Config, archive_progress
+
+  kept = tmp_path / "kept" / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp"
+  os.remove(herding_json)
+  os.remove(kept / "transfer.json")
+  os.remove(herding_json.parent / "distilled" / "checkpoints" / "ckpt_00000020.npz")
+  archive_progress(str(herding_json.parent), Config(root=str(root), archive=str(kept.parents[1])))
+  shutil.rmtree(root)
+  out = run_in_process("experiments.benchmark", *args)
+  assert out.returncode == 0, out.stderr
+  assert "resuming from step 10" in out.stdout + out.stderr
+  resumed = json.loads((root / "benchmark.json").read_text())
+  assert resumed["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
+  assert sorted(p.name for p in kept.iterdir()) == ["config.json", "transfer.json"]
 
   # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade.
   shutil.rmtree(root)
@@ -161,6 +179,59 @@ def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folde
   restore(str(store), config)
   np.testing.assert_array_equal(np.load(store / "expert_000.npy"), np.arange(6.0).reshape(2, 3))
   assert not (store / "work").exists()
+
+
+def test_the_archive_keeps_a_running_commands_latest_checkpoint_until_it_finishes(tmp_path):
+  from experiments.benchmark import Config, archive, archive_progress, restore
+
+  config = Config(root=str(tmp_path / "root"), archive=str(tmp_path / "kept"))
+  workdir = tmp_path / "root" / "mtt-mnist-ipc50"
+  tdir = workdir / "transfer-dc"
+
+  def checkpoint(folder, step):
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "checkpoints" / f"ckpt_{step:08d}.npz", step=np.asarray(step))
+    with open(folder / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": step}) + "\n")
+
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text('{"steps": 300}')
+  (workdir / "work.tmp").write_text("not kept")
+  checkpoint(workdir, 100)
+  checkpoint(workdir, 200)
+  archive_progress(str(workdir), config)
+  kept = tmp_path / "kept" / "mtt-mnist-ipc50"
+  assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+      "checkpoints/ckpt_00000200.npz", "config.json", "metrics.jsonl"]
+  checkpoint(workdir, 300)  # the run goes on: the newer checkpoint replaces the older
+  archive_progress(str(workdir), config)
+  assert [p.name for p in (kept / "checkpoints").iterdir()] == ["ckpt_00000300.npz"]
+  assert (kept / "metrics.jsonl").read_text().count("step") == 3
+
+  # An evaluation's rows are folders of their own; a workdir's progress leaves them out.
+  (tdir / "config.json").parent.mkdir()
+  (tdir / "config.json").write_text("{}")
+  checkpoint(tdir / "distilled", 400)
+  archive_progress(str(tdir), config)
+  archive_progress(str(workdir), config)
+  assert (kept / "transfer-dc" / "distilled" / "checkpoints" / "ckpt_00000400.npz").exists()
+
+  # A fresh checkout: each folder comes back with its progress, the evaluation on its own.
+  shutil.rmtree(tmp_path / "root")
+  restore(str(workdir), config)
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()) == [
+      "checkpoints/ckpt_00000300.npz", "config.json", "metrics.jsonl"]
+  restore(str(tdir), config)
+  assert int(np.load(tdir / "distilled" / "checkpoints" / "ckpt_00000400.npz")["step"]) == 400
+
+  # Finished: the set's progress is dropped but not its evaluation's; then the evaluation's.
+  np.savez(workdir / "distilled.npz", images=np.ones((10, 2, 2, 1)), labels=np.eye(10))
+  archive(str(workdir), config)
+  assert not (kept / "checkpoints").exists() and (kept / "transfer-dc" / "distilled").exists()
+  (tdir / "transfer.json").write_text("{}")
+  archive(str(tdir), config)
+  assert sorted(p.name for p in (kept / "transfer-dc").iterdir()) == ["config.json",
+                                                                      "transfer.json"]
 
 
 def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
