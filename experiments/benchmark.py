@@ -480,9 +480,11 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
           "--net", net, "--seeds", str(seeds), "--preset", config.preset, "--workdir", tdir,
           *rows, *shlex.split(config.transfer_args)]
   # The full row's --support only sizes its network (any set of the dataset will do).
+  # A dry run makes no set: one that does not exist yet has no content to compare.
   full = cell.kind == "full"
+  unmade = config.dry_run and not os.path.exists(cell.support)
   check_settings(tdir, "experiments.transfer", args, ignore=("support",) if full else (),
-                 inputs=None if full else {"support": cell.support})
+                 inputs=None if full or unmade else {"support": cell.support})
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
   if row is not None:
     return row, "reused"

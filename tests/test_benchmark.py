@@ -129,8 +129,13 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert resumed["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
   assert sorted(p.name for p in kept.iterdir()) == ["config.json", "transfer.json"]
 
-  # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade.
+  # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade,
+  # and a dry run lists just that (the evaluation is read back: the coreset is remade the same).
   shutil.rmtree(root)
+  dry = run_in_process("experiments.benchmark", *args, "--dry-run")
+  assert dry.returncode == 0, dry.stderr
+  assert [line.split()[3] for line in (dry.stdout + dry.stderr).splitlines()
+          if line.startswith("$ python")] == ["experiments.coreset"]
   fourth = run()
   assert [line.split()[2] for line in fourth["commands_run"]] == ["experiments.coreset"]
   assert [r["test_acc"] for r in fourth["rows"]] == [r["test_acc"] for r in first["rows"]]
