@@ -328,7 +328,8 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
                           "it")
     defaults = {f.name: f.default for f in dataclasses.fields(wanted)}
     current = dataclasses.asdict(wanted)
-    differ = cli.changed_settings(recorded, current, wanted, _NOT_SETTINGS | set(ignore))
+    differ = cli.changed_settings(recorded, current, wanted, _NOT_SETTINGS | set(ignore)
+                                  | set(cli.content_compared(recorded, inputs or {})))
     if differ:
       changes = ", ".join(f"{k}: {recorded.get(k, defaults[k])!r} -> {current[k]!r}"
                           for k in differ)

@@ -270,7 +270,8 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     if changed:
       raise UserError(f"{workdir} holds a run made from another {', '.join(changed)} (its content "
                       "changed since); use a new --workdir for this one")
-    differ = changed_settings(previous, current, config, ignore)
+    differ = changed_settings(previous, current, config,
+                              (*ignore, *content_compared(previous, inputs or {})))
     if differ:
       changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
@@ -295,6 +296,13 @@ def changed_inputs(previous: dict, inputs: dict[str, str],
   digests = digests or {name: file_digest(p) for name, p in inputs.items()}
   return [k for k, digest in digests.items()
           if recorded.get(k, digest) != digest and recorded[k] != _bytes_digest(inputs[k])]
+
+
+def content_compared(previous: dict, inputs: dict[str, str]) -> tuple[str, ...]:
+  """The names in `inputs` that `previous` (a recorded config.json) recorded by their content:
+  `changed_inputs` compares those, so their paths are not settings (the same file moved, or
+  reached from another --root or as an absolute path, is the same input)."""
+  return tuple(k for k in inputs if k in previous.get("inputs", {}))
 
 
 def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str]) -> list[str]:

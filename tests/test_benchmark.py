@@ -288,6 +288,10 @@ def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_
   np.savez(support, images=np.ones((10, 2, 2, 1)), labels=np.eye(10), config=np.array("{}"))
   check_settings(str(tdir), "experiments.transfer", targs,  # re-saved, the same arrays
                  inputs={"support": support})
+  # The same set reached by another path (another --root, absolute or relative) is read back.
+  relative = os.path.relpath(support)
+  check_settings(str(tdir), "experiments.transfer",
+                 [relative if a == support else a for a in targs], inputs={"support": relative})
   np.savez(support, images=np.full((10, 2, 2, 1), 0.5), labels=np.eye(10))
   with pytest.raises(cli.UserError, match=r"transfer-dc holds a transfer run made from another "
                                           r"support \(its content changed since\)"):

@@ -260,6 +260,13 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
   assert cli.file_digest(str(support)) == hashlib.sha256(b"first set").hexdigest()
   cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
   cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})  # same content: resumes
+  # The same content at another path (moved, another --root) is the same input: its path is
+  # not a setting once its content is recorded.
+  moved = tmp_path / "elsewhere" / "set.bin"
+  moved.parent.mkdir()
+  moved.write_bytes(b"first set")
+  cli.prepare_workdir(Config(str(moved), config.workdir), "t", [], inputs={"support": str(moved)})
+  cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
   support.write_bytes(b"second set")
   with pytest.raises(cli.UserError, match="made from another support"):
     cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
@@ -267,6 +274,10 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
   del legacy["inputs"]  # recorded before digests were kept: taken as is
   (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
   cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
+  (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
+  with pytest.raises(cli.UserError, match="other settings \\(support"):  # but only at its path
+    cli.prepare_workdir(Config(str(moved), config.workdir), "t", [],
+                        inputs={"support": str(moved)})
 
   # An .npz by its arrays: the same arrays saved again (other bytes) keep the digest,
   # other values do not; a workdir that recorded the file's bytes is still compared by bytes.
