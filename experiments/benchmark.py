@@ -43,6 +43,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -245,15 +246,22 @@ class Runner:
         importlib.import_module(module).main(argv[1:])
         return
       with subprocess.Popen([sys.executable, "-m", *argv], cwd=os.getcwd()) as child:
-        while True:
-          try:
-            code = child.wait(timeout=PROGRESS_EVERY)
-            break
-          except subprocess.TimeoutExpired:
+        try:
+          while True:
             try:
-              archive_progress(watch, self.config)
-            except OSError as error:  # the command goes on; the archive catches up later
-              cli.log(f"could not keep {watch}'s progress in the archive: {error}")
+              code = child.wait(timeout=PROGRESS_EVERY)
+              break
+            except subprocess.TimeoutExpired:
+              try:
+                archive_progress(watch, self.config)
+              except OSError as error:  # the command goes on; the archive catches up later
+                cli.log(f"could not keep {watch}'s progress in the archive: {error}")
+        except BaseException:
+          # Stopped (Ctrl-C, SIGTERM): the command stops too, at its last atomic checkpoint,
+          # instead of running on unwatched beside a rerun in the same workdir.
+          child.terminate()
+          child.wait()
+          raise
       if code:
         raise cli.UserError(f"failed (exit {code}): {line}")
     finally:
@@ -718,5 +726,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def _terminated(signum, frame):
+  raise SystemExit(128 + signum)  # unwinds: the running command is stopped, its progress kept
+
+
 if __name__ == "__main__":
+  signal.signal(signal.SIGTERM, _terminated)
   cli.run_main(main)

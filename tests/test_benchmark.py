@@ -239,6 +239,37 @@ def test_the_archive_keeps_a_running_commands_latest_checkpoint_until_it_finishe
                                                                       "transfer.json"]
 
 
+def test_a_benchmark_stopped_mid_command_stops_the_command_and_keeps_its_progress(monkeypatch):
+  import subprocess
+  import time
+
+  from experiments import benchmark
+
+  children = []
+
+  def popen(*args, **kwargs):
+    children.append(real_popen(*args, **kwargs))
+    return children[-1]
+
+  kept = []
+
+  def stopped_while_keeping(folder, config):  # Ctrl-C arrives during the first copy
+    kept.append(folder)
+    if len(kept) == 1:
+      raise KeyboardInterrupt
+
+  real_popen = subprocess.Popen
+  monkeypatch.setattr(subprocess, "Popen", popen)
+  monkeypatch.setattr(benchmark, "PROGRESS_EVERY", 0.2)
+  monkeypatch.setattr(benchmark, "archive_progress", stopped_while_keeping)
+  run = benchmark.Runner(benchmark.Config(progress=True))
+  start = time.perf_counter()
+  with pytest.raises(KeyboardInterrupt):
+    run("timeit", "-n", "1", "import time; time.sleep(30)", watch="w")
+  assert time.perf_counter() - start < 10 and children[0].poll() is not None  # stopped at once
+  assert kept == ["w", "w"]  # and its progress kept once more as it stops
+
+
 def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
   import dataclasses
 
