@@ -234,38 +234,49 @@ class Runner:
 
   def __call__(self, module: str, *args: str, watch: str = "") -> None:
     """Runs `python -m module args`; `watch`: the run's workdir, whose progress (its latest
-    checkpoint) goes into --archive every PROGRESS_EVERY seconds and when the command stops."""
+    checkpoint) goes into --archive every PROGRESS_EVERY seconds and when the command stops short
+    (a finished one is archived by the caller)."""
     argv = [module, *args, *self.data] + ([] if self.config.progress else ["--no-progress"])
     line = "python -m " + " ".join(shlex.quote(a) for a in argv)
     self.ran.append(line)
     cli.log(f"$ {line}")
     if self.config.dry_run:
       return
+    finished = False
     try:
       if self.config.in_process:
         importlib.import_module(module).main(argv[1:])
-        return
-      with subprocess.Popen([sys.executable, "-m", *argv], cwd=os.getcwd()) as child:
-        try:
-          while True:
-            try:
-              code = child.wait(timeout=PROGRESS_EVERY)
-              break
-            except subprocess.TimeoutExpired:
-              try:
-                archive_progress(watch, self.config)
-              except OSError as error:  # the command goes on; the archive catches up later
-                cli.log(f"could not keep {watch}'s progress in the archive: {error}")
-        except BaseException:
-          # Stopped (Ctrl-C, SIGTERM): the command stops too, at its last atomic checkpoint,
-          # instead of running on unwatched beside a rerun in the same workdir.
-          child.terminate()
-          child.wait()
-          raise
-      if code:
-        raise cli.UserError(f"failed (exit {code}): {line}")
+        code = 0
+      else:
+        code = self._watched([sys.executable, "-m", *argv], watch)
+      finished = code == 0
     finally:
+      if not finished:  # stopped short: its progress is kept for a fresh checkout
+        archive_progress(watch, self.config)
+    if code:
+      raise cli.UserError(f"failed (exit {code}): {line}")
+
+  def _watched(self, command: list[str], watch: str) -> int:
+    """Runs `command` to its end (its exit code), keeping `watch`'s progress in the archive every
+    PROGRESS_EVERY seconds. Stopped (Ctrl-C, SIGTERM), it stops the command too, at its last
+    atomic checkpoint, instead of leaving it running unwatched beside a rerun."""
+    with subprocess.Popen(command, cwd=os.getcwd()) as child:
+      try:
+        while True:
+          try:
+            return child.wait(timeout=PROGRESS_EVERY)
+          except subprocess.TimeoutExpired:
+            self._keep_progress(watch)
+      except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+
+  def _keep_progress(self, watch: str) -> None:
+    try:
       archive_progress(watch, self.config)
+    except OSError as error:  # the command goes on; the archive catches up later
+      cli.log(f"could not keep {watch}'s progress in the archive: {error}")
 
 
 def _method_args(config: Config) -> dict[str, list[str]]:
@@ -402,8 +413,11 @@ def restore(folder: str, config: Config) -> None:
   source = archived(folder, config) if config.archive else ""
   if not source or os.path.exists(folder) or not os.path.isdir(source):
     return
-  for here in _own_folders(source):
-    _copy_kept(here, os.path.join(folder, os.path.relpath(here, source)), progress=True)
+  for here in _own_folders(source):  # what the archive holds was kept on purpose: all of it
+    for name in sorted(os.listdir(here)):
+      if os.path.isfile(os.path.join(here, name)):
+        _copy_file(os.path.join(here, name), os.path.join(folder, os.path.relpath(here, source),
+                                                          name))
   cli.log(f"restored {folder} from {source}")
 
 
@@ -447,18 +461,13 @@ def _own_folders(folder: str):
     yield here
 
 
-def _copy_kept(source: str, target: str, progress: bool = False) -> None:
-  """Copies the files of `source` that _KEPT names (`progress`: also checkpoints) into
-  `target`, rewriting only those whose bytes differ (a committed archive is not touched when
-  nothing changed)."""
+def _copy_kept(source: str, target: str) -> None:
+  """Copies the files of `source` that _KEPT names into `target`, rewriting only those whose
+  bytes differ (a committed archive is not touched when nothing changed)."""
   for name in sorted(os.listdir(source)):
     path = os.path.join(source, name)
-    if os.path.isfile(path) and (_KEPT.fullmatch(name) or progress and _CHECKPOINT.fullmatch(
-        name)):
+    if _KEPT.fullmatch(name) and os.path.isfile(path):
       _copy_file(path, os.path.join(target, name))
-
-
-_CHECKPOINT = re.compile(r"ckpt_\d+\.npz")
 
 
 def _copy_file(path: str, kept: str) -> None:
