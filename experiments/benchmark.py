@@ -723,7 +723,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     acc_ax.legend(fontsize=7)
     time_ax.set_yscale("log")
     time_ax.set_xlabel("images per class")
-    time_ax.set_ylabel("images one network trains on\n(steps x batch)")
+    time_ax.set_ylabel("images per network\n(steps x batch)")
   save_figure(fig, path)
 
 
