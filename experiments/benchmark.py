@@ -695,7 +695,8 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
 
   panels = sorted({(r["dataset"], r["protocol"]) for r in rows})
   n = max(len(panels), 1)
-  fig, axes = plt.subplots(2, n, figsize=(5 * n, 7.5), squeeze=False, sharex="col")
+  fig, axes = plt.subplots(2, n, figsize=(5 * n, 7.5), squeeze=False, sharex="col",
+                           layout="constrained")
   for col, (dataset, protocol) in enumerate(panels):
     acc_ax, time_ax = axes[0][col], axes[1][col]
     chosen = [r for r in rows if (r["dataset"], r["protocol"]) == (dataset, protocol)]

@@ -87,7 +87,10 @@ class TrajectoryConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.Dat
                      above=0)
   momentum: float = f(0.5, "SGD momentum of the images and the learning rate", minimum=0)
   augment: str = f(DSA_STRATEGY, "DSA strategy of the student's steps, per image (none: off)")
-  init: str = f("real", "initial synthetic images", choices=("real", "noise"))
+  init: str = f("real", "initial synthetic images (noise: at the cpu preset DATM and PAD skip "
+                        "nearly every update by --threshold and learn little at --lr-img 100; "
+                        "--threshold 1000 --lr-img 1000 is the measured setting, see the README)",
+                choices=("real", "noise"))
   eval_every: int = f(100, "iterations between finite-net evaluations (0: at the end)",
                       minimum=0)
   eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
