@@ -391,11 +391,12 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
 
 # The files the archive keeps: what a cell's read-back needs (the set and how it was made, for
 # distillation_finished; the distillation's wall time; the evaluation's report) and an expert
-# store's finished experts. Of a run still going (or cut off), its progress too: the latest
-# checkpoint of each run folder in it with that folder's metrics.jsonl, so a fresh checkout
-# resumes the run instead of starting it again; a finished folder's progress is dropped.
+# store's finished experts (and a PAD store's difficulty scores, which order its next expert).
+# Of a run still going (or cut off), its progress too: the latest checkpoint of each run folder
+# in it with that folder's metrics.jsonl, so a fresh checkout resumes the run instead of
+# starting it again; a finished folder's progress is dropped.
 _KEPT = re.compile(r"distilled\.npz|config\.json|metrics\.jsonl|transfer\.json|store\.json"
-                   r"|expert_\d+\.(npy|json)")
+                   r"|expert_\d+\.(npy|json)|difficulty\.npy")
 PROGRESS_EVERY = 60.0  # seconds between copies of a running command's progress into --archive
 
 

@@ -166,7 +166,8 @@ def build_buffer(config: Config, path: str) -> dict:
           f"{config.depth or default_depth(image_shape)} width {config.width} ({num_params} "
           f"parameters); store {path}: {len(store.experts())} of {config.experts} experts")
   order = window = None
-  if config.curriculum == "pad":
+  to_train = set(range(config.experts)) - set(store.experts())
+  if config.curriculum == "pad" and to_train:  # the scores order only an expert still to train
     scores_path = os.path.join(path, "difficulty.npy")
     if not os.path.exists(scores_path):
       cli.log(f"EL2N difficulty: {config.score_nets} networks x {config.score_steps} steps")
@@ -204,7 +205,7 @@ def build_buffer(config: Config, path: str) -> dict:
   return {"experts": len(records), "test_acc_mean": float(np.mean(accs)) if accs else None,
           "expert_train_time": [r["train_time"] for r in records],
           "this_call_s": time.perf_counter() - t0,
-          "epoch_images": [len(p) for p in plan]}
+          "epoch_images": [len(p) for p in plan] if to_train else None}
 
 
 def main(argv=None) -> int:

@@ -171,18 +171,21 @@ def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folde
   restore(str(workdir), config)
   assert not (workdir / "distilled.npz").exists()
 
-  # An expert store: its finished experts are kept, not an expert in training.
+  # An expert store: its finished experts (and PAD's difficulty scores, which order the next
+  # expert) are kept, not an expert in training.
   store = tmp_path / "runs" / "buffers" / "mnist-0123"
   (store / "work" / "expert_001").mkdir(parents=True)
   (store / "store.json").write_text("{}")
   np.save(store / "expert_000.npy", np.arange(6.0).reshape(2, 3))
   (store / "expert_000.json").write_text("{}")
+  np.save(store / "difficulty.npy", np.array([0.5, 0.1]))
   archive(str(store), config)
   assert sorted(p.name for p in (tmp_path / "kept" / "buffers" / "mnist-0123").iterdir()) == [
-      "expert_000.json", "expert_000.npy", "store.json"]
+      "difficulty.npy", "expert_000.json", "expert_000.npy", "store.json"]
   shutil.rmtree(store)
   restore(str(store), config)
   np.testing.assert_array_equal(np.load(store / "expert_000.npy"), np.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(np.load(store / "difficulty.npy"), [0.5, 0.1])
   assert not (store / "work").exists()
 
 
