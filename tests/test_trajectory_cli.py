@@ -55,17 +55,17 @@ def test_a_buffer_then_mtt(tmp_path, manual_dir, data_dir, run_in_process):
 def test_a_curriculum_buffer_then_pad_then_transfer(tmp_path, manual_dir, data_dir,
                                                     run_in_process):
   pad_buffer = tmp_path / "pad_buffer"
-  made = run_in_process("experiments.buffer", *_buffer_args(
-      pad_buffer, manual_dir, data_dir, "--curriculum", "pad", "--score-nets", "1",
-      "--score-steps", "3", "--init-ratio", "0.5", "--add-end-epoch", "2", "--drops", "2:0.2"))
+  curriculum = ("--curriculum", "pad", "--score-nets", "1", "--score-steps", "3", "--init-ratio",
+                "0.5", "--add-end-epoch", "2", "--drops", "2:0.2")
+  made = run_in_process("experiments.buffer",
+                        *_buffer_args(pad_buffer, manual_dir, data_dir, *curriculum))
   assert made.returncode == 0, made.stderr
   assert np.load(pad_buffer / "difficulty.npy").shape == (300,)
   # A finished store is not scored again (as when restored without its scores): the scores
   # order only an expert still to train.
   (pad_buffer / "difficulty.npy").unlink()
-  again = run_in_process("experiments.buffer", *_buffer_args(
-      pad_buffer, manual_dir, data_dir, "--curriculum", "pad", "--score-nets", "1",
-      "--score-steps", "3", "--init-ratio", "0.5", "--add-end-epoch", "2", "--drops", "2:0.2"))
+  again = run_in_process("experiments.buffer",
+                         *_buffer_args(pad_buffer, manual_dir, data_dir, *curriculum))
   assert again.returncode == 0, again.stderr
   assert "EL2N" not in again.stderr and not (pad_buffer / "difficulty.npy").exists()
   pad = run_in_process("experiments.pad", *_distil_args(
