@@ -23,6 +23,8 @@ from) and benchmark.png (accuracy, and the images one network trains on, against
 class, one line per method and network); with a full-data row, the smallest set within a point of
 it and its training saving, counted in images processed (steps x batch) beside the wall times;
 --readme FILE replaces the table between `<!-- benchmark:begin -->` and `<!-- benchmark:end -->`.
+--table-only writes them from the cells finished so far and lists the rest, running nothing (the
+progress of a benchmark that spans days, e.g. while it runs in another process).
 
 Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
 published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
@@ -126,6 +128,9 @@ class Config:
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
   transfer_args: str = f("", "extra flags for every evaluation (experiments.transfer)")
   dry_run: bool = f(False, "list the commands that would run, run none")
+  table_only: bool = f(False, "run nothing: write the table, JSON, figure (and --readme) from "
+                              "the cells finished so far, read back from --root or --archive, "
+                              "and list the cells still to run (a long benchmark's progress)")
   in_process: bool = f(False, "run the commands in this process instead of one process each "
                               "(faster to start, as the tests do; a long benchmark is safer in "
                               "separate processes)")
@@ -240,7 +245,7 @@ class Runner:
     line = "python -m " + " ".join(shlex.quote(a) for a in argv)
     self.ran.append(line)
     cli.log(f"$ {line}")
-    if self.config.dry_run:
+    if self.config.dry_run or self.config.table_only:
       return
     finished = False
     try:
@@ -375,6 +380,8 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
   wanted = check_settings(cell.workdir, module, args, ignore=("steps",))
   if distillation_finished(cell.workdir, getattr(wanted, "steps", None)):
     return "reused"
+  if config.table_only:
+    return "pending"
   if cell.name in _TRAJECTORY and cell.kind == "method":
     from experiments.buffer import default_buffer  # noqa: PLC0415
 
@@ -424,7 +431,7 @@ def restore(folder: str, config: Config) -> None:
 
 def archive(folder: str, config: Config) -> None:
   """Copies `folder`'s finished files into the archive and drops the progress kept for it."""
-  if config.archive and not config.dry_run and os.path.isdir(folder):
+  if config.archive and not (config.dry_run or config.table_only) and os.path.isdir(folder):
     target = archived(folder, config)
     _copy_kept(folder, target)
     for name in sorted(os.listdir(target)):
@@ -499,14 +506,17 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
           "--net", net, "--seeds", str(seeds), "--preset", config.preset, "--workdir", tdir,
           *rows, *shlex.split(config.transfer_args)]
   # The full row's --support only sizes its network (any set of the dataset will do).
-  # A dry run makes no set: one that does not exist yet has no content to compare.
+  # A dry run makes no set, nor does --table-only (a coreset is not kept in the archive: its
+  # evaluation is read back without it): one that does not exist has no content to compare.
   full = cell.kind == "full"
-  unmade = config.dry_run and not os.path.exists(cell.support)
+  unmade = (config.dry_run or config.table_only) and not os.path.exists(cell.support)
   check_settings(tdir, "experiments.transfer", args, ignore=("support",) if full else (),
                  inputs=None if full or unmade else {"support": cell.support})
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
   if row is not None:
     return row, "reused"
+  if config.table_only:
+    return None, "pending"
   run("experiments.transfer", *args, watch=tdir)
   if config.dry_run:
     return None, "dry run"
@@ -541,11 +551,12 @@ def run_benchmark(config: Config) -> dict:
   cells = plan(config)
   evaluations = [(c, p, n) for c in cells for p in _split(config.protocol)
                  for n in _split(config.nets)]
-  rows = []
+  rows, pending = [], []
   prepared = {}
   for i, (cell, protocol, net) in enumerate(evaluations, 1):
-    cli.log(f"[{i}/{len(evaluations)}] {cell.name} {cell.dataset} "
-            + (f"ipc {cell.ipc} " if cell.ipc else "") + f"{protocol} {net}")
+    name = (f"{cell.name} {cell.dataset} " + (f"ipc {cell.ipc} " if cell.ipc else "")
+            + f"{protocol} {net}")
+    cli.log(f"[{i}/{len(evaluations)}] {name}")
     if cell.kind == "full" and not cell.support:
       raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that dataset "
                           "to size its evaluation: add a method, coreset or --sets")
@@ -557,8 +568,13 @@ def run_benchmark(config: Config) -> dict:
       if cell.kind == "method":
         archive(cell.workdir, config)
     made = prepared[cell.workdir]
+    if made == "pending" and cell.kind == "method":  # --table-only: its set is not finished
+      pending.append(name)
+      continue
     row, evaluated = evaluate(cell, protocol, net, config, run)
     if row is None:
+      if evaluated == "pending":
+        pending.append(name)
       continue
     archive(transfer_dir(cell, protocol, net), config)
     pub, pub_protocol = published(cell, row["net"])
@@ -579,7 +595,7 @@ def run_benchmark(config: Config) -> dict:
         "set_status": made, "evaluation_status": evaluated})
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
-      "machine": machine(), "rows": rows, "commands_run": run.ran}
+      "machine": machine(), "rows": rows, "pending": pending, "commands_run": run.ran}
   if not config.dry_run:
     write_outputs(result, config)
   return result
@@ -608,6 +624,9 @@ def markdown(result: dict) -> str:
                  f"({len(r['seeds'])}) | {pub} | {gap} | {r['train_time']:.0f} s |")
   lines.append("")
   lines += [f"- {line}" for line in lossless(result["rows"])]
+  if result.get("pending"):
+    lines.append(f"- Not finished yet ({len(result['pending'])}): "
+                 + "; ".join(result["pending"]))
   lines.append("")
   lines.append(f"`{result['command']}` on {result['machine']}; each number is the "
                "`transfer.json` in the workdir listed in benchmark.json.")

@@ -105,8 +105,22 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert "transfer-dc-mlp holds a transfer run with other settings (steps: 20 -> 30)" in out.stderr
   assert herding_json.stat().st_mtime_ns == stamp
 
-  # A cell whose evaluation was cut short is the only one run again, and resumes.
+  # A cell whose evaluation was cut short is the only one run again, and resumes; meanwhile
+  # --table-only writes the table of the finished cells and lists the others (a method whose set
+  # is not distilled yet too), running nothing and archiving nothing.
   os.remove(herding_json)
+  kept_before = sorted(str(p) for p in (tmp_path / "kept").rglob("*"))
+  with_dm = ["dm" if a == "" and args[i - 1] == "--methods" else a for i, a in enumerate(args)]
+  out = run_in_process("experiments.benchmark", *with_dm, "--table-only")
+  assert out.returncode == 0, out.stderr
+  partial = json.loads((root / "benchmark.json").read_text())
+  assert partial["commands_run"] == [] and not herding_json.exists()
+  assert not (root / "dm-mnist-ipc1" / "distilled.npz").exists()
+  assert [r["method"] for r in partial["rows"]] == ["noise", "full"]
+  assert partial["pending"] == ["dm mnist ipc 1 dc mlp", "herding mnist ipc 1 dc mlp"]
+  assert ("Not finished yet (2): dm mnist ipc 1 dc mlp; herding mnist ipc 1 dc mlp"
+          in readme.read_text())
+  assert sorted(str(p) for p in (tmp_path / "kept").rglob("*")) == kept_before
   third = run()
   assert len(third["commands_run"]) == 1 and "coreset-herding" in third["commands_run"][0]
   assert third["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
@@ -132,6 +146,12 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade,
   # and a dry run lists just that (the evaluation is read back: the coreset is remade the same).
   shutil.rmtree(root)
+  out = run_in_process("experiments.benchmark", *args, "--table-only")
+  assert out.returncode == 0, out.stderr
+  restored = json.loads((root / "benchmark.json").read_text())
+  assert restored["pending"] == [] and restored["commands_run"] == []
+  assert [r["test_acc"] for r in restored["rows"]] == [r["test_acc"] for r in first["rows"]]
+  assert not (root / "coreset-herding-mnist-ipc1" / "distilled.npz").exists()
   dry = run_in_process("experiments.benchmark", *args, "--dry-run")
   assert dry.returncode == 0, dry.stderr
   assert [line.split()[3] for line in (dry.stdout + dry.stderr).splitlines()
