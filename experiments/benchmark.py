@@ -643,6 +643,8 @@ def lossless(rows: list[dict], within: float = 1.0) -> list[str]:
   for full in (r for r in rows if r["kind"] == "full"):
     group = (full["dataset"], full["protocol"], full["net"])
     target = 100 * full["test_acc_mean"] - within
+    setting = (f"{group[0]} ({group[1]}, {group[2]}; the full split trained {full['steps']} "
+               "steps)")
     short = []  # the methods none of whose sizes gets there: one line for all of them
     for method in sorted({r["method"] for r in rows if r["kind"] != "full"
                           and (r["dataset"], r["protocol"], r["net"]) == group}):
@@ -650,14 +652,12 @@ def lossless(rows: list[dict], within: float = 1.0) -> list[str]:
                      and (r["dataset"], r["protocol"], r["net"]) == group),
                     key=lambda r: r["ipc"])
       hit = next((r for r in sets if 100 * r["test_acc_mean"] >= target), None)
-      where = (f"{method} on {group[0]} ({group[1]}, {group[2]}; the full split trained "
-               f"{full['steps']} steps)")
       if hit is None:
         best = max(sets, key=lambda r: r["test_acc_mean"])
         short.append(f"{method} {100 * best['test_acc_mean']:.2f}% ({best['ipc']} per class)")
       else:
-        out.append(f"{where}: {hit['ipc']} per class is within {within:g} point of the full "
-                   f"data ({100 * hit['test_acc_mean']:.2f}% vs "
+        out.append(f"{method} on {setting}: {hit['ipc']} per class is within {within:g} "
+                   f"point of the full data ({100 * hit['test_acc_mean']:.2f}% vs "
                    f"{100 * full['test_acc_mean']:.2f}%); one network trains on "
                    f"{hit['images_per_net']:,} images ({hit['steps']} steps, "
                    f"{hit['train_time_per_net']:.0f} s measured) against "
@@ -665,8 +665,7 @@ def lossless(rows: list[dict], within: float = 1.0) -> list[str]:
                    f"{full['train_time_per_net']:.0f} s) on the full split: "
                    f"{_saving(hit['images_per_net'], full['images_per_net'])}")
     if short:
-      out.append(f"on {group[0]} ({group[1]}, {group[2]}; the full split trained "
-                 f"{full['steps']} steps) no size is within {within:g} point of the full data's "
+      out.append(f"on {setting} no size is within {within:g} point of the full data's "
                  f"{100 * full['test_acc_mean']:.2f}%; the best of each: " + ", ".join(short))
   return out
 
