@@ -138,6 +138,11 @@ class Config:
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
 
+  @property
+  def runs_nothing(self) -> bool:
+    """--dry-run or --table-only: no command runs and nothing is archived."""
+    return self.dry_run or self.table_only
+
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
@@ -226,7 +231,7 @@ def plan(config: Config) -> list[Cell]:
 
 
 class Runner:
-  """Runs this project's commands as subprocesses (`dry_run`: only lists them)."""
+  """Runs this project's commands as subprocesses (`runs_nothing`: only lists them)."""
 
   def __init__(self, config: Config):
     self.config = config
@@ -245,7 +250,7 @@ class Runner:
     line = "python -m " + " ".join(shlex.quote(a) for a in argv)
     self.ran.append(line)
     cli.log(f"$ {line}")
-    if self.config.dry_run or self.config.table_only:
+    if self.config.runs_nothing:
       return
     finished = False
     try:
@@ -431,7 +436,7 @@ def restore(folder: str, config: Config) -> None:
 
 def archive(folder: str, config: Config) -> None:
   """Copies `folder`'s finished files into the archive and drops the progress kept for it."""
-  if config.archive and not (config.dry_run or config.table_only) and os.path.isdir(folder):
+  if config.archive and not config.runs_nothing and os.path.isdir(folder):
     target = archived(folder, config)
     _copy_kept(folder, target)
     for name in sorted(os.listdir(target)):
@@ -444,7 +449,7 @@ def archive_progress(folder: str, config: Config) -> None:
   its latest checkpoint (older ones kept before are removed) and then its metrics.jsonl, so the
   kept metrics reach at least the kept checkpoint (a resumed run drops records past it); and the
   kept files of `folder` itself."""
-  if not folder or not config.archive or config.dry_run or not os.path.isdir(folder):
+  if not folder or not config.archive or config.runs_nothing or not os.path.isdir(folder):
     return
   target = archived(folder, config)
   for here in _own_folders(folder):
@@ -509,7 +514,7 @@ def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -
   # A dry run makes no set, nor does --table-only (a coreset is not kept in the archive: its
   # evaluation is read back without it): one that does not exist has no content to compare.
   full = cell.kind == "full"
-  unmade = (config.dry_run or config.table_only) and not os.path.exists(cell.support)
+  unmade = config.runs_nothing and not os.path.exists(cell.support)
   check_settings(tdir, "experiments.transfer", args, ignore=("support",) if full else (),
                  inputs=None if full or unmade else {"support": cell.support})
   row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
