@@ -26,6 +26,13 @@ it and its training saving, counted in images processed (steps x batch) beside t
 --table-only writes them from the cells finished so far and lists the rest, running nothing (the
 progress of a benchmark that spans days, e.g. while it runs in another process).
 
+Several processes can share the work: give the same command in each (one per GPU, or one per
+core pair of a CPU). A cell is locked while one process works on it (`<root>/.locks/`, an
+expert store in `.locks/` beside it); the others pass to the next free cell, and once through
+their list wait for the cells still held elsewhere and read them back, so every process ends
+with the whole table (a cell whose process died is taken over). The lock is `flock`: processes
+on one machine, or hosts sharing a filesystem whose locks work across them.
+
 Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
 published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
 capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
@@ -37,6 +44,7 @@ the protocol's 128; of an MLP about a minute). paper runs every method and evalu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -53,7 +61,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kip import cli
-from kip.io import atomic_write, write_json
+from kip.io import atomic_write, file_lock, write_json
 from kip.loop import latest_checkpoint
 from kip.nets import NETS
 from kip.train import PROTOCOLS
@@ -367,9 +375,24 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
   return wanted
 
 
-def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
+@contextlib.contextmanager
+def claimed(folder: str, config: Config, wait: bool):
+  """Holds `folder`'s lock (in `.locks/` beside it) for this process: yields True once held, or
+  False at once when another process holds it and `wait` is False. Nothing is locked when
+  nothing runs (`runs_nothing`)."""
+  if config.runs_nothing:
+    yield True
+    return
+  path = os.path.join(os.path.dirname(os.path.abspath(folder)), ".locks",
+                      os.path.basename(os.path.normpath(folder)) + ".lock")
+  with file_lock(path, wait=wait) as held:
+    yield held
+
+
+def make_set(cell: Cell, config: Config, run: Runner, extra: dict, wait: bool = True) -> str:
   """The cell's distilled.npz, made unless a finished run with the same settings is in its
-  workdir; returns how it was obtained ("reused" or "made")."""
+  workdir; returns how it was obtained ("reused" or "made"), or "busy" when its expert store is
+  being made by another process and `wait` is False."""
   if cell.kind in ("set", "full"):
     return "reused"
   if cell.kind == "coreset":
@@ -392,10 +415,13 @@ def make_set(cell: Cell, config: Config, run: Runner, extra: dict) -> str:
 
     flags = _TRAJECTORY[cell.name]
     store = default_buffer(cell.dataset, config.preset, **flags)
-    restore(store, config)
-    run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
-        *(a for k, v in flags.items() for a in (f"--{k}", v)), watch=store)
-    archive(store, config)
+    with claimed(store, config, wait) as mine:
+      if not mine:
+        return "busy"
+      restore(store, config)
+      run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
+          *(a for k, v in flags.items() for a in (f"--{k}", v)), watch=store)
+      archive(store, config)
   # Only distilled sets are kept: a coreset is remade in seconds.
   run(module, *args, watch=cell.workdir if cell.kind == "method" else "")
   return "made"
@@ -548,59 +574,88 @@ def published(cell: Cell, net: str) -> tuple[float | None, str]:
   return value, protocol if value is not None else ""
 
 
+def table_row(cell: Cell, protocol: str, net: str, row: dict, made: str, evaluated: str
+              ) -> dict:
+  """The table's row of one evaluation (`row`: its transfer.json row)."""
+  pub, pub_protocol = published(cell, row["net"])
+  acc = 100 * row["test_acc_mean"]
+  return {
+      "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,
+      "protocol": protocol, "net": f"{row['net']}-{row['width']}", "seeds": row["seeds"],
+      "test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
+      "test_acc_std": row["test_acc_std"], "train_time": row["train_time"],
+      "train_time_per_net": row["train_time"] / max(len(row["seeds"]), 1),
+      "steps": row["steps"], "images_per_net": row["steps"] * min(
+          PROTOCOLS[protocol].batch_size, row["n_images"]),
+      "published": pub, "published_protocol": pub_protocol,
+      "gap": None if pub is None else acc - pub,
+      "distil_wall_time": last_metrics(cell.workdir).get("wall_time")
+      if cell.kind == "method" else None,
+      "set": cell.support, "workdir": transfer_dir(cell, protocol, net),
+      "set_status": made, "evaluation_status": evaluated}
+
+
 def run_benchmark(config: Config) -> dict:
   check(config)
   os.makedirs(config.root, exist_ok=True)
   run = Runner(config)
   extra = _method_args(config)
   cells = plan(config)
-  evaluations = [(c, p, n) for c in cells for p in _split(config.protocol)
-                 for n in _split(config.nets)]
-  rows, pending = [], []
+  evaluations = list(enumerate(((c, p, n) for c in cells for p in _split(config.protocol)
+                                for n in _split(config.nets)), 1))
+  found, pending = {}, {}  # by evaluation number: a table row; a cell not finished yet
   prepared = {}
-  for i, (cell, protocol, net) in enumerate(evaluations, 1):
-    name = (f"{cell.name} {cell.dataset} " + (f"ipc {cell.ipc} " if cell.ipc else "")
-            + f"{protocol} {net}")
-    cli.log(f"[{i}/{len(evaluations)}] {name}")
-    if cell.kind == "full" and not cell.support:
-      raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that dataset "
-                          "to size its evaluation: add a method, coreset or --sets")
-    if cell.workdir not in prepared:
-      # Only distilled sets are kept: a coreset is remade in seconds, the rest have no files.
-      if cell.kind == "method":
-        restore(cell.workdir, config)
-      prepared[cell.workdir] = make_set(cell, config, run, extra)
-      if cell.kind == "method":
-        archive(cell.workdir, config)
-    made = prepared[cell.workdir]
-    if made == "pending" and cell.kind == "method":  # --table-only: its set is not finished
-      pending.append(name)
-      continue
-    row, evaluated = evaluate(cell, protocol, net, config, run)
-    if row is None:
-      if evaluated == "pending":
-        pending.append(name)
-      continue
-    archive(transfer_dir(cell, protocol, net), config)
-    pub, pub_protocol = published(cell, row["net"])
-    acc = 100 * row["test_acc_mean"]
-    rows.append({
-        "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,
-        "protocol": protocol, "net": f"{row['net']}-{row['width']}", "seeds": row["seeds"],
-        "test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
-        "test_acc_std": row["test_acc_std"], "train_time": row["train_time"],
-        "train_time_per_net": row["train_time"] / max(len(row["seeds"]), 1),
-        "steps": row["steps"], "images_per_net": row["steps"] * min(
-            PROTOCOLS[protocol].batch_size, row["n_images"]),
-        "published": pub, "published_protocol": pub_protocol,
-        "gap": None if pub is None else acc - pub,
-        "distil_wall_time": last_metrics(cell.workdir).get("wall_time")
-        if cell.kind == "method" else None,
-        "set": cell.support, "workdir": transfer_dir(cell, protocol, net),
-        "set_status": made, "evaluation_status": evaluated})
+
+  def run_cell(cell: Cell, wait: bool) -> bool:
+    """Makes (or reads back) `cell`'s set and evaluations; False, doing nothing, when another
+    process holds the cell (or its expert store) and `wait` is False."""
+    with claimed(cell.workdir, config, wait) as mine:
+      if not mine:
+        cli.log(f"{cell.workdir}: another benchmark process is on it; on to the next cell")
+        return False
+      for i, (c, protocol, net) in evaluations:
+        if c is not cell:
+          continue
+        name = (f"{cell.name} {cell.dataset} " + (f"ipc {cell.ipc} " if cell.ipc else "")
+                + f"{protocol} {net}")
+        cli.log(f"[{i}/{len(evaluations)}] {name}")
+        if cell.kind == "full" and not cell.support:
+          raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that "
+                              "dataset to size its evaluation: add a method, coreset or --sets")
+        if cell.workdir not in prepared:
+          # Only distilled sets are kept: a coreset is remade in seconds, the rest have no files.
+          if cell.kind == "method":
+            restore(cell.workdir, config)
+          made = make_set(cell, config, run, extra, wait)
+          if made == "busy":
+            cli.log(f"{cell.workdir}: its expert store is being made by another benchmark "
+                    "process; on to the next cell")
+            return False
+          prepared[cell.workdir] = made
+          if cell.kind == "method":
+            archive(cell.workdir, config)
+        made = prepared[cell.workdir]
+        if made == "pending" and cell.kind == "method":  # --table-only: its set is not finished
+          pending[i] = name
+          continue
+        row, evaluated = evaluate(cell, protocol, net, config, run)
+        if row is None:
+          if evaluated == "pending":
+            pending[i] = name
+          continue
+        archive(transfer_dir(cell, protocol, net), config)
+        found[i] = table_row(cell, protocol, net, row, made, evaluated)
+    return True
+
+  elsewhere = [cell for cell in cells if not run_cell(cell, wait=False)]
+  for cell in elsewhere:  # held by another process: wait for it, then read back (or take over)
+    cli.log(f"waiting for the other benchmark process to finish {cell.workdir}")
+    run_cell(cell, wait=True)
+  rows = [found[i] for i in sorted(found)]
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
-      "machine": machine(), "rows": rows, "pending": pending, "commands_run": run.ran}
+      "machine": machine(), "rows": rows, "pending": [pending[i] for i in sorted(pending)],
+      "commands_run": run.ran}
   if not config.dry_run:
     write_outputs(result, config)
   return result

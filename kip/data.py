@@ -119,7 +119,9 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
       raise _download_error(name, builder, f"no connection to {unreachable}")
   # Two processes sharing a data dir (parallel tests, two runs at once) build it once: the
   # second waits for the first and then finds it prepared.
-  with _build_lock(builder.data_dir_root, name):
+  from kip.io import file_lock  # noqa: PLC0415  (kip.io imports this module)
+
+  with file_lock(os.path.join(builder.data_dir_root, f"{name}.lock")):
     if builder.is_prepared():
       return tfds.builder(name, data_dir=data_dir)
     try:
@@ -134,23 +136,6 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
         raise
       raise _download_error(name, builder, type(e).__name__) from e
   return builder
-
-
-@contextlib.contextmanager
-def _build_lock(root: str, name: str):
-  """An exclusive lock on `root/<name>.lock` (POSIX; elsewhere no lock)."""
-  try:
-    import fcntl  # noqa: PLC0415
-  except ImportError:
-    yield
-    return
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f"{name}.lock"), "a") as handle:
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_dataset(

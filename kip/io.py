@@ -13,6 +13,7 @@ checkpoint are read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -34,7 +35,7 @@ from kip.readers import (
 )
 
 __all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "write_json",
-           "save_distilled", "load_distilled", "parse_release_name", "LAYOUTS"]
+           "file_lock", "save_distilled", "load_distilled", "parse_release_name", "LAYOUTS"]
 
 
 def atomic_write(path: str, content: bytes | np.ndarray | dict[str, np.ndarray]) -> None:
@@ -77,6 +78,30 @@ def _umask() -> int:
 def write_json(path: str, payload) -> None:
   """Writes `payload` as indented JSON, atomically (see `atomic_write`)."""
   atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def file_lock(path: str, wait: bool = True):
+  """An exclusive lock on the file `path` (created if missing) between processes; yields True
+  once it is held, or, with `wait=False`, False at once when another holder has it. POSIX
+  `flock` (per open file, so two opens in one process exclude each other too); where there is
+  none, no lock: yields True."""
+  try:
+    import fcntl  # noqa: PLC0415
+  except ImportError:
+    yield True
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass

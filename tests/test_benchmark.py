@@ -1,10 +1,13 @@
 """Coreset baselines (methods/coreset.py) and the benchmark command (experiments.benchmark)."""
 
+import fcntl
 import itertools
 import json
 import os
 import pathlib
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -94,6 +97,42 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert second["commands_run"] == []
   assert {r["evaluation_status"] for r in second["rows"]} == {"reused"}
   assert [r["test_acc"] for r in second["rows"]] == [r["test_acc"] for r in first["rows"]]
+  assert herding_json.stat().st_mtime_ns == stamp
+
+  # Two processes share the cells: while another holds the herding cell (its lock, here taken by
+  # a thread), this one goes on to the next cell (the imported set, whose evaluation is missing),
+  # then waits; the other finishes herding and lets go, and it is read back, not redone.
+  herding = herding_json.parents[1]
+  shutil.move(herding, tmp_path / "elsewhere")
+  noise_json = root / "imported-noise" / "transfer-dc-mlp" / "transfer.json"
+  os.remove(noise_json)
+  (root / ".locks").mkdir(exist_ok=True)
+  other = open(root / ".locks" / f"{herding.name}.lock", "a")  # noqa: SIM115
+  fcntl.flock(other, fcntl.LOCK_EX)
+
+  def other_process():
+    try:
+      deadline = time.monotonic() + 300
+      while not noise_json.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+      shutil.move(tmp_path / "elsewhere", herding)
+    finally:
+      fcntl.flock(other, fcntl.LOCK_UN)
+      other.close()
+
+  thread = threading.Thread(target=other_process)
+  thread.start()
+  out = run_in_process("experiments.benchmark", *args)
+  thread.join()
+  assert out.returncode == 0, out.stderr
+  log = out.stderr
+  assert log.index("another benchmark process is on it") < log.index("imported-noise") < log.index(
+      "waiting for the other benchmark process to finish")
+  shared = json.loads((root / "benchmark.json").read_text())
+  assert len(shared["commands_run"]) == 1 and "imported-noise" in shared["commands_run"][0]
+  assert [(r["method"], r["evaluation_status"]) for r in shared["rows"]] == [
+      ("herding", "reused"), ("noise", "made"), ("full", "reused")]
+  assert [r["test_acc"] for r in shared["rows"]] == [r["test_acc"] for r in first["rows"]]
   assert herding_json.stat().st_mtime_ns == stamp
 
   # A request that the finished cells do not answer (another evaluation length) is refused in
