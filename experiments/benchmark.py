@@ -26,9 +26,9 @@ it and its training saving, counted in images processed (steps x batch) beside t
 --table-only writes them from the cells finished so far and lists the rest, running nothing (the
 progress of a benchmark that spans days, e.g. while it runs in another process).
 
-Several processes can share the work: give the same command in each (one per GPU, or one per
-core pair of a CPU). A cell is locked while one process works on it (`<root>/.locks/`, an
-expert store in `.locks/` beside it); the others pass to the next free cell, and once through
+Several processes can share the work: give the same command in each (one per GPU, or two on
+this project's 2-core CPU). A cell is locked while one process works on it (`<root>/.locks/`,
+an expert store in `.locks/` beside it); the others pass to the next free cell, and once through
 their list wait for the cells still held elsewhere and read them back, so every process ends
 with the whole table (a cell whose process died is taken over). The lock is `flock`: processes
 on one machine, or hosts sharing a filesystem whose locks work across them.
