@@ -95,13 +95,14 @@ def file_lock(path: str, wait: bool = True):
   with open(path, "a") as handle:
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      held = True
     except BlockingIOError:
-      yield False
-      return
-    try:
-      yield True
+      held = False
+    try:  # yielded outside the except block, so the caller's errors do not chain onto it
+      yield held
     finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
+      if held:
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass
