@@ -2,13 +2,18 @@
 PYTHON ?= python3
 
 
-.PHONY: install test lint bench
+.PHONY: install test test-fast lint bench
 install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -c requirements.lock -e ".[dev]"
 
+# Everything, end-to-end distillation on real data included (CI; under 15 minutes on 2 cores).
 test:
 	$(PYTHON) -m pytest -q -n 2 --dist worksteal tests
+
+# Units and references only (no end-to-end runs): under 3 minutes on 2 cores.
+test-fast:
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 lint:
 	$(PYTHON) -m ruff check kip experiments methods tests bench

@@ -3,6 +3,7 @@ differences; `nt.batch`, `nt.monte_carlo_kernel_fn`, `nt.predict` and every `nt.
 implementation against independent computations; both autodiff modes through the conv patch; and
 what is not supported, pinned (see README, "neural-tangents on current JAX")."""
 
+import json
 import math
 import subprocess
 import sys
@@ -348,7 +349,15 @@ def test_structured_derivatives_run_under_jax_enable_checks():
 
 
 def test_patches_are_listed_and_tensorflow_is_not_imported():
-  assert "jax.core.Jaxpr" in PATCHED or hasattr(jax.core, "Jaxpr")
+  # Which `jax.core` names neural-tangents needs are missing from JAX itself, asked of a fresh
+  # process that never imported `kip._compat`: exactly those must be listed as patched.
+  names = sorted({p.split(".")[2] for p in PATCHED if p.startswith("jax.core.")})
+  assert names, "neural-tangents needs jax.core names that JAX 0.6+ moved; none were patched"
+  code = f"import jax, json; print(json.dumps([n for n in {names!r} if not hasattr(jax.core, n)]))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert json.loads(out.stdout) == names  # each listed patch fills a name JAX lacks
+  for name in names:
+    assert getattr(jax.core, name) is not None
   code = "import sys, kip._compat; print('tensorflow' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
