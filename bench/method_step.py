@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments.frepo import PRESETS as FREPO_PRESETS
 from experiments.rfad import PRESETS as RFAD_PRESETS
-from kip.method import Batch, init_state
+from kip.method import Batch
 from methods.frepo import make_frepo
 from methods.rfad import make_rfad
 
@@ -51,7 +51,7 @@ def measure(name: str, preset: str, rounds: int) -> dict:
   n_t = size["target_batch"]
   batch = Batch(rng.standard_normal((n_t, *SHAPE)).astype(np.float32),
                 (np.eye(CLASSES)[rng.integers(0, CLASSES, n_t)] - 0.1).astype(np.float32))
-  state = init_state(method, jax.random.key(0), x, y)
+  state = method.init(jax.random.key(0), x, y)
   t0 = time.perf_counter()
   state, metrics = method.update(state, batch, jax.random.key(1), 1)
   jax.block_until_ready(metrics)

@@ -34,7 +34,7 @@ from kip import cli
 from kip.augment import dsa
 from kip.io import load_distilled, write_json
 from kip.loop import Evaluator, LoopConfig, run
-from kip.method import Data, Method, make_sampler
+from kip.method import Data, Trainer, make_sampler
 from kip.nets import make_net
 from kip.pipeline import prepare_data
 from kip.train import (
@@ -76,7 +76,7 @@ def _soft_cross_entropy(student_logits, teacher_logits):
 
 
 def make_student(net, teacher: TrainState, inputs: np.ndarray | None, *, seeds, steps: int,
-                 batch: int, augment: str, image_shape) -> Method:
+                 batch: int, augment: str, image_shape) -> Trainer:
   """Students (one per seed, stacked) trained on the teacher's soft predictions of `inputs`
   (None: Gaussian noise) as a `Data("none")` method of the one loop."""
   protocol = PROTOCOLS["krr_st_finetune"]
@@ -118,7 +118,7 @@ def make_student(net, teacher: TrainState, inputs: np.ndarray | None, *, seeds, 
     states, losses = step_fn(states, seed_keys, step)
     return states, {"loss": losses}
 
-  return Method(init, update, lambda states: {}, Data("none"))
+  return Trainer(init, update, Data("none"))
 
 
 def run_kd(config: Config, workdir: str) -> dict:

@@ -24,7 +24,7 @@ mean and std), one draw per image, as the paper's augmentations (`VIEW_TRANSFORM
   probability 1.0 in the first view and 0.1 in the second (the paper's asymmetry);
 - solarize: x -> 1 - x above 0.5, with probability 0 in the first view and 0.2 in the second.
 
-`make_barlow_twins` is the training step as a `kip.method.Method` (uniform unlabelled batches), so
+`make_barlow_twins` is the training step as a `kip.method.Trainer` (uniform unlabelled batches), so
 the teacher trains, checkpoints and resumes in the one loop. A trained teacher is one file
 (`save_teacher` / `load_teacher`) holding its variables and the settings that made it (paths and
 display flags left out).
@@ -47,7 +47,7 @@ from jax.scipy.ndimage import map_coordinates
 
 from kip.augment import parse_strategy
 from kip.io import FileFormatError, atomic_write
-from kip.method import Batch, Data, Method
+from kip.method import Batch, Data, Trainer
 from kip.nets import make_net
 
 __all__ = ["VIEW_TRANSFORMS", "DEFAULT_VIEWS", "random_resized_crop", "two_views",
@@ -206,8 +206,8 @@ def make_barlow_twins(*, image_shape: tuple[int, int, int], mean: np.ndarray, st
                       projector: Sequence[int] = (2048, 2048, 2048), lambd: float = 0.0051,
                       optimizer: str = "lars", lr: float = 0.2, weight_decay: float = 1.5e-6,
                       warmup_steps: int = 0, views: str = DEFAULT_VIEWS,
-                      min_scale: float = 0.3) -> tuple[Method, BarlowTwins]:
-  """Barlow Twins training as a `kip.method.Method` on uniform unlabelled batches of `batch`
+                      min_scale: float = 0.3) -> tuple[Trainer, BarlowTwins]:
+  """Barlow Twins training as a `kip.method.Trainer` on uniform unlabelled batches of `batch`
   standardised images (`mean`, `std`: the standardisation's per-channel (C,) statistics, to
   augment in pixel space). Returns (method, model).
 
@@ -263,10 +263,7 @@ def make_barlow_twins(*, image_shape: tuple[int, int, int], mean: np.ndarray, st
     return BarlowState(params, batch_stats, opt_state), {
         "loss": loss, "grad_norm": optax.global_norm(grads)}
 
-  def export(state: BarlowState) -> dict[str, Any]:
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-  return Method(init, update, export, Data("unlabelled", batch)), model
+  return Trainer(init, update, Data("unlabelled", batch), schedule_steps=steps), model
 
 
 class Teacher(NamedTuple):

@@ -18,7 +18,6 @@ spread the work); only process 0 writes the workdir, and every process resumes f
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -31,21 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from kip.checkpoint import (
+  CheckpointError,
+  ResumeError,
+  WorkdirBusyError,
+  latest_checkpoint,
+  remove_temporaries,
+  restore_checkpoint,
+  save_checkpoint,
+  workdir_lock,
+)
 from kip.io import atomic_write
-from kip.method import Method, Sampler
+from kip.method import Method, Sampler, Trainer, check_export
 from kip.sharding import is_main_process
 
-__all__ = ["LoopConfig", "Evaluator", "RunResult", "NonFiniteLossError", "ResumeError", "run",
-           "read_metrics", "truncate_metrics", "save_checkpoint", "restore_checkpoint",
-           "latest_checkpoint"]
+__all__ = ["LoopConfig", "Evaluator", "RunResult", "NonFiniteLossError", "ResumeError",
+           "CheckpointError", "WorkdirBusyError", "run", "read_metrics", "truncate_metrics",
+           "save_checkpoint", "restore_checkpoint", "latest_checkpoint", "initial_state"]
 
 
 class NonFiniteLossError(RuntimeError):
   """A metric became NaN or infinite; the last good checkpoint and outputs are kept."""
-
-
-class ResumeError(ValueError):
-  """The workdir cannot be resumed as asked (e.g. it holds more steps than requested)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +128,24 @@ def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
 
+def initial_state(method: Method | Trainer, key: jax.Array, x_init: Any = None,
+                  y_init: Any = None):
+  """The abstract state `method.init` would return (`jax.ShapeDtypeStruct` leaves), computed
+  without running it: the template a checkpoint is restored onto. An `init` that cannot be
+  traced abstractly (it reads its own outputs on the host) is run instead."""
+  try:
+    template = jax.eval_shape(lambda: method.init(key, x_init, y_init))
+  except jax.errors.ConcretizationTypeError:
+    return method.init(key, x_init, y_init)
+  if method.state_sharding is None:
+    return template
+  return jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=method.state_sharding),
+      template)
+
+
 def run(
-    method: Method,
+    method: Method | Trainer,
     *,
     workdir: str,
     config: LoopConfig,
@@ -140,7 +161,13 @@ def run(
 ) -> RunResult:
   """Runs (or resumes) `config.steps` updates of `method` in `workdir`.
 
+  The workdir is locked while the run works in it (`WorkdirBusyError` for a second process);
+  temporary files an interrupted write left are removed; a run resumes from its newest readable
+  checkpoint, restored by tree path onto `jax.eval_shape(method.init)` (`init` is not run).
+
   Args:
+    method: a distiller (`Method`, whose `export` the loop checks at every checkpoint) or a
+      `Trainer`.
     sampler: step -> the real batch the method asks for (`kip.method.make_sampler`).
     x_init, y_init: passed to `method.init` (e.g. the initial support set).
     evaluators: named measurements (see `Evaluator`); their results go into metrics.jsonl.
@@ -151,18 +178,34 @@ def run(
     description: the progress bar's label.
   """
   writer = is_main_process()  # several processes (multi-host) run this loop; only one writes
-  if writer:
-    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  if not writer:
+    return _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best,
+                log, progress, description, writer)
+  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  with workdir_lock(workdir):
+    remove_temporaries(workdir)
+    return _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best,
+                log, progress, description, writer)
+
+
+def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best, log,
+         progress, description, writer) -> RunResult:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   root_key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(root_key, 0)
-  state = method.init(init_key, x_init, y_init)
   start_step, wall_offset, train_time = 0, 0.0, 0.0
-  restored = restore_checkpoint(workdir, state)
-  if restored is None and method.prepare is not None:
-    state = method.prepare(init_key, state)  # a resumed run skips it: its state is restored
-  if restored is not None:
-    state, start_step, wall_offset, train_time = restored
+  meta = {"schedule_steps": method.schedule_steps}
+  restored = restore_checkpoint(workdir, initial_state(method, init_key, x_init, y_init), log=log)
+  if restored is None:
+    state = method.init(init_key, x_init, y_init)
+  else:
+    state, start_step, wall_offset, train_time = restored[:4]
+    was = restored.meta.get("schedule_steps", 0)
+    if was != method.schedule_steps:
+      raise ResumeError(
+          f"{workdir} holds a run whose learning-rate schedule spans {was} steps; resuming it "
+          f"with --steps {config.steps} would change that schedule mid-run. Pass --steps {was} "
+          "to finish it as planned, or start afresh with a new --workdir")
     if start_step > config.steps:
       raise ResumeError(
           f"{workdir} holds a run at step {start_step}, beyond the {config.steps} steps asked "
@@ -170,6 +213,13 @@ def run(
     if writer:
       truncate_metrics(metrics_path, start_step)
     log(f"resuming from step {start_step} ({workdir})")
+  if isinstance(method, Method):
+    user_save = save
+
+    def save(state, step):  # noqa: F811  the loop checks the contract before any output
+      check_export(method.export(state))
+      if user_save is not None:
+        user_save(state, step)
 
   def write(record: dict) -> None:
     if writer:
@@ -188,7 +238,7 @@ def run(
     if writer:
       if save is not None:
         save(state, step)
-      save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time)
+      save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time, meta)
 
   last_eval = _last_evals(metrics_path) if start_step else {}
   best_step, best_value = _best(read_metrics(metrics_path) if start_step else [], config)
@@ -332,73 +382,3 @@ def truncate_metrics(path: str, last_step: int) -> None:
   """Drops records after `last_step` (they belong to steps the checkpoint does not hold)."""
   records = [r for r in read_metrics(path) if r["step"] <= last_step]
   atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-
-def _checkpoints(workdir: str) -> list[tuple[int, str]]:
-  paths = glob.glob(os.path.join(workdir, "checkpoints", "ckpt_*.npz"))
-  return sorted((int(os.path.basename(p)[5:-4]), p) for p in paths)
-
-
-def latest_checkpoint(workdir: str) -> tuple[int, str] | None:
-  """(step, path) of the newest checkpoint in `workdir`, or None."""
-  found = _checkpoints(workdir)
-  return found[-1] if found else None
-
-
-def _is_key(leaf) -> bool:
-  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int = 2,
-                    train_time: float = 0.0) -> None:
-  """Writes the leaves of the pytree `state` to `workdir/checkpoints/ckpt_<step>.npz`
-  (atomically), keeping the newest `keep` checkpoints. Typed PRNG keys are stored as their key
-  data and implementation name."""
-  arrays = {}
-  for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
-    if _is_key(leaf):
-      arrays[f"leaf_{i:04d}"] = np.asarray(jax.random.key_data(leaf))
-      arrays[f"keyimpl_{i:04d}"] = np.asarray(str(jax.random.key_impl(leaf)))
-    else:
-      arrays[f"leaf_{i:04d}"] = np.asarray(leaf)
-  arrays |= {"step": np.asarray(step), "wall_time": np.asarray(wall_time),
-             "train_time": np.asarray(train_time)}
-  path = os.path.join(workdir, "checkpoints", f"ckpt_{step:08d}.npz")
-  atomic_write(path, arrays)
-  for _, old in _checkpoints(workdir)[:-keep]:
-    os.remove(old)
-
-
-def restore_checkpoint(workdir: str, template):
-  """(state, step, wall_time, train_time) from the latest checkpoint, or None when there is none.
-
-  Every leaf takes the template's dtype, and its placement where the template's is committed
-  (e.g. replicated on a mesh), as the step expects it; typed PRNG keys come back as keys."""
-  latest = latest_checkpoint(workdir)
-  if latest is None:
-    return None
-  leaves, treedef = jax.tree_util.tree_flatten(template)
-  with np.load(latest[1]) as data:
-    stored = [data[f"leaf_{i:04d}"] for i in range(len(leaves)) if f"leaf_{i:04d}" in data]
-    is_key = [f"keyimpl_{i:04d}" in data for i in range(len(stored))]
-    expected = [np.shape(jax.random.key_data(b)) if _is_key(b) else np.shape(b) for b in leaves]
-    if len(stored) != len(leaves) or any(
-        a.shape != s for a, s in zip(stored, expected, strict=True)) or any(
-        k != _is_key(b) for k, b in zip(is_key, leaves, strict=True)):
-      raise ResumeError(f"checkpoint {latest[1]} does not match this run's state; use a new "
-                        "--workdir or delete the checkpoint")
-    step, wall_time = int(data["step"]), float(data["wall_time"])
-    train_time = float(data["train_time"]) if "train_time" in data else wall_time
-  restored = []
-  for a, b in zip(stored, leaves, strict=True):
-    if _is_key(b):
-      leaf = jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(b))
-    else:
-      leaf = jnp.asarray(np.asarray(a, np.asarray(b).dtype))
-    # Committed to the template's placement only where the template is (a mesh's replication):
-    # `jit` keys its programs on commitment, so a restored state committed where a fresh one is
-    # not would compile the step again (a resumed run in the same process: the tests).
-    if getattr(b, "committed", False):
-      leaf = jax.device_put(leaf, b.sharding)
-    restored.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, restored), step, wall_time, train_time

@@ -47,7 +47,7 @@ import optax
 from kip._compat import nt
 from kip.augment import DC_STRATEGY, DSA_STRATEGY, apply_augment, parse_augment
 from kip.loop import Evaluator, LoopConfig, read_metrics, run
-from kip.method import Data, Method, make_sampler
+from kip.method import Data, Trainer, make_sampler
 from kip.nets import MLP, count_params
 
 __all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
@@ -566,7 +566,7 @@ def train_and_evaluate(
     return {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
 
   evaluators = [] if x_test is None else [Evaluator("test", test_accuracy)]
-  trainer = Method(init, update, lambda states: {}, Data("none"))
+  trainer = Trainer(init, update, Data("none"), schedule_steps=schedule.steps)
   config = LoopConfig(steps=schedule.steps, eval_every=eval_every,
                       eval_at_start=eval_every > 0,
                       checkpoint_every=checkpoint_every or eval_every

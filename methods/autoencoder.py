@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kip.method import Batch, Data, Method
+from kip.method import Batch, Data, Method, Trainer
 
 __all__ = ["Autoencoder", "SCHEDULES", "LossWeights", "AutoencoderState", "DistillState",
            "reconstruction_error", "smooth_l1", "diversity", "distillation_loss",
@@ -222,8 +222,8 @@ def _adam_l2(lr: float, weight_decay: float) -> optax.GradientTransformation:
 
 def make_autoencoder_training(*, image_shape: tuple[int, ...], hidden: int = 64,
                               num_classes: int = 10, tied: bool = False, batch: int = 128,
-                              lr: float = 1e-3, weight_decay: float = 1e-4) -> Method:
-  """Phase 1 as a `kip.method.Method` on unlabelled real batches: init(key, params=None, _)
+                              lr: float = 1e-3, weight_decay: float = 1e-4) -> Trainer:
+  """Phase 1 as a `kip.method.Trainer` on unlabelled real batches: init(key, params=None, _)
   starts from fresh weights (or the given params), `export` returns {"params": ...}."""
   model = Autoencoder(math.prod(image_shape), hidden, num_classes, tied)
   # The head is not part of phase 1 (the report's phase 1 has none): it keeps its initialisation,
@@ -248,10 +248,7 @@ def make_autoencoder_training(*, image_shape: tuple[int, ...], hidden: int = 64,
     return AutoencoderState(optax.apply_updates(state.params, updates), opt_state), {
         "loss": loss}
 
-  def export(state: AutoencoderState) -> dict[str, Any]:
-    return {"params": state.params}
-
-  return Method(init, update, export, Data("unlabelled", batch))
+  return Trainer(init, update, Data("unlabelled", batch))
 
 
 def make_autoencoder_distillation(*, image_shape: tuple[int, ...], params: Any,

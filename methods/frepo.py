@@ -31,7 +31,7 @@ import optax
 
 from kip.augment import dsa
 from kip.krr import DEFAULT_REG, accuracy, krr_predict
-from kip.method import Batch, Data, Method
+from kip.method import Batch, Data, Method, tracing
 from kip.nets import make_net
 from kip.pool import PoolState, make_pool
 
@@ -87,7 +87,10 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
     x = jnp.asarray(x_init, jnp.float32)
     # The official label scale: centred one-hot / sqrt(C / 10).
     y = jnp.asarray(y_init, jnp.float32) / math.sqrt(num_classes / 10)
-    return FrepoState(x, y, optimizer.init(trainable(x, y)), pool.fresh(key))
+    pool_state = pool.fresh(key)
+    if not tracing(pool_state.steps):  # a resume's template needs no trained pool
+      pool_state = pool.warm(pool_state, key, x, y)
+    return FrepoState(x, y, optimizer.init(trainable(x, y)), pool_state)
 
   def outer_loss(trained, y_fixed, pool_state, x_target, y_target):
     x_support = trained[0]
@@ -121,10 +124,7 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
   def export(state: FrepoState) -> dict[str, jax.Array]:
     return {"images": state.x, "labels": state.y}
 
-  def prepare(key: jax.Array, state):  # the pool's start: skipped when a run resumes
-    return state._replace(pool=pool.warm(state.pool, key, state.x, state.y))
-
-  return Method(init, update, export, Data("labelled", target_batch), prepare)
+  return Method(init, update, export, Data("labelled", target_batch), schedule_steps=steps)
 
 
 def pool_features(width: int, num_classes: int, image_shape, norm: str = "batch"):

@@ -100,4 +100,5 @@ def make_kip(kernel_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], *, lr:
   def export(state: KipState) -> dict[str, jax.Array]:
     return {"images": state.x, "labels": state.y}
 
-  return Method(init, update, export, Data("labelled", target_batch))
+  return Method(init, update, export, Data("labelled", target_batch),
+                state_sharding=None if mesh is None else NamedSharding(mesh, PartitionSpec()))

@@ -34,7 +34,7 @@ import jax.scipy.linalg as jsl
 import optax
 
 from kip.augment import random_crop
-from kip.method import Batch, Data, Method
+from kip.method import Batch, Data, Method, tracing
 from kip.nets import make_net
 from kip.pool import PoolState, make_pool
 
@@ -133,7 +133,10 @@ def make_krr_st(*, image_shape: tuple[int, int, int],
   def init(key: jax.Array, x_init, y_init) -> KrrStState:
     x = jnp.asarray(x_init, jnp.float32)
     y = jnp.asarray(y_init, jnp.float32)
-    return KrrStState(x, y, optimizer.init((x, y)), pool.fresh(key))
+    pool_state = pool.fresh(key)
+    if not tracing(pool_state.steps):  # a resume's template needs no trained pool
+      pool_state = pool.warm(pool_state, key, x, y)
+    return KrrStState(x, y, optimizer.init((x, y)), pool_state)
 
   def outer_loss(trained, pool_state, f_t, y_target):
     x_support, y_support = trained
@@ -167,7 +170,4 @@ def make_krr_st(*, image_shape: tuple[int, int, int],
   def export(state: KrrStState) -> dict[str, jax.Array]:
     return {"images": state.x, "targets": state.y}
 
-  def prepare(key: jax.Array, state):  # the pool's start: skipped when a run resumes
-    return state._replace(pool=pool.warm(state.pool, key, state.x, state.y))
-
-  return Method(init, update, export, Data("unlabelled", target_batch), prepare)
+  return Method(init, update, export, Data("unlabelled", target_batch), schedule_steps=steps)

@@ -51,7 +51,7 @@ from jax.flatten_util import ravel_pytree
 from kip.augment import apply_augment
 from kip.io import atomic_write, write_json
 from kip.loop import Evaluator, LoopConfig, run
-from kip.method import Batch, Data, Method
+from kip.method import Batch, Data, Method, Trainer
 
 __all__ = ["ExpertStore", "StoreMismatch", "curriculum_window", "epoch_plan", "el2n_scores",
            "make_expert", "train_expert", "trajectory_loss", "depth_mask", "smallest_error_mask",
@@ -188,8 +188,8 @@ def _xent(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_expert(model, image_shape: tuple[int, int, int], *, lr: float = 0.01,
-                momentum: float = 0.0, weight_decay: float = 0.0, augment: str = "") -> Method:
-  """An expert's training as a `kip.method.Method`: SGD on batches of (images, int labels) that
+                momentum: float = 0.0, weight_decay: float = 0.0, augment: str = "") -> Trainer:
+  """An expert's training as a `kip.method.Trainer`: SGD on batches of (images, int labels) that
   the caller's sampler provides (`Batch(x, y)`, y (n,) int32), augmented per image."""
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
 
@@ -214,10 +214,7 @@ def make_expert(model, image_shape: tuple[int, int, int], *, lr: float = 0.01,
     return ExpertState(optax.apply_updates(state.params, updates), opt_state, step), {
         "loss": loss}
 
-  def export(state: ExpertState) -> dict:
-    return {"params": state.params}
-
-  return Method(init, update, export, Data("none"))
+  return Trainer(init, update, Data("none"))
 
 
 def _epoch_sampler(x: np.ndarray, labels: np.ndarray, plan: list[np.ndarray], batch: int,

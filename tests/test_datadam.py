@@ -11,7 +11,7 @@ from conftest import assert_resumed_equals_straight, make_mhist_folder
 
 from kip.io import load_distilled
 from kip.loop import LoopConfig, read_metrics, run
-from kip.method import Batch, init_state, make_sampler
+from kip.method import Batch, make_sampler
 from kip.nets import make_net
 from methods.datadam import attention_map, class_grouped, image_stats, make_datadam
 from methods.dm import make_dm
@@ -62,7 +62,7 @@ def test_datadam_loss_matches_numpy_on_the_steps_network(power=1.0):  # p = 4: a
   method = make_datadam(num_classes=CLASSES, image_shape=SHAPE, width=4, power=power,
                         real_per_class=REAL, augment="")
   # The support arrives class-interleaved and the real batch shuffled: both are regrouped.
-  state = init_state(method, jax.random.key(0), X[:IPC * CLASSES], Y[:IPC * CLASSES])
+  state = method.init(jax.random.key(0), X[:IPC * CLASSES], Y[:IPC * CLASSES])
   perm = RNG.permutation(REAL * CLASSES)
   x_real, y_real = X[30:30 + REAL * CLASSES][perm], Y[30:30 + REAL * CLASSES][perm]
   key = jax.random.key(5)
@@ -77,7 +77,7 @@ def test_datadam_loss_matches_numpy_on_the_steps_network(power=1.0):  # p = 4: a
 def test_dm_loss_is_the_embedding_term_alone_with_instance_norm():
   method = make_dm(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL,
                    augment="")
-  state = init_state(method, jax.random.key(0), X[:6], Y[:6])
+  state = method.init(jax.random.key(0), X[:6], Y[:6])
   key = jax.random.key(6)
   x_real, y_real = X[30:45], Y[30:45]
   expected = _numpy_loss("instance", X[:6], Y[:6], x_real, y_real, key, 4.0, 0.0, 1.0)
@@ -105,7 +105,7 @@ def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_w
   states, exported = {}, {}
   for stats in (None, (0.25, 1.5)):
     method = make_datadam(**common, export_stats=stats)
-    state = init_state(method, jax.random.key(0), X[:CLASSES], Y[:CLASSES])
+    state = method.init(jax.random.key(0), X[:CLASSES], Y[:CLASSES])
     states[stats] = method.update(state, batch, key, 1)[0]
     exported[stats] = np.asarray(method.export(states[stats])["images"], np.float64)
   moved = np.asarray(states[None].x, np.float64)

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_resumed_equals_straight
 
 from kip.loop import LoopConfig, run
-from kip.method import Batch, init_state, make_sampler
+from kip.method import Batch, make_sampler
 from kip.nets import make_net
 from methods.frepo import make_frepo
 from methods.rfad import make_rfad, random_features
@@ -31,7 +31,7 @@ def test_frepo_loss_matches_numpy_krr_on_the_pool_features():
   # 10 support images, 32 features: a well-conditioned K_ss for the float32 comparison.
   method = make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=10, width=8, num_models=2,
                       max_online_updates=4, target_batch=40, augment="")
-  state = init_state(method, jax.random.key(0), X[:10], Y[:10])
+  state = method.init(jax.random.key(0), X[:10], Y[:10])
   i = int(state.pool.index)
   params = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool.params)
   stats = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), state.pool.stats)
