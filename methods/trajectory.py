@@ -7,12 +7,14 @@ after every epoch. An `ExpertStore` is a folder:
 
     store.json        the settings that made the experts and the parameter count; a run that needs
                       other settings is refused (`StoreMismatch`), never silently served
-    expert_000.npy    (epochs + 1, n_params) float32: row e = the parameters after e epochs,
-    expert_000.json   flattened in `jax.flatten_util.ravel_pytree` order; read memory-mapped, so a
-                      distillation holds two rows, not every expert; .json: its test accuracy
+    expert_000/       one expert, written as a unit (`kip.store.Store`): trajectory.npy
+                      (epochs + 1, n_params) float32, row e = the parameters after e epochs,
+                      flattened in `jax.flatten_util.ravel_pytree` order, read memory-mapped (a
+                      distillation holds two rows, not every expert); record.json: its test
+                      accuracy and timings
     difficulty.npy    (PAD) the per-image difficulty score the curriculum sorted by
     work/expert_003/  the loop's workdir of the expert in progress (checkpoints, epoch rows);
-                      removed once its .npy is written
+                      removed once its entry is written
 
 PAD's experts (Li et al., 2024) see each class's training images in order of difficulty (EL2N,
 `el2n_scores`): the easiest `init_ratio` at first, growing linearly to all of them by epoch
@@ -49,93 +51,78 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from kip.augment import apply_augment
-from kip.io import atomic_write, write_json
+from kip.io import atomic_write
 from kip.loop import Evaluator, LoopConfig, run
 from kip.method import Batch, Data, Method, Trainer
+from kip.store import Store, StoreMismatch
 
 __all__ = ["ExpertStore", "StoreMismatch", "curriculum_window", "epoch_plan", "el2n_scores",
            "make_expert", "train_expert", "trajectory_loss", "depth_mask", "smallest_error_mask",
            "make_student", "make_trajectory_matching", "TrajectoryState"]
 
-STORE_FILE = "store.json"
-
-
-class StoreMismatch(ValueError):
-  """An expert store made with other settings than a run needs."""
-
-
-def _differences(have: dict, want: dict) -> list[str]:
-  keys = sorted(set(have) | set(want))
-  return [f"{k}: store {have.get(k)!r}, asked {want.get(k)!r}" for k in keys
-          if have.get(k) != want.get(k)]
-
-
 class ExpertStore:
-  """A folder of expert trajectories (see the module docstring). `settings`: the JSON-able dict of
-  everything that made the experts; `num_params`: the length of a flattened parameter vector."""
+  """A folder of expert trajectories (see the module docstring) on `kip.store.Store`.
+  `settings`: the JSON-able dict of everything that made the experts; `num_params`: the length of
+  a flattened parameter vector."""
 
-  def __init__(self, path: str, settings: dict, num_params: int, epochs: int):
-    self.path, self.settings, self.num_params, self.epochs = path, settings, num_params, epochs
+  WHAT, HINT = "expert store", "make one with python -m experiments.buffer"
+
+  def __init__(self, store: Store):
+    self.store, self.path, self.settings = store, store.path, store.settings
+    self.num_params, self.epochs = store.meta["num_params"], store.meta["epochs"]
 
   @classmethod
   def create(cls, path: str, settings: dict, num_params: int, epochs: int) -> ExpertStore:
     """Opens the store at `path`, making it if absent; one made with other settings raises
     `StoreMismatch` naming what differs."""
-    if os.path.exists(os.path.join(path, STORE_FILE)):
-      return cls.open(path, settings, num_params=num_params, epochs=epochs)
-    write_json(os.path.join(path, STORE_FILE),
-               {"settings": settings, "num_params": num_params, "epochs": epochs})
-    return cls(path, settings, num_params, epochs)
+    return cls._checked(Store.open(path, settings, meta={"num_params": num_params,
+                                                         "epochs": epochs},
+                                   what=cls.WHAT, hint=cls.HINT))
 
   @classmethod
   def open(cls, path: str, settings: dict | None = None, *, num_params: int | None = None,
            epochs: int | None = None) -> ExpertStore:
     """The store at `path`; with `settings` (and `num_params`, `epochs`) given, checked to have
     been made with exactly those."""
-    file = os.path.join(path, STORE_FILE)
-    if not os.path.exists(file):
-      raise FileNotFoundError(f"no expert store at {path} (no {STORE_FILE}); make one with "
-                              "python -m experiments.buffer")
-    with open(file) as f:
-      record = json.load(f)
-    store = cls(path, record["settings"], record["num_params"], record["epochs"])
-    if settings is not None and store.settings != settings:
-      raise StoreMismatch(f"the expert store {path} was made with other settings ("
-                          + "; ".join(_differences(store.settings, settings))
-                          + "); use another --buffer folder")
-    for name, value in (("num_params", num_params), ("epochs", epochs)):
-      if value is not None and getattr(store, name) != value:
-        raise StoreMismatch(f"the expert store {path} holds {name} {getattr(store, name)}, "
-                            f"the run needs {value}; use another --buffer folder")
-    return store
+    meta = {k: v for k, v in (("num_params", num_params), ("epochs", epochs)) if v is not None}
+    return cls._checked(Store.open(path, settings, create=False, meta=meta, what=cls.WHAT,
+                                   hint=cls.HINT))
 
-  def _file(self, i: int, ext: str = "npy") -> str:
-    return os.path.join(self.path, f"expert_{i:03d}.{ext}")
+  @classmethod
+  def _checked(cls, store: Store) -> ExpertStore:
+    if any(n.startswith("expert_") and n.endswith(".npy") for n in os.listdir(store.path)):
+      raise StoreMismatch(f"the expert store {store.path} is in the layout before experts were "
+                          "written as units (expert_000.npy beside expert_000.json); make it "
+                          "again with python -m experiments.buffer, or use another folder")
+    return cls(store)
+
+  @staticmethod
+  def _entry(i: int) -> str:
+    return f"expert_{i:03d}"
 
   def experts(self) -> list[int]:
     """Indices of the finished experts, ascending."""
-    names = [n for n in os.listdir(self.path) if n.startswith("expert_") and n.endswith(".npy")]
-    return sorted(int(n[len("expert_"):-len(".npy")]) for n in names)
+    return [int(n[len("expert_"):]) for n in self.store.entries("expert_")]
 
   def add(self, i: int, trajectory: np.ndarray, record: dict) -> None:
-    """Stores expert `i`: trajectory (epochs + 1, num_params) float32, atomically."""
+    """Stores expert `i` (trajectory (epochs + 1, num_params) float32, and its record) as a
+    unit: a kill while it is written leaves no expert `i`, never half of one."""
     trajectory = np.asarray(trajectory, np.float32)
     if trajectory.shape != (self.epochs + 1, self.num_params):
       raise ValueError(f"an expert trajectory must be {(self.epochs + 1, self.num_params)}, got "
                        f"{trajectory.shape}")
-    atomic_write(self._file(i), trajectory)
-    write_json(self._file(i, "json"), record)
+    self.store.put(self._entry(i), {"trajectory.npy": trajectory, "record.json": record})
 
   def trajectory(self, i: int) -> np.ndarray:
     """Expert `i`'s (epochs + 1, num_params) float32 trajectory, memory-mapped (read lazily)."""
-    return np.load(self._file(i), mmap_mode="r")
+    return np.load(self.store.file(self._entry(i), "trajectory.npy"), mmap_mode="r")
 
   def record(self, i: int) -> dict:
-    with open(self._file(i, "json")) as f:
+    with open(self.store.file(self._entry(i), "record.json")) as f:
       return json.load(f)
 
   def work_dir(self, i: int) -> str:
-    return os.path.join(self.path, "work", f"expert_{i:03d}")
+    return self.store.work_dir(self._entry(i))
 
 
 # ----------------------------------------------------------------------------- curriculum (PAD)

@@ -11,6 +11,7 @@ import pytest
 from conftest import Interrupt, assert_resumed_equals_straight, interrupting
 from jax.flatten_util import ravel_pytree
 
+import kip.store
 import methods.trajectory as trajectory
 from kip.loop import LoopConfig, run
 from kip.method import make_sampler
@@ -109,6 +110,40 @@ def test_the_store_round_trips_and_refuses_other_settings(tmp_path):
     store.add(2, traj[:2], {})
   with pytest.raises(FileNotFoundError, match="experiments.buffer"):
     ExpertStore.open(str(tmp_path / "none"))
+
+
+def test_an_expert_killed_between_its_files_is_absent_and_made_again(tmp_path, monkeypatch):
+  settings = {"dataset": "mnist"}
+  store = ExpertStore.create(str(tmp_path), settings, num_params=5, epochs=2)
+  traj = RNG.normal(size=(3, 5)).astype(np.float32)
+  store.add(0, traj, {"test_acc": 0.5})
+  real_bytes = kip.store._bytes
+
+  def killed(content, name):  # the process dies after the trajectory, before its record
+    if name == "record.json":
+      raise KeyboardInterrupt
+    return real_bytes(content, name)
+
+  monkeypatch.setattr(kip.store, "_bytes", killed)
+  with pytest.raises(KeyboardInterrupt):
+    store.add(1, traj + 1, {"test_acc": 0.6})
+  monkeypatch.setattr(kip.store, "_bytes", real_bytes)
+  assert store.experts() == [0]  # never half an expert
+  # A kill by signal leaves its temporary folder behind; the next open removes it.
+  (tmp_path / ".expert_002.x1.tmp").mkdir()
+  (tmp_path / ".expert_002.x1.tmp" / "trajectory.npy").write_bytes(b"half")
+  again = ExpertStore.open(str(tmp_path), settings, num_params=5, epochs=2)
+  assert again.experts() == [0] and not (tmp_path / ".expert_002.x1.tmp").exists()
+  again.add(1, traj + 1, {"test_acc": 0.6})
+  np.testing.assert_array_equal(again.trajectory(1), traj + 1)
+  assert again.record(1) == {"test_acc": 0.6}
+
+
+def test_a_store_in_the_old_flat_layout_is_refused_in_one_line(tmp_path):
+  ExpertStore.create(str(tmp_path), {"dataset": "mnist"}, num_params=5, epochs=2)
+  np.save(tmp_path / "expert_000.npy", np.zeros((3, 5), np.float32))
+  with pytest.raises(StoreMismatch, match="layout before experts were written as units"):
+    ExpertStore.open(str(tmp_path))
 
 
 def test_the_curriculum_grows_then_drops_the_easiest():

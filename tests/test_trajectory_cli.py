@@ -32,7 +32,7 @@ def test_a_buffer_then_mtt(tmp_path, manual_dir, data_dir, run_in_process):
   assert made.returncode == 0, made.stderr
   store = json.loads((plain / "store.json").read_text())
   assert store["epochs"] == 3 and store["settings"]["train_size"] == 300
-  assert np.load(plain / "expert_000.npy").shape == (4, store["num_params"])
+  assert np.load(plain / "expert_000" / "trajectory.npy").shape == (4, store["num_params"])
   assert not (plain / "work" / "expert_000").exists()
   # Another setting in the same store is refused, in one line; nothing is trained.
   clash = run_in_process("experiments.buffer",
