@@ -31,9 +31,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kip.datasets import DATASETS, FOLDER_DATASETS, DataError, check_dataset
+from kip.files import atomic_write, file_lock
+
 __all__ = [
     "DATASETS",
+    "FOLDER_DATASETS",
     "DataError",
+    "check_dataset",
     "Split",
     "Preprocessor",
     "load_dataset",
@@ -46,26 +51,10 @@ __all__ = [
     "sample_target_batch",
 ]
 
-# tfds name -> (image shape, number of classes); what the loaders and file checks agree on.
-DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
-    "mnist": ((28, 28, 1), 10),
-    "fashion_mnist": ((28, 28, 1), 10),
-    "cifar10": ((32, 32, 3), 10),
-    "cifar100": ((32, 32, 3), 100),
-    "svhn_cropped": ((32, 32, 3), 10),
-    "mhist": ((224, 224, 3), 2),  # not in tfds: read from its published folder (`load_mhist`)
-}
-# Datasets read from a folder in their own published layout under `manual_dir/<name>/`.
-FOLDER_DATASETS = ("mhist",)
-
 MANUAL_DIR_ENV = "KIP_MANUAL_DIR"
 DATA_DIR_ENV = "KIP_DATA_DIR"
 # The decoded splits, written beside tfds' prepared files after the first load.
 ARRAY_CACHE = "kip_arrays.npz"
-
-
-class DataError(ValueError):
-  """A problem with the data a user asked for (unknown name, missing files)."""
 
 
 class Split(NamedTuple):
@@ -73,12 +62,6 @@ class Split(NamedTuple):
 
   images: np.ndarray
   labels: np.ndarray
-
-
-def check_dataset(name: str) -> tuple[tuple[int, int, int], int]:
-  if name not in DATASETS:
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-  return DATASETS[name]
 
 
 def _raw_files(builder) -> list[str]:
@@ -119,8 +102,6 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
       raise _download_error(name, builder, f"no connection to {unreachable}")
   # Two processes sharing a data dir (parallel tests, two runs at once) build it once: the
   # second waits for the first and then finds it prepared.
-  from kip.io import file_lock  # noqa: PLC0415  (kip.io imports this module)
-
   with file_lock(os.path.join(builder.data_dir_root, f"{name}.lock")):
     if builder.is_prepared():
       return tfds.builder(name, data_dir=data_dir)
@@ -217,8 +198,6 @@ def _read_array_cache(name: str, data_dir: str | None) -> dict[str, Split] | Non
 def _write_array_cache(folder: str, splits: dict[str, Split]) -> None:
   """Writes the decoded splits to `folder/ARRAY_CACHE` atomically; a folder that cannot be
   written (read-only, remote) just goes without."""
-  from kip.io import atomic_write  # noqa: PLC0415  (kip.io imports this module)
-
   with contextlib.suppress(OSError):
     atomic_write(os.path.join(folder, ARRAY_CACHE),
                  {f"{split}_{part}": getattr(splits[split], part)

@@ -40,6 +40,8 @@ import zipfile
 
 import numpy as np
 
+from kip.datasets import DATASETS
+
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
            "DC_STATS", "FREPO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
            "to_nhwc"]
@@ -549,7 +551,6 @@ def _labels(raw: np.ndarray, n: int, path: str, dataset: str | None, key: str,
 
 
 def _num_classes(dataset: str | None) -> int | None:
-  from kip.data import DATASETS  # noqa: PLC0415  (kip.data imports TensorFlow lazily only)
   return DATASETS[dataset][1] if dataset in DATASETS else None
 
 
