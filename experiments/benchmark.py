@@ -2,73 +2,75 @@
 
   python -m experiments.benchmark --methods dm,datadam --dataset mnist --ipc 1,10 --seeds 5
 
-Every cell is a command of this project run in its own workdir under --root, so an interrupted
-benchmark resumes cell by cell and a finished cell is read back, not redone (only for the
-settings it was made with: a workdir holding a run with others is refused, naming them):
+It plans cells and makes the table; each cell is this project's commands, each in its own workdir
+under --root, so an interrupted cell resumes and a finished one is read back, not redone (only for
+the settings it was made with: a workdir holding a run with others is refused, naming them):
   distillation  <root>/<method>-<dataset>-ipc<ipc>                (experiments.<method>)
   coresets      <root>/coreset-<select>-<dataset>-ipc<ipc>        (experiments.coreset)
   expert store  the trajectory methods' default (experiments.buffer; PAD's with its curriculum)
   evaluation    <cell>/transfer-<protocol>[-<net>]               (experiments.transfer)
-  full data     <root>/full-<dataset>[-steps<N>]/transfer-<protocol>[-<net>]  (N: --full-steps)
-The same layout as `bench.methods`, so sets distilled there are reused here. Imported sets
-(`--sets`, any format `kip.io` reads: RFAD, FRePo, DC/DSA/DM, MTT/DATM/PAD, DC-Bench, KIP/LS) are
-evaluated in <root>/imported-<name>/. Rows: each method, each imported set, the coresets (random,
-herding, k-center) and the full training split; columns: accuracy (mean +- std over --seeds
-networks), the published figure where ANCHORS.md has one for the same dataset and size (ConvNet
-rows; with the protocol it was measured under; for an imported DC file, the accuracy it records),
-the gap, and the training time of the evaluation.
+  full data     <root>/full-<dataset>[-steps<N>]/transfer-<protocol>[-<net>]  (N: --full-steps;
+                its network is sized by a random 1-per-class set in <cell>/support)
+The layout of `bench.methods`, so sets distilled there are reused. Imported sets (`--sets`, any
+format `kip.io` reads) are evaluated in <root>/imported-<name>/. Columns: accuracy (mean +- std
+over --seeds networks), the published figure of bench/published.json for the same method, dataset
+and size (ConvNet rows; with the evaluation it was measured under; for an imported DC file, the
+accuracy it records), the gap, and the evaluation's training time.
 
-Writes <out>/benchmark.md (the table), benchmark.json (every number with the workdir it came
-from) and benchmark.png (accuracy, and the images one network trains on, against images per
-class, one line per method and network); with a full-data row, the smallest set within a point of
-it and its training saving, counted in images processed (steps x batch) beside the wall times;
---readme FILE replaces the table between `<!-- benchmark:begin -->` and `<!-- benchmark:end -->`.
---table-only writes them from the cells finished so far and lists the rest, running nothing (the
-progress of a benchmark that spans days, e.g. while it runs in another process).
+Cells run one after another, --workers N at once (threads, each waiting on its cell's commands),
+or as a SLURM job array: --slurm FILE writes one (a cell per task, this command with --cell
+<index>) and runs nothing; once it is done, this command with --table-only reads every cell back.
+A cell's commands die with the benchmark (Ctrl-C, SIGTERM, or killed outright). A cell and an
+expert store are locked (flock, `.locks/` beside them) while a command works on them, until the
+command is gone, so workers or tasks that need one expert store take turns.
 
-Several processes can share the work: give the same command in each (one per GPU, or two on
-this project's 2-core CPU). A cell is locked while one process works on it (`<root>/.locks/`,
-an expert store in `.locks/` beside it); the others pass to the next free cell, and once through
-their list wait for the cells still held elsewhere and read them back, so every process ends
-with the whole table (a cell whose process died is taken over). The lock is `flock`: processes
-on one machine, or hosts sharing a filesystem whose locks work across them.
+Writes <out>/benchmark.md (the table; with a full-data row, the smallest set within a point of
+it and its training saving in images processed), benchmark.json (every number with the folder it
+came from) and benchmark.png (accuracy and images per network against images per class);
+--readme FILE replaces the table between `<!-- benchmark:begin -->` and `<!-- benchmark:end -->`
+of a markdown file (this project's: docs/results.md). --archive DIR (committed) keeps what a fresh
+checkout reads the table back from: the evaluations' transfer.json and config.json, a distilled
+set's config.json, final_metrics.json and, when small, distilled.npz (restored into --root when a
+new evaluation needs it); never checkpoints, expert stores or a command in progress.
 
-Presets: cpu (default) runs every method at its own CPU preset and evaluates at the protocol's
-published schedule (dc: 1000 epochs on MNIST-sized sets with DC's augmentation), the full split
-capped at --full-steps; on this project's 2-core CPU one method at 1 and 10 images per class on
-one dataset takes one to two hours (distillation 3-50 min per set; a 5-seed dc evaluation at
-10 per class about 12 min with ConvNet-3 of width 32, --transfer-args "--width 32", 50 min at
-the protocol's 128; of an MLP about a minute). paper runs every method and evaluation at
+--preset cpu (default) runs each method at its CPU preset and evaluates at the protocol's
+published schedule, the full split capped at --full-steps: on this project's 2-core CPU one
+method at 1 and 10 images per class on one dataset takes one to two hours (a 5-seed dc evaluation
+at 10 per class about 12 min with --transfer-args "--width 32"). paper: every command at
 `--preset paper` (GPU-sized).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib
+import itertools
 import json
 import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from kip import cli
-from kip.io import atomic_write, file_lock, write_json
-from kip.loop import latest_checkpoint
+from kip.io import atomic_write, write_json
 from kip.nets import NETS
 from kip.train import PROTOCOLS
 from methods.coreset import SELECTIONS
 
 f = cli.field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED = os.path.join(ROOT, "bench", "published.json")
 
 # Methods with a command `experiments.<name>` that writes <workdir>/distilled.npz with labels.
 METHODS = ("kip", "label_solve", "frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")
@@ -76,27 +78,9 @@ _PRESETS = ("frepo", "rfad", "dm", "datadam", "mtt", "datm", "pad")  # take --pr
 _TRAJECTORY = {"mtt": {}, "datm": {}, "pad": {"curriculum": "pad"}}  # their stores' flags
 
 FULL_STEPS = 2000  # the full-data row's default budget (8.5 epochs of MNIST at batch 256)
-
-# Published accuracy of networks trained on the distilled sets, ipc -> %, from ANCHORS.md
-# (verified in the papers or their code); the protocol each was measured under.
-PUBLISHED = {
-    ("kip", "mnist"): ({1: 90.1, 10: 97.5, 50: 98.3}, "KIP finite ConvNet (width 1024, MSE)"),
-    ("kip", "fashion_mnist"): ({1: 73.5, 10: 86.8, 50: 88.0}, "KIP finite ConvNet"),
-    ("label_solve", "mnist"): ({1: 73.35, 10: 96.39, 50: 98.28},
-                               "ConvNet-kernel regression on the released LS sets"),
-    ("label_solve", "fashion_mnist"): ({1: 65.30, 10: 80.84, 50: 86.85},
-                                       "ConvNet-kernel regression on the released LS sets"),
-    ("frepo", "mnist"): ({1: 93.0, 10: 98.6, 50: 99.2}, "FRePo's"),
-    ("frepo", "fashion_mnist"): ({1: 75.6, 10: 86.2, 50: 89.6}, "FRePo's"),
-    ("rfad", "mnist"): ({1: 94.4, 10: 98.5, 50: 98.8}, "RFAD finite (width 1024)"),
-    ("rfad", "fashion_mnist"): ({1: 78.6, 10: 87.0, 50: 88.8}, "RFAD finite"),
-    ("dm", "mnist"): ({1: 89.7, 10: 97.5, 50: 98.6}, "DSA/DM ConvNet-3"),
-    ("dm", "fashion_mnist"): ({1: 70.6, 10: 83.5, 50: 88.1}, "DSA/DM ConvNet-3"),
-    ("datadam", "mnist"): ({10: 88.36}, "the MNIST report (50 epochs, cosine)"),
-    ("pad", "mnist"): ({1: 49.97, 10: 90.55, 100: 97.04}, "the MNIST report (50 epochs, cosine)"),
-    ("full", "mnist"): ({0: 99.6}, "DC/DM ConvNet-3"),
-    ("full", "fashion_mnist"): ({0: 93.5}, "DC/DM ConvNet-3"),
-}
+FINAL = "final_metrics.json"  # an archived set's summary of its metrics.jsonl
+ARCHIVED_SET_BYTES = 100_000  # larger sets stay in --root (the repository keeps small files)
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,24 +108,23 @@ class Config:
   root: str = f("runs/benchmark", "workdirs of every cell")
   out: str = f("", "where the table, JSON and figure go (default: --root)")
   archive: str = f("", "a folder (e.g. <out>/cells, committed) that keeps each finished cell's "
-                       "distilled set and reports (distilled.npz, config.json, metrics.jsonl, "
-                       "transfer.json; a coreset's images are remade in seconds) and the "
-                       "trajectory methods' expert stores, and restores from it what is missing "
-                       "under --root and runs/buffers, so the table's command reads back (or "
-                       "goes on) on a fresh checkout; of a command still running (every minute) "
-                       "or stopped short, also its latest checkpoint, so a fresh checkout "
-                       "resumes it there")
+                       "summary (its evaluations' transfer.json and config.json; a distilled "
+                       "set's config.json, final metrics and, up to 100 kB, distilled.npz), "
+                       "from which a fresh checkout reads the table back")
   readme: str = f("", "also replace the table between `<!-- benchmark:begin -->` and "
-                      "`<!-- benchmark:end -->` in this file")
+                      "`<!-- benchmark:end -->` in this markdown file (e.g. docs/results.md)")
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
   transfer_args: str = f("", "extra flags for every evaluation (experiments.transfer)")
+  workers: int = f(1, "cells run at once on this machine (each its own processes)", minimum=1)
+  slurm: str = f("", "write a SLURM job-array script to this file (one cell per array task, "
+                     "--cell $SLURM_ARRAY_TASK_ID) and run nothing; submit it with `sbatch "
+                     "[resources] FILE`, then run this command with --table-only")
+  cell: int = f(-1, "run only the cell at this index of the plan (0-based, as --dry-run and "
+                    "--slurm number them) and write no table; -1: every cell", minimum=-1)
   dry_run: bool = f(False, "list the commands that would run, run none")
   table_only: bool = f(False, "run nothing: write the table, JSON, figure (and --readme) from "
                               "the cells finished so far, read back from --root or --archive, "
-                              "and list the cells still to run (a long benchmark's progress)")
-  in_process: bool = f(False, "run the commands in this process instead of one process each "
-                              "(faster to start, as the tests do; a long benchmark is safer in "
-                              "separate processes)")
+                              "and list the cells still to run")
   progress: bool = f(True, "progress bars of the commands run")
   manual_dir: str = f("", "offline: folder with <dataset>/ raw tfds files (or $KIP_MANUAL_DIR)")
   data_dir: str = f("", "where tfds keeps prepared datasets (or $KIP_DATA_DIR)")
@@ -163,6 +146,9 @@ class Cell:
   workdir: str
   support: str
   recorded: float | None = None  # an imported file's own accuracy (DC's accs_all_exps), %
+
+  def label(self) -> str:
+    return f"{self.name} {self.dataset}" + (f" ipc {self.ipc}" if self.ipc else "")
 
 
 def _split(text: str) -> list[str]:
@@ -193,6 +179,8 @@ def check(config: Config) -> None:
   if not (_split(config.methods) or _split(config.sets) or _split(config.coresets)
           or config.full):
     raise cli.UserError("nothing to benchmark: give --methods, --sets, --coresets or --full")
+  if config.readme:
+    replace_block(config.readme)
 
 
 def plan(config: Config) -> list[Cell]:
@@ -231,79 +219,117 @@ def plan(config: Config) -> list[Cell]:
                       os.path.join(config.root, f"imported-{name}"), path, recorded))
   if config.full:
     for dataset in _split(config.dataset) or sorted({c.dataset for c in cells}):
-      support = next((c.support for c in cells if c.dataset == dataset), "")
       budget = "" if config.full_steps == FULL_STEPS else f"-steps{config.full_steps}"
-      cells.append(Cell("full", "full", dataset, 0,
-                        os.path.join(config.root, f"full-{dataset}{budget}"), support))
+      workdir = os.path.join(config.root, f"full-{dataset}{budget}")
+      cells.append(Cell("full", "full", dataset, 0, workdir,
+                        os.path.join(workdir, "support", "distilled.npz")))
   return cells
 
 
+def evaluations(config: Config) -> list[tuple[str, str]]:
+  """(protocol, net) of every evaluation of a cell, in the table's order."""
+  return [(p, n) for p in _split(config.protocol) for n in _split(config.nets)]
+
+
+# Running commands
+
+# How a command starts on Linux: SIGTERM to it when the thread that started it ends, however it
+# ends (SIGKILL of the benchmark too): PR_SET_PDEATHSIG, which exec keeps; exit at once if that
+# thread is already gone. (Set here rather than in a preexec_fn: forking a multithreaded process
+# to run Python code in the child can deadlock, and JAX warns of it.)
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
 class Runner:
-  """Runs this project's commands as subprocesses (`runs_nothing`: only lists them)."""
+  """Runs this project's commands as subprocesses, from any thread (`runs_nothing`: lists them);
+  `stop()` ends the ones running and starts no more."""
 
   def __init__(self, config: Config):
-    self.config = config
-    self.ran: list[str] = []
-    self.data = []
-    if config.manual_dir:
-      self.data += ["--manual-dir", config.manual_dir]
-    if config.data_dir:
-      self.data += ["--data-dir", config.data_dir]
+    self.config, self.ran, self.stopped, self.held = config, [], False, threading.local()
+    self.extra = ((["--manual-dir", config.manual_dir] if config.manual_dir else [])
+                  + (["--data-dir", config.data_dir] if config.data_dir else [])
+                  + ([] if config.progress else ["--no-progress"]))
+    self._children, self._lock = set(), threading.Lock()
 
-  def __call__(self, module: str, *args: str, watch: str = "") -> None:
-    """Runs `python -m module args`; `watch`: the run's workdir, whose progress (its latest
-    checkpoint) goes into --archive every PROGRESS_EVERY seconds and when the command stops short
-    (a finished one is archived by the caller)."""
-    argv = [module, *args, *self.data] + ([] if self.config.progress else ["--no-progress"])
-    line = "python -m " + " ".join(shlex.quote(a) for a in argv)
+  def __call__(self, module: str, *args: str) -> None:
+    """Runs `python -m module args` to its end; it inherits the locks its thread holds, so they
+    are let go only once it is gone too."""
+    argv = [module, *args, *self.extra]
+    line = "python -m " + shlex.join(argv)
     self.ran.append(line)
     cli.log(f"$ {line}")
     if self.config.runs_nothing:
       return
-    finished = False
+    with self._lock:
+      if self.stopped:
+        raise cli.UserError(f"not started, the benchmark is stopping: {line}")
+      launch = ("-c", _DIE_WITH_PARENT, str(os.getpid())) if sys.platform == "linux" else ()
+      child = subprocess.Popen([sys.executable, *launch, "-m", *argv],
+                               pass_fds=getattr(self.held, "fds", ()))
+      self._children.add(child)
     try:
-      if self.config.in_process:
-        importlib.import_module(module).main(argv[1:])
-        code = 0
-      else:
-        code = self._watched([sys.executable, "-m", *argv], watch)
-      finished = code == 0
-    finally:
-      if not finished:  # stopped short: its progress is kept for a fresh checkout
-        archive_progress(watch, self.config)
+      code = child.wait()
+    finally:  # left early (Ctrl-C, SIGTERM in this thread): the command is stopped too
+      _end(child)
+      with self._lock:
+        self._children.discard(child)
     if code:
       raise cli.UserError(f"failed (exit {code}): {line}")
 
-  def _watched(self, command: list[str], watch: str) -> int:
-    """Runs `command` to its end (its exit code), keeping `watch`'s progress in the archive every
-    PROGRESS_EVERY seconds. Stopped (Ctrl-C, SIGTERM), it stops the command too, at its last
-    atomic checkpoint, instead of leaving it running unwatched beside a rerun."""
-    with subprocess.Popen(command, cwd=os.getcwd()) as child:
-      try:
-        while True:
-          try:
-            return child.wait(timeout=PROGRESS_EVERY)
-          except subprocess.TimeoutExpired:
-            self._keep_progress(watch)
-      except BaseException:
-        child.terminate()
-        child.wait()
-        raise
+  def stop(self) -> None:
+    with self._lock:
+      self.stopped, children = True, list(self._children)
+    for child in children:
+      _end(child)
 
-  def _keep_progress(self, watch: str) -> None:
+
+def _end(child: subprocess.Popen) -> None:
+  """Terminates `child` if it runs (SIGTERM: it stops at its last checkpoint); killed after 30 s."""
+  if child.poll() is None:
+    child.terminate()
     try:
-      archive_progress(watch, self.config)
-    except OSError as error:  # the command goes on; the archive catches up later
-      cli.log(f"could not keep {watch}'s progress in the archive: {error}")
+      child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      child.kill()
+      child.wait()
 
 
-def _method_args(config: Config) -> dict[str, list[str]]:
-  out = {}
-  for item in (s for s in config.method_args.split(";") if s.strip()):
-    name, _, flags = item.partition("=")
-    out[name.strip()] = shlex.split(flags)
-  return out
+@contextlib.contextmanager
+def held(folder: str, run: Runner):
+  """Holds `folder`'s lock (`.locks/<name>.lock` beside it), waiting while another process or
+  worker holds it. The commands `run` starts meanwhile in this thread inherit it: it is let go
+  once this process and they have all closed it (a benchmark killed outright keeps its cell
+  locked until its command has died too). Nothing is locked when nothing runs."""
+  if run.config.runs_nothing:
+    yield
+    return
+  import fcntl  # noqa: PLC0415
 
+  path = os.path.join(os.path.dirname(os.path.abspath(folder)), ".locks",
+                      os.path.basename(os.path.normpath(folder)) + ".lock")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as handle:  # closed, never unlocked: a command inheriting it keeps it
+    for waited in itertools.count():
+      try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if run.stopped:
+          raise cli.UserError(f"stopped while waiting for {folder}") from None
+        if waited == 0:
+          cli.log(f"{folder}: another benchmark process or worker is on it; waiting")
+        time.sleep(1)
+    fds = getattr(run.held, "fds", ())
+    run.held.fds = (*fds, handle.fileno())
+    try:
+      yield
+    finally:
+      run.held.fds = fds
+
+
+# Reading cells back
 
 def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
@@ -313,21 +339,24 @@ def _read_json(path: str) -> dict | None:
 
 
 def last_metrics(workdir: str) -> dict:
-  """The latest value of every metric in `workdir`/metrics.jsonl ({} without one)."""
+  """The latest value of every metric in `workdir`/metrics.jsonl (an archived set: its
+  final_metrics.json; {} without either)."""
   latest = {}
   path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          latest.update(json.loads(line))
+  if not os.path.exists(path):
+    return _read_json(os.path.join(workdir, FINAL)) or {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        latest.update(json.loads(line))
   return latest
 
 
 def distillation_finished(workdir: str, steps: int | None = None) -> bool:
-  """Whether `workdir` holds a finished run: its set, and its last step at `steps` (default: its
-  configured steps; a run without steps is finished once its set exists)."""
-  if not os.path.exists(os.path.join(workdir, "distilled.npz")):
+  """Whether `workdir` holds a finished run: its set (an archived one: its final metrics), and
+  its last step at `steps` (default: its configured steps; a run without steps is finished once
+  its set exists)."""
+  if not any(os.path.exists(os.path.join(workdir, n)) for n in ("distilled.npz", FINAL)):
     return False
   recorded = _read_json(os.path.join(workdir, "config.json")) or {}
   steps = recorded.get("steps") if steps is None else steps
@@ -375,208 +404,175 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
   return wanted
 
 
-@contextlib.contextmanager
-def claimed(folder: str, config: Config, wait: bool):
-  """Holds `folder`'s lock (in `.locks/` beside it) for this process: yields True once held, or
-  False at once when another process holds it and `wait` is False. Nothing is locked when
-  nothing runs (`runs_nothing`)."""
-  if config.runs_nothing:
-    yield True
-    return
-  path = os.path.join(os.path.dirname(os.path.abspath(folder)), ".locks",
-                      os.path.basename(os.path.normpath(folder)) + ".lock")
-  with file_lock(path, wait=wait) as held:
-    yield held
+def archived(path: str, config: Config) -> str:
+  """Where --archive keeps `path` (under --root)."""
+  return os.path.join(config.archive, os.path.relpath(path, config.root))
 
 
-def make_set(cell: Cell, config: Config, run: Runner, extra: dict, wait: bool = True) -> str:
-  """The cell's distilled.npz, made unless a finished run with the same settings is in its
-  workdir; returns how it was obtained ("reused" or "made"), or "busy" when its expert store is
-  being made by another process and `wait` is False."""
-  if cell.kind in ("set", "full"):
-    return "reused"
-  if cell.kind == "coreset":
-    module = "experiments.coreset"
-    args = ["--dataset", cell.dataset, "--ipc", str(cell.ipc), "--select", cell.name,
-            "--workdir", cell.workdir]
-  else:
-    module = f"experiments.{cell.name}"
-    args = ["--dataset", cell.dataset, "--ipc", str(cell.ipc), "--workdir", cell.workdir,
-            *(["--preset", config.preset] if cell.name in _PRESETS else []),
-            *extra.get(cell.name, [])]
-  # `steps` may grow: a finished run is then extended by its own command.
-  wanted = check_settings(cell.workdir, module, args, ignore=("steps",))
-  if distillation_finished(cell.workdir, getattr(wanted, "steps", None)):
-    return "reused"
-  if config.table_only:
-    return "pending"
-  if cell.name in _TRAJECTORY and cell.kind == "method":
-    from experiments.buffer import default_buffer  # noqa: PLC0415
-
-    flags = _TRAJECTORY[cell.name]
-    store = default_buffer(cell.dataset, config.preset, **flags)
-    with claimed(store, config, wait) as mine:
-      if not mine:
-        return "busy"
-      restore(store, config)
-      run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
-          *(a for k, v in flags.items() for a in (f"--{k}", v)), watch=store)
-      archive(store, config)
-  # Only distilled sets are kept: a coreset is remade in seconds.
-  run(module, *args, watch=cell.workdir if cell.kind == "method" else "")
-  return "made"
+def locate(path: str, config: Config) -> str:
+  """`path` (under --root) if it exists, else its archived copy if that exists, else `path`."""
+  kept = archived(path, config) if config.archive else path
+  return kept if not os.path.exists(path) and os.path.exists(kept) else path
 
 
-# The files the archive keeps: what a cell's read-back needs (the set and how it was made, for
-# distillation_finished; the distillation's wall time; the evaluation's report) and an expert
-# store's finished experts (and a PAD store's difficulty scores, which order its next expert).
-# Of a run still going (or cut off), its progress too: the latest checkpoint of each run folder
-# in it with that folder's metrics.jsonl, so a fresh checkout resumes the run instead of
-# starting it again; a finished folder's progress is dropped.
-_KEPT = re.compile(r"distilled\.npz|config\.json|metrics\.jsonl|transfer\.json|store\.json"
-                   r"|expert_\d+\.(npy|json)|difficulty\.npy")
-PROGRESS_EVERY = 60.0  # seconds between copies of a running command's progress into --archive
-
-
-def archived(folder: str, config: Config) -> str:
-  """Where the archive keeps `folder` (a workdir under --root, or an expert store)."""
-  if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "buffers":
-    return os.path.join(config.archive, "buffers", os.path.basename(folder))
-  return os.path.join(config.archive, os.path.relpath(folder, config.root))
-
-
-def restore(folder: str, config: Config) -> None:
-  """Copies `folder`'s archived files (and the progress of a run cut off) back when the folder
-  does not exist (a fresh checkout); a folder that exists, finished or interrupted, is left to
-  its own run."""
-  source = archived(folder, config) if config.archive else ""
-  if not source or os.path.exists(folder) or not os.path.isdir(source):
-    return
-  for here in _own_folders(source):  # what the archive holds was kept on purpose: all of it
-    for name in sorted(os.listdir(here)):
-      if os.path.isfile(os.path.join(here, name)):
-        _copy_file(os.path.join(here, name), os.path.join(folder, os.path.relpath(here, source),
-                                                          name))
-  cli.log(f"restored {folder} from {source}")
-
-
-def archive(folder: str, config: Config) -> None:
-  """Copies `folder`'s finished files into the archive and drops the progress kept for it."""
-  if config.archive and not config.runs_nothing and os.path.isdir(folder):
-    target = archived(folder, config)
-    _copy_kept(folder, target)
-    for name in sorted(os.listdir(target)):
-      if os.path.isdir(os.path.join(target, name)) and not name.startswith("transfer-"):
-        shutil.rmtree(os.path.join(target, name))
-
-
-def archive_progress(folder: str, config: Config) -> None:
-  """Keeps the progress of the run(s) in `folder`: for every folder under it with checkpoints,
-  its latest checkpoint (older ones kept before are removed) and then its metrics.jsonl, so the
-  kept metrics reach at least the kept checkpoint (a resumed run drops records past it); and the
-  kept files of `folder` itself."""
-  if not folder or not config.archive or config.runs_nothing or not os.path.isdir(folder):
-    return
-  target = archived(folder, config)
-  for here in _own_folders(folder):
-    latest = latest_checkpoint(here)
-    if latest is None:
-      continue
-    kept = os.path.join(target, os.path.relpath(here, folder))
-    name = os.path.basename(latest[1])
-    _copy_file(latest[1], os.path.join(kept, "checkpoints", name))
-    for old in os.listdir(os.path.join(kept, "checkpoints")):
-      if old != name:
-        os.remove(os.path.join(kept, "checkpoints", old))
-    _copy_kept(here, kept)
-  _copy_kept(folder, target)
-
-
-def _own_folders(folder: str):
-  """`folder` and the folders under it, but not its evaluations (`transfer-*`: kept on their
-  own)."""
-  for here, dirs, _ in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("transfer-"))
-    yield here
-
-
-def _copy_kept(source: str, target: str) -> None:
-  """Copies the files of `source` that _KEPT names into `target`, rewriting only those whose
-  bytes differ (a committed archive is not touched when nothing changed)."""
-  for name in sorted(os.listdir(source)):
-    path = os.path.join(source, name)
-    if _KEPT.fullmatch(name) and os.path.isfile(path):
-      _copy_file(path, os.path.join(target, name))
-
-
-def _copy_file(path: str, kept: str) -> None:
-  with open(path, "rb") as f:
-    content = f.read()
-  if os.path.isfile(kept):
-    with open(kept, "rb") as f:
-      if f.read() == content:
-        return
-  atomic_write(kept, content)
+def set_command(cell: Cell, config: Config) -> tuple[str, list[str]] | None:
+  """(module, args) of the command that makes the cell's set (None: an imported file)."""
+  if cell.kind == "set":
+    return None
+  if cell.kind in ("coreset", "full"):  # the full row's: a random set that sizes its network
+    select, ipc = (cell.name, cell.ipc) if cell.kind == "coreset" else ("random", 1)
+    return "experiments.coreset", ["--dataset", cell.dataset, "--ipc", str(ipc), "--select",
+                                   select, "--workdir", os.path.dirname(cell.support)]
+  extra = dict(item.partition("=")[::2] for item in config.method_args.split(";") if item.strip())
+  return f"experiments.{cell.name}", [
+      "--dataset", cell.dataset, "--ipc", str(cell.ipc), "--workdir", cell.workdir,
+      *(["--preset", config.preset] if cell.name in _PRESETS else []),
+      *shlex.split({k.strip(): v for k, v in extra.items()}.get(cell.name, ""))]
 
 
 def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
   return os.path.join(cell.workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}"))
 
 
-def evaluate(cell: Cell, protocol: str, net: str, config: Config, run: Runner) -> tuple:
-  """(the row of transfer.json, "reused" | "made"): a finished evaluation with the same settings
-  and at least --seeds networks is read back; otherwise experiments.transfer runs (and
-  resumes)."""
-  tdir = transfer_dir(cell, protocol, net)
-  restore(tdir, config)
-  row_name = "full" if cell.kind == "full" else "distilled"
-  seeds = config.full_seeds if cell.kind == "full" else config.seeds
-  rows = (["--no-distilled", "--baselines", "full", "--full-steps", str(config.full_steps)]
-          if cell.kind == "full" else ["--baselines", "none"])
-  args = ["--support", cell.support, "--dataset", cell.dataset, "--protocol", protocol,
-          "--net", net, "--seeds", str(seeds), "--preset", config.preset, "--workdir", tdir,
-          *rows, *shlex.split(config.transfer_args)]
-  # The full row's --support only sizes its network (any set of the dataset will do).
-  # A dry run makes no set, nor does --table-only (a coreset is not kept in the archive: its
-  # evaluation is read back without it): one that does not exist has no content to compare.
+def transfer_command(cell: Cell, protocol: str, net: str, config: Config) -> list[str]:
   full = cell.kind == "full"
-  unmade = config.runs_nothing and not os.path.exists(cell.support)
-  check_settings(tdir, "experiments.transfer", args, ignore=("support",) if full else (),
-                 inputs=None if full or unmade else {"support": cell.support})
-  row = _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds)
-  if row is not None:
-    return row, "reused"
-  if config.table_only:
-    return None, "pending"
-  run("experiments.transfer", *args, watch=tdir)
-  if config.dry_run:
-    return None, "dry run"
-  return _row(_read_json(os.path.join(tdir, "transfer.json")), row_name, seeds), "made"
+  rows = (["--no-distilled", "--baselines", "full", "--full-steps", str(config.full_steps)]
+          if full else ["--baselines", "none"])
+  return ["--support", cell.support, "--dataset", cell.dataset, "--protocol", protocol,
+          "--net", net, "--seeds", str(config.full_seeds if full else config.seeds),
+          "--preset", config.preset, "--workdir", transfer_dir(cell, protocol, net), *rows,
+          *shlex.split(config.transfer_args)]
 
 
-def _row(report: dict | None, name: str, seeds: int) -> dict | None:
-  for row in (report or {}).get("rows", []):
-    if row["row"] == name and len(row["seeds"]) >= seeds:
-      return row
-  return None
+def read_cell(cell: Cell, config: Config) -> tuple[int | None, bool, dict]:
+  """What of `cell` is finished, in --root or else the archive: (the steps its set is asked
+  for, whether that set is finished, {(protocol, net): (the row of its transfer.json, the folder
+  read), or None}). Evaluations are read with the settings and at least the networks asked for,
+  a method's only once its set is finished; a record with other settings is refused."""
+  steps, finished, command = None, True, set_command(cell, config)
+  if command:  # `steps` may grow: a finished run is then extended by its own command
+    source = locate(os.path.dirname(cell.support), config)
+    steps = getattr(check_settings(source, *command, ignore=("steps",)), "steps", None)
+    finished = distillation_finished(source, steps)
+  full = cell.kind == "full"
+  # The full row's support only sizes its network; a set kept nowhere (a coreset, a large set)
+  # cannot be compared by content, and its path is no setting.
+  support = locate(cell.support, config)
+  inputs = None if full or not os.path.exists(support) else {"support": support}
+  name, seeds = ("full", config.full_seeds) if full else ("distilled", config.seeds)
+  found = dict.fromkeys(evaluations(config))
+  for protocol, net in found if finished or cell.kind != "method" else ():
+    source = os.path.dirname(locate(os.path.join(transfer_dir(cell, protocol, net),
+                                                 "transfer.json"), config))
+    check_settings(source, "experiments.transfer", transfer_command(cell, protocol, net, config),
+                   ignore=("support",) if inputs is None else (), inputs=inputs)
+    rows = (_read_json(os.path.join(source, "transfer.json")) or {}).get("rows", [])
+    found[protocol, net] = next(((r, source) for r in rows
+                                 if r["row"] == name and len(r["seeds"]) >= seeds), None)
+  return steps, finished, found
+
+
+def run_cell(cell: Cell, config: Config, run: Runner, made: set[str]) -> None:
+  """Makes what `cell` is missing (read again once its lock is held): its set, unless every
+  evaluation that needs it is read back (an archived set is restored, not remade), after the
+  expert store it needs; its evaluations. Each folder made goes into `made`, the cell's
+  summaries into --archive."""
+  with held(cell.workdir, run):
+    steps, _, found = read_cell(cell, config)
+    missing = [k for k, v in found.items() if v is None]
+    command = set_command(cell, config)
+    if missing and command and not distillation_finished(
+        os.path.dirname(cell.support), steps) and not restore(cell, config):
+      if cell.kind == "method" and cell.name in _TRAJECTORY:
+        from experiments.buffer import default_buffer  # noqa: PLC0415
+
+        flags = _TRAJECTORY[cell.name]
+        with held(default_buffer(cell.dataset, config.preset, **flags), run):
+          run("experiments.buffer", "--dataset", cell.dataset, "--preset", config.preset,
+              *(a for k, v in flags.items() for a in (f"--{k}", v)))
+      run(command[0], *command[1])
+      made.add(cell.workdir)
+    for protocol, net in missing:
+      if read_cell(cell, config)[2][protocol, net] is None:  # read again: its set may be new
+        run("experiments.transfer", *transfer_command(cell, protocol, net, config))
+        made.add(transfer_dir(cell, protocol, net))
+  archive(cell, config)
+
+
+# The archive: summaries only
+
+def archive(cell: Cell, config: Config) -> None:
+  """Copies `cell`'s finished summaries into --archive (see the module's docstring); files whose
+  bytes are unchanged are not rewritten."""
+  if not config.archive or config.runs_nothing:
+    return
+  for protocol, net in evaluations(config):
+    tdir = transfer_dir(cell, protocol, net)
+    if os.path.exists(os.path.join(tdir, "transfer.json")):
+      for name in ("config.json", "transfer.json"):
+        _keep(os.path.join(tdir, name), archived(tdir, config))
+  if cell.kind == "method" and distillation_finished(cell.workdir):
+    target = archived(cell.workdir, config)
+    _keep(os.path.join(cell.workdir, "config.json"), target)
+    _write(os.path.join(target, FINAL),
+           json.dumps(last_metrics(cell.workdir), indent=1).encode() + b"\n")
+    if os.path.getsize(cell.support) <= ARCHIVED_SET_BYTES:
+      _keep(cell.support, target)
+
+
+def restore(cell: Cell, config: Config) -> bool:
+  """Copies an archived set (distilled.npz, config.json, its final metrics as metrics.jsonl)
+  into --root when its workdir does not exist there (a fresh checkout); whether it did."""
+  kept = archived(cell.workdir, config) if config.archive else ""
+  if (cell.kind != "method" or config.runs_nothing or os.path.exists(cell.workdir)
+      or not os.path.exists(os.path.join(kept, "distilled.npz"))):
+    return False
+  for name in ("distilled.npz", "config.json"):
+    _keep(os.path.join(kept, name), cell.workdir)
+  _write(os.path.join(cell.workdir, "metrics.jsonl"),
+         json.dumps(last_metrics(kept)).encode() + b"\n")
+  cli.log(f"restored {cell.workdir} from {kept}")
+  return True
+
+
+def _keep(path: str, folder: str) -> None:
+  with open(path, "rb") as f:
+    _write(os.path.join(folder, os.path.basename(path)), f.read())
+
+
+def _write(path: str, content: bytes) -> None:
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      if f.read() == content:
+        return
+  atomic_write(path, content)
+
+
+# The benchmark
+
+@functools.cache
+def _published() -> dict:
+  with open(PUBLISHED) as f:
+    return {(p["method"], p["dataset"], p["ipc"]): p for p in json.load(f)["figures"]}
 
 
 def published(cell: Cell, net: str) -> tuple[float | None, str]:
-  """The published figure for the cell's method, dataset and size, and the protocol it was
-  measured under; none for another architecture (every published figure is a ConvNet's)."""
+  """The published figure (bench/published.json) for the cell's method, dataset and size, and
+  the evaluation it was measured under; none for another architecture (every published figure
+  is a ConvNet's)."""
   if net.startswith(("mlp", "resnet")):
     return None, ""
   if cell.recorded is not None:
     return cell.recorded, "the authors', recorded in the file (ConvNet)"
-  key = ("full" if cell.kind == "full" else cell.name, cell.dataset)
-  table, protocol = PUBLISHED.get(key, ({}, ""))
-  value = table.get(cell.ipc)
-  return value, protocol if value is not None else ""
+  figure = _published().get(("full" if cell.kind == "full" else cell.name, cell.dataset,
+                              cell.ipc or None))
+  return (figure["value"], figure["evaluation"]) if figure else (None, "")
 
 
-def table_row(cell: Cell, protocol: str, net: str, row: dict, made: str, evaluated: str
-              ) -> dict:
-  """The table's row of one evaluation (`row`: its transfer.json row)."""
+def table_row(cell: Cell, protocol: str, net: str, found: tuple[dict, str], set_status: str,
+              evaluated: str, config: Config) -> dict:
+  """The table's row of one evaluation (`found`: its transfer.json row and folder)."""
+  row, source = found
   pub, pub_protocol = published(cell, row["net"])
   acc = 100 * row["test_acc_mean"]
   return {
@@ -589,76 +585,113 @@ def table_row(cell: Cell, protocol: str, net: str, row: dict, made: str, evaluat
           PROTOCOLS[protocol].batch_size, row["n_images"]),
       "published": pub, "published_protocol": pub_protocol,
       "gap": None if pub is None else acc - pub,
-      "distil_wall_time": last_metrics(cell.workdir).get("wall_time")
+      "distil_wall_time": last_metrics(locate(cell.workdir, config)).get("wall_time")
       if cell.kind == "method" else None,
-      "set": cell.support, "workdir": transfer_dir(cell, protocol, net),
-      "set_status": made, "evaluation_status": evaluated}
+      "set": cell.support, "workdir": source, "set_status": set_status,
+      "evaluation_status": evaluated}
 
 
 def run_benchmark(config: Config) -> dict:
+  """Plans the cells, runs what is missing (all of them, or --cell's), and reads every cell back
+  into the table; {} for --slurm and --cell, which write no table."""
   check(config)
-  os.makedirs(config.root, exist_ok=True)
-  run = Runner(config)
-  extra = _method_args(config)
   cells = plan(config)
-  evaluations = list(enumerate(((c, p, n) for c in cells for p in _split(config.protocol)
-                                for n in _split(config.nets)), 1))
-  found, pending = {}, {}  # by evaluation number: a table row; a cell not finished yet
-  prepared = {}
-
-  def run_cell(cell: Cell, wait: bool) -> bool:
-    """Makes (or reads back) `cell`'s set and evaluations; False, doing nothing, when another
-    process holds the cell (or its expert store) and `wait` is False."""
-    with claimed(cell.workdir, config, wait) as mine:
-      if not mine:
-        cli.log(f"{cell.workdir}: another benchmark process is on it; on to the next cell")
-        return False
-      for i, (c, protocol, net) in evaluations:
-        if c is not cell:
-          continue
-        name = (f"{cell.name} {cell.dataset} " + (f"ipc {cell.ipc} " if cell.ipc else "")
-                + f"{protocol} {net}")
-        cli.log(f"[{i}/{len(evaluations)}] {name}")
-        if cell.kind == "full" and not cell.support:
-          raise cli.UserError(f"the full-data row of {cell.dataset} needs a set of that "
-                              "dataset to size its evaluation: add a method, coreset or --sets")
-        if cell.workdir not in prepared:
-          # Only distilled sets are kept: a coreset is remade in seconds, the rest have no files.
-          if cell.kind == "method":
-            restore(cell.workdir, config)
-          made = make_set(cell, config, run, extra, wait)
-          if made == "busy":
-            cli.log(f"{cell.workdir}: its expert store is being made by another benchmark "
-                    "process; on to the next cell")
-            return False
-          prepared[cell.workdir] = made
-          if cell.kind == "method":
-            archive(cell.workdir, config)
-        made = prepared[cell.workdir]
-        if made == "pending" and cell.kind == "method":  # --table-only: its set is not finished
-          pending[i] = name
-          continue
-        row, evaluated = evaluate(cell, protocol, net, config, run)
-        if row is None:
-          if evaluated == "pending":
-            pending[i] = name
-          continue
-        archive(transfer_dir(cell, protocol, net), config)
-        found[i] = table_row(cell, protocol, net, row, made, evaluated)
-    return True
-
-  elsewhere = [cell for cell in cells if not run_cell(cell, wait=False)]
-  for cell in elsewhere:  # held by another process: wait for it, then read back (or take over)
-    cli.log(f"waiting for the other benchmark process to finish {cell.workdir}")
-    run_cell(cell, wait=True)
-  rows = [found[i] for i in sorted(found)]
+  if config.slurm:
+    write_slurm(config, cells)
+    return {}
+  if config.cell >= len(cells):
+    raise cli.UserError(f"--cell {config.cell}: the plan has {len(cells)} cells (0 to "
+                        f"{len(cells) - 1})")
+  chosen = cells if config.cell < 0 else [cells[config.cell]]
+  run, made = Runner(config), set()
+  if not config.table_only:
+    # Read back first: a finished cell recorded with other settings is refused before any runs.
+    todo = [c for c in chosen if None in read_cell(c, config)[2].values()]
+    if todo:
+      run_cells(todo, cells, config, run, made)
+    for cell in chosen:  # finished before, maybe not archived yet
+      archive(cell, config)
+  if config.cell >= 0 or config.dry_run:
+    return {"commands_run": run.ran}
+  rows, pending = [], []
+  for cell in cells:
+    _, finished, found = read_cell(cell, config)
+    set_status = ("made" if cell.workdir in made else "reused" if finished
+                  else "pending" if cell.kind == "method" else "not kept")
+    for (protocol, net), answer in found.items():
+      if answer is None:
+        pending.append(f"{cell.label()} {protocol} {net}")
+        continue
+      evaluated = "made" if transfer_dir(cell, protocol, net) in made else "reused"
+      rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, config))
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
-      "machine": machine(), "rows": rows, "pending": [pending[i] for i in sorted(pending)],
-      "commands_run": run.ran}
-  if not config.dry_run:
-    write_outputs(result, config)
+      "machine": machine(), "rows": rows, "pending": pending, "commands_run": run.ran}
+  write_outputs(result, config)
   return result
+
+
+def run_cells(todo: list[Cell], cells: list[Cell], config: Config, run: Runner,
+              made: set[str]) -> None:
+  """Runs what `todo`'s cells are missing, --workers cells at once (threads, each waiting on its
+  cell's commands). Leaving early (an error, Ctrl-C, SIGTERM) ends every command still running.
+  A cell that fails does not stop the others: the failures are reported together at the end."""
+  if not config.runs_nothing:
+    os.makedirs(config.root, exist_ok=True)
+  failed = []
+
+  def one(cell: Cell) -> None:
+    cli.log(f"[cell {cells.index(cell)} of 0-{len(cells) - 1}] {cell.label()} ({cell.workdir})")
+    try:
+      run_cell(cell, config, run, made)
+    except cli.USER_ERRORS as e:
+      if not run.stopped:
+        cli.log(f"error in {cell.workdir}: {e}")
+        failed.append(f"{cell.workdir}: {e}")
+
+  if config.workers == 1 or config.dry_run:
+    for cell in todo:
+      one(cell)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(config.workers) as pool:
+      futures = [pool.submit(one, cell) for cell in todo]
+      try:
+        for future in futures:
+          future.result()
+      finally:  # a no-op once every cell is done
+        run.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
+  if failed:
+    raise cli.UserError(f"{len(failed)} of {len(todo)} cells failed: " + "; ".join(failed))
+
+
+def command_line(config: Config, **changes) -> list[str]:
+  """The arguments of this command with `config` (and `changes`), its defaults left out."""
+  config = dataclasses.replace(config, **changes)
+  argv = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    flag = "--" + field.name.replace("_", "-")
+    if value != field.default:
+      argv.append((flag if value else f"--no-{flag[2:]}") if isinstance(value, bool)
+                  else f"{flag}={value}")
+  return argv
+
+
+def write_slurm(config: Config, cells: list[Cell]) -> None:
+  """A SLURM job array running one cell per task (see --slurm)."""
+  argv = command_line(config, slurm="", workers=1, cell=-1, dry_run=False, table_only=False)
+  table = "python -m experiments.benchmark " + shlex.join([*argv, "--table-only"])
+  lines = ["#!/bin/bash", "#SBATCH --job-name=benchmark", f"#SBATCH --array=0-{len(cells) - 1}",
+           "# One cell of the benchmark per array task (written by experiments.benchmark "
+           "--slurm);", "# submit with `sbatch [resources, e.g. --gres=gpu:1 --time=1-0] "
+           f"{config.slurm}`; once every task is done:", f"#   {table}", "# The cells:"]
+  lines += [f"#   {i}: {c.label()} ({c.workdir})" for i, c in enumerate(cells)]
+  lines += [f"cd {shlex.quote(os.getcwd())}",
+            f"exec {shlex.quote(sys.executable)} -m experiments.benchmark {shlex.join(argv)} "
+            '--cell "$SLURM_ARRAY_TASK_ID"']
+  atomic_write(config.slurm, ("\n".join(lines) + "\n").encode())
+  cli.log(f"written {config.slurm}: a job array of {len(cells)} cells; submit it with sbatch")
 
 
 def machine() -> str:
@@ -749,18 +782,19 @@ def write_outputs(result: dict, config: Config) -> None:
   cli.log(f"written {out}/benchmark.md, benchmark.json, benchmark.png")
 
 
-BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
-
-
-def replace_block(path: str, table: str) -> None:
-  """Replaces the text between BEGIN and END in `path` with `table` (atomically)."""
-  with open(path) as f:
-    text = f.read()
+def replace_block(path: str, table: str | None = None) -> None:
+  """Replaces the text between BEGIN and END in the markdown file `path` with `table`
+  (atomically); without `table`, only checks that there is such a block (one line if not)."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as e:
+    raise cli.UserError(f"--readme {path}: {e.strerror}") from None
   if BEGIN not in text or END not in text:
     raise cli.UserError(f"--readme {path} has no `{BEGIN}` ... `{END}` block to replace")
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  atomic_write(path, f"{head}{BEGIN}\n{table}{END}{tail}".encode())
+  if table is not None:
+    head, rest = text.split(BEGIN, 1)
+    atomic_write(path, f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}".encode())
 
 
 def plot_accuracy(rows: list[dict], path: str) -> None:
@@ -819,7 +853,7 @@ def main(argv=None) -> int:
 
 
 def _terminated(signum, frame):
-  raise SystemExit(128 + signum)  # unwinds: the running command is stopped, its progress kept
+  raise SystemExit(128 + signum)  # unwinds: the commands running are stopped
 
 
 if __name__ == "__main__":

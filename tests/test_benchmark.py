@@ -5,12 +5,17 @@ import itertools
 import json
 import os
 import pathlib
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from methods.coreset import herding, k_center, select
 
@@ -53,17 +58,17 @@ def test_select_is_class_balanced():
 
 @pytest.mark.slow
 def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir, run_in_process):
-  readme = tmp_path / "README.md"
+  readme = tmp_path / "results.md"
   readme.write_text("intro\n<!-- benchmark:begin -->\nold\n<!-- benchmark:end -->\nend\n")
-  root = tmp_path / "bench"
+  root, kept = tmp_path / "bench", tmp_path / "kept"
   args = ["--methods", "", "--coresets", "herding", "--sets", f"noise={FIXTURE}", "--ipc", "1",
           "--nets", "mlp", "--seeds", "2", "--full-steps", "20", "--transfer-args",
           "--steps 20 --eval-every 10", "--root", str(root), "--readme", str(readme),
-          "--archive", str(tmp_path / "kept"),
-          "--in-process", "--no-progress", "--manual-dir", manual_dir, "--data-dir", data_dir]
+          "--archive", str(kept), "--no-progress", "--manual-dir", manual_dir,
+          "--data-dir", data_dir]
 
-  def run():
-    out = run_in_process("experiments.benchmark", *args)
+  def run(*more):
+    out = run_in_process("experiments.benchmark", *args, *more)
     assert out.returncode == 0, out.stderr
     return json.loads((root / "benchmark.json").read_text())
 
@@ -71,12 +76,15 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert [(r["method"], r["ipc"], r["set_status"], r["evaluation_status"])
           for r in first["rows"]] == [("herding", 1, "made", "made"),
                                       ("noise", 1, "reused", "made"),
-                                      ("full", 0, "reused", "made")]
+                                      ("full", 0, "made", "made")]
   assert all(len(r["test_acc"]) == (1 if r["kind"] == "full" else 2) for r in first["rows"])
   herding_json = root / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp" / "transfer.json"
   assert first["rows"][0]["workdir"] == str(herding_json.parent)
-  # A full-data budget other than the default is a row of its own.
-  assert first["rows"][2]["workdir"] == str(root / "full-mnist-steps20" / "transfer-dc-mlp")
+  # A full-data budget other than the default is a row of its own, its network sized by a
+  # random set of its own.
+  full = root / "full-mnist-steps20"
+  assert first["rows"][2]["workdir"] == str(full / "transfer-dc-mlp")
+  assert (full / "support" / "distilled.npz").exists()
   assert (root / "benchmark.png").stat().st_size > 0
   table = (root / "benchmark.md").read_text()
   text = readme.read_text()
@@ -85,11 +93,17 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert first["rows"][2]["published"] is None  # published figures are ConvNets'
   from experiments.benchmark import Cell, published
 
-  full = Cell("full", "full", "mnist", 0, "w", "s")
-  assert published(full, "convnet3-128")[0] == 99.6 and published(full, "mlp-128")[0] is None
+  full_cell = Cell("full", "full", "mnist", 0, "w", "s")
+  assert published(full_cell, "convnet3-128") == (99.6, "DC/DM ConvNet-3")
+  assert published(full_cell, "mlp-128")[0] is None
   noise = Cell("set", "noise", "mnist", 1, "w", "s", 88.75)  # a DC file's recorded accuracy
   assert published(noise, "convnet3-128") == (88.75, "the authors', recorded in the file "
                                                      "(ConvNet)")
+  # The archive keeps the evaluations' reports, not a coreset's images nor any checkpoint.
+  assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+      f"{cell}/transfer-dc-mlp/{name}"
+      for cell in ("coreset-herding-mnist-ipc1", "full-mnist-steps20", "imported-noise")
+      for name in ("config.json", "transfer.json")]
 
   # Everything finished: read back, nothing run again.
   stamp = herding_json.stat().st_mtime_ns
@@ -99,237 +113,281 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert [r["test_acc"] for r in second["rows"]] == [r["test_acc"] for r in first["rows"]]
   assert herding_json.stat().st_mtime_ns == stamp
 
-  # Two processes share the cells: while another holds the herding cell (its lock, here taken by
-  # a thread), this one goes on to the next cell (the imported set, whose evaluation is missing),
-  # then waits; the other finishes herding and lets go, and it is read back, not redone.
-  herding = herding_json.parents[1]
-  shutil.move(herding, tmp_path / "elsewhere")
-  noise_json = root / "imported-noise" / "transfer-dc-mlp" / "transfer.json"
-  os.remove(noise_json)
-  (root / ".locks").mkdir(exist_ok=True)
-  other = open(root / ".locks" / f"{herding.name}.lock", "a")  # noqa: SIM115
-  fcntl.flock(other, fcntl.LOCK_EX)
-
-  def other_process():
-    try:
-      deadline = time.monotonic() + 300
-      while not noise_json.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-      shutil.move(tmp_path / "elsewhere", herding)
-    finally:
-      fcntl.flock(other, fcntl.LOCK_UN)
-      other.close()
-
-  thread = threading.Thread(target=other_process)
-  thread.start()
-  out = run_in_process("experiments.benchmark", *args)
-  thread.join()
-  assert out.returncode == 0, out.stderr
-  log = out.stderr
-  assert log.index("another benchmark process is on it") < log.index("imported-noise") < log.index(
-      "waiting for the other benchmark process to finish")
-  shared = json.loads((root / "benchmark.json").read_text())
-  assert len(shared["commands_run"]) == 1 and "imported-noise" in shared["commands_run"][0]
-  assert [(r["method"], r["evaluation_status"]) for r in shared["rows"]] == [
-      ("herding", "reused"), ("noise", "made"), ("full", "reused")]
-  assert [r["test_acc"] for r in shared["rows"]] == [r["test_acc"] for r in first["rows"]]
-  assert herding_json.stat().st_mtime_ns == stamp
-
   # A request that the finished cells do not answer (another evaluation length) is refused in
-  # one line, not read back; another evaluation cadence is the same request.
+  # one line, before anything runs; another evaluation cadence is the same request.
   longer = [("--steps 30 --eval-every 20" if a == "--steps 20 --eval-every 10" else a)
             for a in args]
   out = run_in_process("experiments.benchmark", *longer)
-  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.returncode != 0 and "Traceback" not in out.stderr and "$ python" not in out.stderr
   assert "transfer-dc-mlp holds a transfer run with other settings (steps: 20 -> 30)" in out.stderr
   assert herding_json.stat().st_mtime_ns == stamp
 
-  # A cell whose evaluation was cut short is the only one run again, and resumes; meanwhile
-  # --table-only writes the table of the finished cells and lists the others (a method whose set
-  # is not distilled yet too), running nothing and archiving nothing.
+  # A cell whose evaluation was cut short (no report here nor in the archive) is the only one
+  # run again, and resumes; meanwhile --table-only writes the table of the finished cells and
+  # lists the others (a method whose set is not distilled yet too), running nothing and
+  # archiving nothing.
   os.remove(herding_json)
-  kept_before = sorted(str(p) for p in (tmp_path / "kept").rglob("*"))
+  os.remove(kept / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp" / "transfer.json")
+  kept_before = sorted(str(p) for p in kept.rglob("*"))
   with_dm = ["dm" if a == "" and args[i - 1] == "--methods" else a for i, a in enumerate(args)]
   out = run_in_process("experiments.benchmark", *with_dm, "--table-only")
   assert out.returncode == 0, out.stderr
   partial = json.loads((root / "benchmark.json").read_text())
   assert partial["commands_run"] == [] and not herding_json.exists()
-  assert not (root / "dm-mnist-ipc1" / "distilled.npz").exists()
+  assert not (root / "dm-mnist-ipc1").exists()
   assert [r["method"] for r in partial["rows"]] == ["noise", "full"]
   assert partial["pending"] == ["dm mnist ipc 1 dc mlp", "herding mnist ipc 1 dc mlp"]
   assert ("Not finished yet (2): dm mnist ipc 1 dc mlp; herding mnist ipc 1 dc mlp"
           in readme.read_text())
-  assert sorted(str(p) for p in (tmp_path / "kept").rglob("*")) == kept_before
+  assert sorted(str(p) for p in kept.rglob("*")) == kept_before
   third = run()
   assert len(third["commands_run"]) == 1 and "coreset-herding" in third["commands_run"][0]
   assert third["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
+  assert (kept / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp" / "transfer.json").exists()
 
-  # An evaluation cut off at step 10 on another machine, its progress archived there (what the
-  # benchmark does every minute while a command runs): a fresh checkout resumes it from step 10
-  # and ends with the uninterrupted run's accuracies.
-  from experiments.benchmark import Config, archive_progress
-
-  kept = tmp_path / "kept" / "coreset-herding-mnist-ipc1" / "transfer-dc-mlp"
-  os.remove(herding_json)
-  os.remove(kept / "transfer.json")
-  os.remove(herding_json.parent / "distilled" / "checkpoints" / "ckpt_00000020.npz")
-  archive_progress(str(herding_json.parent), Config(root=str(root), archive=str(kept.parents[1])))
+  # A fresh checkout (no workdirs): the table is read back from the archive, and nothing runs
+  # (an evaluation read back needs no set: the coreset is not remade).
   shutil.rmtree(root)
-  out = run_in_process("experiments.benchmark", *args)
-  assert out.returncode == 0, out.stderr
-  assert "resuming from step 10" in out.stdout + out.stderr
-  resumed = json.loads((root / "benchmark.json").read_text())
-  assert resumed["rows"][0]["test_acc"] == first["rows"][0]["test_acc"]
-  assert sorted(p.name for p in kept.iterdir()) == ["config.json", "transfer.json"]
-
-  # A fresh checkout (no workdirs) restores the archived reports: only the coreset is remade,
-  # and a dry run lists just that (the evaluation is read back: the coreset is remade the same).
-  shutil.rmtree(root)
-  out = run_in_process("experiments.benchmark", *args, "--table-only")
-  assert out.returncode == 0, out.stderr
-  restored = json.loads((root / "benchmark.json").read_text())
+  restored = run("--table-only")
   assert restored["pending"] == [] and restored["commands_run"] == []
   assert [r["test_acc"] for r in restored["rows"]] == [r["test_acc"] for r in first["rows"]]
-  assert not (root / "coreset-herding-mnist-ipc1" / "distilled.npz").exists()
+  assert {r["workdir"].startswith(str(kept)) for r in restored["rows"]} == {True}
   dry = run_in_process("experiments.benchmark", *args, "--dry-run")
-  assert dry.returncode == 0, dry.stderr
-  assert [line.split()[3] for line in (dry.stdout + dry.stderr).splitlines()
-          if line.startswith("$ python")] == ["experiments.coreset"]
+  assert dry.returncode == 0 and "$ python" not in dry.stdout + dry.stderr, dry.stderr
   fourth = run()
-  assert [line.split()[2] for line in fourth["commands_run"]] == ["experiments.coreset"]
+  assert fourth["commands_run"] == [] and not (root / "coreset-herding-mnist-ipc1").exists()
   assert [r["test_acc"] for r in fourth["rows"]] == [r["test_acc"] for r in first["rows"]]
-  assert not (tmp_path / "kept" / "coreset-herding-mnist-ipc1" / "distilled.npz").exists()
 
 
-def test_archive_keeps_finished_sets_and_experts_and_restores_only_missing_folders(tmp_path):
-  from experiments.benchmark import Config, archive, distillation_finished, restore
+def test_the_table_prints_from_the_committed_summaries_without_runs(tmp_path, run_in_process):
+  """The committed table's own command (from its benchmark.json), run with --table-only on a
+  checkout without runs/: every row read back from bench/results, the same rows as committed."""
+  import dataclasses
 
-  config = Config(root=str(tmp_path / "root"), archive=str(tmp_path / "kept"))
-  workdir = tmp_path / "root" / "dm-mnist-ipc1"
-  workdir.mkdir(parents=True)
-  np.savez(workdir / "distilled.npz", images=np.ones((10, 2, 2, 1)), labels=np.eye(10))
-  (workdir / "config.json").write_text(json.dumps({"steps": 3}))
-  (workdir / "metrics.jsonl").write_text('{"step": 3, "wall_time": 7.0}\n')
-  (workdir / "checkpoint").mkdir()  # resumable state: not kept
-  archive(str(workdir), config)
-  kept = tmp_path / "kept" / "dm-mnist-ipc1"
-  assert sorted(p.name for p in kept.iterdir()) == ["config.json", "distilled.npz",
-                                                    "metrics.jsonl"]
-  stamp = (kept / "distilled.npz").stat().st_mtime_ns
-  archive(str(workdir), config)  # unchanged files are not rewritten
-  assert (kept / "distilled.npz").stat().st_mtime_ns == stamp
+  from experiments.benchmark import Config, command_line
 
-  shutil.rmtree(workdir)
-  assert not distillation_finished(str(workdir))
-  restore(str(workdir), config)
-  assert distillation_finished(str(workdir))
-  np.testing.assert_array_equal(np.load(workdir / "distilled.npz")["labels"], np.eye(10))
+  committed = ROOT / "bench" / "results" / "benchmark"
+  recorded = json.loads((committed / "benchmark.json").read_text())["config"]
+  names = {f.name for f in dataclasses.fields(Config)}
+  config = Config(**{k: v for k, v in recorded.items() if k in names})
+  argv = command_line(config, root=str(tmp_path / "runs"), out=str(tmp_path / "out"),
+                      archive=str(committed / "cells"), readme="", table_only=True)
+  out = run_in_process("experiments.benchmark", *argv)
+  assert out.returncode == 0, out.stderr
+  result = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+  assert len(result["rows"]) == 50 and result["pending"] == [] and result["commands_run"] == []
 
-  # A workdir that exists (an interrupted run) is its own run's: nothing is copied into it.
-  (workdir / "distilled.npz").unlink()
-  restore(str(workdir), config)
-  assert not (workdir / "distilled.npz").exists()
+  def rows(path):
+    return [line for line in path.read_text().splitlines() if line.startswith(("|", "- "))]
 
-  # An expert store: its finished experts (and PAD's difficulty scores, which order the next
-  # expert) are kept, not an expert in training.
-  store = tmp_path / "runs" / "buffers" / "mnist-0123"
-  (store / "work" / "expert_001").mkdir(parents=True)
-  (store / "store.json").write_text("{}")
-  np.save(store / "expert_000.npy", np.arange(6.0).reshape(2, 3))
-  (store / "expert_000.json").write_text("{}")
-  np.save(store / "difficulty.npy", np.array([0.5, 0.1]))
-  archive(str(store), config)
-  assert sorted(p.name for p in (tmp_path / "kept" / "buffers" / "mnist-0123").iterdir()) == [
-      "difficulty.npy", "expert_000.json", "expert_000.npy", "store.json"]
-  shutil.rmtree(store)
-  restore(str(store), config)
-  np.testing.assert_array_equal(np.load(store / "expert_000.npy"), np.arange(6.0).reshape(2, 3))
-  np.testing.assert_array_equal(np.load(store / "difficulty.npy"), [0.5, 0.1])
-  assert not (store / "work").exists()
+  assert rows(tmp_path / "out" / "benchmark.md") == rows(committed / "benchmark.md")
+  assert not (tmp_path / "runs").exists()
 
 
-def test_the_archive_keeps_a_running_commands_latest_checkpoint_until_it_finishes(tmp_path):
-  from experiments.benchmark import Config, archive, archive_progress, restore
+def test_bench_results_keeps_summaries_and_small_sets_only():
+  """bench/results in git: under 5 MB; no checkpoint, expert store or run progress."""
+  try:
+    listed = subprocess.run(["git", "ls-files", "-z", "bench/results"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("not a git checkout")
+  files = [f for f in listed if f and os.path.exists(ROOT / f)]
+  assert sum(os.path.getsize(ROOT / f) for f in files) < 5_000_000
+  assert not [f for f in files if "/cells/" in f and (
+      os.path.basename(f) in ("metrics.jsonl", "store.json", "difficulty.npy")
+      or "/checkpoints/" in f or "/buffers/" in f or "expert_" in f)]
+  assert all(os.path.getsize(ROOT / f) <= 100_000 for f in files if f.endswith("distilled.npz"))
+  # and .gitignore keeps them out (an expert store, a checkpoint, a run's metrics)
+  ignored = subprocess.run(
+      ["git", "check-ignore", "--no-index", "bench/results/b/cells/buffers/m/store.json",
+       "bench/results/b/cells/dm-mnist-ipc1/checkpoints/ckpt_00000010.npz",
+       "bench/results/b/cells/dm-mnist-ipc1/metrics.jsonl"], cwd=ROOT, capture_output=True,
+      text=True).stdout.split()
+  assert len(ignored) == 3
 
-  config = Config(root=str(tmp_path / "root"), archive=str(tmp_path / "kept"))
-  workdir = tmp_path / "root" / "mtt-mnist-ipc50"
-  tdir = workdir / "transfer-dc"
 
-  def checkpoint(folder, step):
-    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "checkpoints" / f"ckpt_{step:08d}.npz", step=np.asarray(step))
-    with open(folder / "metrics.jsonl", "a") as f:
-      f.write(json.dumps({"step": step}) + "\n")
+def test_the_archive_keeps_summaries_and_small_sets_and_restores_a_set(tmp_path):
+  from experiments.benchmark import Cell, Config, archive, distillation_finished, restore
 
-  (workdir / "checkpoints").mkdir(parents=True)
-  (workdir / "config.json").write_text('{"steps": 300}')
-  (workdir / "work.tmp").write_text("not kept")
-  checkpoint(workdir, 100)
-  checkpoint(workdir, 200)
-  archive_progress(str(workdir), config)
-  kept = tmp_path / "kept" / "mtt-mnist-ipc50"
+  root, kept = tmp_path / "root", tmp_path / "kept"
+  config = Config(root=str(root), archive=str(kept), nets="auto,mlp")
+
+  def distilled(name, images):
+    workdir = root / name
+    (workdir / "checkpoints").mkdir(parents=True)  # resumable state: never kept
+    (workdir / "checkpoints" / "ckpt_00000003.npz").write_bytes(b"state")
+    np.savez(workdir / "distilled.npz", images=images, labels=np.eye(10))
+    (workdir / "config.json").write_text(json.dumps({"steps": 3}))
+    (workdir / "metrics.jsonl").write_text('{"step": 2, "loss": 0.5}\n'
+                                           '{"step": 3, "wall_time": 7.0}\n')
+    tdir = workdir / "transfer-dc"
+    (tdir / "distilled" / "checkpoints").mkdir(parents=True)
+    (tdir / "config.json").write_text("{}")
+    (tdir / "transfer.json").write_text('{"rows": []}')
+    return Cell("method", "dm", "mnist", 1, str(workdir), str(workdir / "distilled.npz"))
+
+  cell = distilled("dm-mnist-ipc1", np.ones((10, 2, 2, 1)))
+  (root / "dm-mnist-ipc1" / "transfer-dc-mlp").mkdir()  # an evaluation in progress: not kept
+  archive(cell, config)
   assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
-      "checkpoints/ckpt_00000200.npz", "config.json", "metrics.jsonl"]
-  checkpoint(workdir, 300)  # the run goes on: the newer checkpoint replaces the older
-  archive_progress(str(workdir), config)
-  assert [p.name for p in (kept / "checkpoints").iterdir()] == ["ckpt_00000300.npz"]
-  assert (kept / "metrics.jsonl").read_text().count("step") == 3
+      "dm-mnist-ipc1/config.json", "dm-mnist-ipc1/distilled.npz",
+      "dm-mnist-ipc1/final_metrics.json", "dm-mnist-ipc1/transfer-dc/config.json",
+      "dm-mnist-ipc1/transfer-dc/transfer.json"]
+  summary = kept / "dm-mnist-ipc1" / "final_metrics.json"
+  assert json.loads(summary.read_text()) == {"step": 3, "loss": 0.5, "wall_time": 7.0}
+  stamp = summary.stat().st_mtime_ns
+  archive(cell, config)  # unchanged files are not rewritten
+  assert summary.stat().st_mtime_ns == stamp
+  # A set over 100 kB stays out of the archive; its summary is kept.
+  large = distilled("dm-mnist-ipc50", np.ones((500, 28, 28, 1), np.float32))
+  archive(large, config)
+  assert sorted(p.name for p in (kept / "dm-mnist-ipc50").iterdir()) == [
+      "config.json", "final_metrics.json", "transfer-dc"]
 
-  # An evaluation's rows are folders of their own; a workdir's progress leaves them out.
-  (tdir / "config.json").parent.mkdir()
-  (tdir / "config.json").write_text("{}")
-  checkpoint(tdir / "distilled", 400)
-  archive_progress(str(tdir), config)
-  archive_progress(str(workdir), config)
-  assert (kept / "transfer-dc" / "distilled" / "checkpoints" / "ckpt_00000400.npz").exists()
-
-  # A fresh checkout: each folder comes back with its progress, the evaluation on its own.
-  shutil.rmtree(tmp_path / "root")
-  restore(str(workdir), config)
-  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()) == [
-      "checkpoints/ckpt_00000300.npz", "config.json", "metrics.jsonl"]
-  restore(str(tdir), config)
-  assert int(np.load(tdir / "distilled" / "checkpoints" / "ckpt_00000400.npz")["step"]) == 400
-
-  # Finished: the set's progress is dropped but not its evaluation's; then the evaluation's.
-  np.savez(workdir / "distilled.npz", images=np.ones((10, 2, 2, 1)), labels=np.eye(10))
-  archive(str(workdir), config)
-  assert not (kept / "checkpoints").exists() and (kept / "transfer-dc" / "distilled").exists()
-  (tdir / "transfer.json").write_text("{}")
-  archive(str(tdir), config)
-  assert sorted(p.name for p in (kept / "transfer-dc").iterdir()) == ["config.json",
-                                                                      "transfer.json"]
+  # A fresh checkout: the archived summary counts as a finished set; restored when needed.
+  shutil.rmtree(root)
+  assert distillation_finished(str(kept / "dm-mnist-ipc1"))
+  assert not distillation_finished(str(root / "dm-mnist-ipc1"))
+  assert restore(cell, config) and distillation_finished(cell.workdir)
+  np.testing.assert_array_equal(np.load(cell.support)["labels"], np.eye(10))
+  assert not restore(large, config)  # its set was not kept: its command remakes it
+  # A workdir that exists (an interrupted run) is its own run's: nothing is copied into it.
+  os.remove(cell.support)
+  assert not restore(cell, config) and not os.path.exists(cell.support)
 
 
-def test_a_benchmark_stopped_mid_command_stops_the_command_and_keeps_its_progress(monkeypatch):
-  import subprocess
-  import time
+def test_a_stopped_runner_ends_its_command_and_starts_no_more():
+  from experiments.benchmark import Config, Runner
+  from kip import cli
 
-  from experiments import benchmark
-
-  children = []
-
-  def popen(*args, **kwargs):
-    children.append(real_popen(*args, **kwargs))
-    return children[-1]
-
-  kept = []
-
-  def stopped_while_keeping(folder, config):  # Ctrl-C arrives during the first copy
-    kept.append(folder)
-    if len(kept) == 1:
-      raise KeyboardInterrupt
-
-  real_popen = subprocess.Popen
-  monkeypatch.setattr(subprocess, "Popen", popen)
-  monkeypatch.setattr(benchmark, "PROGRESS_EVERY", 0.2)
-  monkeypatch.setattr(benchmark, "archive_progress", stopped_while_keeping)
-  run = benchmark.Runner(benchmark.Config(progress=True))
+  run = Runner(Config(progress=True))
+  threading.Timer(1.0, run.stop).start()
   start = time.perf_counter()
-  with pytest.raises(KeyboardInterrupt):
-    run("timeit", "-n", "1", "import time; time.sleep(30)", watch="w")
-  assert time.perf_counter() - start < 10 and children[0].poll() is not None  # stopped at once
-  assert kept == ["w", "w"]  # and its progress kept once more as it stops
+  with pytest.raises(cli.UserError, match="failed"):
+    run("timeit", "-n", "1", "import time; time.sleep(60)")
+  assert time.perf_counter() - start < 20
+  with pytest.raises(cli.UserError, match="the benchmark is stopping"):
+    run("timeit", "-n", "1", "pass")
+
+
+def _children(pid: int) -> dict[int, str]:
+  """The live processes whose parent is `pid` (Linux /proc): pid -> command line."""
+  found = {}
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+      if int(ppid) == pid and state != "Z":
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          found[int(entry)] = f.read().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+      pass
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _start(tmp_path, *args: str) -> subprocess.Popen:
+  """`python -m experiments.benchmark args` in the background (its log in tmp_path/log)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  with open(tmp_path / "log", "w") as log:
+    return subprocess.Popen([sys.executable, "-m", "experiments.benchmark", *args,
+                             "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=log)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_killed_benchmark_takes_its_command_with_it(signum, tmp_path, manual_dir, data_dir):
+  root = tmp_path / "bench"
+  bench = _start(tmp_path, "--methods", "", "--coresets", "", "--no-full", "--sets",
+                 f"noise={FIXTURE}", "--nets", "mlp", "--seeds", "1", "--transfer-args",
+                 "--steps 1000000", "--root", str(root), "--manual-dir", manual_dir,
+                 "--data-dir", data_dir)
+  try:
+    deadline = time.monotonic() + 120
+    while not (command := [p for p, c in _children(bench.pid).items()
+                           if "experiments.transfer" in c]):
+      assert bench.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+      time.sleep(0.1)
+    child = command[0]
+    # The cell is locked, and its command holds the lock too (it inherited it).
+    lock = root / ".locks" / "imported-noise.lock"
+    assert str(lock) in {os.path.realpath(f"/proc/{child}/fd/{fd}")
+                         for fd in os.listdir(f"/proc/{child}/fd")}
+    with open(lock, "a") as f, pytest.raises(BlockingIOError):
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.kill(bench.pid, signum)
+    bench.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while _alive(child):
+      assert time.monotonic() < deadline, f"the command {child} outlived the benchmark"
+      time.sleep(0.1)
+    with open(lock, "a") as f:  # let go with the command
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  finally:
+    bench.kill()
+    for pid in _children(bench.pid):
+      os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_run_cells_at_once(tmp_path, manual_dir, data_dir):
+  root = tmp_path / "bench"
+  bench = _start(tmp_path, "--methods", "", "--coresets", "", "--no-full", "--sets",
+                 f"a={FIXTURE},b={FIXTURE}", "--nets", "mlp", "--seeds", "1", "--transfer-args",
+                 "--steps 20 --eval-every 20", "--workers", "2", "--root", str(root),
+                 "--manual-dir", manual_dir, "--data-dir", data_dir)
+  most = 0
+  try:
+    while bench.poll() is None:
+      most = max(most, sum("experiments.transfer" in c for c in _children(bench.pid).values()))
+      time.sleep(0.05)
+  finally:
+    bench.kill()
+  assert bench.returncode == 0, (tmp_path / "log").read_text()
+  assert most == 2  # both cells' evaluations ran at the same time
+  rows = json.loads((root / "benchmark.json").read_text())["rows"]
+  assert [(r["method"], r["evaluation_status"]) for r in rows] == [("a", "made"), ("b", "made")]
+
+
+def test_slurm_writes_a_job_array_of_one_cell_per_task(tmp_path, run_in_process):
+  script = tmp_path / "cells.sh"
+  args = ["--methods", "dm,mtt", "--ipc", "1,10", "--coresets", "random", "--transfer-args",
+          "--width 32", "--root", str(tmp_path / "bench")]
+  out = run_in_process("experiments.benchmark", *args, "--slurm", str(script))
+  assert out.returncode == 0, out.stderr
+  assert not (tmp_path / "bench").exists()  # nothing ran
+  text = script.read_text()
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  lines = text.splitlines()
+  assert lines[0] == "#!/bin/bash"
+  assert "#SBATCH --array=0-6" in lines  # 2 sizes x (2 methods + 1 coreset) + the full row
+  cells = [line.split(": ", 1)[1] for line in lines if line.startswith("#   ") and ": " in line]
+  assert len(cells) == 7
+  (command,) = [line for line in lines if line.startswith("exec ")]
+  words = shlex.split(command)
+  assert words[-2:] == ["--cell", "$SLURM_ARRAY_TASK_ID"] and "--slurm" not in command
+  # Each task's command runs that cell alone: its set and evaluation (and the store it needs).
+  listed = []
+  for index, cell in enumerate(cells):
+    workdir = cell.rsplit("(", 1)[1].rstrip(")")
+    dry = run_in_process("experiments.benchmark", *words[4:-2], "--cell", str(index),
+                         "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    commands = dry.stdout.split("\n")[:-1]
+    assert [c.split()[2] for c in commands][-2:] in (
+        [["experiments.dm", "experiments.transfer"], ["experiments.mtt", "experiments.transfer"],
+         ["experiments.coreset", "experiments.transfer"]])
+    assert all(workdir in c for c in commands if "experiments.buffer" not in c)
+    assert "--width 32" in commands[-1]
+    listed.append(workdir)
+  assert len(set(listed)) == 7
 
 
 def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
@@ -397,6 +455,9 @@ def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_
     (["--ipc", "1,x"], "--ipc takes positive integers"),
     (["--sets", "missing.pt"], "missing.pt: no such file"),
     (["--methods", "", "--coresets", "", "--no-full"], "nothing to benchmark"),
+    (["--readme", "missing.md"], "--readme missing.md: No such file or directory"),
+    (["--readme", "pyproject.toml"], "--readme pyproject.toml has no `<!-- benchmark:begin -->`"),
+    (["--cell", "11"], "--cell 11: the plan has 11 cells (0 to 10)"),
 ])
 def test_benchmark_bad_input_is_one_line(args, message, run_in_process, tmp_path):
   out = run_in_process("experiments.benchmark", *args, "--root", str(tmp_path))
