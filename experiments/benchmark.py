@@ -847,7 +847,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
   config = cli.parse_config(Config, argv, __doc__)
   result = run_benchmark(config)
-  if config.dry_run:
+  if config.dry_run and result.get("commands_run"):
     print("\n".join(result["commands_run"]))
   return 0
 
