@@ -12,8 +12,9 @@ import os
 
 from kip import cli
 from kip.data import centered_one_hot
-from kip.pipeline import PreprocessConfig, prepare_data, write_distilled
+from kip.pipeline import write_distilled
 from methods.coreset import SELECTIONS, select
+from methods.flags import PreprocessConfig, prepare_data
 
 f = cli.field
 

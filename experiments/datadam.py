@@ -36,18 +36,17 @@ import numpy as np
 
 from kip import cli
 from kip.augment import DSA_STRATEGY
+from kip.cli import SelectionConfig
 from kip.nets import NORMS, default_depth
 from kip.pipeline import (
-  PreprocessConfig,
-  SelectionConfig,
   distill,
   finite_evaluator,
   held_out_split,
   initial_support,
-  prepare_data,
   selecting_loop_config,
 )
 from methods.datadam import image_stats, make_matching
+from methods.flags import PreprocessConfig, prepare_data
 
 f = cli.field
 

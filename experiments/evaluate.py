@@ -17,14 +17,8 @@ import jax.numpy as jnp
 
 from kip import cli
 from kip.io import DistilledSet
-from kip.kernels import KERNELS
-from kip.pipeline import (
-  KernelConfig,
-  SetPreprocessConfig,
-  data_for_set,
-  make_evaluator,
-  shard_kernels,
-)
+from kip.pipeline import make_evaluator, shard_kernels
+from methods.flags import KERNELS, KernelConfig, SetPreprocessConfig, data_for_set
 
 f = cli.field
 _KERNEL_FIELDS = ("kernel", "depth", "kernel_type", "kernel_width")

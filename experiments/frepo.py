@@ -23,18 +23,17 @@ import jax
 import numpy as np
 
 from kip import cli
+from kip.cli import SelectionConfig
 from kip.krr import DEFAULT_REG
 from kip.pipeline import (
-  PreprocessConfig,
-  SelectionConfig,
   distill,
   held_out_split,
   initial_support,
   krr_evaluator,
   make_evaluator,
-  prepare_data,
   selecting_loop_config,
 )
+from methods.flags import PreprocessConfig, prepare_data
 from methods.frepo import make_frepo, pool_features
 
 f = cli.field

@@ -13,18 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from kip import cli
+from kip.cli import log_kernel_layouts
 from kip.loop import LoopConfig
-from kip.pipeline import (
-  KernelConfig,
-  PreprocessConfig,
-  distill,
-  initial_support,
-  krr_evaluator,
-  log_kernel_layouts,
-  make_evaluator,
-  prepare_data,
-  shard_kernels,
-)
+from kip.pipeline import distill, initial_support, krr_evaluator, make_evaluator, shard_kernels
+from methods.flags import KernelConfig, PreprocessConfig, prepare_data
 from methods.kip import make_kip
 
 f = cli.field

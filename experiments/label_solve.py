@@ -13,13 +13,8 @@ import os
 
 from kip import cli
 from kip.io import DistilledSet, load_distilled
-from kip.pipeline import (
-  KernelConfig,
-  PreprocessConfig,
-  initial_support,
-  prepare_data,
-  shard_kernels,
-)
+from kip.pipeline import initial_support, shard_kernels
+from methods.flags import KernelConfig, PreprocessConfig, prepare_data
 from methods.label_solve import solve_labels
 
 f = cli.field

@@ -35,18 +35,17 @@ import numpy as np
 from experiments.buffer import default_buffer, expert_model
 from kip import cli
 from kip.augment import DSA_STRATEGY
+from kip.cli import SelectionConfig
 from kip.io import write_json
 from kip.nets import default_depth
 from kip.pipeline import (
-  PreprocessConfig,
-  SelectionConfig,
   distill,
   finite_evaluator,
   held_out_split,
   initial_support,
-  prepare_data,
   selecting_loop_config,
 )
+from methods.flags import PreprocessConfig, prepare_data
 from methods.mtt import make_mtt
 from methods.trajectory import ExpertStore, StoreMismatch
 

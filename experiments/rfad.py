@@ -23,17 +23,16 @@ import jax
 import numpy as np
 
 from kip import cli
+from kip.cli import SelectionConfig
 from kip.pipeline import (
-  PreprocessConfig,
-  SelectionConfig,
   distill,
   held_out_split,
   initial_support,
   krr_evaluator,
   make_evaluator,
-  prepare_data,
   selecting_loop_config,
 )
+from methods.flags import PreprocessConfig, prepare_data
 from methods.rfad import make_rfad, nngp_readout, random_features
 
 f = cli.field

@@ -25,8 +25,8 @@ from kip import cli
 from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import write_json
 from kip.nets import NETS, NORMS, PARAMETERIZATIONS, default_depth, make_net
-from kip.pipeline import SetPreprocessConfig, data_for_set
 from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
+from methods.flags import SetPreprocessConfig, data_for_set
 
 f = cli.field
 ROWS = ("distilled", "random", "full")

@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from kip.data import DATASETS, DataError
+from kip.datasets import DATASETS, DataError
 from kip.io import LAYOUTS, DistilledSet, FileFormatError, load_distilled, write_json
 from kip.loop import NonFiniteLossError, ResumeError
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
            "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
            "peak_rss_mib", "DataConfig", "RunConfig", "DeviceConfig", "SetReadConfig",
-           "check_choice", "format_table", "percent"]
+           "SelectionConfig", "log_kernel_layouts", "check_choice", "format_table", "percent"]
 
 
 class UserError(ValueError):
@@ -97,12 +97,27 @@ class SetReadConfig:
   layout: str = field("auto", "image layout of an imported set: auto (NCHW when the second "
                                   "axis has 1 or 3 entries and the last does not), nhwc or nchw",
                           choices=LAYOUTS)
-  experiment: int = field(-1, "which experiment of a DC/DSA/DM results file (res_*.pt) to "
-                                  "read (-1: the last)")
+  experiment: int = field(-1, "which experiment of a DC-style results file (res_*.pt: DC, "
+                                  "DSA and the methods that share their code) to read (-1: the "
+                                  "last)")
 
   def load(self, path: str, dataset: str | None = None) -> DistilledSet:
     """The set at `path` in any format `kip.io.load_distilled` reads."""
     return load_distilled(path, dataset, layout=self.layout, experiment=self.experiment)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+  """Checkpoint cadence and the validation split that picks the best set (with `--patience`),
+  for the commands whose loop runs through `kip.pipeline.selecting_loop_config`."""
+
+  checkpoint_every: int = field(100, "steps between checkpoints (and distilled.npz updates)",
+                                minimum=1)
+  patience: int = field(0, "with --val-size: stop once the validation accuracy has not "
+                           "improved for this many steps (0: never); distilled_best.npz keeps "
+                           "the best set", minimum=0)
+  val_size: int = field(0, "hold out this many training images and evaluate on them instead of "
+                           "test", minimum=0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,6 +217,24 @@ def peak_rss_mib() -> float:
 
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
+
+
+def log_kernel_layouts(step_kernel: Callable, eval_kernel: Callable, n_support: int,
+                       blocks: dict[str, int], image_shape, itemsize: int = 4) -> None:
+  """One log line per kernel block: how an analytic kernel is tiled, or how a finite kernel is
+  spread (by images, or unsharded). The kernels come from `kip.pipeline.shard_kernels`."""
+  for what, n_rows in blocks.items():
+    fn = eval_kernel if what.startswith("K(test") else step_kernel
+    if hasattr(fn, "layout"):
+      layout = fn.layout(n_rows, n_support, image_shape, itemsize)
+      log(f"{what}: {n_rows} x {n_support} in tiles of {layout.tiles.rows} x "
+          f"{layout.tiles.cols}, {layout.rows_per_device} rows per device"
+          + (", recomputed in the backward pass" if layout.remat else ""))
+    elif hasattr(fn, "mesh"):
+      log(f"{what}: {n_rows} x {n_support} from features, images sharded over "
+          f"{fn.mesh.size} device(s)")
+    else:
+      log(f"{what}: {n_rows} x {n_support} on one device (not sharded)")
 
 
 def describe_devices() -> str:

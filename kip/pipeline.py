@@ -5,7 +5,6 @@ kernels across devices, the KRR evaluator on the full test split, the distilled-
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -13,18 +12,17 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from kip import cli
 from kip.data import (
   Preprocessor,
   centered_one_hot,
-  check_dataset,
   class_balanced_indices,
   fit_preprocessor,
   load_dataset,
 )
+from kip.datasets import check_dataset
 from kip.io import DistilledSet, save_distilled
-from kip.kernels import KERNEL_TYPES, KERNELS, Kernel, make_kernel, no_params
-from kip.krr import DEFAULT_REG, evaluate
+from kip.kernels import Kernel, no_params
+from kip.krr import evaluate
 from kip.loop import Evaluator, LoopConfig, RunResult, run
 from kip.method import Method, make_sampler
 from kip.nets import default_depth, make_net
@@ -32,10 +30,8 @@ from kip.sharding import shard_feature_kernel, shard_kernel
 from kip.train import PROTOCOLS, train_and_evaluate
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
-           "make_evaluator", "write_distilled", "krr_evaluator", "distill", "KernelConfig",
-           "log_kernel_layouts", "PREPROCESSING", "PreprocessConfig", "SetPreprocessConfig",
-           "preprocessing_of", "held_out_split", "selecting_loop_config", "finite_evaluator",
-           "SelectionConfig"]
+           "make_evaluator", "write_distilled", "krr_evaluator", "distill", "PREPROCESSING",
+           "preprocessing_of", "held_out_split", "selecting_loop_config", "finite_evaluator"]
 
 
 class Data(NamedTuple):
@@ -51,66 +47,19 @@ class Data(NamedTuple):
   num_classes: int
 
 
-PREPROCESSING = ("standard", "kip_zca", "zca", "kornia_zca")
-PREPROCESS_HELP = ("standard (per-channel standardisation with training statistics), kip_zca "
-                   "(then KIP's per-image layer norm and ZCA, reg 0.1: the KIP/LS releases), zca "
-                   "(then ZCA without layer norm, reg 0.1 x mean eigenvalue: FRePo/RFAD on colour "
-                   "data) or kornia_zca (ZCA with absolute eps 0.1 and the unbiased covariance: "
-                   "MTT/DATM/PAD's sets)")
-
+# standard: per-channel standardisation with training statistics; layernorm_zca: then a per-image
+# layer norm and ZCA (the KIP/LS releases); zca: ZCA without layer norm, reg 0.1 x the mean
+# eigenvalue (FRePo/RFAD on colour data); kornia_zca: ZCA with absolute eps 0.1 and the unbiased
+# covariance (MTT's sets).
+PREPROCESSING = ("standard", "layernorm_zca", "zca", "kornia_zca")
 
 def preprocessing_of(preprocessor: Preprocessor) -> str:
   """The PREPROCESSING name of a fitted preprocessor."""
   if preprocessor.zca is None:
     return "standard"
   if preprocessor.zca_layer_norm:
-    return "kip_zca"
+    return "layernorm_zca"
   return "kornia_zca" if preprocessor.zca_absolute else "zca"
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessConfig:
-  """`--preprocess` of every job that makes a set (kip, label_solve, frepo, rfad); `--zca` is the
-  older spelling of `--preprocess kip_zca`, kept so existing command lines still work."""
-
-  preprocess: str = cli.field("standard", PREPROCESS_HELP, choices=PREPROCESSING)
-  zca: bool = cli.field(False, "same as --preprocess kip_zca (the older flag)")
-
-  def __post_init__(self):
-    self.preprocessing()  # contradictory flags fail when the command line is parsed
-
-  def preprocessing(self) -> str:
-    if self.zca and self.preprocess not in ("standard", "kip_zca"):
-      raise cli.UserError(f"--zca means --preprocess kip_zca; it contradicts --preprocess "
-                          f"{self.preprocess}")
-    return "kip_zca" if self.zca else self.preprocess
-
-
-@dataclasses.dataclass(frozen=True)
-class SetPreprocessConfig(cli.SetReadConfig):
-  """`--preprocess` of the jobs that read a set (evaluate, transfer): the real splits get the
-  set's own preprocessing unless told otherwise; `--zca yes|no` is the older spelling."""
-
-  preprocess: str = cli.field("auto", "the set's preprocessing, applied to the real splits: "
-                                      "auto (as stored in the file; for a released set, as its "
-                                      "name says: zca = kip_zca, nozca = standard) or "
-                                      + PREPROCESS_HELP,
-                              choices=("auto", *PREPROCESSING))
-  zca: str = cli.field("auto", "older spelling: yes = --preprocess kip_zca, no = standard",
-                       choices=("auto", "yes", "no"))
-
-  def __post_init__(self):
-    self.preprocessing()  # contradictory flags fail when the command line is parsed
-
-  def preprocessing(self) -> str | None:
-    """The forced preprocessing name, or None for the set's own."""
-    old = {"yes": "kip_zca", "no": "standard"}.get(self.zca)
-    if old and self.preprocess not in ("auto", old):
-      raise cli.UserError(f"--zca {self.zca} means --preprocess {old}; it contradicts "
-                          f"--preprocess {self.preprocess}")
-    if old:
-      return old
-    return None if self.preprocess == "auto" else self.preprocess
 
 
 def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None,
@@ -120,14 +69,14 @@ def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None
   """Loads `dataset`, fits the preprocessing on its training split (unless one is given) and
   applies it to train and test. With `val_size`, the held-out validation split is the test set.
 
-  preprocess: one of PREPROCESSING: `standard` (per-channel standardisation), `kip_zca` (then
-  KIP's per-image layer norm and ZCA, the KIP/LS releases; what `zca=True` means) or `zca`
+  preprocess: one of PREPROCESSING: `standard` (per-channel standardisation), `layernorm_zca`
+  (then KIP's per-image layer norm and ZCA, the KIP/LS releases; what `zca=True` means) or `zca`
   (standardisation then ZCA without layer norm, FRePo style), all with ZCA regulariser 0.1 x the
   mean eigenvalue, or `kornia_zca` (MTT's: absolute eps 0.1, unbiased covariance).
   stats: fixed per-channel (mean, std) instead of the training split's (imported sets).
   """
   if preprocess is None:
-    preprocess = "kip_zca" if zca else "standard"
+    preprocess = "layernorm_zca" if zca else "standard"
   if preprocess not in PREPROCESSING:
     raise ValueError(f"unknown preprocessing {preprocess!r}; choose one of "
                      f"{', '.join(PREPROCESSING)}")
@@ -137,7 +86,7 @@ def prepare_data(dataset: str, *, zca: bool = False, data_dir: str | None = None
   train = splits["train"]
   test = splits["validation"] if val_size else splits["test"]
   preprocessor = preprocessor or fit_preprocessor(
-      train.images, zca=preprocess != "standard", zca_layer_norm=preprocess == "kip_zca",
+      train.images, zca=preprocess != "standard", zca_layer_norm=preprocess == "layernorm_zca",
       stats=stats, zca_eps=0.1 if preprocess == "kornia_zca" else None)
   return Data(preprocessor.apply(train.images), centered_one_hot(train.labels, num_classes),
               train.labels, preprocessor.apply(test.images), test.labels, preprocessor,
@@ -149,8 +98,8 @@ def data_for_set(distilled: DistilledSet, dataset: str, *, preprocess: str | Non
   """The real splits in the distilled set's own preprocessed space.
 
   The set's stored preprocessing is used when it has one (ours); a released set's is refitted on
-  the real training split as its name says (`zca`: kip_zca; `nozca`: standard; a file that says
-  nothing is taken as standardised only); an imported set's as its family does it (its fixed
+  the real training split as its name says (`zca`: layernorm_zca; `nozca`: standard; a file that
+  says nothing is taken as standardised only); an imported set's as its family does it (its fixed
   statistics, and the ZCA its family fits, see `kip.readers`). `preprocess` (one of
   PREPROCESSING) forces another reading, refitted on the training split when it is not the stored
   one (an imported set keeps its family's statistics).
@@ -163,7 +112,7 @@ def data_for_set(distilled: DistilledSet, dataset: str, *, preprocess: str | Non
     elif source is not None:
       preprocess = source.zca or "standard"
     else:
-      preprocess = "kip_zca" if distilled.zca else "standard"
+      preprocess = "layernorm_zca" if distilled.zca else "standard"
   elif preprocessor is not None and preprocessing_of(preprocessor) != preprocess:
     preprocessor = None
   return prepare_data(dataset, preprocess=preprocess, data_dir=data_dir, manual_dir=manual_dir,
@@ -287,20 +236,6 @@ def held_out_split(val_size: int) -> str:
   return "validation" if val_size else "test"
 
 
-@dataclasses.dataclass(frozen=True)
-class SelectionConfig:
-  """Checkpoint cadence and the validation split that picks the best set (with `--patience`),
-  for the commands whose loop runs through `selecting_loop_config` (frepo, rfad, datadam, dm)."""
-
-  checkpoint_every: int = cli.field(100, "steps between checkpoints (and distilled.npz updates)",
-                                    minimum=1)
-  patience: int = cli.field(0, "with --val-size: stop once the validation accuracy has not "
-                               "improved for this many steps (0: never); distilled_best.npz "
-                               "keeps the best set", minimum=0)
-  val_size: int = cli.field(0, "hold out this many training images and evaluate on them instead "
-                               "of test", minimum=0)
-
-
 def selecting_loop_config(config, select_metric: str) -> LoopConfig:
   """The LoopConfig of a command with `steps`, `eval_every`, `checkpoint_every`, `seed`,
   `val_size` and `patience` fields: with a validation split (`val_size`), the run keeps the best
@@ -332,41 +267,3 @@ def distill(method: Method, data: Data, *, workdir: str, loop_config: LoopConfig
              y_init=y_init, evaluators=evaluators, save=save,
              save_best=save_best if loop_config.select_metric else None, log=log,
              progress=progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-  """The kernel flags of every kernel job (kip, label_solve, evaluate)."""
-
-  kernel: str = cli.field("fc", "kernel: analytic infinite-width (fc, conv, convnet, convnet3), "
-                                "neural-feature (nfk-<net>) or empirical NTK (entk-<net>) of a "
-                                "finite net at a random initialisation", choices=KERNELS)
-  depth: int = cli.field(1, "hidden layers of fc / conv kernels", minimum=1)
-  kernel_type: str = cli.field("ntk", "analytic kernels: neural tangent or NNGP kernel",
-                               choices=KERNEL_TYPES)
-  kernel_width: int = cli.field(0, "nfk-/entk- kernels: the finite net's width (0: 128; "
-                                   "resnet18 64)", minimum=0)
-  reg: float = cli.field(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s", minimum=0)
-
-  def make_kernel(self, data: Data) -> Kernel:
-    return make_kernel(self.kernel, depth=self.depth, kernel_type=self.kernel_type,
-                       width=self.kernel_width, image_shape=data.x_train.shape[1:],
-                       num_classes=data.num_classes)
-
-
-def log_kernel_layouts(step_kernel: Callable, eval_kernel: Callable, n_support: int,
-                       blocks: dict[str, int], image_shape, itemsize: int = 4) -> None:
-  """One log line per kernel block: how an analytic kernel is tiled, or how a finite kernel is
-  spread (by images, or unsharded)."""
-  for what, n_rows in blocks.items():
-    fn = eval_kernel if what.startswith("K(test") else step_kernel
-    if hasattr(fn, "layout"):
-      layout = fn.layout(n_rows, n_support, image_shape, itemsize)
-      cli.log(f"{what}: {n_rows} x {n_support} in tiles of {layout.tiles.rows} x "
-              f"{layout.tiles.cols}, {layout.rows_per_device} rows per device"
-              + (", recomputed in the backward pass" if layout.remat else ""))
-    elif hasattr(fn, "mesh"):
-      cli.log(f"{what}: {n_rows} x {n_support} from features, images sharded over "
-              f"{fn.mesh.size} device(s)")
-    else:
-      cli.log(f"{what}: {n_rows} x {n_support} on one device (not sharded)")

@@ -405,7 +405,7 @@ def read_npz(path: str, arrays: dict, *, layout: str = "auto",
     images = to_nhwc(arrays["images"], layout if layout != "auto" else "nchw", path)
     labels = _labels(arrays["labels"], len(images), path, dataset, "labels")
     dataset = dataset or _dataset_from_path(path)
-    zca = "kip_zca" if dataset == "svhn_cropped" else "zca"
+    zca = "layernorm_zca" if dataset == "svhn_cropped" else "zca"
     extras = {"platt_scale": np.exp(np.asarray(arrays["k"], np.float32)),
               "jitter": np.asarray(arrays["jit"], np.float32)}
     return Foreign(images, labels, _source("rfad", "rfad", dataset, None, zca, path), extras)

@@ -213,7 +213,7 @@ def test_conv_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_dir,
 
 
 def test_preprocess_flags_are_one_spelling_with_the_old_zca_as_an_alias():
-  from kip.pipeline import PreprocessConfig, SetPreprocessConfig
+  from methods.flags import PreprocessConfig, SetPreprocessConfig
 
   assert PreprocessConfig().preprocessing() == "standard"
   assert PreprocessConfig(zca=True).preprocessing() == "kip_zca"
