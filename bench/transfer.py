@@ -26,8 +26,10 @@ import numpy as np
 
 from kip.data import centered_one_hot, fit_preprocessor, load_dataset
 from kip.io import write_json
-from kip.nets import count_params, make_net
-from kip.train import PROTOCOLS, init_states, make_optimizer, make_train_step, resolve_schedule
+from kip.nets import count_params
+from kip.train import init_states, make_optimizer, make_train_step, resolve_schedule
+from methods.nets import make_net
+from methods.protocols import PROTOCOLS
 
 # (label, net, width, norm, protocol)
 CASES = {

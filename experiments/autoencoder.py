@@ -46,13 +46,13 @@ import numpy as np
 import optax
 
 from kip import cli
-from kip.barlow import linear_probe
 from kip.data import Preprocessor, centered_one_hot, load_dataset
 from kip.io import atomic_write, load_distilled, write_json
 from kip.loop import Evaluator, LoopConfig, read_metrics, run
 from kip.method import make_sampler
 from kip.pipeline import Data, distill
 from kip.plots import confusion_matrix, plot_confusion, plot_image_grid, plot_panels
+from kip.train import linear_probe
 from methods.autoencoder import (
   SCHEDULES,
   Autoencoder,

@@ -64,9 +64,9 @@ import numpy as np
 
 from kip import cli
 from kip.io import atomic_write, write_json
-from kip.nets import NETS
-from kip.train import PROTOCOLS
 from methods.coreset import SELECTIONS
+from methods.nets import NETS
+from methods.protocols import PROTOCOLS
 
 f = cli.field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

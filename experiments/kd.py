@@ -35,10 +35,8 @@ from kip.augment import dsa
 from kip.io import load_distilled, write_json
 from kip.loop import Evaluator, LoopConfig, run
 from kip.method import Data, Trainer, make_sampler
-from kip.nets import make_net
 from kip.pipeline import prepare_data
 from kip.train import (
-  PROTOCOLS,
   TrainState,
   choose_seed_batching,
   evaluate_states,
@@ -48,6 +46,8 @@ from kip.train import (
   over_seeds,
   train_and_evaluate,
 )
+from methods.nets import make_net
+from methods.protocols import PROTOCOLS
 
 f = cli.field
 ROWS = ("distilled", "random", "gaussian")

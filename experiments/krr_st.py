@@ -32,10 +32,10 @@ import numpy as np
 
 from experiments.teacher import default_teacher
 from kip import cli
-from kip.barlow import load_teacher
 from kip.data import Preprocessor
 from kip.loop import Evaluator
 from kip.pipeline import distill, prepare_data, selecting_loop_config
+from methods.barlow import load_teacher
 from methods.krr_st import DEFAULT_REG, krr_st_loss, make_krr_st, pool_features
 
 f = cli.field

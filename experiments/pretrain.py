@@ -39,20 +39,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from kip import cli
-from kip.barlow import linear_probe, load_teacher
 from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import load_distilled, write_json
-from kip.nets import NETS, make_net
 from kip.pipeline import prepare_data
 from kip.train import (
-  PROTOCOLS,
   TrainState,
   choose_seed_batching,
   init_states,
+  linear_probe,
   make_optimizer,
   over_seeds,
   train_and_evaluate,
 )
+from methods.barlow import load_teacher
+from methods.nets import NETS, make_net
+from methods.protocols import PROTOCOLS, cpu_preset
 
 f = cli.field
 ROWS = ("none", "distilled", "random", "teacher")
@@ -141,7 +142,7 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
           f"{len(x_tgt)} labelled training images, {len(target.x_test)} test images")
   seeds = [config.seed + i for i in range(config.seeds)]
   width = _width(config)
-  preset_steps = PROTOCOLS["krr_st_finetune"].cpu_steps if config.preset == "cpu" else 0
+  preset_steps = cpu_preset("krr_st_finetune").steps if config.preset == "cpu" else 0
   finetune_steps = config.finetune_steps or preset_steps
   report = {"config": dataclasses.asdict(config), "source": source, "target": config.dataset,
             "labelled": len(x_tgt), "rows": []}

@@ -107,8 +107,8 @@ def show_projection(config: Config, distilled) -> str:
   if distilled.targets is None or not teacher_path:
     lacks = "targets" if distilled.targets is None else "a teacher"
     raise cli.UserError(f"--projection needs a KRR-ST set; {config.support} has no {lacks}")
-  from kip.barlow import load_teacher  # noqa: PLC0415
   from kip.pipeline import prepare_data  # noqa: PLC0415
+  from methods.barlow import load_teacher  # noqa: PLC0415
 
   teacher = load_teacher(teacher_path)
   data = prepare_data(distilled.dataset, preprocessor=distilled.preprocessor,

@@ -24,9 +24,11 @@ import numpy as np
 from kip import cli
 from kip.data import centered_one_hot, class_balanced_indices
 from kip.io import write_json
-from kip.nets import NETS, NORMS, PARAMETERIZATIONS, default_depth, make_net
-from kip.train import PROTOCOLS, TrainResult, resolve_schedule, train_and_evaluate
+from kip.nets import NORMS, PARAMETERIZATIONS, default_depth
+from kip.train import TrainResult, resolve_schedule, train_and_evaluate
 from methods.flags import SetPreprocessConfig, data_for_set
+from methods.nets import NETS, make_net
+from methods.protocols import PROTOCOLS, cpu_preset
 
 f = cli.field
 ROWS = ("distilled", "random", "full")
@@ -91,9 +93,9 @@ def _net_settings(config: Config) -> tuple[str, int, str]:
   """(net, width, norm): the protocol's defaults where the flags say auto/0."""
   protocol = PROTOCOLS[config.protocol]
   net = protocol.net if config.net == "auto" else config.net
-  cpu = config.preset == "cpu" and protocol.cpu_width
+  cpu = config.preset == "cpu" and cpu_preset(config.protocol).width
   width = config.width or (64 if net == "resnet18" else
-                           protocol.cpu_width if cpu else protocol.width)
+                           cpu_preset(config.protocol).width if cpu else protocol.width)
   if config.norm != "auto":
     norm = config.norm
   else:
@@ -190,10 +192,10 @@ def _row_data(row: str, config: Config, distilled, data, seeds):
 
 
 def _steps(config: Config) -> int:
-  protocol = PROTOCOLS[config.protocol]
-  if config.steps or config.preset != "cpu" or protocol.cpu_steps is None:
+  preset = cpu_preset(config.protocol)
+  if config.steps or config.preset != "cpu" or preset.steps is None:
     return config.steps
-  return protocol.cpu_steps
+  return preset.steps
 
 
 def _format_acc(result: dict) -> str:

@@ -12,13 +12,14 @@
   over the logits (neural-tangents' Jacobian contraction).
 
 `make_kernel(name)` knows them all by name (`KERNELS`): `nfk-<net>` and `entk-<net>` for the
-neural-feature and empirical-NTK kernels of any net in `kip.nets.NETS`.
+neural-feature and empirical-NTK kernels of any net in `kip.nets.NETS`, or of any net another
+`make_net` builds (`methods.flags.make_kernel` passes the methods' nets).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,14 +27,22 @@ import jax.numpy as jnp
 
 from kip._compat import nt, stax
 
-__all__ = ["ARCHITECTURES", "KERNELS", "KERNEL_TYPES", "COVARIANCES", "Kernel", "make_kernel",
-           "from_stax", "make_feature_kernel", "make_empirical_ntk", "no_params"]
+__all__ = ["ARCHITECTURES", "KERNELS", "KERNEL_NETS", "KERNEL_TYPES", "COVARIANCES", "Kernel",
+           "make_kernel", "kernel_names", "from_stax", "make_feature_kernel", "make_empirical_ntk",
+           "no_params"]
 
 ARCHITECTURES = ("fc", "conv", "convnet", "convnet3")
 # kip.nets.NETS, named here without importing flax
-_FINITE_NETS = ("convnet", "convnet3", "frepo_convnet", "mlp", "resnet18")
-KERNELS = (*ARCHITECTURES, *(f"nfk-{n}" for n in _FINITE_NETS),
-           *(f"entk-{n}" for n in _FINITE_NETS))
+KERNEL_NETS = ("convnet", "convnet3", "mlp", "resnet18")
+
+
+def kernel_names(nets: Iterable[str]) -> tuple[str, ...]:
+  """Every kernel name on the finite nets `nets`: the analytic ones, `nfk-<net>`, `entk-<net>`."""
+  nets = tuple(nets)
+  return (*ARCHITECTURES, *(f"nfk-{n}" for n in nets), *(f"entk-{n}" for n in nets))
+
+
+KERNELS = kernel_names(KERNEL_NETS)
 KERNEL_TYPES = ("ntk", "nngp")
 # What a kernel keeps per entry, which sets its memory and cost: one number (fc), one per pixel
 # (conv without pooling), one per pair of pixels (full spatial covariances: pooled ConvNets).
@@ -106,7 +115,8 @@ def _layers(arch: str, depth: int, width: int) -> tuple[list, str]:
 
 def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: int = 0,
                 num_outputs: int = 1, image_shape: tuple[int, int, int] = (28, 28, 1),
-                num_classes: int = 10) -> Kernel:
+                num_classes: int = 10, make_net: Callable[..., Any] | None = None,
+                nets: Sequence[str] | None = None) -> Kernel:
   """The named kernel (one of KERNELS).
 
   Args:
@@ -120,13 +130,18 @@ def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: i
       the kernel is the infinite-width limit; finite kernels: default 128, resnet18 64).
     num_outputs: readout width of the analytic kernel's finite network.
     image_shape, num_classes: of the data, for the finite nets of `nfk-`/`entk-` kernels.
+    make_net, nets: how the finite net is built by name (`kip.nets.make_net`'s signature) and
+      the names it knows (default: `kip.nets`' own).
   """
   if arch.startswith(("nfk-", "entk-")):
-    from kip.nets import NETS, make_net  # noqa: PLC0415  (flax only when a finite kernel is used)
+    if make_net is None:
+      from kip import nets as core  # noqa: PLC0415  (flax only when a finite kernel is used)
 
+      make_net, nets = core.make_net, nets or core.NETS
     kind, _, net_name = arch.partition("-")
-    if net_name not in NETS:
-      raise ValueError(f"unknown kernel {arch!r}; choose one of {', '.join(KERNELS)}")
+    if nets is not None and net_name not in nets:
+      raise ValueError(f"unknown kernel {arch!r}; choose one of "
+                       f"{', '.join(kernel_names(nets))}")
     width = width or (64 if net_name == "resnet18" else 128)
     net = make_net(net_name, num_classes, width=width,
                    norm="batch" if net_name == "resnet18" else "none", image_shape=image_shape)

@@ -14,7 +14,9 @@ Every network maps (n, H, W, C) float32 images to (n, num_classes) logits and ta
 norm's mode; other layers ignore it); with `features=True` it returns its penultimate features
 (n, D) instead (what feature kernels and KRR on features use), and every hidden block's output is
 sown into the `intermediates` collection (`net.apply(..., mutable=["intermediates"])`), which is
-what attention matching reads. `make_net` builds them by name.
+what attention matching reads. `make_net` builds them by name; the variants a method's paper
+defines (FRePo's and KRR-ST's ConvNets) are `ConvNet`s built in methods/nets.py, with every name
+(`methods.nets.NETS`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 from kip.conv import conv
 
 __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
-           "PerImageNorm", "make_net", "default_depth", "count_params"]
+           "PerImageNorm", "make_net", "check_net_options", "default_depth", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
-NETS = ("convnet", "convnet3", "frepo_convnet", "krr_st_convnet", "mlp", "resnet18")
+# The generic nets; the variants a paper defines are built from `ConvNet` in methods/nets.py.
+NETS = ("convnet", "convnet3", "mlp", "resnet18")
 NORMS = ("none", "instance", "layer", "batch")
 PARAMETERIZATIONS = ("standard", "ntk")
 
@@ -277,23 +280,7 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
     image_shape: (H, W, C) of the inputs, needed only with `dc_padding`.
     dc_padding: pad the first conv of a ConvNet by 3 on 28x28x1 images, as the DC ConvNet does.
   """
-  if norm not in NORMS:
-    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-  _check_parameterization(parameterization)
-  if name == "frepo_convnet":
-    # FRePo's ConvNet: widths w, 2w, 4w; norm before every conv but the first; one-channel 28x28
-    # images padded by 3 in the first conv (28 -> 32 -> 16 -> 8 -> 4), as its official code does.
-    first_padding = 3 if image_shape is not None and image_shape[:2] == (28, 28) else None
-    return ConvNet(num_classes, width=width, extra_conv=False, norm=norm,
-                   parameterization=parameterization, first_padding=first_padding,
-                   width_growth=2, norm_first=True)
-  if name == "krr_st_convnet":
-    # KRR-ST's ConvNet: conv -> norm -> ReLU -> avg-pool, widths w, 2w, 4w; 28x28 images padded
-    # by 3 in the first conv as FRePo's (28 -> 32 -> 16 -> 8 -> 4).
-    first_padding = 3 if image_shape is not None and image_shape[:2] == (28, 28) else None
-    return ConvNet(num_classes, width=width, extra_conv=False, norm=norm,
-                   parameterization=parameterization, first_padding=first_padding,
-                   width_growth=2)
+  check_net_options(norm, parameterization)
   if name in ("convnet", "convnet3"):
     first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
     return ConvNet(num_classes, width=width, depth=depth, extra_conv=name == "convnet", norm=norm,
@@ -303,6 +290,14 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
   if name == "resnet18":
     return ResNet18(num_classes, width=width, norm=norm, parameterization=parameterization)
   raise ValueError(f"unknown net {name!r}; choose one of {', '.join(NETS)}")
+
+
+def check_net_options(norm: str, parameterization: str) -> None:
+  """ValueError naming the choices when `norm` is not one of NORMS or `parameterization` not one
+  of PARAMETERIZATIONS (every net builder checks them first)."""
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+  _check_parameterization(parameterization)
 
 
 def default_depth(image_shape: tuple[int, ...]) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,7 +27,7 @@ from kip.loop import Evaluator, LoopConfig, RunResult, run
 from kip.method import Method, make_sampler
 from kip.nets import default_depth, make_net
 from kip.sharding import shard_feature_kernel, shard_kernel
-from kip.train import PROTOCOLS, train_and_evaluate
+from kip.train import COMMON_PROTOCOLS, Protocol, train_and_evaluate
 
 __all__ = ["Data", "prepare_data", "data_for_set", "initial_support", "shard_kernels",
            "make_evaluator", "write_distilled", "krr_evaluator", "distill", "PREPROCESSING",
@@ -203,17 +203,20 @@ def krr_evaluator(evaluate_support: Callable, method: Method, every: int | None 
   return Evaluator(name, fn, every)
 
 
-def finite_evaluator(method: Method, data: Data, *, protocol: str = "dc", steps: int = 300,
-                     seeds: tuple[int, ...] = (0,), net: str = "", width: int = 0,
-                     depth: int = 0, dataset: str = "", split: str = "test",
-                     every: int | None = None, name: str = "finite") -> Evaluator:
+def finite_evaluator(method: Method, data: Data, *, protocol: str | Protocol = "dc",
+                     steps: int = 300, seeds: tuple[int, ...] = (0,), net: str = "",
+                     width: int = 0, depth: int = 0, dataset: str = "", split: str = "test",
+                     every: int | None = None, name: str = "finite",
+                     make_net: Callable[..., Any] = make_net) -> Evaluator:
   """An evaluator: fresh networks trained on the method's exported set under a named transfer
-  protocol (`kip.train.PROTOCOLS`, shortened to `steps`), tested on the held-out split; reports
+  protocol (a name of `kip.train.COMMON_PROTOCOLS`, or any `Protocol`, e.g. of
+  `methods.protocols.PROTOCOLS`; shortened to `steps`), tested on the held-out split; reports
   `<name>_<split>_acc` (the mean over `seeds`). For methods with no kernel to evaluate with (DM,
   DataDAM, trajectory matching); a full evaluation is `experiments.transfer`'s job. `width`
   and `depth` 0: the protocol's width and `kip.nets.default_depth` of the images. A set that
-  exports a learned learning rate `lr` (MTT's) trains at it, as `experiments.transfer` does."""
-  chosen = PROTOCOLS[protocol]
+  exports a learned learning rate `lr` (MTT's) trains at it, as `experiments.transfer` does.
+  `make_net` builds the net by name (`methods.nets.make_net` knows the methods' nets too)."""
+  chosen = COMMON_PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
   image_shape = data.x_train.shape[1:]
   model = make_net(net or chosen.net, data.num_classes, width=width or chosen.width,
                    norm=chosen.norm, image_shape=image_shape, dc_padding=chosen.dc_padding,

@@ -1,6 +1,8 @@
 """Training finite-width networks on a (distilled) set and measuring them on the real test split.
 
-Two named protocols, each as its source describes it:
+The field's common evaluation protocols (`COMMON_PROTOCOLS`), each as its source describes it;
+the protocols of single methods (FRePo's, RFAD's, KRR-ST's, the report's) are in
+methods/protocols.py, which joins both into the registry the commands use:
 
 - `kip`: the KIP authors' finite-network transfer colab (Nguyen et al., NeurIPS 2021). MSE
   `0.5 * mean((f(x) - y)^2)` on the set's own labels (centred one-hot, or learned labels as
@@ -20,12 +22,18 @@ Two named protocols, each as its source describes it:
   transformation per batch, its parameters drawn per image) and 1000 epochs. MTT trains at its
   set's learned learning rate (pass `lr`).
 
+A protocol may also centre the output (train f(theta, x) - f(theta_0, x)), decay the weights
+toward their initial values instead of 0, and scale the regression targets (RFAD's evaluation
+does all three).
+
 Several seeds train at once: the per-seed states are stacked and one jitted step runs them all,
 `vmap`ped, or one after another for conv nets on CPU (`choose_seed_batching`); the training
 images are shared, batches and augmentations are drawn per seed. Training runs in the one loop
 (`kip.loop.run`) as a method that needs no real batch from it: same metrics schema, checkpoints
 and resume as distillation. Randomness is a pure function of (seed, step), so a run resumed from
 a checkpoint equals an uninterrupted one.
+
+`linear_probe` measures frozen features instead: a softmax-regression classifier trained on them.
 """
 
 from __future__ import annotations
@@ -50,10 +58,10 @@ from kip.loop import Evaluator, LoopConfig, read_metrics, run
 from kip.method import Data, Trainer, make_sampler
 from kip.nets import MLP, count_params
 
-__all__ = ["Protocol", "PROTOCOLS", "Schedule", "TrainState", "TrainResult", "resolve_schedule",
-           "max_stable_lr", "make_optimizer", "choose_seed_batching",
-           "over_seeds", "init_states", "make_train_step",
-           "make_predict", "evaluate_states", "is_soft", "train_and_evaluate"]
+__all__ = ["Protocol", "COMMON_PROTOCOLS", "Schedule", "TrainState", "TrainResult",
+           "resolve_schedule", "max_stable_lr", "make_optimizer", "choose_seed_batching",
+           "over_seeds", "init_states", "make_train_step", "make_predict", "evaluate_states",
+           "is_soft", "train_and_evaluate", "linear_probe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +97,9 @@ class Protocol:
   warmup_steps: int = 0
   final_lr_fraction: float = 0.0
   steps_by_size: tuple[tuple[int, int], ...] = ()
-  cpu_width: int | None = None  # the `cpu` preset of experiments.transfer (None: as the paper)
-  cpu_steps: int | None = None
-  centering: bool = False  # train f(theta, x) - f(theta_0, x) (RFAD)
-  decay_to_init: bool = False  # weight decay pulls toward the initial weights, not 0 (RFAD)
-  label_scale: float = 1.0  # targets x label_scale, MSE / label_scale^2 (RFAD)
+  center_output: bool = False  # train and predict with f(theta, x) - f(theta_0, x)
+  decay_to_init: bool = False  # weight decay pulls toward the initial weights, not 0
+  label_scale: float = 1.0  # targets x label_scale, MSE / label_scale^2
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -112,11 +118,12 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "warmup_cosine", "constant")
 
 
-PROTOCOLS: dict[str, Protocol] = {
+# The field's common evaluations, which the methods' protocols (methods/protocols.py) join.
+COMMON_PROTOCOLS: dict[str, Protocol] = {
     "kip": Protocol(
         name="kip", source="KIP authors' nn_training colab (Nguyen et al., NeurIPS 2021)",
         loss="mse", lr=None, momentum=0.9, weight_decay=1e-3, batch_size=100, schedule="cosine",
-        width=1024, norm="none", steps=5000, cpu_width=64, cpu_steps=1000),
+        width=1024, norm="none", steps=5000),
     "dc": Protocol(
         name="dc", source="DC's evaluation (Zhao et al., ICLR 2021, official code: MNIST with DC's "
         "crop/scale/rotate and 1000 epochs, other datasets no augmentation and 300 epochs)",
@@ -125,45 +132,12 @@ PROTOCOLS: dict[str, Protocol] = {
         augment_by_dataset=(("mnist", f"dc:{DC_STRATEGY}"),), partial_batches=True,
         dc_padding=True, net="convnet3"),
     "dsa": Protocol(
-        name="dsa", source="DSA/DM/MTT evaluation (Zhao & Bilen, ICML 2021 and WACV 2023; "
-        "Cazenavette et al., CVPR 2022; official code: DSA per image, 1000 epochs)",
+        name="dsa", source="DSA's evaluation, shared by the distribution and trajectory matching "
+        "methods (Zhao & Bilen, ICML 2021 and WACV 2023; Cazenavette et al., CVPR 2022; official "
+        "code: DSA per image, 1000 epochs)",
         loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
         width=128, norm="instance", epochs=300, epochs_augmented=1000, augment=DSA_STRATEGY,
         augment_per_image=True, partial_batches=True, dc_padding=True, net="convnet3"),
-    "report": Protocol(
-        name="report", source="the evaluation of the report that ran DataDAM and PAD on MNIST "
-        "and MHIST (ANCHORS.md, seed settings: SGD, lr 0.01, cosine annealing, 50 epochs; its "
-        "unstated momentum, weight decay, batch and augmentation taken from DC's: 0.9, 5e-4, "
-        "256, none)",
-        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="cosine",
-        width=128, norm="instance", epochs=50, partial_batches=True, dc_padding=True,
-        net="convnet3"),
-    "frepo": Protocol(
-        name="frepo", source="FRePo's evaluation (Zhou et al., NeurIPS 2022, official code)",
-        loss="mse", lr=3e-4, momentum=0.0, weight_decay=0.0, batch_size=500,
-        schedule="warmup_cosine", width=128, norm="none", optimizer="adam", warmup_steps=500,
-        final_lr_fraction=0.01, augment="color_crop_cutout_scale_rotate", net="frepo_convnet",
-        steps_by_size=((10, 1000), (100, 2000), (500, 5000)), cpu_width=32),
-    "rfad": Protocol(
-        name="rfad", source="RFAD's finite-network evaluation (Loo et al., NeurIPS 2022, official "
-        "code; MNIST ipc 10 hyperparameters)",
-        loss="mse", lr=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=513, schedule="constant",
-        width=1024, norm="none", steps=20_000, net="convnet3", centering=True,
-        decay_to_init=True, label_scale=8.0, cpu_width=128, cpu_steps=2000),
-    "krr_st_pretrain": Protocol(
-        name="krr_st_pretrain", source="KRR-ST's pre-training on a distilled set (Lee et al., ICLR "
-        "2024, official code: algorithms/pretrain_krr_st.py): MSE to the targets, no "
-        "augmentation, 1000 epochs",
-        loss="mse_mean", lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=256,
-        schedule="constant", width=128, norm="batch", epochs=1000, net="krr_st_convnet",
-        partial_batches=True, cpu_width=32),
-    "krr_st_finetune": Protocol(
-        name="krr_st_finetune", source="KRR-ST's fine-tuning on the target data (Lee et al., ICLR "
-        "2024, official code: algorithms/finetune.py): a new head, every layer trained, random "
-        "crop (and flip, not for digits)",
-        loss="xent", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="cosine",
-        width=128, norm="batch", steps=10_000, augment="crop", augment_per_image=True,
-        net="krr_st_convnet", cpu_width=32, cpu_steps=500),
 }
 
 
@@ -323,7 +297,7 @@ def _seed_keys(seeds: Sequence[int]) -> jax.Array:
 def init_states(net: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int],
                 image_shape: tuple[int, ...], keep_init: bool = False) -> TrainState:
   """Stacked initial states, one per seed (init key `fold_in(key(seed), 0)`); `keep_init` keeps a
-  copy of the initial params (centering, decay toward the initialisation)."""
+  copy of the initial params (centring the output, decay toward the initialisation)."""
 
   def init(key):
     variables = net.init(jax.random.fold_in(key, 0), jnp.zeros((1, *image_shape)), train=False)
@@ -380,11 +354,11 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
   """(states, seed_keys, step, x_train, y_train) -> (states, losses (n_seeds,)); compiled, states
   donated. Batch `step` of a seed is a slice of that seed's permutation for the step's epoch.
   With `per_seed_data`, x_train and y_train carry a leading seed axis (one set per seed);
-  `seed_batching` is how seeds share the step (see `over_seeds`). `protocol` brings RFAD's
-  centering, label scale and decay toward the initialisation, when it asks for them, and whether
-  DSA draws per image."""
+  `seed_batching` is how seeds share the step (see `over_seeds`). `protocol` brings the centred
+  output, label scale and decay toward the initialisation, when it asks for them (RFAD's
+  evaluation does), and whether DSA draws per image."""
   batch, per_epoch = schedule.batch_size, schedule.steps_per_epoch
-  centering = protocol is not None and protocol.centering
+  center_output = protocol is not None and protocol.center_output
   scale = protocol.label_scale if protocol is not None else 1.0
   decay_to_init = protocol.weight_decay if protocol is not None and protocol.decay_to_init else 0
   per_image = protocol is not None and protocol.augment_per_image
@@ -396,7 +370,7 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
       batch_stats = updated["batch_stats"]
     else:
       logits = net.apply(variables, x, train=True)
-    if centering:
+    if center_output:
       logits = logits - net.apply(_variables(init_params, batch_stats), x, train=False)
     if decay_to_init:
       value = 0.5 * decay_to_init * sum(
@@ -435,14 +409,14 @@ def make_train_step(net: nn.Module, tx: optax.GradientTransformation, loss: str,
                     donate_first=True)
 
 
-def make_predict(net: nn.Module, seed_batching: str = "vmap", centering: bool = False
+def make_predict(net: nn.Module, seed_batching: str = "vmap", center_output: bool = False
                  ) -> Callable:
-  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); compiled. `centering`
-  subtracts the network's output at initialisation (RFAD's protocol)."""
+  """(states, x (b, H, W, C)) -> logits (n_seeds, b, num_classes); compiled. `center_output`
+  subtracts the network's output at initialisation (RFAD's evaluation does)."""
 
   def predict(state: TrainState, x):
     out = net.apply(_variables(state.params, state.batch_stats), x, train=False)
-    if centering:
+    if center_output:
       out = out - net.apply(_variables(state.init_params, state.batch_stats), x, train=False)
     return out
 
@@ -548,12 +522,12 @@ def train_and_evaluate(
   seed_batching = choose_seed_batching(net, seed_batching)
   step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed, seed_batching,
                             protocol)
-  predict = make_predict(net, seed_batching, protocol.centering)
+  predict = make_predict(net, seed_batching, protocol.center_output)
 
   def init(key, x_init, y_init):
     del key, x_init, y_init  # each seed's network starts from its own seed
     states = init_states(net, tx, seeds, first.shape[1:],
-                         keep_init=protocol.centering or protocol.decay_to_init)
+                         keep_init=protocol.center_output or protocol.decay_to_init)
     return states if init_from is None else _start_from(states, init_from, tx)
 
   def update(states, batch, key, step):
@@ -602,3 +576,36 @@ def _start_from(states: TrainState, trained: TrainState, tx) -> TrainState:
   opt_state = jax.vmap(tx.init)(params)
   init_params = params if states.init_params != () else ()
   return TrainState(params, stats, opt_state, init_params)
+
+
+def linear_probe(f_train: np.ndarray, labels_train: np.ndarray, f_test: np.ndarray,
+                 labels_test: np.ndarray, *, steps: int = 500, lr: float = 0.05,
+                 l2: float = 1e-4) -> float:
+  """Test accuracy of a softmax-regression classifier on frozen features: (n, d) float features
+  standardised with the training statistics, full-batch Adam for `steps` steps with an L2 penalty
+  (fixed settings: nothing is tuned on the test split)."""
+  f_train = np.asarray(f_train, np.float32)
+  mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+  x_train = jnp.asarray((f_train - mu) / sd)
+  x_test = jnp.asarray((np.asarray(f_test, np.float32) - mu) / sd)
+  classes = int(max(labels_train.max(), labels_test.max())) + 1
+  y = jnp.asarray(labels_train)
+  params = (jnp.zeros((x_train.shape[1], classes)), jnp.zeros((classes,)))
+  tx = optax.adam(lr)
+
+  def loss(params):
+    logits = x_train @ params[0] + params[1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(
+        params[0] ** 2)
+
+  @jax.jit
+  def fit(params):
+    def body(_, carry):
+      params, opt = carry
+      updates, opt = tx.update(jax.grad(loss)(params), opt, params)
+      return optax.apply_updates(params, updates), opt
+    return jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))[0]
+
+  params = fit(params)
+  pred = np.asarray(jnp.argmax(x_test @ params[0] + params[1], -1))
+  return float(np.mean(pred == np.asarray(labels_test)))

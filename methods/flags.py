@@ -6,17 +6,19 @@ points that take those values.
   (`kip.pipeline.PREPROCESSING`). `prepare_data` and `data_for_set` here take the commands'
   spelling (what `PreprocessConfig.preprocessing()` returns, and what expert stores record) and
   hand the core its own name.
-- `--kernel`: the kernel flags of every kernel job (`KERNELS`, `make_kernel`: kip.kernels').
+- `--kernel`: the analytic kernels and the neural-feature / empirical-NTK kernels of every net of
+  `methods.nets`, the methods' own nets included (`nfk-frepo_convnet`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from kip import cli, pipeline
+from kip import cli, kernels, pipeline
 from kip.io import DistilledSet
-from kip.kernels import KERNEL_TYPES, KERNELS, Kernel, make_kernel
+from kip.kernels import KERNEL_TYPES, Kernel
 from kip.krr import DEFAULT_REG
+from methods import nets
 
 __all__ = ["PREPROCESS_FLAGS", "PreprocessConfig", "SetPreprocessConfig", "KERNELS",
            "make_kernel", "KernelConfig", "core_preprocessing", "prepare_data", "data_for_set"]
@@ -93,6 +95,16 @@ def data_for_set(distilled: DistilledSet, dataset: str, *, preprocess: str | Non
   """`kip.pipeline.data_for_set` with `preprocess` in the commands' spelling (`kip_zca`...)."""
   return pipeline.data_for_set(distilled, dataset, preprocess=core_preprocessing(preprocess),
                                **kwargs)
+
+
+# `--kernel`: the analytic kernels and those of the core's nets and FRePo's (KRR-ST's net never
+# had a kernel flag: KRR-ST regresses on its pool's features, built by its own command).
+KERNELS = kernels.kernel_names(sorted((*kernels.KERNEL_NETS, "frepo_convnet")))
+
+
+def make_kernel(arch: str, **kwargs) -> Kernel:
+  """`kip.kernels.make_kernel` with the `nfk-`/`entk-` kernels of every net of `methods.nets`."""
+  return kernels.make_kernel(arch, make_net=nets.make_net, nets=nets.NETS, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ re-initialised. The pool's counters start staggered (0, 10, ..., 90 for 10 model
 updates), so re-initialisations are spread out; the model of the next step is drawn at random.
 
 As the official code (JAX/Flax) does: labels initialised to centred one-hot / sqrt(C / 10); the
-network is `kip.nets`' `frepo_convnet` (3 blocks conv -> ReLU -> avg-pool, widths w, 2w, 4w, batch
+network is `methods.nets.frepo_convnet` (3 blocks conv -> ReLU -> avg-pool, widths w, 2w, 4w, batch
 norm before every conv but the first during distillation); for MNIST-like data no flips, one random
 augmentation per batch among colour, crop (translation), cutout, scale and rotation (DSA's
 transformations, `kip.augment`) applied to the real batch. Not reproduced: the official loss's
@@ -32,8 +32,8 @@ import optax
 from kip.augment import dsa
 from kip.krr import DEFAULT_REG, accuracy, krr_predict
 from kip.method import Batch, Data, Method, tracing
-from kip.nets import make_net
 from kip.pool import PoolState, make_pool
+from methods.nets import make_net
 
 __all__ = ["FrepoState", "make_frepo", "pool_features"]
 

@@ -2,7 +2,7 @@
 
 Self-supervised dataset distillation for transfer learning: no labels anywhere. The support set is
 `n` images (initialised to random real training images) and their target representations
-(initialised to a self-supervised teacher's representations of them, `kip.barlow`), both learned.
+(initially a self-supervised teacher's representations of them, `methods.barlow`), both learned.
 Each outer step takes one model of a pool of ConvNets (`kip.pool`, in inference mode), computes
 features with a column of ones for the bias, `F_s` of the support images and `F_t` of a uniformly
 drawn real batch after random crop (and flip, off for digits), and predicts the teacher's
@@ -35,8 +35,8 @@ import optax
 
 from kip.augment import random_crop
 from kip.method import Batch, Data, Method, tracing
-from kip.nets import make_net
 from kip.pool import PoolState, make_pool
+from methods.nets import make_net
 
 __all__ = ["KrrStState", "make_krr_st", "krr_st_loss", "pool_features", "DEFAULT_REG"]
 

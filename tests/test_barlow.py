@@ -9,17 +9,17 @@ import pytest
 from conftest import assert_resumed_equals_straight
 
 from kip.augment import random_crop
-from kip.barlow import (
+from kip.loop import LoopConfig, run
+from kip.method import make_sampler
+from kip.train import linear_probe
+from methods.barlow import (
   barlow_twins_loss,
-  linear_probe,
   load_teacher,
   make_barlow_twins,
   random_resized_crop,
   save_teacher,
   two_views,
 )
-from kip.loop import LoopConfig, run
-from kip.method import make_sampler
 
 RNG = np.random.default_rng(0)
 

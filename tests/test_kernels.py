@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kip.kernels import KERNELS, make_kernel
 from kip.nets import make_net
+from methods.flags import KERNELS, make_kernel
 
 RNG = np.random.default_rng(0)
 X1 = RNG.normal(size=(5, 8, 8, 1)).astype(np.float32)

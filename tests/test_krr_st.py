@@ -11,9 +11,9 @@ from conftest import assert_resumed_equals_straight
 
 from kip.loop import LoopConfig, read_metrics, run
 from kip.method import Batch, make_sampler, tracing
-from kip.nets import make_net
 from kip.pool import make_pool
 from methods.krr_st import make_krr_st, pool_features
+from methods.nets import make_net
 
 RNG = np.random.default_rng(0)
 SHAPE, DIM = (8, 8, 1), 6

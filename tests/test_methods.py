@@ -9,8 +9,8 @@ from conftest import assert_resumed_equals_straight
 
 from kip.loop import LoopConfig, run
 from kip.method import Batch, make_sampler
-from kip.nets import make_net
 from methods.frepo import make_frepo
+from methods.nets import make_net
 from methods.rfad import make_rfad, random_features
 
 RNG = np.random.default_rng(0)

@@ -10,7 +10,8 @@ import pytest
 
 from kip._compat import nt
 from kip.kernels import make_kernel
-from kip.nets import NETS, _norm, count_params, default_depth, make_net
+from kip.nets import _norm, count_params, default_depth
+from methods.nets import NETS, make_net
 
 
 @pytest.mark.parametrize("name", NETS)

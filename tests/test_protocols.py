@@ -13,7 +13,8 @@ import kip.train
 from kip.augment import DSA_STRATEGY
 from kip.data import centered_one_hot
 from kip.nets import make_net
-from kip.train import PROTOCOLS, resolve_schedule, train_and_evaluate
+from kip.train import resolve_schedule, train_and_evaluate
+from methods.protocols import PROTOCOLS
 
 
 def test_dc_and_dsa_optimise_as_the_official_sgd():

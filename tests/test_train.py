@@ -13,7 +13,8 @@ from jax.flatten_util import ravel_pytree
 from kip.data import centered_one_hot, class_balanced_indices
 from kip.loop import NonFiniteLossError
 from kip.nets import make_net
-from kip.train import PROTOCOLS, max_stable_lr, resolve_schedule, train_and_evaluate
+from kip.train import max_stable_lr, resolve_schedule, train_and_evaluate
+from methods.protocols import PROTOCOLS
 
 
 def explicit_ntk(net, variables, x):

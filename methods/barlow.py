@@ -46,13 +46,14 @@ import optax
 from jax.scipy.ndimage import map_coordinates
 
 from kip.augment import parse_strategy
-from kip.io import FileFormatError, atomic_write
+from kip.files import atomic_write
+from kip.io import FileFormatError
 from kip.method import Batch, Data, Trainer
-from kip.nets import make_net
+from methods.nets import make_net
 
 __all__ = ["VIEW_TRANSFORMS", "DEFAULT_VIEWS", "random_resized_crop", "two_views",
            "BarlowTwins", "barlow_twins_loss", "BarlowState", "make_barlow_twins", "Teacher",
-           "save_teacher", "load_teacher", "linear_probe"]
+           "save_teacher", "load_teacher"]
 
 VIEW_TRANSFORMS = ("crop", "flip", "jitter", "gray", "blur", "solarize")
 DEFAULT_VIEWS = "crop_jitter_blur_solarize"
@@ -318,36 +319,3 @@ def _feature_dim(model, variables, config) -> int:
   out = jax.eval_shape(lambda x: model.apply(variables, x, features=True),
                        jax.ShapeDtypeStruct((1, *shape), jnp.float32))
   return int(out.shape[-1])
-
-
-def linear_probe(f_train: np.ndarray, labels_train: np.ndarray, f_test: np.ndarray,
-                 labels_test: np.ndarray, *, steps: int = 500, lr: float = 0.05,
-                 l2: float = 1e-4) -> float:
-  """Test accuracy of a softmax-regression classifier on frozen features: (n, d) float features
-  standardised with the training statistics, full-batch Adam for `steps` steps with an L2 penalty
-  (fixed settings: nothing is tuned on the test split)."""
-  f_train = np.asarray(f_train, np.float32)
-  mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
-  x_train = jnp.asarray((f_train - mu) / sd)
-  x_test = jnp.asarray((np.asarray(f_test, np.float32) - mu) / sd)
-  classes = int(max(labels_train.max(), labels_test.max())) + 1
-  y = jnp.asarray(labels_train)
-  params = (jnp.zeros((x_train.shape[1], classes)), jnp.zeros((classes,)))
-  tx = optax.adam(lr)
-
-  def loss(params):
-    logits = x_train @ params[0] + params[1]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(
-        params[0] ** 2)
-
-  @jax.jit
-  def fit(params):
-    def body(_, carry):
-      params, opt = carry
-      updates, opt = tx.update(jax.grad(loss)(params), opt, params)
-      return optax.apply_updates(params, updates), opt
-    return jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))[0]
-
-  params = fit(params)
-  pred = np.asarray(jnp.argmax(x_test @ params[0] + params[1], -1))
-  return float(np.mean(pred == np.asarray(labels_test)))
