@@ -1,25 +1,35 @@
 """kip: the core of a JAX toolkit for dataset distillation. It names no method: the distillers
-(KIP, Label Solve, FRePo, RFAD, ...) live in `methods/`, one file each.
+(KIP, Label Solve, FRePo, RFAD, ...) live in `methods/`, one file each, with their nets, evaluation
+protocols and teachers (`methods.nets`, `methods.protocols`, `methods.barlow`); commands in
+`experiments/`. Dependencies point one way (experiments -> methods -> kip) and the modules here
+import each other in no circle (tests/test_layout.py checks both).
 
 Modules (import what you need):
+  datasets  what is known of each dataset without loading it (shape, classes), `DataError`
+  files     atomic writes, JSON, inter-process file locks (imports nothing of kip)
   data      tfds loading (offline from raw files), preprocessing (standardise, ZCA with or without
-            KIP's layer norm), labels, seeded sampling
-  method    the protocol every method follows, and the real data the loop fetches for it
+            a per-image layer norm), labels, seeded sampling
+  method    the interface every method follows, and the real data the loop fetches for it
   loop      the one loop (sampler, evaluators, metrics.jsonl, checkpoints, resume)
+  checkpoint, store  checkpoints keyed by tree path; digest-named stores of entries
   kernels   kernels with parameters: neural-tangents NTK/NNGP, neural-feature, empirical NTK
   sharding  kernel blocks and feature maps across every device of every host
   krr       ridge solve, predict, evaluate
-  nets      Flax networks (features and intermediates on request); augment: DSA in JAX
-  train     finite-network protocols (kip, dc, frepo) on the one loop
-  io        distilled-set files, ours and the released KIP/LS ones
+  nets      generic Flax networks (features and intermediates on request); augment: DSA in JAX
+  pool      a pool of networks trained online, whose features a kernel method regresses on
+  train     finite-network training and the common evaluation protocols (kip, dc, dsa) on the
+            one loop; linear probes of frozen features
+  io        distilled-set files, ours and the released KIP/LS ones; readers: other projects'
+            formats, without PyTorch
   pipeline  data + support init + kernels + evaluator + writer, as the commands assemble them
   cli       config groups -> flags, workdirs, one-line errors
+  plots     figures of sets, curves and projections
 
 neural-tangents on current JAX: `from kip import nt, stax` (made to import by `kip._compat`).
 """
 
-__all__ = ["augment", "cli", "data", "io", "kernels", "krr", "loop", "method", "nets", "nt",
-           "pipeline", "sharding", "stax", "train"]
+__all__ = ["augment", "cli", "data", "datasets", "files", "io", "kernels", "krr", "loop", "method",
+           "nets", "nt", "pipeline", "pool", "readers", "sharding", "stax", "train"]
 
 
 def __getattr__(name: str):

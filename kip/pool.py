@@ -104,7 +104,7 @@ def make_pool(net: nn.Module, image_shape: tuple[int, ...], optimizer: optax.Gra
   if num_models < 1 or max_updates < 1:
     raise ValueError("a pool needs num_models and max_updates of at least 1")
   if reinit == "after" and not reset:
-    raise ValueError("reset=False is the KRR-ST code's rule: use it with reinit='before'")
+    raise ValueError("reset=False (a model's counter never restarts) needs reinit='before'")
   if start == "random" and max_updates < 2:
     raise ValueError("a randomly started pool needs max_updates of at least 2")
 

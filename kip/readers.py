@@ -6,21 +6,25 @@ says about where they came from (`Source`: method, dataset, network, images per 
 preprocessing the family applies, the accuracies the authors recorded). `kip.io.load_distilled`
 turns that into a `DistilledSet`; every command reads sets through it.
 
-Formats:
-  rfad   RFAD's `best.npz`: `images` NCHW, learned `labels`, the Platt parameter `k` (the
-         cross-entropy scale is exp(k)) and the jitter `jit`; images standardised with training
-         statistics, ZCA (reg 0.1) for CIFAR.
-  frepo  FRePo dumps: `x_proto`/`y_proto`, or `image`/`label` (what its `save_proto_np` writes),
-         NHWC, learned labels; images standardised with FRePo's published per-channel statistics,
-         ZCA (reg 0.1, per-pixel mean removed) for colour datasets.
-  dc     DC / DSA / DM results `res_<method>_<dataset>_<net>_<ipc>ipc.pt`: a dict whose `data` is
-         a list of [images NCHW, labels int64] pairs, one per experiment, and whose
-         `accs_all_exps` maps an architecture to the accuracies the authors measured; images
-         standardised with DC's fixed per-channel statistics.
-  pair   MTT / DATM / PAD `images_best.pt` + `labels_best.pt` (+ `lr_best.pt`), DC-Bench's
-         `<name>_images.pt` + `<name>_labels.pt`, and the same pairs as `.npy`: labels are class
-         ids or (DATM) soft logits, made probabilities by a softmax; DC's statistics, and for
-         CIFAR kornia's ZCA (absolute eps 0.1, unbiased covariance) as MTT's configs use.
+Formats, named by what they hold (each is written by the projects named beside it):
+  npz_platt   RFAD's `best.npz`: `images` NCHW, learned `labels`, the Platt parameter `k` (the
+              cross-entropy scale is exp(k)) and the jitter `jit`; images standardised with
+              training statistics, ZCA (reg 0.1) for CIFAR.
+  npz_proto   FRePo dumps: `x_proto`/`y_proto`, or `image`/`label` (what its `save_proto_np`
+              writes), NHWC, learned labels; images standardised with FRePo's published
+              per-channel statistics (`PROTO_STATS`), ZCA (reg 0.1, per-pixel mean removed) for
+              colour datasets.
+  dc_results  DC / DSA / DM results `res_<method>_<dataset>_<net>_<ipc>ipc.pt`: a dict whose
+              `data` is a list of [images NCHW, labels int64] pairs, one per experiment, and
+              whose `accs_all_exps` maps an architecture to the accuracies the authors measured;
+              images standardised with DC's fixed per-channel statistics.
+  pair        MTT / DATM / PAD `images_best.pt` + `labels_best.pt` (+ `lr_best.pt`), DC-Bench's
+              `<name>_images.pt` + `<name>_labels.pt`, and the same pairs as `.npy`: labels are
+              class ids or (DATM) soft logits, made probabilities by a softmax; DC's statistics,
+              and for CIFAR kornia's ZCA (absolute eps 0.1, unbiased covariance) as MTT's
+              configs use.
+The method a file came from is recorded (`Source.method`) where the file says it: a DC results
+file's name, a pair's `images_best.pt` (trajectory matching); the `.npz` formats do not say.
 
 `.pt` files are read in both `torch.save` formats (the zip archive of PyTorch >= 1.6 and the legacy
 sequence of pickles before it) by an unpickler that rebuilds tensors, storages, numbers, strings
@@ -43,13 +47,13 @@ import numpy as np
 from kip.datasets import DATASETS
 
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
-           "DC_STATS", "FREPO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
+           "DC_STATS", "PROTO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
            "to_nhwc"]
 
-FORMATS = ("rfad", "frepo", "dc", "pair")
+FORMATS = ("npz_platt", "npz_proto", "dc_results", "pair")
 LAYOUTS = ("auto", "nhwc", "nchw")
 
-# DC/DSA/DM/MTT's fixed per-channel (mean, std), by tfds name (their `get_dataset`).
+# DC's fixed per-channel (mean, std), by tfds name (`get_dataset` of DC, DSA, DM and MTT).
 DC_STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2861,), (0.3530,)),
@@ -57,8 +61,9 @@ DC_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-# FRePo's published per-channel (mean, std) (its `data_stats`); CIFAR-10's std differs from DC's.
-FREPO_STATS = {
+# The `npz_proto` format's per-channel (mean, std): FRePo's published `data_stats`; CIFAR-10's std
+# differs from DC's.
+PROTO_STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2861,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -367,11 +372,12 @@ def to_nhwc(images: np.ndarray, layout: str, path: str) -> np.ndarray:
 
 
 def npz_format(keys: set) -> str | None:
-  """"frepo" or "rfad" when an .npz's keys are that family's, else None (ours / KIP's)."""
+  """"npz_proto" or "npz_platt" when an .npz's keys are that format's, else None (ours, or a
+  released set)."""
   if {"x_proto", "y_proto"} <= keys or {"image", "label"} <= keys:
-    return "frepo"
+    return "npz_proto"
   if {"images", "labels", "k", "jit"} <= keys:
-    return "rfad"
+    return "npz_platt"
   return None
 
 
@@ -387,28 +393,30 @@ def read_foreign(path: str, *, layout: str = "auto", experiment: int = -1,
     return _read_dc(path, layout, experiment, dataset)
   if name.endswith((".pt", ".pth", ".npy")):
     return _read_pair(path, layout, dataset)
-  raise FileFormatError(f"{path}: unknown format; expected .npz (ours, KIP/LS, RFAD, FRePo), "
-                        "res_*.pt (DC/DSA/DM), or an images/labels pair (.pt or .npy)")
+  raise FileFormatError(f"{path}: unknown format; expected .npz (ours, a released set, "
+                        "images/labels/k/jit or x_proto/y_proto), res_*.pt (DC-style results), "
+                        "or an images/labels pair (.pt or .npy)")
 
 
 def read_npz(path: str, arrays: dict, *, layout: str = "auto",
              dataset: str | None = None) -> Foreign:
-  """An RFAD or FRePo set from the arrays of its .npz (`kip.io` has read them)."""
+  """An `npz_proto` or `npz_platt` set (see the module docstring) from the arrays of its .npz
+  (`kip.io` has read them)."""
   kind = npz_format(set(arrays))
-  if kind == "frepo":
+  if kind == "npz_proto":
     x, y = ("x_proto", "y_proto") if "x_proto" in arrays else ("image", "label")
     images = to_nhwc(arrays[x], layout if layout != "auto" else "nhwc", path)
     labels = _labels(arrays[y], len(images), path, dataset, y)
     dataset = dataset or _dataset_from_path(path)
-    return Foreign(images, labels, _source("frepo", "frepo", dataset, FREPO_STATS, "zca", path))
-  if kind == "rfad":
+    return Foreign(images, labels, _source(kind, None, dataset, PROTO_STATS, "zca", path))
+  if kind == "npz_platt":
     images = to_nhwc(arrays["images"], layout if layout != "auto" else "nchw", path)
     labels = _labels(arrays["labels"], len(images), path, dataset, "labels")
     dataset = dataset or _dataset_from_path(path)
     zca = "layernorm_zca" if dataset == "svhn_cropped" else "zca"
     extras = {"platt_scale": np.exp(np.asarray(arrays["k"], np.float32)),
               "jitter": np.asarray(arrays["jit"], np.float32)}
-    return Foreign(images, labels, _source("rfad", "rfad", dataset, None, zca, path), extras)
+    return Foreign(images, labels, _source(kind, None, dataset, None, zca, path), extras)
   raise FileFormatError(f"{path}: not a known foreign .npz (keys {sorted(arrays)})")
 
 
@@ -418,7 +426,8 @@ def _source(fmt, method, dataset, stats_table, zca, path, **kw) -> Source:
     if dataset is None:
       raise FileFormatError(f"{path}: the file does not say its dataset; give --dataset")
     if dataset not in stats_table:
-      raise FileFormatError(f"{path}: {fmt} has no published statistics for {dataset}")
+      raise FileFormatError(f"{path}: the {fmt} format has no published statistics for "
+                            f"{dataset}")
     stats = stats_table[dataset]
   return Source(fmt, method, dataset, stats=stats, zca=zca if dataset in _COLOUR else None, **kw)
 
@@ -450,7 +459,7 @@ def _read_dc(path, layout, experiment, dataset) -> Foreign:
   ipc = int(match["ipc"]) if match else None
   _check_ipc(labels, ipc, path)
   published = {str(k): [float(a) for a in v] for k, v in dict(obj.get("accs_all_exps", {})).items()}
-  source = _source("dc", match["method"].lower() if match else "dc", dataset, DC_STATS,
+  source = _source("dc_results", match["method"].lower() if match else "dc", dataset, DC_STATS,
                    None, path, net=match["net"] if match else None, ipc=ipc,
                    experiment=experiment % len(runs), published=published)
   return Foreign(images.astype(np.float32), labels, source)

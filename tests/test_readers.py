@@ -16,7 +16,7 @@ import pytest
 
 from kip.data import fit_preprocessor
 from kip.io import FileFormatError, load_distilled
-from kip.readers import DC_STATS, FREPO_STATS, UnsafeFileError, read_torch, to_nhwc
+from kip.readers import DC_STATS, PROTO_STATS, UnsafeFileError, read_torch, to_nhwc
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "formats"
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "formats"
@@ -102,8 +102,8 @@ def test_rfad_and_frepo_npz(tmp_path):
     frepo = load_distilled(str(path))
     np.testing.assert_array_equal(frepo.images, nhwc)
     np.testing.assert_array_equal(frepo.labels, labels)
-    assert frepo.dataset == "fashion_mnist" and frepo.source.format == "frepo"
-    np.testing.assert_array_equal(frepo.preprocessor.std, FREPO_STATS["fashion_mnist"][1])
+    assert frepo.dataset == "fashion_mnist" and frepo.source.format == "npz_proto"
+    np.testing.assert_array_equal(frepo.preprocessor.std, PROTO_STATS["fashion_mnist"][1])
 
 
 def test_npy_pair_and_disagreements(tmp_path):
