@@ -27,8 +27,6 @@ be raised later to add more with the same settings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 
@@ -41,7 +39,8 @@ from kip import cli
 from kip.augment import DSA_STRATEGY, parse_augment
 from kip.io import atomic_write
 from kip.nets import NORMS, default_depth, make_net
-from kip.pipeline import PreprocessConfig, prepare_data
+from kip.store import digest_path
+from methods.flags import PreprocessConfig, prepare_data
 from methods.trajectory import (
   ExpertStore,
   StoreMismatch,
@@ -116,9 +115,7 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
     return settings
 
   def default_buffer(self) -> str:
-    text = json.dumps(self.expert_settings(), sort_keys=True)
-    return os.path.join("runs", "buffers",
-                        f"{self.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}")
+    return digest_path(os.path.join("runs", "buffers"), self.dataset, self.expert_settings())
 
 
 def default_buffer(dataset: str, preset: str = "cpu", **flags) -> str:

@@ -1,6 +1,6 @@
 """Train a Barlow Twins teacher: `python -m experiments.teacher --dataset mnist`.
 
-KRR-ST regresses onto a self-supervised teacher's representations (kip/barlow.py). This trains
+KRR-ST regresses onto a self-supervised teacher's representations (methods/barlow.py). This trains
 one on the unlabelled training split of `--dataset`: a ResNet-18 backbone (3x3 stem, no max-pool)
 and a projector, Barlow Twins' loss on two augmented views per image. The default preset `cpu`
 fits a 2-core CPU (backbone width 16, projector 512-512-512, AdamW 2e-3, 3 epochs of batches of
@@ -20,17 +20,17 @@ the test split is logged; `--probe-steps 0` skips it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 
 from kip import cli
-from kip.barlow import DEFAULT_VIEWS, linear_probe, load_teacher, make_barlow_twins, save_teacher
 from kip.loop import Evaluator, LoopConfig, run
 from kip.method import make_sampler
-from kip.nets import NETS
 from kip.pipeline import prepare_data
+from kip.store import digest_path
+from kip.train import linear_probe
+from methods.barlow import DEFAULT_VIEWS, load_teacher, make_barlow_twins, save_teacher
+from methods.nets import NETS
 
 f = cli.field
 
@@ -85,9 +85,7 @@ class Config(cli.RunConfig, cli.DataConfig):
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_THE_TEACHER}
 
   def default_workdir(self) -> str:
-    text = json.dumps(self.teacher_settings(), sort_keys=True)
-    return os.path.join("runs", "teachers",
-                        f"{self.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}")
+    return digest_path(os.path.join("runs", "teachers"), self.dataset, self.teacher_settings())
 
 
 def default_teacher(dataset: str, preset: str = "cpu") -> str:
