@@ -16,7 +16,7 @@ test-fast:
 	$(PYTHON) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 lint:
-	$(PYTHON) -m ruff check kip experiments methods tests bench
+	$(PYTHON) -m ruff check kip experiments methods evaluation tests bench
 
 bench:
 	$(PYTHON) -m bench.kip_step

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
   data = ["--manual-dir", args.manual_dir, "--data-dir", args.data_dir]
 
   teacher_time = _run(["experiments.teacher", "--dataset", args.source, "--no-progress", *data])
-  from experiments.teacher import default_teacher  # noqa: PLC0415
+  from methods.barlow import default_teacher  # noqa: PLC0415
 
   teacher = default_teacher(args.source)
   teacher_metrics = _metrics(os.path.dirname(teacher))

@@ -22,10 +22,10 @@ import time
 import jax
 import numpy as np
 
-from experiments.frepo import PRESETS as FREPO_PRESETS
-from experiments.rfad import PRESETS as RFAD_PRESETS
 from kip.method import Batch
+from methods.frepo import PRESETS as FREPO_PRESETS
 from methods.frepo import make_frepo
+from methods.rfad import PRESETS as RFAD_PRESETS
 from methods.rfad import make_rfad
 
 SHAPE, CLASSES, N_SUPPORT = (28, 28, 1), 10, 100

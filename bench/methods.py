@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from experiments.benchmark import last_metrics
+from evaluation.benchmark import last_metrics
 from kip import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

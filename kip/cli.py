@@ -287,8 +287,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   can be extended).
   `inputs` (name -> path of an input file) are recorded by their content's digest
   (`file_digest`), and a different content is refused: the run's finished parts were made from
-  another input (a workdir recorded before a digest was kept is taken as is; one recorded with a
-  digest of the file's bytes is compared by bytes). In a multi-host run only process 0 writes.
+  another input. In a multi-host run only process 0 writes.
   """
   workdir = config.workdir or os.path.join(
       "runs", "-".join([job, *name_parts, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]))
@@ -322,13 +321,11 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
 def changed_inputs(previous: dict, inputs: dict[str, str],
                    digests: dict[str, str] | None = None) -> list[str]:
   """The names in `inputs` (name -> path) whose file's content is not the one `previous` (a
-  recorded config.json) was made from; an input recorded before digests were kept counts as
-  unchanged, one recorded by its bytes (`_bytes_digest`, before `.npz` files were digested by
-  their arrays) is compared so. `digests`: the inputs' `file_digest`s, if already computed."""
+  recorded config.json) was made from (an input it did not record counts as changed).
+  `digests`: the inputs' `file_digest`s, if already computed."""
   recorded = previous.get("inputs", {})
   digests = digests or {name: file_digest(p) for name, p in inputs.items()}
-  return [k for k, digest in digests.items()
-          if recorded.get(k, digest) != digest and recorded[k] != _bytes_digest(inputs[k])]
+  return [k for k, digest in digests.items() if recorded.get(k) != digest]
 
 
 def content_compared(previous: dict, inputs: dict[str, str]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ it runs, calls `run` and prints its report; `kip.cli.run_main` turns user errors
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -48,6 +49,8 @@ class Job(NamedTuple):
   check: Callable[[Any], None] | None = None
   workdir: bool = True
   positional: Sequence[str] = ()
+  ignore: Sequence[str] = (*cli.NOT_SETTINGS, "steps", "eval_every")
+  default_workdir: Callable[[Any], str] | None = None
 
 
 def main_for(job: Job, doc: str) -> Callable[[Sequence[str] | None], int]:
@@ -57,6 +60,8 @@ def main_for(job: Job, doc: str) -> Callable[[Sequence[str] | None], int]:
   def main(argv: Sequence[str] | None = None) -> int:
     config = cli.parse_config(job.config, argv, doc, positional=job.positional,
                               presets=job.presets)
+    if job.default_workdir is not None and not config.workdir:
+      config = dataclasses.replace(config, workdir=job.default_workdir(config))
     if job.check is not None:
       job.check(config)
     devices = Devices()
@@ -64,7 +69,7 @@ def main_for(job: Job, doc: str) -> Callable[[Sequence[str] | None], int]:
       devices = Devices(*cli.setup_devices(config))
     workdir = ""
     if job.workdir:
-      workdir = cli.prepare_workdir(config, job.name, job.folder(config),
+      workdir = cli.prepare_workdir(config, job.name, job.folder(config), ignore=job.ignore,
                                     inputs=job.inputs(config) if job.inputs else None)
       preset = f"; preset {config.preset}" if getattr(config, "preset", None) else ""
       if devices.memory_bytes is not None:

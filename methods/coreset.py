@@ -6,13 +6,25 @@ features closest to the class mean. `kcenter` (greedy k-center, Sener & Savarese
 start from a random image, then repeatedly add the image farthest from everything chosen so far,
 a 2-approximation of the smallest covering radius. Features are the preprocessed pixels,
 flattened (DC used a trained ConvNet's embedding; pixels need no network and are deterministic).
+
+`Config`, `run` and `JOB` are the job `experiments.coreset` runs: the chosen images saved as a
+distilled set with centred one-hot labels and the preprocessing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 
-__all__ = ["SELECTIONS", "herding", "k_center", "select"]
+from kip import cli
+from kip.command import Devices, Job
+from kip.data import centered_one_hot
+from kip.pipeline import write_distilled
+from methods.flags import PreprocessConfig, prepare_data
+
+__all__ = ["SELECTIONS", "herding", "k_center", "select", "Config", "run", "JOB"]
 
 SELECTIONS = ("random", "herding", "kcenter")
 
@@ -69,3 +81,34 @@ def select(selection: str, x_train: np.ndarray, labels: np.ndarray, ipc: int, se
       picked = k_center(x_train[members], ipc, start)
     chosen.append(members[picked])
   return np.concatenate(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
+  ipc: int = cli.field(10, "images per class", minimum=1)
+  select: str = cli.field("herding", "how images are chosen: random (class-balanced), herding "
+                                     "(running mean closest to the class mean) or kcenter "
+                                     "(greedy k-center), in the preprocessed pixel space",
+                          choices=SELECTIONS)
+
+
+def run(config: Config, workdir: str, devices: Devices) -> list[str]:
+  """`experiments.coreset`'s job: the chosen images as `workdir`/distilled.npz."""
+  del devices  # no kernels: numpy on the host
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(),
+                      data_dir=config.data_dir, manual_dir=config.manual_dir)
+  try:
+    idx = select(config.select, data.x_train, data.labels_train, config.ipc, config.seed,
+                 data.num_classes)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  meta = {"method": f"coreset-{config.select}", "dataset": config.dataset, "step": 0,
+          "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
+  path = os.path.join(workdir, "distilled.npz")
+  write_distilled(path, {"images": data.x_train[idx],
+                         "labels": centered_one_hot(data.labels_train[idx], data.num_classes)},
+                  data, meta)
+  return [f"{config.select}: {len(idx)} training images ({config.ipc} per class) -> {path}"]
+
+
+JOB = Job("coreset", Config, run, folder=lambda c: [c.select, c.dataset, f"ipc{c.ipc}"])

@@ -26,11 +26,18 @@ exported image over its pixels and gives it the real images' average per-image m
 deviation: the state, and so the learning, is untouched; only the written set changes.
 
 DM (Zhao & Bilen, WACV 2023) is the embedding term alone, with instance norm: `methods/dm.py`.
+
+The command (`experiments.datadam`) is `JOB`: the flags DataDAM and DM share (`MatchConfig`),
+DataDAM's weights (`Config`), its presets, and `run_matching`, the run both commands make with
+their own maker (`make_datadam`, `methods.dm.make_dm`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -38,12 +45,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kip import cli
 from kip.augment import DSA_STRATEGY, dsa
+from kip.cli import SelectionConfig
+from kip.command import Job
 from kip.method import Batch, Data, Method
-from kip.nets import make_net
+from kip.nets import NORMS, default_depth, make_net
+from kip.pipeline import (
+  distill,
+  finite_evaluator,
+  held_out_split,
+  initial_support,
+  selecting_loop_config,
+)
+from methods.flags import PreprocessConfig, prepare_data
 
 __all__ = ["MatchState", "make_matching", "make_datadam", "attention_map", "class_grouped",
-           "image_stats", "standardised"]
+           "image_stats", "standardised", "MatchConfig", "Config", "PRESETS", "run_matching",
+           "report", "run", "JOB"]
 
 
 class MatchState(NamedTuple):
@@ -183,3 +202,103 @@ def make_datadam(*, num_classes: int, image_shape: tuple[int, int, int], lambda_
   return make_matching(num_classes=num_classes, image_shape=image_shape,
                        attention_weight=task_balance, embedding_weight=task_balance * lambda_mmd,
                        **kwargs)
+
+
+f = cli.field
+
+PRESETS = {
+    "cpu": {"width": 32, "real_per_class": 32, "steps": 1000, "eval_width": 32},
+    "paper": {"width": 128, "real_per_class": 64, "steps": 20_000, "eval_every": 2000,
+              "checkpoint_every": 500},
+    "report": {"width": 128, "real_per_class": 256, "steps": 1000, "lr": 0.1},
+    "report_mhist": {"width": 32, "depth": 7, "ipc": 50, "real_per_class": 128, "steps": 2000,
+                     "lr": 0.1},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
+  """The flags DataDAM and DM share."""
+
+  preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU), paper (the official code's) or "
+                         "report / report_mhist (the seed settings of the report on MNIST / "
+                         "MHIST)", choices=tuple(PRESETS))
+  ipc: int = f(10, "synthetic images per class", minimum=1)
+  steps: int = f(1000, "matching steps (a fresh network each)", minimum=0)
+  lr: float = f(1.0, "SGD learning rate of the images", above=0)
+  momentum: float = f(0.5, "SGD momentum of the images", minimum=0)
+  width: int = f(32, "the drawn ConvNet's channels", minimum=1)
+  depth: int = f(0, "ConvNet blocks of the matching and evaluation nets (0: by image size, 3 up "
+                    "to 32 pixels, 7 for 224x224 MHIST as the report)", minimum=0)
+  norm: str = f("batch", "the drawn ConvNet's normalisation (batch: the code; instance: the "
+                         "paper)", choices=NORMS)
+  real_per_class: int = f(32, "real images per class per step", minimum=1)
+  augment: str = f(DSA_STRATEGY, "DSA transformations, one siamese draw per class (none: off)")
+  init: str = f("real", "initial synthetic images", choices=("real", "noise"))
+  eval_every: int = f(250, "steps between finite-net evaluations (0: at the end)", minimum=0)
+  eval_steps: int = f(300, "training steps of the evaluation's ConvNet", minimum=1)
+  eval_width: int = f(0, "channels of the evaluation's ConvNet (0: the dc protocol's 128)",
+                      minimum=0)
+  standardise: bool = f(False, "ours, not the paper's: write each image standardised to the "
+                               "real training images' average per-image mean and std (the loss "
+                               "hardly sees an image's contrast, so SGD inflates it; for "
+                               "networks without normalisation, e.g. an MLP)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(MatchConfig):
+  power: float = f(4.0, "p of the attention sum_c |f|^p (4: the paper's table; 1: its code)",
+                   above=0)
+  task_balance: float = f(100.0, "weight of the attention term", minimum=0)
+  lambda_mmd: float = f(0.01, "weight of the embedding (MMD) term, times --task-balance",
+                        minimum=0)
+
+
+def run_matching(config: MatchConfig, workdir: str, method_name: str, make: Callable[..., Method],
+                 **method_kwargs) -> dict:
+  """Runs attention/embedding matching as configured in `workdir`; returns the last evaluation.
+  `make(num_classes=, image_shape=, width=, depth=, norm=, lr=, momentum=, real_per_class=,
+  augment=, export_stats=, **method_kwargs) -> Method`: `make_datadam`, or `methods.dm.make_dm`."""
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
+  split = held_out_split(config.val_size)
+  cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "
+          f"{data.preprocessor.name}")
+  image_shape = data.x_train.shape[1:]
+  x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  depth = config.depth or default_depth(image_shape)
+  method = make(num_classes=data.num_classes, image_shape=image_shape, width=config.width,
+                depth=depth, norm=config.norm, lr=config.lr, momentum=config.momentum,
+                real_per_class=config.real_per_class,
+                augment="" if config.augment == "none" else config.augment,
+                export_stats=image_stats(data.x_train) if config.standardise else None,
+                **method_kwargs)
+  finite = finite_evaluator(method, data, protocol="dc", steps=config.eval_steps,
+                            seeds=(config.seed,), width=config.eval_width, depth=depth,
+                            dataset=config.dataset, split=split)
+  meta = {"method": method_name, "dataset": config.dataset, "seed": config.seed,
+          "ipc": config.ipc, "config": dataclasses.asdict(config)}
+  result = distill(method, data, workdir=workdir,
+                   loop_config=selecting_loop_config(config, f"finite_{split}_acc"),
+                   x_init=x_init, y_init=y_init, meta=meta, evaluators=[finite], log=cli.log,
+                   progress=config.progress)
+  return result.evals | {"split": split, "depth": depth}
+
+
+def report(result: dict, workdir: str) -> str:
+  """The command's result line: the evaluation ConvNet's accuracy and the set's file."""
+  acc = result.get(f"finite_{result['split']}_acc", np.nan)
+  return (f"ConvNet-{result['depth']} trained on the set ({result['split']}): "
+          f"{100 * acc:.2f}%; distilled "
+          f"set: {os.path.join(workdir, 'distilled.npz')}")
+
+
+def run(config: Config, workdir: str, devices) -> list[str]:
+  """`experiments.datadam`: DataDAM with the official weighting (`make_datadam`)."""
+  del devices
+  result = run_matching(config, workdir, "datadam", make=make_datadam, power=config.power,
+                        task_balance=config.task_balance, lambda_mmd=config.lambda_mmd)
+  return [report(result, workdir)]
+
+
+JOB = Job("datadam", Config, run, presets=PRESETS, folder=lambda c: [c.dataset, f"ipc{c.ipc}"])

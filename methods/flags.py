@@ -41,47 +41,28 @@ def core_preprocessing(preprocess: str | None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-  """`--preprocess` of every job that makes a set (kip, label_solve, frepo, rfad); `--zca` is the
-  older spelling of `--preprocess kip_zca`, kept so existing command lines still work."""
+  """`--preprocess` of every job that makes a set (kip, label_solve, frepo, rfad, ...)."""
 
   preprocess: str = cli.field("standard", PREPROCESS_HELP, choices=tuple(PREPROCESS_FLAGS))
-  zca: bool = cli.field(False, "same as --preprocess kip_zca (the older flag)")
-
-  def __post_init__(self):
-    self.preprocessing()  # contradictory flags fail when the command line is parsed
 
   def preprocessing(self) -> str:
     """The `--preprocess` value in force (the commands' spelling; `prepare_data` here takes it)."""
-    if self.zca and self.preprocess not in ("standard", "kip_zca"):
-      raise cli.UserError(f"--zca means --preprocess kip_zca; it contradicts --preprocess "
-                          f"{self.preprocess}")
-    return "kip_zca" if self.zca else self.preprocess
+    return self.preprocess
 
 
 @dataclasses.dataclass(frozen=True)
 class SetPreprocessConfig(cli.SetReadConfig):
   """`--preprocess` of the jobs that read a set (evaluate, transfer): the real splits get the
-  set's own preprocessing unless told otherwise; `--zca yes|no` is the older spelling."""
+  set's own preprocessing unless told otherwise."""
 
   preprocess: str = cli.field("auto", "the set's preprocessing, applied to the real splits: "
                                       "auto (as stored in the file; for a released set, as its "
                                       "name says: zca = kip_zca, nozca = standard) or "
                                       + PREPROCESS_HELP,
                               choices=("auto", *PREPROCESS_FLAGS))
-  zca: str = cli.field("auto", "older spelling: yes = --preprocess kip_zca, no = standard",
-                       choices=("auto", "yes", "no"))
-
-  def __post_init__(self):
-    self.preprocessing()  # contradictory flags fail when the command line is parsed
 
   def preprocessing(self) -> str | None:
     """The forced `--preprocess` value (the commands' spelling), or None for the set's own."""
-    old = {"yes": "kip_zca", "no": "standard"}.get(self.zca)
-    if old and self.preprocess not in ("auto", old):
-      raise cli.UserError(f"--zca {self.zca} means --preprocess {old}; it contradicts "
-                          f"--preprocess {self.preprocess}")
-    if old:
-      return old
     return None if self.preprocess == "auto" else self.preprocess
 
 

@@ -17,25 +17,46 @@ augmentation per batch among colour, crop (translation), cutout, scale and rotat
 transformations, `kip.augment`) applied to the real batch. Not reproduced: the official loss's
 label-margin regulariser (off here; ANCHORS notes it), and its `best_ckpt`, which is picked on test
 accuracy (our runs keep the last step, and evaluate on a validation split if asked).
+
+`Config`, `PRESETS`, `run_frepo` and `JOB` are the job `experiments.frepo` runs. Its sizes are
+written once, in `PRESETS`: the `cpu` preset's are `Config`'s defaults, the `paper` preset's are
+the paper's (and the official code's), which `make_frepo`'s keyword defaults also are; the command
+passes every value from its `Config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from kip import cli
 from kip.augment import dsa
+from kip.cli import SelectionConfig
+from kip.command import Devices, Job
 from kip.krr import DEFAULT_REG, accuracy, krr_predict
 from kip.method import Batch, Data, Method, tracing
+from kip.pipeline import (
+  distill,
+  held_out_split,
+  initial_support,
+  krr_evaluator,
+  make_evaluator,
+  selecting_loop_config,
+)
 from kip.pool import PoolState, make_pool
+from methods.flags import PreprocessConfig, prepare_data
 from methods.nets import make_net
 
-__all__ = ["FrepoState", "make_frepo", "pool_features"]
+__all__ = ["FrepoState", "make_frepo", "pool_features", "Config", "PRESETS", "run_frepo", "run",
+           "JOB"]
 
 
 class FrepoState(NamedTuple):
@@ -59,6 +80,9 @@ def make_frepo(*, num_classes: int, image_shape: tuple[int, int, int], steps: in
                reg: float = DEFAULT_REG, learn_labels: bool = True,
                augment: str = "color_crop_cutout_scale_rotate") -> Method:
   """FRePo as a `kip.method.Method` (labelled real batches of `target_batch` images).
+
+  The keyword defaults are the paper's values (`PRESETS["paper"]`); the command's own sizes are
+  its `Config`'s.
 
   Args:
     steps: the run's length, for the cosine schedule of the outer LAMB.
@@ -138,3 +162,86 @@ def pool_features(width: int, num_classes: int, image_shape, norm: str = "batch"
                      train=False, features=True)
 
   return features
+
+
+# The sizes of each preset. `cpu` is the default: `Config`'s defaults are its values.
+PRESETS = {
+    "cpu": {"width": 32, "target_batch": 256, "steps": 2000},
+    "paper": {"width": 128, "target_batch": 1024, "steps": 500_000, "eval_every": 10_000,
+              "checkpoint_every": 1000},
+}
+_CPU = PRESETS["cpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
+  preset: str = cli.field("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a "
+                                 "GPU)", choices=tuple(PRESETS))
+  ipc: int = cli.field(10, "support images per class", minimum=1)
+  steps: int = cli.field(_CPU["steps"], "outer (LAMB) steps", minimum=0)
+  lr: float = cli.field(3e-4, "outer LAMB learning rate, cosine-decayed to 0.1x", above=0)
+  target_batch: int = cli.field(_CPU["target_batch"], "class-balanced real images per step",
+                                minimum=1)
+  width: int = cli.field(_CPU["width"], "pool nets' first-block width (blocks: w, 2w, 4w)",
+                         minimum=1)
+  num_models: int = cli.field(10, "pool size", minimum=1)
+  max_online_updates: int = cli.field(100, "online updates before a pool model is "
+                                           "re-initialised", minimum=1)
+  online_lr: float = cli.field(3e-4, "pool models' Adam learning rate", above=0)
+  online_batch: int = cli.field(1000, "support images per online update (at most)", minimum=1)
+  augment: str = cli.field("color_crop_cutout_scale_rotate", "DSA transformations of the real "
+                           "batch, one per step (none: off); FRePo uses no flips on digits")
+  learn_labels: bool = cli.field(True, "learn the support labels too")
+  init: str = cli.field("real", "initial support images", choices=("real", "noise"))
+  reg: float = cli.field(DEFAULT_REG, "KRR ridge, relative to tr(K_ss)/n_s", minimum=0)
+  eval_every: int = cli.field(200, "steps between KRR evaluations on the pool features (0: at "
+                                   "the end)", minimum=0)
+
+
+def run_frepo(config: Config, workdir: str) -> dict:
+  """Runs FRePo as configured in `workdir`; returns the final evaluation."""
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
+  cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
+          f"{'validation' if config.val_size else 'test'} images; {data.preprocessor.name}")
+  image_shape = data.x_train.shape[1:]
+  x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  augment = "" if config.augment == "none" else config.augment
+  method = make_frepo(num_classes=data.num_classes, image_shape=image_shape, steps=config.steps,
+                      width=config.width, num_models=config.num_models,
+                      max_online_updates=config.max_online_updates, lr=config.lr,
+                      online_lr=config.online_lr, online_batch=config.online_batch,
+                      target_batch=config.target_batch, reg=config.reg,
+                      learn_labels=config.learn_labels, augment=augment)
+  features = pool_features(config.width, data.num_classes, image_shape)
+
+  def pool_kernel(params, x1, x2):
+    return features(*params, x1) @ features(*params, x2).T
+
+  def current_pool_model(state):
+    pool = state.pool
+    return jax.tree_util.tree_map(lambda a: a[int(pool.index)], (pool.params, pool.stats))
+
+  split = held_out_split(config.val_size)
+  pool_krr = krr_evaluator(make_evaluator(pool_kernel, data, reg=config.reg), method,
+                           params=current_pool_model, name="pool_krr", prefix="krr", split=split)
+  meta = {"method": "frepo", "dataset": config.dataset, "kernel": "frepo-pool",
+          "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
+  loop_config = selecting_loop_config(config, f"krr_{split}_acc")
+  result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
+                   y_init=y_init, meta=meta, evaluators=[pool_krr],
+                   log=cli.log, progress=config.progress)
+  return result.evals | {"steps_per_s": result.steps_per_s}
+
+
+def run(config: Config, workdir: str, devices: Devices) -> list[str]:
+  """`experiments.frepo`'s job in `workdir`: the final KRR accuracy on the pool features."""
+  del devices  # one device; the command has no device flags
+  result = run_frepo(config, workdir)
+  split = held_out_split(config.val_size)
+  acc = result.get(f"krr_{split}_acc", np.nan)
+  return [f"KRR {split} accuracy on the pool features: {100 * acc:.2f}%; distilled set: "
+          f"{os.path.join(workdir, 'distilled.npz')}"]
+
+
+JOB = Job("frepo", Config, run, presets=PRESETS, folder=lambda c: [c.dataset, f"ipc{c.ipc}"])

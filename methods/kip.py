@@ -8,11 +8,16 @@ support images (and, with `learn_labels`, the support labels) against `0.5 * mea
 arrays in the state, `update` compiled once. The kernel is any `kernel_fn(params, x1, x2)`: an
 analytic NTK/NNGP (no parameters), or a neural-feature / empirical-NTK kernel of a Flax net whose
 parameters `kernel_init(key)` draws once and the state keeps (`kip.kernels`).
+
+`Config`, `run_kip` and `JOB` are the job `experiments.kip` runs: the flags, the distillation with
+a KRR evaluation on the test split, and the command's description.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,10 +26,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kip import cli
+from kip.command import Devices, Job
 from kip.krr import DEFAULT_REG, accuracy, krr_predict, mse_loss
+from kip.loop import LoopConfig
 from kip.method import Batch, Data, Method
+from kip.pipeline import distill, initial_support, krr_evaluator, make_evaluator, shard_kernels
+from methods.flags import KernelConfig, PreprocessConfig, prepare_data
 
-__all__ = ["KipState", "make_kip"]
+__all__ = ["KipState", "make_kip", "Config", "run_kip", "run", "JOB"]
 
 
 class KipState(NamedTuple):
@@ -102,3 +112,72 @@ def make_kip(kernel_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], *, lr:
 
   return Method(init, update, export, Data("labelled", target_batch),
                 state_sharding=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, PreprocessConfig, cli.DataConfig):
+  ipc: int = cli.field(10, "support images per class", minimum=1)
+  steps: int = cli.field(1000, "KIP (Adam) steps", minimum=0)
+  lr: float = cli.field(0.04, "Adam learning rate (the authors' colab: 0.04)", above=0)
+  target_batch: int = cli.field(5000, "class-balanced real target images per step", minimum=1)
+  learn_labels: bool = cli.field(True, "learn the support labels too")
+  init: str = cli.field("real", "initial support images", choices=("real", "noise"))
+  eval_every: int = cli.field(100, "steps between KRR evaluations on the full test split (0: "
+                                   "only at the end)", minimum=0)
+  checkpoint_every: int = cli.field(100, "steps between checkpoints (and distilled.npz updates)",
+                                    minimum=1)
+  val_size: int = cli.field(0, "hold out this many training images and evaluate on them "
+                               "instead of test", minimum=0)
+  float64: bool = cli.field(False, "kernels, solves and the support set in float64 (slower)")
+
+
+def run_kip(config: Config, workdir: str, mesh=None, memory_bytes: float | None = None
+            ) -> dict[str, float]:
+  """Runs KIP as configured in `workdir`, its kernel blocks across `mesh` (default: every
+  device) within `memory_bytes` per device; returns the final test metrics."""
+  with jax.enable_x64(config.float64):
+    return _run(config, workdir, jnp.float64 if config.float64 else jnp.float32, mesh,
+                memory_bytes)
+
+
+def _run(config: Config, workdir: str, dtype, mesh, memory_bytes) -> dict[str, float]:
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
+  cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} "
+          f"{'validation' if config.val_size else 'test'} images; {data.preprocessor.name}")
+  kernel = config.make_kernel(data)
+  x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  step_kernel, eval_kernel = shard_kernels(kernel, mesh, memory_bytes)
+  cli.log_kernel_layouts(step_kernel, eval_kernel, len(x_init),
+                         {"K(target, support)": config.target_batch,
+                          "K(support, support)": len(x_init),
+                          "K(test, support)": len(data.x_test)},
+                         data.x_train.shape[1:], jnp.dtype(dtype).itemsize)
+  method = make_kip(step_kernel, lr=config.lr, learn_labels=config.learn_labels,
+                    reg=config.reg, target_batch=config.target_batch, kernel_init=kernel.init,
+                    mesh=getattr(step_kernel, "mesh", None), dtype=dtype)
+  meta = {"method": "kip", "dataset": config.dataset, "kernel": kernel.name,
+          "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
+  evaluate = make_evaluator(eval_kernel, data, reg=config.reg, dtype=dtype,
+                            progress=config.progress)
+  cli.log(f"host memory before the first kernel: {cli.peak_rss_mib():.0f} MiB peak RSS")
+  loop_config = LoopConfig(steps=config.steps, eval_every=config.eval_every,
+                           eval_at_start=config.eval_every > 0,
+                           checkpoint_every=config.checkpoint_every, seed=config.seed)
+  result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
+                   y_init=y_init, meta=meta, log=cli.log, progress=config.progress,
+                   evaluators=[krr_evaluator(evaluate, method,
+                                             params=lambda state: state.kernel_params)])
+  return result.evals
+
+
+def run(config: Config, workdir: str, devices: Devices) -> list[str]:
+  """`experiments.kip`'s job: KIP in `workdir` on `devices`; the final KRR test accuracy."""
+  result = run_kip(config, workdir, devices.mesh, devices.memory_bytes)
+  cli.log(f"peak host memory: {cli.peak_rss_mib():.0f} MiB RSS")
+  return [f"final KRR test accuracy: {100 * result['test_acc']:.2f}% "
+          f"(test MSE {result['test_mse']:.5f}); distilled set: "
+          f"{os.path.join(workdir, 'distilled.npz')}"]
+
+
+JOB = Job("kip", Config, run, folder=lambda c: [c.dataset, c.kernel, f"ipc{c.ipc}"])

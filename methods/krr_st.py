@@ -20,25 +20,38 @@ The paper describes a pool model restarting its count when it is re-initialised 
 our default). The official code never resets the counter, so after its first re-initialisation a
 model is re-initialised at every visit and never trained: after about 10 x max_online_updates
 outer steps the pool holds only freshly initialised networks (`reset=False` reproduces it).
+
+`JOB` is the command `experiments.krr_st`: its `Config` and `PRESETS`, and `run_krr_st`, which
+distils onto a teacher made by `experiments.teacher` (`methods.barlow`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 import optax
 
+from kip import cli
 from kip.augment import random_crop
+from kip.command import Job
+from kip.data import Preprocessor
+from kip.loop import Evaluator
 from kip.method import Batch, Data, Method, tracing
+from kip.pipeline import distill, prepare_data, selecting_loop_config
 from kip.pool import PoolState, make_pool
+from methods.barlow import default_teacher, load_teacher
 from methods.nets import make_net
 
-__all__ = ["KrrStState", "make_krr_st", "krr_st_loss", "pool_features", "DEFAULT_REG"]
+__all__ = ["KrrStState", "make_krr_st", "krr_st_loss", "pool_features", "DEFAULT_REG", "PRESETS",
+           "Config", "teacher_file", "load_checked_teacher", "run_krr_st", "run", "JOB"]
 
 DEFAULT_REG = 1e-6
 
@@ -171,3 +184,130 @@ def make_krr_st(*, image_shape: tuple[int, int, int],
     return {"images": state.x, "targets": state.y}
 
   return Method(init, update, export, Data("unlabelled", target_batch), schedule_steps=steps)
+
+
+f = cli.field
+
+PRESETS = {
+    "cpu": {"width": 32, "target_batch": 256, "steps": 2000, "max_online_updates": 100},
+    "paper": {"width": 128, "target_batch": 1024, "steps": 160_000, "max_online_updates": 1000,
+              "eval_every": 8000, "checkpoint_every": 1000},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.RunConfig, cli.DataConfig):
+  preset: str = f("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a GPU)",
+                  choices=tuple(PRESETS))
+  size: int = f(100, "distilled images (no classes: the set is unlabelled)", minimum=1)
+  teacher: str = f("", "teacher file (default: the one `experiments.teacher --dataset D "
+                       "--preset P` makes, for this command's dataset and preset)")
+  steps: int = f(2000, "outer (AdamW) steps", minimum=0)
+  lr: float = f(1e-3, "outer AdamW learning rate, decaying linearly to 1e-3x", above=0)
+  weight_decay: float = f(0.0, "outer AdamW weight decay", minimum=0)
+  target_batch: int = f(256, "real images per step (uniform, unlabelled)", minimum=1)
+  width: int = f(32, "pool ConvNets' first-block width (blocks: w, 2w, 4w)", minimum=1)
+  num_models: int = f(10, "pool size", minimum=1)
+  max_online_updates: int = f(100, "online SGD steps before a pool model is re-initialised",
+                              minimum=2)
+  reset: bool = f(True, "restart a re-initialised pool model's counter (the paper); "
+                        "--no-reset: the official code's never-reset counter")
+  online_lr: float = f(0.1, "pool models' SGD learning rate (momentum 0.9)", above=0)
+  online_weight_decay: float = f(1e-3, "pool models' SGD weight decay", minimum=0)
+  reg: float = f(DEFAULT_REG, "KRR ridge, relative to tr(K_ss) (not divided by n)", minimum=0)
+  crop_pad: int = f(4, "random-crop padding of the real batch (0: no crop)", minimum=0)
+  flip: bool = f(False, "random horizontal flips of the real batch (off for digits)")
+  eval_every: int = f(200, "steps between validation measurements (0: at the end only)",
+                      minimum=0)
+  checkpoint_every: int = f(100, "steps between checkpoints (and distilled.npz updates)",
+                            minimum=1)
+  val_size: int = f(1000, "training images held out of distillation for the validation MSE",
+                    minimum=1)
+
+
+def teacher_file(config: Config) -> str:
+  """`--teacher`, or the teacher `experiments.teacher` makes for the dataset and preset."""
+  return config.teacher or default_teacher(config.dataset,
+                                           "paper" if config.preset == "paper" else "cpu")
+
+
+def load_checked_teacher(path: str, dataset: str):
+  """The teacher at `path`, refused in one line if missing or trained on another dataset."""
+  if not os.path.isfile(path):
+    raise cli.UserError(f"no teacher at {path}: train it first with `python -m "
+                        f"experiments.teacher --dataset {dataset}` (or pass --teacher FILE)")
+  teacher = load_teacher(path)
+  if teacher.config.get("dataset") != dataset:
+    raise cli.UserError(f"{path} was trained on {teacher.config.get('dataset')}, not {dataset}")
+  return teacher
+
+
+def run_krr_st(config: Config, workdir: str, teacher_path: str) -> dict:
+  """Runs KRR-ST as configured in `workdir`; returns the final evaluation."""
+  teacher = load_checked_teacher(teacher_path, config.dataset)
+  # The teacher's own standardisation (fitted on the whole training split), not one refitted on
+  # what is left after holding out the validation images.
+  preprocessor = Preprocessor(np.asarray(teacher.config["mean"]), np.asarray(teacher.config["std"]))
+  data = prepare_data(config.dataset, preprocessor=preprocessor, data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed)
+  cli.log(f"{config.dataset}: {len(data.x_train)} unlabelled training images, "
+          f"{len(data.x_test)} held out; teacher {teacher_path} ({teacher.dim}-d)")
+  if config.size > len(data.x_train):
+    raise cli.UserError(f"--size {config.size} exceeds the {len(data.x_train)} training images")
+  image_shape = data.x_train.shape[1:]
+  # Random real training images, no labels; their targets: the teacher's representations.
+  idx = np.sort(np.random.default_rng(config.seed).choice(len(data.x_train), config.size,
+                                                          replace=False))
+  x_init = data.x_train[idx]
+  y_init = np.asarray(teacher.features(x_init))
+  black = (0.0 - data.preprocessor.mean) / data.preprocessor.std
+  method = make_krr_st(
+      image_shape=image_shape, teacher=teacher.apply,
+      teacher_variables=jax.device_put(teacher.variables), target_dim=teacher.dim,
+      steps=config.steps, width=config.width, num_models=config.num_models,
+      max_online_updates=config.max_online_updates, reset=config.reset,
+      online_lr=config.online_lr, online_weight_decay=config.online_weight_decay, lr=config.lr,
+      weight_decay=config.weight_decay, target_batch=config.target_batch, reg=config.reg,
+      crop_pad=config.crop_pad, flip=config.flip, fill=jnp.asarray(black, jnp.float32))
+  y_val = jnp.asarray(teacher.features(data.x_test))
+  x_val = jnp.asarray(data.x_test)
+  features = pool_features(config.width, teacher.dim, image_shape)
+
+  def validation_mse(state):
+    # Averaged over every pool model (young and trained alike), so the number does not jump
+    # with whichever model the next step happens to use.
+    losses = []
+    for i in range(config.num_models):
+      pool = state.pool._replace(index=jnp.asarray(i, jnp.int32))
+      loss, _ = krr_st_loss(features(pool, state.x), features(pool, x_val), state.y, y_val,
+                            config.reg)
+      losses.append(float(loss))
+    return {"krr_validation_mse": float(np.mean(losses))}
+
+  meta = {"method": "krr_st", "dataset": config.dataset, "kernel": "krr_st-pool",
+          "seed": config.seed, "size": config.size, "teacher": teacher_path,
+          "config": dataclasses.asdict(config)}
+  loop_config = dataclasses.replace(
+      selecting_loop_config(dataclasses.replace(config, val_size=0), ""), eval_at_start=True)
+  result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
+                   y_init=y_init, meta=meta,
+                   evaluators=[Evaluator("validation", validation_mse)], log=cli.log,
+                   progress=config.progress)
+  return result.evals | {"steps_per_s": result.steps_per_s}
+
+
+def _check_teacher(config: Config) -> None:
+  path = teacher_file(config)
+  if not os.path.isfile(path):
+    load_checked_teacher(path, config.dataset)  # the one-line error, before any workdir exists
+
+
+def run(config: Config, workdir: str, devices) -> list[str]:
+  del devices
+  result = run_krr_st(config, workdir, teacher_file(config))
+  return [f"KRR validation MSE to the teacher: {result.get('krr_validation_mse', np.nan):.5g}; "
+          f"distilled set: {os.path.join(workdir, 'distilled.npz')}"]
+
+
+JOB = Job("krr_st", Config, run, presets=PRESETS, folder=lambda c: [c.dataset, f"n{c.size}"],
+          inputs=lambda c: {"teacher": teacher_file(c)}, check=_check_teacher)

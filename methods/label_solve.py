@@ -4,11 +4,13 @@ target set, in closed form.
 `label_solve(kernel_fn, x_support, x_target, y_target)` is the algorithm (the target kernel
 streamed in blocks across devices); `solve_labels(...)` is the job `experiments.label_solve`
 runs: one-hot and solved labels of the same support images, evaluated on the test split in one
-pass, and the set written with its preprocessing.
+pass, and the set written with its preprocessing. `Config`, `solve` and `JOB` are that command's
+flags, its run from them, and its description.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -18,13 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from kip import cli
+from kip.command import Devices, Job
 from kip.data import centered_one_hot
-from kip.io import atomic_write
+from kip.io import DistilledSet, atomic_write, load_distilled
 from kip.krr import DEFAULT_REG, add_ridge_host, evaluate_labels, ridge_solve_host
-from kip.pipeline import Data, write_distilled
+from kip.pipeline import Data, initial_support, shard_kernels, write_distilled
 from kip.sharding import rows_per_call, stream_rows, with_params
+from methods.flags import KernelConfig, PreprocessConfig, prepare_data
 
-__all__ = ["label_solve", "solve_labels"]
+__all__ = ["label_solve", "solve_labels", "Config", "solve", "run", "JOB"]
 
 
 def label_solve(kernel_fn: Callable, x_support: jax.Array, x_target: np.ndarray,
@@ -98,3 +103,60 @@ def solve_labels(kernel_fn: Callable, data: Data, x_support: np.ndarray, *, labe
     atomic_write(os.path.join(workdir, "metrics.jsonl"),
                  "".join(json.dumps(r) + "\n" for r in records).encode())
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, PreprocessConfig, cli.DataConfig):
+  ipc: int = cli.field(10, "support images per class (class-balanced real images)", minimum=1)
+  support: str = cli.field("", "solve labels for the images of this distilled .npz instead")
+  target_size: int = cli.field(0, "class-balanced target images (0: the whole training split)",
+                               minimum=0)
+  val_size: int = cli.field(0, "hold out this many training images and evaluate on them "
+                               "instead of test", minimum=0)
+
+
+def solve(config: Config, workdir: str, given: DistilledSet | None = None, mesh=None,
+          memory_bytes: float | None = None) -> dict[str, dict[str, float]]:
+  """Label Solve as configured (for the images of `given`, if any), its kernel blocks across
+  `mesh` (default: every device) within `memory_bytes` per device; returns
+  {"one_hot": metrics, "label_solve": metrics}."""
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir, val_size=config.val_size, seed=config.seed,
+                      preprocessor=given.preprocessor if given else None)
+  kernel = config.make_kernel(data)
+  if given is not None:
+    if given.labels is None:
+      raise cli.UserError(f"{config.support} holds regression targets, not class labels")
+    x_support, labels = given.images, given.labels.argmax(1)
+  else:
+    x_support, y_one_hot = initial_support(data, config.ipc, config.seed)
+    labels = y_one_hot.argmax(1)
+  _, kernel_fn = shard_kernels(kernel, mesh, memory_bytes)
+  params = kernel.init(jax.random.key(config.seed))
+  meta = {"method": "label_solve", "dataset": config.dataset, "kernel": kernel.name, "step": 0,
+          "seed": config.seed, "ipc": len(x_support) // data.num_classes,
+          "config": dataclasses.asdict(config)}
+  return solve_labels(kernel_fn, data, x_support, labels=labels, target_size=config.target_size,
+                      reg=config.reg, seed=config.seed, params=params,
+                      workdir=workdir if cli.is_writer() else None, meta=meta,
+                      progress=config.progress)
+
+
+def _given(config: Config) -> DistilledSet | None:
+  """The set of `--support`, if given (a missing or malformed file: one line)."""
+  return load_distilled(config.support, config.dataset) if config.support else None
+
+
+def run(config: Config, workdir: str, devices: Devices) -> list[str]:
+  """`experiments.label_solve`'s job in `workdir` on `devices`: the KRR test accuracy with
+  one-hot and with solved labels."""
+  results = solve(config, workdir, _given(config), devices.mesh, devices.memory_bytes)
+  return [*(f"{name:>11}: KRR test accuracy {100 * m['test_acc']:.2f}% (MSE {m['test_mse']:.5f})"
+            for name, m in results.items()),
+          f"distilled set: {os.path.join(workdir, 'distilled.npz')}"]
+
+
+# The given set is read before the workdir is made (`check`), so a bad file leaves nothing
+# behind, and again in `run`.
+JOB = Job("label_solve", Config, run, folder=lambda c: [c.dataset, c.kernel, f"ipc{c.ipc}"],
+          check=_given)

@@ -11,22 +11,43 @@ with a learned log-scale k (init 0, its own learning rate). Support images and l
 by AdaBelief. As the official code (PyTorch) does, except: the solve runs in the support set's
 dtype (float32 with the highest matmul precision unless `--float64`), and early stopping on a
 held-out split is left to the caller (the loop records the validation metric each evaluation).
+
+`Config`, `PRESETS`, `run_rfad`, `JOB` and `make_main` are the job `experiments.rfad` runs. Its
+sizes are written once, in `PRESETS`: the `cpu` preset's are `Config`'s defaults, the `paper`
+preset's are the paper's, which `make_rfad`'s keyword defaults also are; the command passes every
+value from its `Config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from kip import cli
+from kip.cli import SelectionConfig
+from kip.command import Devices, Job
 from kip.krr import accuracy, krr_predict
 from kip.method import Batch, Data, Method
 from kip.nets import make_net
+from kip.pipeline import (
+  distill,
+  held_out_split,
+  initial_support,
+  krr_evaluator,
+  make_evaluator,
+  selecting_loop_config,
+)
+from methods.flags import PreprocessConfig, prepare_data
 
-__all__ = ["RfadState", "make_rfad", "random_features"]
+__all__ = ["RfadState", "make_rfad", "random_features", "nngp_readout", "Config", "PRESETS",
+           "run_rfad", "run", "JOB"]
 
 
 class RfadState(NamedTuple):
@@ -83,6 +104,9 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
               jitter: float = 5e-3, platt: bool = False, target_batch: int = 5120,
               target_chunk: int = 1280, learn_labels: bool = True, dtype=jnp.float32) -> Method:
   """RFAD as a `kip.method.Method` (labelled real batches of `target_batch` images).
+
+  The keyword defaults are the paper's values (`PRESETS["paper"]`); the command's own sizes are
+  its `Config`'s.
 
   Args:
     width, num_models: channels of the random ConvNets and how many are drawn per step (the
@@ -150,3 +174,83 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
     return out
 
   return Method(init, update, export, Data("labelled", target_batch))
+
+
+# The sizes of each preset. `cpu` is the default: `Config`'s defaults are its values.
+PRESETS = {
+    "cpu": {"width": 32, "num_models": 2, "target_batch": 256, "steps": 1000, "eval_models": 4},
+    "paper": {"width": 256, "num_models": 8, "target_batch": 5120, "steps": 100_000,
+              "eval_models": 16, "eval_every": 40, "checkpoint_every": 1000,
+              "val_size": 5000, "patience": 1000},
+}
+_CPU = PRESETS["cpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
+  preset: str = cli.field("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a "
+                                 "GPU)", choices=tuple(PRESETS))
+  ipc: int = cli.field(10, "support images per class", minimum=1)
+  steps: int = cli.field(_CPU["steps"], "AdaBelief steps", minimum=0)
+  lr: float = cli.field(1e-3, "AdaBelief learning rate of the support set", above=0)
+  target_batch: int = cli.field(_CPU["target_batch"], "class-balanced real images per step",
+                                minimum=1)
+  target_chunk: int = cli.field(1280, "real images whose features are computed at once, one "
+                                      "random net at a time, bounding memory (0: all images and "
+                                      "nets at once)", minimum=0)
+  width: int = cli.field(_CPU["width"], "channels of the random ConvNets", minimum=1)
+  num_models: int = cli.field(_CPU["num_models"], "random ConvNets drawn per step", minimum=1)
+  jitter: float = cli.field(5e-3, "ridge relative to tr(K_ss)/n_s", minimum=0)
+  platt: bool = cli.field(False, "Platt-scaled cross-entropy loss (learned scale) instead of MSE")
+  learn_labels: bool = cli.field(True, "learn the support labels too")
+  init: str = cli.field("real", "initial support images", choices=("real", "noise"))
+  eval_models: int = cli.field(_CPU["eval_models"], "random nets (fixed seed) of the KRR "
+                               "evaluation", minimum=1)
+  eval_every: int = cli.field(100, "steps between KRR evaluations (0: at the end)", minimum=0)
+
+
+def run_rfad(config: Config, workdir: str) -> dict:
+  """Runs RFAD as configured in `workdir`; returns the final evaluation."""
+  data = prepare_data(config.dataset, preprocess=config.preprocessing(), data_dir=config.data_dir,
+                      manual_dir=config.manual_dir,
+                      val_size=config.val_size, seed=config.seed)
+  split = held_out_split(config.val_size)
+  cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} {split} images; "
+          f"{data.preprocessor.name}")
+  image_shape = data.x_train.shape[1:]
+  x_init, y_init = initial_support(data, config.ipc, config.seed, config.init)
+  method = make_rfad(num_classes=data.num_classes, image_shape=image_shape, width=config.width,
+                     num_models=config.num_models, lr=config.lr, jitter=config.jitter,
+                     platt=config.platt, target_batch=config.target_batch,
+                     target_chunk=config.target_chunk,
+                     learn_labels=config.learn_labels)
+  eval_features = random_features(data.num_classes, image_shape, width=config.width,
+                                  num_models=config.eval_models, chunk=config.target_chunk)
+
+  def eval_kernel(key, x1, x2):
+    return nngp_readout(eval_features(key, x1), eval_features(key, x2))
+
+  eval_key = jax.random.key(10_000 + config.seed)  # fixed nets for every evaluation
+  rf_krr = krr_evaluator(make_evaluator(eval_kernel, data, reg=config.jitter), method,
+                         params=lambda state: eval_key, name="rf_krr", prefix="rf", split=split)
+  meta = {"method": "rfad", "dataset": config.dataset, "kernel": "rfad-nngp",
+          "seed": config.seed, "ipc": config.ipc, "config": dataclasses.asdict(config)}
+  loop_config = selecting_loop_config(config, f"rf_{split}_acc")
+  result = distill(method, data, workdir=workdir, loop_config=loop_config, x_init=x_init,
+                   y_init=y_init, meta=meta, evaluators=[rf_krr],
+                   log=cli.log, progress=config.progress)
+  return result.evals | {"steps_per_s": result.steps_per_s, "split": split}
+
+
+def run(config: Config, workdir: str, devices: Devices) -> list[str]:
+  """`experiments.rfad`'s job in `workdir`: the final KRR accuracy on random features."""
+  del devices  # one device; the command has no device flags
+  result = run_rfad(config, workdir)
+  acc = result.get(f"rf_{result['split']}_acc", np.nan)
+  return [f"KRR {result['split']} accuracy on random features: {100 * acc:.2f}%; "
+          f"distilled set: {os.path.join(workdir, 'distilled.npz')}"]
+
+
+# --target-chunk changes memory only, not the numbers: a resume may take another.
+JOB = Job("rfad", Config, run, presets=PRESETS, folder=lambda c: [c.dataset, f"ipc{c.ipc}"],
+          ignore=(*cli.NOT_SETTINGS, "steps", "eval_every", "target_chunk"))

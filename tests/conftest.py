@@ -43,10 +43,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+REAL_DATA_FIXTURES = {"mnist", "manual_dir", "data_dir"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items):
-  """The `slow` tests (minutes each) run first. With `make test`'s work stealing, the worker that
-  ends up with the short ones takes the other's queued tests when it runs out, so the run ends on
-  short tests instead of one worker on a long one while the other idles."""
+  """A test on real data (it may have to build the tfds dataset first, tens of seconds on a clean
+  checkout) is `slow`: `make test-fast` is units and references only. The `slow` tests run first:
+  with `make test`'s work stealing, the worker that ends up with the short ones takes the other's
+  queued tests when it runs out, so the run ends on short tests instead of one worker on a long one
+  while the other idles."""
+  for item in items:
+    if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
 
 

@@ -93,6 +93,7 @@ def _tiny_barlow(steps=6):
 X = RNG.normal(size=(64, 12, 12, 1)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_a_resumed_teacher_run_equals_an_uninterrupted_one_and_the_file_round_trips(tmp_path):
   method, _ = _tiny_barlow()
   config = LoopConfig(steps=6, eval_every=0, checkpoint_every=2, seed=3)

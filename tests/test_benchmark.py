@@ -91,7 +91,7 @@ def test_benchmark_runs_reuses_and_resumes_cells(tmp_path, manual_dir, data_dir,
   assert "old" not in text and table in text and text.startswith("intro") and "end\n" in text
   assert "| full | mnist | all | mlp-128 | dc |" in table
   assert first["rows"][2]["published"] is None  # published figures are ConvNets'
-  from experiments.benchmark import Cell, published
+  from evaluation.benchmark import Cell, published
 
   full_cell = Cell("full", "full", "mnist", 0, "w", "s")
   assert published(full_cell, "convnet3-128") == (99.6, "DC/DM ConvNet-3")
@@ -164,7 +164,7 @@ def test_the_table_prints_from_the_committed_summaries_without_runs(tmp_path, ru
   checkout without runs/: every row read back from bench/results, the same rows as committed."""
   import dataclasses
 
-  from experiments.benchmark import Config, command_line
+  from evaluation.benchmark import Config, command_line
 
   committed = ROOT / "bench" / "results" / "benchmark"
   recorded = json.loads((committed / "benchmark.json").read_text())["config"]
@@ -207,7 +207,7 @@ def test_bench_results_keeps_summaries_and_small_sets_only():
 
 
 def test_the_archive_keeps_summaries_and_small_sets_and_restores_a_set(tmp_path):
-  from experiments.benchmark import Cell, Config, archive, distillation_finished, restore
+  from evaluation.benchmark import Cell, Config, archive, distillation_finished, restore
 
   root, kept = tmp_path / "root", tmp_path / "kept"
   config = Config(root=str(root), archive=str(kept), nets="auto,mlp")
@@ -256,8 +256,9 @@ def test_the_archive_keeps_summaries_and_small_sets_and_restores_a_set(tmp_path)
   assert not restore(cell, config) and not os.path.exists(cell.support)
 
 
+@pytest.mark.slow
 def test_a_stopped_runner_ends_its_command_and_starts_no_more():
-  from experiments.benchmark import Config, Runner
+  from evaluation.benchmark import Config, Runner
   from kip import cli
 
   run = Runner(Config(progress=True))
@@ -301,6 +302,7 @@ def _start(tmp_path, *args: str) -> subprocess.Popen:
                              "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_killed_benchmark_takes_its_command_with_it(signum, tmp_path, manual_dir, data_dir):
@@ -336,6 +338,7 @@ def test_a_killed_benchmark_takes_its_command_with_it(signum, tmp_path, manual_d
       os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_workers_run_cells_at_once(tmp_path, manual_dir, data_dir):
   root = tmp_path / "bench"
@@ -393,9 +396,10 @@ def test_slurm_writes_a_job_array_of_one_cell_per_task(tmp_path, run_in_process)
 def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_path):
   import dataclasses
 
-  from experiments import kip, transfer
-  from experiments.benchmark import check_settings, distillation_finished
+  from evaluation import transfer
+  from evaluation.benchmark import check_settings, distillation_finished
   from kip import cli
+  from methods import kip
 
   workdir = tmp_path / "kip-mnist-ipc1"
   workdir.mkdir()
@@ -465,7 +469,7 @@ def test_benchmark_bad_input_is_one_line(args, message, run_in_process, tmp_path
 
 
 def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
-  from experiments.benchmark import lossless
+  from evaluation.benchmark import lossless
 
   def row(kind, method, ipc, acc, time, steps=2000, batch=256):
     return {"kind": kind, "method": method, "dataset": "mnist", "protocol": "dc", "ipc": ipc,
@@ -495,7 +499,7 @@ def test_lossless_names_the_smallest_set_within_a_point_of_full_data():
 
 
 def test_an_imported_dc_file_carries_its_recorded_accuracy(tmp_path):
-  from experiments.benchmark import Config, plan
+  from evaluation.benchmark import Config, plan
 
   cells = plan(Config(methods="", coresets="", full=False, sets=f"noise={FIXTURE}",
                       root=str(tmp_path)))

@@ -153,6 +153,7 @@ def test_a_changed_step_count_under_a_step_dependent_schedule_is_refused(tmp_pat
   assert int(go(tmp_path / "plain", counter(), steps=6).state.count) == 6
 
 
+@pytest.mark.slow
 def test_a_raised_frepo_step_count_is_refused(tmp_path):
   from methods.frepo import make_frepo
 

@@ -100,9 +100,7 @@ def test_evaluate_a_released_layout_set(tmp_path, mnist, data_dir, run_in_proces
     ("experiments.evaluate", ["--support", "x.npz", "--reg", "-1"], "--reg must be at least 0"),
     ("experiments.frepo", ["--preset", "huge"], "invalid choice: 'huge'"),
     ("experiments.rfad", ["--jitter", "-1"], "--jitter must be at least 0"),
-    ("experiments.kip", ["--zca", "--preprocess", "zca"], "--zca means --preprocess kip_zca"),
-    ("experiments.evaluate", ["--support", "x.npz", "--zca", "yes", "--preprocess", "standard"],
-     "--zca yes means --preprocess kip_zca"),
+    ("experiments.kip", ["--zca"], "unrecognized arguments: --zca"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, run_in_process, module, args,
                                                   message):
@@ -212,15 +210,13 @@ def test_conv_kernel_on_two_devices_within_a_memory_budget(tmp_path, manual_dir,
   assert distilled.images.shape == (10, 28, 28, 1) and distilled.meta["kernel"] == "conv-ntk"
 
 
-def test_preprocess_flags_are_one_spelling_with_the_old_zca_as_an_alias():
-  from methods.flags import PreprocessConfig, SetPreprocessConfig
+def test_preprocess_flags_are_one_spelling():
+  from methods.flags import PreprocessConfig, SetPreprocessConfig, core_preprocessing
 
   assert PreprocessConfig().preprocessing() == "standard"
-  assert PreprocessConfig(zca=True).preprocessing() == "kip_zca"
-  assert PreprocessConfig(preprocess="zca").preprocessing() == "zca"
+  assert PreprocessConfig(preprocess="kip_zca").preprocessing() == "kip_zca"
+  assert core_preprocessing("kip_zca") == "layernorm_zca"  # the core's name for it
   assert SetPreprocessConfig().preprocessing() is None  # the set's own
-  assert SetPreprocessConfig(zca="yes").preprocessing() == "kip_zca"
-  assert SetPreprocessConfig(zca="no").preprocessing() == "standard"
   assert SetPreprocessConfig(preprocess="zca").preprocessing() == "zca"
 
 
@@ -228,8 +224,8 @@ def test_a_workdir_from_before_a_flag_existed_still_resumes(tmp_path):
   """config.json written before a flag existed (kip's had --zca, not --preprocess): the new flag
   at its default is the same run, so it resumes (and the file gains the key); another value is
   refused in one line."""
-  from experiments.kip import Config
   from kip import cli
+  from methods.kip import Config
 
   workdir = tmp_path / "old"
   cli.prepare_workdir(Config(workdir=str(workdir)), "kip", [])
@@ -271,16 +267,13 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
   with pytest.raises(cli.UserError, match="made from another support"):
     cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
   legacy = json.loads((tmp_path / "w" / "config.json").read_text())
-  del legacy["inputs"]  # recorded before digests were kept: taken as is
+  del legacy["inputs"]  # a workdir that recorded no digest is not taken on trust
   (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
-  cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
-  (tmp_path / "w" / "config.json").write_text(json.dumps(legacy))
-  with pytest.raises(cli.UserError, match="other settings \\(support"):  # but only at its path
-    cli.prepare_workdir(Config(str(moved), config.workdir), "t", [],
-                        inputs={"support": str(moved)})
+  with pytest.raises(cli.UserError, match="made from another support"):
+    cli.prepare_workdir(config, "t", [], inputs={"support": str(support)})
 
   # An .npz by its arrays: the same arrays saved again (other bytes) keep the digest,
-  # other values do not; a workdir that recorded the file's bytes is still compared by bytes.
+  # other values do not.
   npz = tmp_path / "set.npz"
   np.savez(npz, images=np.ones((2, 3)), labels=np.eye(2))
   config = Config(str(npz), str(tmp_path / "n"))
@@ -293,10 +286,6 @@ def test_a_workdir_made_from_another_input_file_is_refused(tmp_path):
   before = npz.read_bytes()
   np.savez(npz, labels=np.eye(2), images=np.ones((2, 3)))  # the same arrays, other bytes
   assert npz.read_bytes() != before
-  cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
-  legacy = json.loads((tmp_path / "n" / "config.json").read_text())
-  legacy["inputs"]["support"] = hashlib.sha256(npz.read_bytes()).hexdigest()
-  (tmp_path / "n" / "config.json").write_text(json.dumps(legacy))
   cli.prepare_workdir(config, "t", [], inputs={"support": str(npz)})
   np.savez(npz, images=np.zeros((2, 3)), labels=np.eye(2))
   with pytest.raises(cli.UserError, match="made from another support"):

@@ -60,6 +60,7 @@ def test_validation_split_is_carved_from_train(manual_dir, data_dir):
   assert int(sums) == 1567298545  # a partition of the training split
 
 
+@pytest.mark.slow
 def test_later_loads_read_the_decoded_splits_without_tensorflow(manual_dir, data_dir, tmp_path,
                                                                 monkeypatch):
   """The first load decodes through tfds and leaves the arrays beside its files; the next reads
@@ -139,6 +140,7 @@ def test_connectivity_probe_targets_the_download_host_or_its_proxy(url, proxies,
   assert kip.data._unreachable_host([]) is None and len(probes) == 1  # nothing to download
 
 
+@pytest.mark.slow
 def test_tensorflow_import_prints_nothing():
   """TensorFlow's C++ start-up lines (absl pre-init warning, oneDNN and CUDA notices, `E0000 ...
   failed call to cuInit` without a GPU) stay out of a command's stderr, even without the

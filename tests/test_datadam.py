@@ -94,6 +94,7 @@ def test_the_support_is_grouped_by_class_and_must_be_balanced():
     class_grouped(X[:5], Y[:5])
 
 
+@pytest.mark.slow
 def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_written_set():
   # One image per class through batch norm: the loss cannot see an image's scale, so its gradient
   # is orthogonal to the image and SGD only grows it. `export_stats` leaves the learning alone and
@@ -128,6 +129,7 @@ def test_image_stats_average_each_images_mean_and_std():
   assert image_stats(x) == pytest.approx((2.0, 0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, augment", [(make_datadam, "crop_flip"), (make_dm, ""),
                                            (functools.partial(make_datadam, export_stats=(0, 1)),
                                             "")])

@@ -51,6 +51,7 @@ def test_kip_step_loss_matches_numpy_and_descends(learn_labels):
 
 
 
+@pytest.mark.slow
 def test_kip_on_real_mnist_beats_its_initial_support(mnist):
   """A few KIP steps on real MNIST (FC NTK, 2 images per class) raise KRR accuracy on held-out
   real images above the real-image initialisation."""

@@ -83,6 +83,7 @@ def _model(state, i):
   return [np.asarray(a[i]) for a in jax.tree_util.tree_leaves(state.params)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset", [True, False])
 def test_pool_age_and_reinitialisation_rules(reset):
   pool = _pool(reset)
@@ -130,6 +131,7 @@ def test_frepo_pool_reinitialises_right_after_its_last_update():
     _pool(False, reinit="after")
 
 
+@pytest.mark.slow
 def test_a_resumed_krr_st_run_equals_an_uninterrupted_one(tmp_path):
   method = _method(crop_pad=2, max_online_updates=3)
   config = LoopConfig(steps=7, eval_every=0, checkpoint_every=3, seed=2)
@@ -153,8 +155,9 @@ def test_a_resumed_krr_st_run_equals_an_uninterrupted_one(tmp_path):
   assert not np.array_equal(np.asarray(straight.state.x), X[:10])  # it did learn
 
 
+@pytest.mark.slow
 def test_kd_student_learns_the_teachers_soft_predictions(tmp_path):
-  from experiments.kd import _soft_cross_entropy, make_student
+  from evaluation.kd import _soft_cross_entropy, make_student
   from kip.train import init_states
 
   logits_s = RNG.normal(size=(5, 4))

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments.teacher import Config as TeacherConfig
-from experiments.teacher import default_teacher
 from kip.io import load_distilled
 from kip.loop import read_metrics
+from methods.barlow import Config as TeacherConfig
+from methods.barlow import default_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -107,6 +107,7 @@ def _method(name):
                    target_batch=20, platt=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["frepo", "rfad"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
   config = LoopConfig(steps=8, eval_every=0, checkpoint_every=3, seed=1)

@@ -70,6 +70,7 @@ def test_the_report_protocol_is_fifty_epochs_cosine_without_augmentation():
     ("dsa", "mnist", DSA_STRATEGY, False),  # DiffAugment without a seed: Siamese off, per image
     ("frepo", "mnist", "color_crop_cutout_scale_rotate", True),
 ])
+@pytest.mark.slow
 def test_training_augments_as_the_protocol_says(monkeypatch, protocol, dataset, spec, batch_mode):
   calls = []
   real = kip.train.apply_augment

@@ -196,6 +196,7 @@ def test_kornia_zca_against_numpy():
   assert pre.name == "standardize+kornia_zca"
 
 
+@pytest.mark.slow
 def test_real_dc_set_evaluates_and_importers_feed_every_command(tmp_path, manual_dir, data_dir,
                                                                 run_in_process):
   """DC's own 1-image-per-class Fashion-MNIST set, read from its .pt and scored by KRR on the
@@ -211,6 +212,7 @@ def test_real_dc_set_evaluates_and_importers_feed_every_command(tmp_path, manual
   assert grid.stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["rfad", "frepo", "pair"])
 def test_real_images_in_each_format_score_as_real_images(family, tmp_path, mnist, data_dir,
                                                          run_in_process):

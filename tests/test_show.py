@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from evaluation.show import writable_output
 from experiments import show
 from kip import cli
 from kip.io import DistilledSet, save_distilled
@@ -102,11 +103,11 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
       f"error: cannot write {tmp_path}/file.txt/g.png: {tmp_path}/file.txt is a file, not a "
       "folder"]
   with pytest.raises(cli.UserError, match="is a folder; give a file name"):
-    show.writable_output(str(tmp_path))
+    writable_output(str(tmp_path))
 
   def refused(*args, **kwargs):
     raise PermissionError(13, "Permission denied")
 
   monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # root may write anywhere
   with pytest.raises(cli.UserError, match=r"cannot write .*g\.png: Permission denied \("):
-    show.writable_output(str(tmp_path / "locked" / "g.png"))
+    writable_output(str(tmp_path / "locked" / "g.png"))

@@ -89,6 +89,7 @@ def small(mnist):
   return x, y, pre.apply(mnist["test"].images[:1000]), mnist["test"].labels[:1000]
 
 
+@pytest.mark.slow
 def test_kip_protocol_learns_real_mnist(small):
   x, y, x_test, labels_test = small
   # At the edge-of-stability rate a narrow net (width 64) can lose all its ReLUs in the first
@@ -103,6 +104,7 @@ def test_kip_protocol_learns_real_mnist(small):
   assert result.images_per_s > 0
 
 
+@pytest.mark.slow
 def test_dc_protocol_with_augmentation_learns_real_mnist(small):
   x, y, x_test, labels_test = small
   protocol = PROTOCOLS["dc"]
@@ -114,6 +116,7 @@ def test_dc_protocol_with_augmentation_learns_real_mnist(small):
   assert result.test_acc[0] > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed_batching", ["vmap", "sequential"])
 def test_seeds_trained_together_equal_separate_runs(small, seed_batching):
   x, y, x_test, labels_test = small
@@ -129,6 +132,7 @@ def test_seeds_trained_together_equal_separate_runs(small, seed_batching):
       assert a["loss"][1] == pytest.approx(b["loss"][0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_per_seed_training_sets(small):
   x, y, x_test, labels_test = small
   net = make_net("mlp", 10, width=32)
@@ -148,6 +152,7 @@ def test_per_seed_training_sets(small):
                        labels_test, seeds=[0], **kwargs)
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(small, tmp_path):
   x, y, x_test, labels_test = small
   net = make_net("mlp", 10, width=32)
@@ -165,6 +170,7 @@ def test_resume_equals_an_uninterrupted_run(small, tmp_path):
   assert [c["test_acc"] for c in resumed.curve] == [c["test_acc"] for c in straight.curve]
 
 
+@pytest.mark.slow
 def test_rfad_protocol_centres_the_output_and_learns(small):
   x, y, x_test, labels_test = small
   net = make_net("mlp", 10, width=64)

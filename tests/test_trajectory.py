@@ -201,6 +201,7 @@ def _store(tmp_path, experts=2, epochs=3):
   return store, plan
 
 
+@pytest.mark.slow
 def test_an_interrupted_expert_resumes_to_the_same_trajectory(tmp_path, monkeypatch):
   store, plan = _store(tmp_path, experts=1)
   straight = np.array(store.trajectory(0))
@@ -220,6 +221,7 @@ def test_an_interrupted_expert_resumes_to_the_same_trajectory(tmp_path, monkeypa
   np.testing.assert_array_equal(np.asarray(other.trajectory(0)), straight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mtt", "pad"])
 def test_a_resumed_matching_run_equals_an_uninterrupted_one(tmp_path, name):
   """MTT, and PAD (= DATM's soft labels, widening window and threshold, plus a mask)."""

@@ -1,0 +1,220 @@
+"""Finite-width networks trained on a distilled set beside real-data baselines
+(`experiments.transfer`'s job): the rows (`distilled`, `random`, `full`), each seed's network
+trained under a protocol of methods/protocols.py, the report written to transfer.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from kip import cli
+from kip.command import Job
+from kip.data import centered_one_hot, class_balanced_indices
+from kip.io import write_json
+from kip.nets import NORMS, PARAMETERIZATIONS, default_depth
+from kip.train import TrainResult, resolve_schedule, train_and_evaluate
+from methods.flags import SetPreprocessConfig, data_for_set
+from methods.nets import NETS, make_net
+from methods.protocols import PROTOCOLS, cpu_preset
+
+__all__ = ["Config", "JOB", "format_table", "transfer"]
+
+f = cli.field
+ROWS = ("distilled", "random", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
+  support: str = f("", "the distilled set in any format kip.io reads: ours, KIP/LS, "
+                       "RFAD best.npz, FRePo dumps, DC/DSA/DM res_*.pt, MTT/DATM/PAD "
+                       "images_best.pt, DC-Bench pairs")
+  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
+                       "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
+  protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
+                           "dsa: DSA/DM/MTT's; report: the MNIST/MHIST report's 50 epochs, "
+                           "cosine; frepo: FRePo's; rfad: RFAD's, centred output, "
+                           "decay to init, label scale 8)", choices=tuple(PROTOCOLS))
+  preset: str = f("cpu", "sizes: cpu (finishes in minutes on a 2-core CPU: kip width 64 and "
+                          "1,000 steps, frepo width 32; dc as published) or paper (every "
+                          "protocol as published: kip width 1024 and 5,000 steps, frepo 128)",
+                  choices=("cpu", "paper"))
+  seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
+  seeds_at_once: int = f(0, "networks trained together in one step (0: all)")
+  seed_batching: str = f("auto", "how seeds share a step: vmap (one batched program, for "
+                                 "GPU/TPU) or sequential (faster on CPU); auto picks",
+                         choices=("auto", "vmap", "sequential"))
+  steps: int = f(0, "training steps per network (0: the protocol's, or the cpu preset's: kip "
+                    "5000 (cpu 1000); frepo 1000/2000/5000 by set size; dc 300 epochs, "
+                    "1000 with augmentation)")
+  full_steps: int = f(2000, "step budget of the full-training-set baseline")
+  width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)")
+  depth: int = f(0, "conv blocks of convnet/convnet3 (0: by image size, 3 up to 32 pixels, 7 "
+                    "for 224x224 MHIST)", minimum=0)
+  norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
+                choices=("auto", *NORMS))
+  parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
+  lr: float = f(0.0, "learning rate (0: the set's learned one if it carries `lr`, as MTT's "
+                    "sets, for its own row; else the protocol's; kip: max stable rate of the "
+                    "NTK)")
+  augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
+                           "color_crop_cutout_flip_scale_rotate), DC's per-image "
+                           "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
+  baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
+  distilled: bool = f(True, "train the set's own row (--no-distilled: the baselines only, e.g. "
+                            "the random row beside a set measured before; the set then gives "
+                            "the size and the preprocessing; transfer.json lists this call's "
+                            "rows, each row's own folder keeps its records)")
+  eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
+
+
+def _rows(config: Config) -> list[str]:
+  names = [b.strip() for b in config.baselines.split(",") if b.strip() and b.strip() != "none"]
+  unknown = [b for b in names if b not in ROWS[1:]]
+  if unknown:
+    raise cli.UserError(f"unknown baseline {', '.join(unknown)}; choose random, full or none")
+  rows = ["distilled"] * config.distilled + list(dict.fromkeys(names))
+  if not rows:
+    raise cli.UserError("nothing to train: --no-distilled needs a baseline (--baselines random)")
+  return rows
+
+
+def _net_settings(config: Config) -> tuple[str, int, str]:
+  """(net, width, norm): the protocol's defaults where the flags say auto/0."""
+  protocol = PROTOCOLS[config.protocol]
+  net = protocol.net if config.net == "auto" else config.net
+  cpu = config.preset == "cpu" and cpu_preset(config.protocol).width
+  width = config.width or (64 if net == "resnet18" else
+                           cpu_preset(config.protocol).width if cpu else protocol.width)
+  if config.norm != "auto":
+    norm = config.norm
+  else:
+    norm = {"resnet18": "batch", "mlp": "none"}.get(net, protocol.norm)
+  return net, width, norm
+
+
+def transfer(config: Config, workdir: str) -> dict:
+  """Trains every row's networks (resuming finished rows from `workdir`); returns the report."""
+  if not config.support:
+    raise cli.UserError("--support FILE.npz is required")
+  if config.seeds < 1:
+    raise cli.UserError("--seeds must be at least 1")
+  rows = _rows(config)
+  distilled = config.load(config.support, config.dataset)
+  data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
+                      data_dir=config.data_dir, manual_dir=config.manual_dir)
+  protocol = PROTOCOLS[config.protocol]
+  net_name, width, norm = _net_settings(config)
+  image_shape = distilled.images.shape[1:]
+  depth = config.depth or default_depth(image_shape)
+  net = make_net(net_name, data.num_classes, width=width, norm=norm,
+                 parameterization=config.parameterization, image_shape=image_shape,
+                 dc_padding=protocol.dc_padding, depth=depth)
+  seeds = [config.seed + i for i in range(config.seeds)]
+  n_support = len(distilled.images)
+  cli.log(f"{config.support}: {n_support} images; test split: {len(data.x_test)} images, "
+          f"{data.preprocessor.name}; net {net_name} (width {width}, "
+          f"{f'depth {depth}, ' if net_name.startswith('convnet') else ''}norm {norm}, "
+          f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
+  augment = None if config.augment == "auto" else config.augment
+  set_lr = float(np.asarray(distilled.extras["lr"])) if "lr" in distilled.extras else 0.0
+  if set_lr and not config.lr:
+    cli.log(f"the set carries a learned learning rate: {set_lr:.4g} for its own row (--lr to "
+            "override)")
+  results = []
+  for row in rows:
+    row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
+    x, y, steps = _row_data(row, config, distilled, data, seeds)
+    total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment,
+                                   dataset=config.dataset).steps
+    trained: list[TrainResult] = []
+    at_once = config.seeds_at_once or len(seeds)
+    for start in range(0, len(seeds), at_once):
+      group = seeds[start:start + at_once]
+      part = (slice(start, start + len(group)),) if x.ndim == 5 else ()
+      suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
+      trained.append(train_and_evaluate(
+          net, protocol, x[part] if part else x, y[part] if part else y, data.x_test,
+          data.labels_test, seeds=group, steps=steps,
+          lr=config.lr or (set_lr if row == "distilled" else 0.0), augment=augment,
+          eval_every=config.eval_every or max(1, total_steps // 10),
+          workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
+          progress=config.progress, log=cli.log, description=row,
+          seed_batching=config.seed_batching, dataset=config.dataset))
+    acc = np.concatenate([t.test_acc for t in trained])
+    result = {
+        "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
+        "n_images": int(x.shape[-4]), "net": net_name, "width": width, "norm": norm,
+        "protocol": config.protocol, "seeds": seeds,
+        "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
+        "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
+        "train_time": float(sum(t.train_time for t in trained)),
+        "wall_time": float(sum(t.wall_time for t in trained)),
+        "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
+        "params": trained[0].params,
+    }
+    results.append(result)
+    cli.log(f"{row}: {_format_acc(result)}")
+  report = {"config": dataclasses.asdict(config), "preprocessing": data.preprocessor.name,
+            "test_images": len(data.x_test), "rows": results}
+  write_json(os.path.join(workdir, "transfer.json"), report)
+  return report
+
+
+def _row_data(row: str, config: Config, distilled, data, seeds):
+  """(x, y, steps) of a row; the random baseline has one subset per seed: (n_seeds, n, ...)."""
+  if row == "distilled":
+    if distilled.labels is None:
+      raise cli.UserError(f"{config.support} holds regression targets, not labels: the kip, dc "
+                          "and frepo protocols train classifiers")
+    return distilled.images, distilled.labels, _steps(config)
+  if row == "full":
+    return data.x_train, data.y_train, config.full_steps
+  n = len(distilled.images)
+  if n % data.num_classes:
+    raise cli.UserError(f"the set has {n} images, not a multiple of {data.num_classes} classes; "
+                        "the random baseline needs a class-balanced size")
+  ipc = n // data.num_classes
+  idx = np.stack([class_balanced_indices(data.labels_train, ipc, np.random.default_rng([s, 7]),
+                                         data.num_classes) for s in seeds])
+  return (data.x_train[idx], centered_one_hot(data.labels_train[idx], data.num_classes),
+          _steps(config))
+
+
+def _steps(config: Config) -> int:
+  preset = cpu_preset(config.protocol)
+  if config.steps or config.preset != "cpu" or preset.steps is None:
+    return config.steps
+  return preset.steps
+
+
+def _format_acc(result: dict) -> str:
+  return (f"{cli.percent(result['test_acc_mean'], result['test_acc_std'])}% "
+          f"({len(result['seeds'])} seeds)")
+
+
+def format_table(report: dict) -> str:
+  return cli.format_table(
+      ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "train time", "img/s"),
+      [(r["set"], str(r["n_images"]), f"{r['net']}-{r['width']}", r["protocol"],
+        cli.percent(r["test_acc_mean"], r["test_acc_std"]), str(r["steps"]), f"{r['lr']:.3g}",
+        f"{r['train_time']:.0f} s", f"{r['images_per_s']:.0f}") for r in report["rows"]])
+
+
+def run(config: Config, workdir: str, devices) -> list[str]:
+  report = transfer(config, workdir)
+  return [format_table(report),
+          f"test split: {report['test_images']} images ({report['preprocessing']}); "
+          f"written {os.path.join(workdir, 'transfer.json')}"]
+
+
+# What a re-run in the same workdir may change: rows are folders of their own (add or leave out
+# any); the curve's cadence may change. Unlike `cli.prepare_workdir`'s default, `steps` is compared.
+NOT_SETTINGS = (*cli.NOT_SETTINGS, "seeds_at_once", "seed_batching", "eval_every", "baselines",
+                "distilled")
+
+JOB = Job("transfer", Config, run,
+          folder=lambda c: [c.dataset, _net_settings(c)[0], c.protocol],
+          inputs=lambda c: {"support": c.support}, check=_rows, ignore=NOT_SETTINGS)
