@@ -330,8 +330,12 @@ def _import_tfds():
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   with _stderr_captured():
-    import tensorflow as tf  # noqa: PLC0415
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    try:
+      import tensorflow as tf  # noqa: PLC0415
+      import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError as e:
+      raise DataError(f"loading a dataset needs tensorflow-datasets ({e}); install it with pip "
+                      "install 'kip-jax[data]' (reading or showing a set needs none)") from None
     from absl import logging as absl_logging  # noqa: PLC0415
 
     tf.config.set_visible_devices([], "GPU")

@@ -347,3 +347,14 @@ def test_a_malformed_mhist_folder_is_one_clear_error(tmp_path, damage, message):
       (folder / "images" / "MHIST_001.png").unlink()
   with pytest.raises(DataError, match=message):
     load_dataset("mhist", manual_dir=str(tmp_path))
+
+
+def test_loading_without_tensorflow_datasets_is_one_line_naming_the_extra(monkeypatch):
+  import sys
+
+  from kip.data import DataError, _import_tfds
+
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if neither were installed
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(DataError, match=r"pip install 'kip-jax\[data\]'"):
+    _import_tfds()
