@@ -4,7 +4,8 @@ and read back once finished; the table, its JSON and figure; the archive a fresh
 the table back from. See the command's --help for the layout of the cells.
 
 The methods come from their commands: a method's flags, defaults and presets are its command's
-`JOB` (`experiments.<method>`), so adding a method to the table is adding its name to `METHODS`.
+`JOB` (`experiments.<method>`), so a new method joins the table by name (`--methods NAME`);
+`METHODS` lists the ones it shows by default in --help and their expert stores.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import itertools
 import json
 import os
@@ -125,12 +127,22 @@ def _split(text: str) -> list[str]:
   return [t for t in (s.strip() for s in text.split(",")) if t]
 
 
+def _is_method_command(name: str) -> bool:
+  """Whether `experiments.<name>` is a distiller's command (a JOB whose config takes --ipc): any
+  method joins the table by name, not only those `METHODS` lists by default."""
+  if not name.isidentifier() or importlib.util.find_spec(f"experiments.{name}") is None:
+    return False
+  job = getattr(importlib.import_module(f"experiments.{name}"), "JOB", None)
+  return job is not None and "ipc" in {f.name for f in dataclasses.fields(job.config)}
+
+
 def check(config: Config) -> None:
   """Every list flag checked against what exists, before any work."""
   from kip.data import DATASETS  # noqa: PLC0415
 
   for name in _split(config.methods):
-    cli.check_choice("method", name, tuple(METHODS))
+    if name not in METHODS and not _is_method_command(name):
+      cli.check_choice("method", name, tuple(METHODS))  # one line listing the table's methods
   for name in _split(config.dataset):
     cli.check_choice("dataset", name, tuple(DATASETS))
   for name in _split(config.coresets):
@@ -463,7 +475,7 @@ def run_cell(cell: Cell, config: Config, run: Runner, made: set[str]) -> None:
     command = set_command(cell, config)
     if missing and command and not distillation_finished(
         os.path.dirname(cell.support), steps) and not restore(cell, config):
-      flags = METHODS[cell.name] if cell.kind == "method" else None
+      flags = METHODS.get(cell.name) if cell.kind == "method" else None
       if flags is not None:  # its expert store first
         from methods.experts import default_buffer  # noqa: PLC0415
 

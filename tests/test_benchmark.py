@@ -505,3 +505,16 @@ def test_an_imported_dc_file_carries_its_recorded_accuracy(tmp_path):
                       root=str(tmp_path)))
   assert [(c.kind, c.name, c.dataset, c.ipc) for c in cells] == [("set", "noise", "mnist", 1)]
   assert cells[0].recorded == pytest.approx(88.75)  # mean of the file's ConvNet [0.875, 0.9]
+
+
+def test_a_new_method_joins_the_table_by_name_and_an_unknown_one_is_refused(tmp_path,
+                                                                            run_in_process):
+  # methods/moments.py and experiments/moments.py were added without touching the benchmark.
+  dry = run_in_process("experiments.benchmark", "--methods", "moments", "--ipc", "1",
+                       "--coresets", "", "--no-full", "--root", str(tmp_path), "--dry-run")
+  assert dry.returncode == 0, dry.stderr
+  commands = dry.stdout.split("\n")[:-1]
+  assert [c.split()[2] for c in commands] == ["experiments.moments", "experiments.transfer"]
+  assert "--preset" not in commands[0]  # moments' JOB has no presets
+  bad = run_in_process("experiments.benchmark", "--methods", "nosuch", "--dry-run")
+  assert bad.returncode == 2 and "unknown method 'nosuch'" in bad.stderr
