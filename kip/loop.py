@@ -17,6 +17,7 @@ spread the work); only process 0 writes the workdir, and every process resumes f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -178,12 +179,11 @@ def run(
     description: the progress bar's label.
   """
   writer = is_main_process()  # several processes (multi-host) run this loop; only one writes
-  if not writer:
-    return _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best,
-                log, progress, description, writer)
-  os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
-  with workdir_lock(workdir):
-    remove_temporaries(workdir)
+  if writer:
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+  with workdir_lock(workdir) if writer else contextlib.nullcontext():
+    if writer:
+      remove_temporaries(workdir)
     return _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best,
                 log, progress, description, writer)
 

@@ -16,10 +16,8 @@ Layout: `<path>/store.json`, `<path>/<entry>/<file>` for each finished entry,
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,6 +25,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
+
+from kip.files import atomic_write, write_json
 
 __all__ = ["STORE_FILE", "StoreMismatch", "Store", "digest", "digest_path"]
 
@@ -54,19 +54,13 @@ def _differences(old: dict, new: dict) -> list[str]:
           if old.get(k) != new.get(k)]
 
 
-def _bytes(content: bytes | str | dict | np.ndarray, name: str) -> bytes:
-  if isinstance(content, bytes):
-    return content
-  if isinstance(content, str):
-    return content.encode()
-  buffer = io.BytesIO()
-  if name.endswith(".json"):
-    return (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
-  if isinstance(content, dict):
-    np.savez(buffer, **content)
+def _write(path: str, content: bytes | str | dict | np.ndarray) -> None:
+  """One file of an entry: JSON for a `.json` name, else bytes, text, an array (`.npy`) or a
+  dict of arrays (`.npz`), as `kip.files` writes them."""
+  if path.endswith(".json"):
+    write_json(path, content)
   else:
-    np.save(buffer, np.asarray(content))
-  return buffer.getvalue()
+    atomic_write(path, content.encode() if isinstance(content, str) else content)
 
 
 class Store:
@@ -89,8 +83,7 @@ class Store:
       if not create or settings is None:
         raise FileNotFoundError(f"no {what} at {path} (no {STORE_FILE})"
                                 + (f"; {hint}" if hint else ""))
-      os.makedirs(path, exist_ok=True)
-      _write_atomic(file, _bytes({"settings": settings, **(meta or {})}, STORE_FILE))
+      write_json(file, {"settings": settings, **(meta or {})})
     with open(file) as f:
       record = json.load(f)
     if "settings" not in record:
@@ -139,10 +132,7 @@ class Store:
     tmp = tempfile.mkdtemp(dir=self.path, prefix=f".{entry}.", suffix=".tmp")
     try:
       for name, content in files.items():
-        with open(os.path.join(tmp, name), "wb") as f:
-          f.write(_bytes(content, name))
-          f.flush()
-          os.fsync(f.fileno())
+        _write(os.path.join(tmp, name), content)
       final = os.path.join(self.path, entry)
       if os.path.isdir(final):  # replace: move the old one aside first (rename is atomic)
         old = tempfile.mkdtemp(dir=self.path, prefix=f".{entry}.old.", suffix=".tmp")
@@ -154,15 +144,3 @@ class Store:
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-
-
-def _write_atomic(path: str, content: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".store.", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(content)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise

@@ -79,7 +79,6 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
                          "whole training split)", minimum=0)
 
   def __post_init__(self):
-    getattr(super(), "__post_init__", lambda: None)()
     if self.init_ratio > 1:
       raise cli.UserError(f"--init-ratio must be at most 1, got {self.init_ratio}")
     parse_augment("" if self.augment == "none" else self.augment)

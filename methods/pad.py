@@ -56,7 +56,6 @@ class Config(DatmConfig):
                 choices=MASKS)
 
   def __post_init__(self):
-    getattr(super(), "__post_init__", lambda: None)()
     if not (self.ratio == -1 or 0 <= self.ratio < 1):
       raise cli.UserError(f"--ratio must be in [0, 1) or -1, got {self.ratio}")
 

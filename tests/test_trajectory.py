@@ -117,17 +117,17 @@ def test_an_expert_killed_between_its_files_is_absent_and_made_again(tmp_path, m
   store = ExpertStore.create(str(tmp_path), settings, num_params=5, epochs=2)
   traj = RNG.normal(size=(3, 5)).astype(np.float32)
   store.add(0, traj, {"test_acc": 0.5})
-  real_bytes = kip.store._bytes
+  real_write = kip.store._write
 
-  def killed(content, name):  # the process dies after the trajectory, before its record
-    if name == "record.json":
+  def killed(path, content):  # the process dies after the trajectory, before its record
+    if path.endswith("record.json"):
       raise KeyboardInterrupt
-    return real_bytes(content, name)
+    return real_write(path, content)
 
-  monkeypatch.setattr(kip.store, "_bytes", killed)
+  monkeypatch.setattr(kip.store, "_write", killed)
   with pytest.raises(KeyboardInterrupt):
     store.add(1, traj + 1, {"test_acc": 0.6})
-  monkeypatch.setattr(kip.store, "_bytes", real_bytes)
+  monkeypatch.setattr(kip.store, "_write", real_write)
   assert store.experts() == [0]  # never half an expert
   # A kill by signal leaves its temporary folder behind; the next open removes it.
   (tmp_path / ".expert_002.x1.tmp").mkdir()
