@@ -32,7 +32,8 @@ class Config(cli.DeviceConfig, KernelConfig, SetPreprocessConfig, cli.DataConfig
                           "records it, else fc); see experiments.kip --help",
                   choices=("auto", *KERNELS))
   float64: bool = f(False, "kernels and the solve in float64 (slower)")
-  seed: int = f(0, "seed of a finite kernel's (nfk-/entk-) random initialisation")
+  seed: int = f(0, "seed of a finite kernel's (nfk-/entk-) random initialisation", minimum=0,
+                maximum=cli.SEED_MAXIMUM)
   json_out: bool = f(False, "print the result as one JSON line")
 
 

@@ -59,7 +59,8 @@ class Config(cli.RunConfig, cli.DataConfig):
   width: int = f(0, "its width (0: the preset's; mlp: hidden units; resnet18: first stage)",
                  minimum=0)
   seeds: int = f(3, "networks per row, mean +- std reported", minimum=1)
-  pretrain_epochs: int = f(1000, "pre-training epochs on the set (MSE rows)", minimum=1)
+  pretrain_epochs: int = f(1000, "pre-training epochs on the set (MSE rows)", minimum=1,
+                           maximum=cli.EPOCH_MAXIMUM)
   finetune_steps: int = f(0, "fine-tuning steps (0: the preset's)", minimum=0)
   probe_steps: int = f(500, "full-batch steps of the linear probe", minimum=1)
 

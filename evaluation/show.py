@@ -29,7 +29,8 @@ class Config(cli.SetReadConfig):
   out: str = f("", "PNG to write (default: grid.png or curve.png next to the input)")
   dataset: str = f("", "dataset of a released set, to refit its preprocessing (default: from "
                        "the file)")
-  per_class: int = f(10, "images per row; a class with more wraps onto further rows")
+  per_class: int = f(10, "images per row; a class with more wraps onto further rows",
+                     minimum=1)
   projection: str = f("", "a KRR-ST set: also write this PNG, a PCA of its teacher's "
                           "representations of real training images (coloured by class) with "
                           "those of the set's images and its learned targets on top")
@@ -58,8 +59,6 @@ def writable_output(out: str) -> str:
 
 
 def show_set(config: Config) -> str:
-  if config.per_class < 1:
-    raise cli.UserError(f"--per-class must be at least 1, got {config.per_class}")
   out = writable_output(config.out or os.path.join(os.path.dirname(config.support) or ".",
                                                    "grid.png"))
   distilled = config.load(config.support, config.dataset or None)

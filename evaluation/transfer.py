@@ -41,16 +41,17 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                           "1,000 steps, frepo width 32; dc as published) or paper (every "
                           "protocol as published: kip width 1024 and 5,000 steps, frepo 128)",
                   choices=("cpu", "paper"))
-  seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported")
-  seeds_at_once: int = f(0, "networks trained together in one step (0: all)")
+  seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported",
+                 minimum=1)
+  seeds_at_once: int = f(0, "networks trained together in one step (0: all)", minimum=0)
   seed_batching: str = f("auto", "how seeds share a step: vmap (one batched program, for "
                                  "GPU/TPU) or sequential (faster on CPU); auto picks",
                          choices=("auto", "vmap", "sequential"))
   steps: int = f(0, "training steps per network (0: the protocol's, or the cpu preset's: kip "
                     "5000 (cpu 1000); frepo 1000/2000/5000 by set size; dc 300 epochs, "
-                    "1000 with augmentation)")
-  full_steps: int = f(2000, "step budget of the full-training-set baseline")
-  width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)")
+                    "1000 with augmentation)", minimum=0)
+  full_steps: int = f(2000, "step budget of the full-training-set baseline", minimum=1)
+  width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)", minimum=0)
   depth: int = f(0, "conv blocks of convnet/convnet3 (0: by image size, 3 up to 32 pixels, 7 "
                     "for 224x224 MHIST)", minimum=0)
   norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
@@ -58,7 +59,7 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
   lr: float = f(0.0, "learning rate (0: the set's learned one if it carries `lr`, as MTT's "
                     "sets, for its own row; else the protocol's; kip: max stable rate of the "
-                    "NTK)")
+                    "NTK)", minimum=0)
   augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
@@ -67,7 +68,8 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                             "the random row beside a set measured before; the set then gives "
                             "the size and the preprocessing; transfer.json lists this call's "
                             "rows, each row's own folder keeps its records)")
-  eval_every: int = f(0, "test evaluations along the way for the curve (0: 10 per run)")
+  eval_every: int = f(0, "steps between test evaluations along the way, for the curve (0: 10 "
+                         "per run)", minimum=0)
 
 
 def _rows(config: Config) -> list[str]:
@@ -78,6 +80,16 @@ def _rows(config: Config) -> list[str]:
   rows = ["distilled"] * config.distilled + list(dict.fromkeys(names))
   if not rows:
     raise cli.UserError("nothing to train: --no-distilled needs a baseline (--baselines random)")
+  return rows
+
+
+def _check(config: Config) -> list[str]:
+  """The rows to train, once the flags and the set have been read: a bad file is refused before
+  the workdir exists."""
+  if not config.support:
+    raise cli.UserError("--support FILE.npz is required")
+  rows = _rows(config)
+  config.load(config.support, config.dataset)
   return rows
 
 
@@ -97,11 +109,7 @@ def _net_settings(config: Config) -> tuple[str, int, str]:
 
 def transfer(config: Config, workdir: str) -> dict:
   """Trains every row's networks (resuming finished rows from `workdir`); returns the report."""
-  if not config.support:
-    raise cli.UserError("--support FILE.npz is required")
-  if config.seeds < 1:
-    raise cli.UserError("--seeds must be at least 1")
-  rows = _rows(config)
+  rows = _check(config)
   distilled = config.load(config.support, config.dataset)
   data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
                       data_dir=config.data_dir, manual_dir=config.manual_dir)
@@ -217,4 +225,4 @@ NOT_SETTINGS = (*cli.NOT_SETTINGS, "seeds_at_once", "seed_batching", "eval_every
 
 JOB = Job("transfer", Config, run,
           folder=lambda c: [c.dataset, _net_settings(c)[0], c.protocol],
-          inputs=lambda c: {"support": c.support}, check=_rows, ignore=NOT_SETTINGS)
+          inputs=lambda c: {"support": c.support}, check=_check, ignore=NOT_SETTINGS)

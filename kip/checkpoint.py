@@ -22,7 +22,6 @@ import contextlib
 import glob
 import json
 import os
-import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -30,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kip.io import atomic_write
+from kip.files import atomic_write
+from kip.readers import FileFormatError, read_npz_arrays
 
 __all__ = ["FORMAT", "ResumeError", "CheckpointError", "WorkdirBusyError", "Restored",
            "save_checkpoint", "restore_checkpoint", "list_checkpoints", "latest_checkpoint",
@@ -114,11 +114,10 @@ def save_checkpoint(workdir: str, state, step: int, wall_time: float, keep: int 
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    raise _Damaged(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+  try:  # sizes checked before anything is inflated (kip.readers): a damaged file costs no memory
+    return read_npz_arrays(path)
+  except FileFormatError as e:
+    raise _Damaged(str(e).removeprefix(f"{path}: ")) from None
 
 
 def _restore_one(path: str, template) -> Restored:

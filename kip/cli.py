@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
+import math
 import os
 import sys
 import typing
-import zipfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from kip.datasets import DATASETS, DataError
 from kip.io import LAYOUTS, DistilledSet, FileFormatError, load_distilled, write_json
 from kip.loop import NonFiniteLossError, ResumeError
+from kip.readers import npz_keys, read_npz_arrays
 
 __all__ = ["UserError", "field", "parse_config", "prepare_workdir", "run_main", "log",
            "report", "is_writer", "setup_devices", "log_devices", "describe_devices",
@@ -37,12 +39,30 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, DataError, FileFormatError, NonFiniteLossError, ResumeError)
 
 
+# The default upper bound of every int flag (a count, a size, a step) that declares none: a value
+# past it (10**23) would overflow int32/int64 arrays deep in the run, after data and compiles.
+INT_MAXIMUM = 2**31 - 1
+# The default upper bound of every float flag that declares none: the computations are float32,
+# where a larger value is infinite.
+FLOAT_MAXIMUM = float(np.finfo(np.float32).max)
+# Seeds: what `jax.random.key` keeps (32 bits; a larger seed would alias a smaller one) and
+# `np.random.default_rng` takes (non-negative).
+SEED_MAXIMUM = 2**32 - 1
+# Epoch counts: at most this many, so that epochs x steps per epoch (60,000 images at batch 1 and
+# more) stays within int32, which the loop and the schedules count steps in.
+EPOCH_MAXIMUM = 10_000
+
+
 def field(default, help: str, choices: Sequence | None = None, *,  # noqa: A002
-          minimum: float | None = None, above: float | None = None, **kwargs):
-  """A config field with its flag's help text, choices and range (`minimum` <= value, or
-  `above` < value), checked once when the command line is parsed."""
+          minimum: float | None = None, above: float | None = None,
+          maximum: float | None = None, below: float | None = None, **kwargs):
+  """A config field with its flag's help text, choices and range, checked once when the command
+  line is parsed: `minimum` <= value (or `above` < value) and value <= `maximum` (or value <
+  `below`). An int or float field needs a lower bound; without an upper one an int is at most
+  `INT_MAXIMUM` and a float at most `FLOAT_MAXIMUM`. A float must be finite (no nan, no inf)."""
   return dataclasses.field(default=default, metadata={
-      "help": help, "choices": choices, "minimum": minimum, "above": above}, **kwargs)
+      "help": help, "choices": choices, "minimum": minimum, "above": above, "maximum": maximum,
+      "below": below}, **kwargs)
 
 
 def check_choice(name: str, value: str, known: Sequence[str], what: str = "") -> str:
@@ -52,15 +72,38 @@ def check_choice(name: str, value: str, known: Sequence[str], what: str = "") ->
   return value
 
 
-def _check_ranges(config) -> None:
-  for f in dataclasses.fields(config):
-    value = getattr(config, f.name)
+def _number(x) -> str:
+  return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _check_ranges(config_cls: type, values: dict) -> None:
+  """A one-line UserError naming the first int or float flag whose value in `values` (field ->
+  value; a field left out has its default) is outside its declared range (see `field`); a float
+  flag must also be finite. Checked before `config_cls` is made, so its `__post_init__` sees
+  only values in range."""
+  hints = typing.get_type_hints(config_cls)
+  for f in dataclasses.fields(config_cls):
+    kind = hints.get(f.name)
+    if kind not in (int, float):
+      continue
+    value = values.get(f.name, f.default)
+    if value is dataclasses.MISSING:
+      continue
     flag = "--" + f.name.replace("_", "-")
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UserError(f"{flag} must be a finite number, got {value}")
     low, above = f.metadata.get("minimum"), f.metadata.get("above")
+    high, below = f.metadata.get("maximum"), f.metadata.get("below")
+    if high is None and below is None:
+      high = INT_MAXIMUM if kind is int else FLOAT_MAXIMUM
     if low is not None and value < low:
-      raise UserError(f"{flag} must be at least {low:g}, got {value:g}")
+      raise UserError(f"{flag} must be at least {_number(low)}, got {_number(value)}")
     if above is not None and value <= above:
-      raise UserError(f"{flag} must be greater than {above:g}, got {value:g}")
+      raise UserError(f"{flag} must be greater than {_number(above)}, got {_number(value)}")
+    if high is not None and value > high:
+      raise UserError(f"{flag} must be at most {_number(high)}, got {_number(value)}")
+    if below is not None and value >= below:
+      raise UserError(f"{flag} must be less than {_number(below)}, got {_number(value)}")
 
 
 # Shared config groups: a job's config inherits the ones it uses, so every flag is defined once.
@@ -75,7 +118,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  seed: int = field(0, "seed of everything random (initialisation, batches, augmentation)")
+  seed: int = field(0, "seed of everything random (initialisation, batches, augmentation)",
+                    minimum=0, maximum=SEED_MAXIMUM)
   workdir: str = field("", "run folder (default: a new folder under ./runs); re-use it to resume")
   progress: bool = field(True, "show a progress bar")
 
@@ -84,7 +128,7 @@ class RunConfig:
 class DeviceConfig:
   memory_mb: float = field(0.0, "per-device memory budget for kernel tiles, in MiB (0: half of "
                                 "each device's free memory; on CPU, of the available RAM)",
-                           minimum=0)
+                           minimum=0, maximum=2**30)
   distributed: bool = field(False, "multi-host: call jax.distributed.initialize() (SLURM, Open "
                                    "MPI, TPU pods, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
                                    "JAX_PROCESS_ID); needs --workdir")
@@ -99,7 +143,7 @@ class SetReadConfig:
                           choices=LAYOUTS)
   experiment: int = field(-1, "which experiment of a DC-style results file (res_*.pt: DC, "
                                   "DSA and the methods that share their code) to read (-1: the "
-                                  "last)")
+                                  "last)", minimum=-1)
 
   def load(self, path: str, dataset: str | None = None) -> DistilledSet:
     """The set at `path` in any format `kip.io.load_distilled` reads."""
@@ -172,9 +216,8 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
   if presets:
     preset = given.get("preset", config_cls.__dataclass_fields__["preset"].default)
     values = dict(presets[preset])
-  config = config_cls(**(values | given))
-  _check_ranges(config)
-  return config
+  _check_ranges(config_cls, values | given)
+  return config_cls(**(values | given))
 
 
 _QUIET = False  # processes other than the first of a multi-host run do not log
@@ -264,8 +307,6 @@ def setup_devices(config) -> tuple:
       sharding.initialize_distributed()
     except (RuntimeError, ValueError) as e:
       raise UserError(f"could not start the multi-host runtime: {e}") from e
-  if config.memory_mb < 0:
-    raise UserError(f"--memory-mb must be positive (or 0: automatic), got {config.memory_mb}")
   _QUIET = not sharding.is_main_process()
   memory = config.memory_mb * 2**20 if config.memory_mb else sharding.default_memory_bytes()
   return sharding.make_mesh(), memory
@@ -313,6 +354,10 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
   if not _QUIET:
     if not os.path.isdir(workdir):
       _CREATED.append(workdir)
+      parent = os.path.dirname(os.path.abspath(workdir))
+      while not os.path.isdir(parent):  # deepest first
+        _MADE_ABOVE.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(workdir, exist_ok=True)
     write_json(path, current | ({"inputs": digests} if digests else {}))
   return workdir
@@ -345,6 +390,7 @@ def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str
 
 _WORKDIR: str | None = None  # this command's workdir, for the resume hint after Ctrl-C
 _CREATED: list[str] = []  # workdirs this command created; removed again if it fails at once
+_MADE_ABOVE: list[str] = []  # folders made to hold them (./runs), deepest first
 
 
 def file_digest(path: str) -> str:
@@ -357,16 +403,15 @@ def file_digest(path: str) -> str:
   if not os.path.isfile(path):
     return ""
   if path.endswith(".npz"):
-    try:
+    try:  # one array at a time, each checked before it is inflated (kip.readers)
       digest = hashlib.sha256()
-      with np.load(path, allow_pickle=False) as data:
-        for name in sorted(set(data.files) - {"config"}):
-          a = np.ascontiguousarray(data[name])
-          digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-          digest.update(a.tobytes())
+      for name in sorted(set(npz_keys(path)) - {"config"}):
+        a = np.ascontiguousarray(read_npz_arrays(path, [name])[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.tobytes())
       return "npz:" + digest.hexdigest()
-    except (OSError, ValueError, zipfile.BadZipFile):
-      pass  # not a readable npz: its bytes
+    except FileFormatError:
+      pass  # not a readable npz (or one whose arrays claim more than the file holds): its bytes
   return _bytes_digest(path)
 
 
@@ -394,43 +439,73 @@ def _check_writable_dir(path: str, flag: str) -> None:
     raise UserError(f"{flag} {path}: {parent} is not writable")
 
 
+# The errnos of a file that cannot be written (full or over quota, read-only, not permitted):
+# reported in one line, as the user's to fix.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
+                 *([errno.EDQUOT] if hasattr(errno, "EDQUOT") else [])}
+# Files that record a run without being its work: made again by a fresh start.
+_NOT_WORK = ("config.json", "metrics.jsonl")
+
+
+def _holds_work(workdir: str) -> bool:
+  """Whether `workdir` (or a folder in it) holds a file that is finished work: a checkpoint, an
+  output; not its config.json, its metrics.jsonl or a temporary `.tmp` file."""
+  for _, _, files in os.walk(workdir):
+    if any(name not in _NOT_WORK and not name.endswith(".tmp") for name in files):
+      return True
+  return False
+
+
 def _remove_unfinished_workdirs() -> None:
-  """A workdir this command created that holds nothing but its config.json is removed: a
-  command that failed before doing any work leaves no empty run folder behind."""
+  """A workdir this command created that holds no finished work (`_holds_work`) is removed, and
+  then the folders made to hold it (./runs) if left empty: a command that failed before doing
+  any work leaves no run folder behind, which would refuse its corrected re-run as a run with
+  other settings."""
   import shutil  # noqa: PLC0415
 
   for workdir in _CREATED:
-    entries = set(os.listdir(workdir)) if os.path.isdir(workdir) else {"?"}
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if entries <= {"config.json", "checkpoints"} and not (
-        os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-      shutil.rmtree(workdir, ignore_errors=True)
+    try:
+      if os.path.isdir(workdir) and not _holds_work(workdir):
+        shutil.rmtree(workdir, ignore_errors=True)
+    except OSError:
+      pass  # unreadable: left as it is
+  for folder in _MADE_ABOVE:
+    try:
+      os.rmdir(folder)  # only if empty: another command's run may be in it meanwhile
+    except OSError:
+      pass
+
+
+def _fail(message: str, code: int) -> None:
+  _remove_unfinished_workdirs()
+  print(message, file=sys.stderr)
+  sys.exit(code)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
-  """Runs a job's main: user errors print one line and exit 2, running out of memory one line
-  and exit 3, Ctrl-C says how to resume."""
+  """Runs a job's main: user errors and files that cannot be written (a full disk, a read-only
+  folder) print one line and exit 2, running out of memory one line and exit 3, Ctrl-C says how
+  to resume. A failure of any kind first removes the workdirs this command created that hold no
+  finished work; unexpected errors then go on with their traceback."""
   try:
     sys.exit(main(None) or 0)
   except USER_ERRORS as e:
-    _remove_unfinished_workdirs()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"error: {e}", 2)
   except MemoryError as e:
-    _remove_unfinished_workdirs()
-    print(f"error: out of host memory ({e}); lower --memory-mb or the batch sizes",
-          file=sys.stderr)
-    sys.exit(3)
+    _fail(f"error: out of host memory ({e}); lower --memory-mb or the batch sizes", 3)
   except KeyboardInterrupt:
     hint = f"--workdir {_WORKDIR}" if _WORKDIR else "the same --workdir"
     print(f"interrupted: re-run the same command with {hint} to resume", file=sys.stderr)
     sys.exit(130)
   except Exception as e:
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+      what = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+      full = e.errno not in (errno.EACCES, errno.EPERM)  # a denied read reads the same
+      _fail(f"error: {'cannot write ' if full else ''}{what}", 2)
     if _is_out_of_memory(e):
-      _remove_unfinished_workdirs()
-      print(f"error: out of device memory: {_first_line(e)}; lower --memory-mb, the batch "
-            "sizes or the network width", file=sys.stderr)
-      sys.exit(3)
+      _fail(f"error: out of device memory: {_first_line(e)}; lower --memory-mb, the batch "
+            "sizes or the network width", 3)
+    _remove_unfinished_workdirs()
     raise
 
 

@@ -22,10 +22,9 @@ def atomic_write(path: str, content: bytes | np.ndarray | dict[str, np.ndarray])
   """Writes bytes, an array as .npy, or a dict of arrays as .npz, to a temporary file, then
   renames it to `path`.
 
-  A crash leaves either the old file or the new one, never half of one.
+  A crash leaves either the old file or the new one, never half of one. A failed write (disk
+  full, a read-only folder) removes its temporary file and raises OSError naming `path`.
   """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
   if isinstance(content, dict | np.ndarray):
     buffer = io.BytesIO()
     if isinstance(content, dict):
@@ -33,6 +32,15 @@ def atomic_write(path: str, content: bytes | np.ndarray | dict[str, np.ndarray])
     else:
       np.save(buffer, content)
     content = buffer.getvalue()
+  try:
+    _write_and_rename(path, content)
+  except OSError as e:  # disk full, read-only, no permission: named by the file we meant
+    raise OSError(e.errno, e.strerror or str(e), path) from None
+
+
+def _write_and_rename(path: str, content: bytes) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
     # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask),

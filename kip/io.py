@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 
 import numpy as np
 
 from kip.data import Preprocessor
-from kip.datasets import DATASETS
+from kip.datasets import DATASETS, DataError
 from kip.files import atomic_write, file_lock, write_json  # re-exported: kip.io's names before
 from kip.readers import (
   LAYOUTS,
@@ -29,8 +30,10 @@ from kip.readers import (
   Foreign,
   Source,
   npz_format,
+  npz_keys,
   read_foreign,
   read_npz,
+  read_npz_arrays,
 )
 
 __all__ = ["DistilledSet", "ReleaseInfo", "FileFormatError", "atomic_write", "write_json",
@@ -155,8 +158,94 @@ def save_distilled(path: str, distilled: DistilledSet) -> None:
   atomic_write(path, arrays)
 
 
-_META_KEYS = ("dataset", "kernel", "kernel_type", "method", "step", "seed", "ipc", "size",
-              "teacher", "config")
+# Our metadata keys and what each holds (one value each; `config` is the JSON of the command's
+# settings).
+_META = {"dataset": str, "kernel": str, "kernel_type": str, "method": str, "step": int,
+         "seed": int, "ipc": int, "size": int, "teacher": str, "config": dict}
+_PRE_KEYS = ("preprocessing", "pre_mean", "pre_std", "pre_zca", "zca_reg", "pre_zca_layer_norm",
+             "pre_zca_mean", "pre_zca_absolute")
+_OUR_KEYS = ("images", "labels", "targets", *_META, *_PRE_KEYS)
+_FOREIGN_KEYS = ("x_proto", "y_proto", "image", "label", "images", "labels", "k", "jit")
+_MAX_JSON = 1 << 20  # a config is a few KB of settings
+
+
+def _numeric(array: np.ndarray, key: str, path: str) -> np.ndarray:
+  if array.dtype.kind not in "biuf":
+    raise FileFormatError(f"{path}: {key} must hold numbers, found {array.dtype} values")
+  return array
+
+
+def _meta(arrays: dict[str, np.ndarray], path: str) -> dict:
+  """Our metadata keys, each checked to hold one value of its kind."""
+  meta = {}
+  for key, kind in _META.items():
+    if key not in arrays:
+      continue
+    array = arrays[key]
+    want = {str: "U", int: "iu", dict: "U"}[kind]
+    if array.shape != () or array.dtype.kind not in want:
+      raise FileFormatError(f"{path}: {key!r} must hold one "
+                            f"{'JSON text' if kind is dict else kind.__name__}, found "
+                            f"{array.dtype} of shape {array.shape}")
+    value = array.item()
+    if kind is dict:
+      value = _json(value, key, path)
+    meta[key] = value
+  return meta
+
+
+def _json(text: str, key: str, path: str) -> dict:
+  if len(text) > _MAX_JSON:
+    raise FileFormatError(f"{path}: {key!r} is {len(text):,} characters of JSON; a record of "
+                          "settings is a few thousand")
+  try:
+    value = json.loads(text)
+  except (ValueError, RecursionError) as e:
+    why = "nested too deep" if isinstance(e, RecursionError) else e
+    raise FileFormatError(f"{path}: {key!r} is not readable JSON ({why})") from None
+  if not isinstance(value, dict):
+    raise FileFormatError(f"{path}: {key!r} must be a JSON object, found "
+                          f"{type(value).__name__}")
+  return value
+
+
+def _preprocessor(arrays: dict[str, np.ndarray], path: str) -> Preprocessor | None:
+  """The stored preprocessing, checked against the images before it is used: per-channel mean
+  and std of the images' channels, finite, std above zero; a whitening matrix and pixel mean of
+  the images' size, finite."""
+  for key in _PRE_KEYS[1:]:
+    if key in arrays and arrays[key].dtype.kind not in "biuf":
+      raise FileFormatError(f"{path}: {key} must hold numbers, found {arrays[key].dtype}")
+  if "pre_mean" in arrays and "pre_std" not in arrays:
+    raise FileFormatError(f"{path}: the stored preprocessing has pre_mean but no pre_std")
+  try:
+    pre = Preprocessor.from_arrays(arrays)
+  except (DataError, ValueError, TypeError) as e:
+    raise FileFormatError(f"{path}: the stored preprocessing is unusable ({e})") from None
+  if pre is None:
+    return None
+  images = arrays["images"]
+  if images.ndim != 4:
+    return pre  # `_check` refuses the images
+  channels, d = images.shape[-1], math.prod(images.shape[1:])
+  expected = {"pre_mean": (pre.mean, (channels,)), "pre_std": (pre.std, (channels,)),
+              "pre_zca": (pre.zca, (d, d)), "pre_zca_mean": (pre.zca_mean, (d,))}
+  for key, (value, shape) in expected.items():
+    if value is None:
+      continue
+    if value.shape != shape:
+      raise FileFormatError(f"{path}: the stored preprocessing's {key} has shape {value.shape}; "
+                            f"for images {images.shape[1:]} it must be {shape}")
+    if not np.all(np.isfinite(value)):
+      raise FileFormatError(f"{path}: the stored preprocessing's {key} holds NaN or infinite "
+                            "values")
+  if np.any(pre.std <= 0):
+    raise FileFormatError(f"{path}: the stored preprocessing's pre_std must be above zero, got "
+                          f"{pre.std.tolist()}")
+  if pre.zca_reg is not None and not (np.isfinite(pre.zca_reg) and pre.zca_reg >= 0):
+    raise FileFormatError(f"{path}: the stored preprocessing's zca_reg must be a finite number "
+                          f">= 0, got {pre.zca_reg}")
+  return pre
 
 
 def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto",
@@ -174,34 +263,32 @@ def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto
   if not path.endswith(".npz"):
     return _imported(path, dataset, read_foreign(path, layout=layout, experiment=experiment,
                                                  dataset=dataset))
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
-  except Exception as e:  # noqa: BLE001  (zip, pickle and value errors all mean "not an npz")
-    raise FileFormatError(f"{path}: not a readable .npz file ({e})") from e
-  if npz_format(set(arrays)):
+  keys = set(npz_keys(path))
+  if npz_format(keys):  # only the keys a format uses are read: the rest may be anything
+    arrays = read_npz_arrays(path, _FOREIGN_KEYS)
     return _imported(path, dataset, read_npz(path, arrays, layout=layout, dataset=dataset))
   for key in ("images", "labels"):
-    if key not in arrays and not (key == "labels" and "targets" in arrays):
+    if key not in keys and not (key == "labels" and "targets" in keys):
       alt = {"x_syn": "a trajectory-matching run"}
-      hint = next((f" (looks like {v}'s format)" for k, v in alt.items() if k in arrays), "")
-      raise FileFormatError(f"{path}: missing key {key!r}{hint}; found {sorted(arrays)}")
-  meta = {}
-  for key in _META_KEYS:
+      hint = next((f" (looks like {v}'s format)" for k, v in alt.items() if k in keys), "")
+      raise FileFormatError(f"{path}: missing key {key!r}{hint}; found {sorted(keys)}")
+  arrays = read_npz_arrays(path, [k for k in keys if k in _OUR_KEYS or k.startswith("extra_")])
+  for key in ("images", "labels", "targets"):
     if key in arrays:
-      value = arrays[key].item()
-      meta[key] = json.loads(value) if key == "config" else value
+      _numeric(arrays[key], key, path)
+  meta = _meta(arrays, path)
   release = None if "dataset" in meta else parse_release_name(path)
-  extras = {k[len("extra_"):]: arrays[k] for k in arrays if k.startswith("extra_")}
+  extras = {k[len("extra_"):]: _numeric(arrays[k], k, path) for k in arrays
+            if k.startswith("extra_")}
   distilled = DistilledSet(np.asarray(arrays["images"], np.float32),
                            _maybe(arrays.get("labels")), meta,
-                           Preprocessor.from_arrays(arrays), release,
+                           _preprocessor(arrays, path), release,
                            targets=None if "labels" in arrays else _maybe(arrays["targets"]),
                            extras=extras)
   if dataset is not None and distilled.dataset not in (None, dataset):
     raise FileFormatError(f"{path}: made from {distilled.dataset}, not {dataset}")
   _check(distilled.images, distilled.labels, path, dataset or distilled.dataset,
-         distilled.targets)
+         distilled.targets, distilled.extras)
   return distilled
 
 
@@ -214,14 +301,17 @@ def _imported(path: str, dataset: str | None, foreign: Foreign) -> DistilledSet:
   meta = {"method": source.method} if source.method else {}
   distilled = DistilledSet(foreign.images, foreign.labels, meta, preprocessor,
                            extras=foreign.extras, source=source)
-  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset)
+  _check(distilled.images, distilled.labels, path, dataset or distilled.dataset,
+         extras=distilled.extras)
   return distilled
 
 
 def _check(images: np.ndarray, labels: np.ndarray | None, path: str, dataset: str | None,
-           targets: np.ndarray | None = None) -> None:
+           targets: np.ndarray | None = None, extras: dict | None = None) -> None:
   if images.ndim != 4:
     raise FileFormatError(f"{path}: images must be (N, H, W, C), got shape {images.shape}")
+  if not len(images):
+    raise FileFormatError(f"{path}: holds no images")
   if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
     raise FileFormatError(f"{path}: images look NCHW {images.shape}; transpose to NHWC "
                           "(N, H, W, C) first")
@@ -236,6 +326,6 @@ def _check(images: np.ndarray, labels: np.ndarray | None, path: str, dataset: st
                             f"{num_classes} classes")
     if images.shape[1:] != shape:
       raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are {shape}")
-  for key, value in (("images", images), (name, values)):
+  for key, value in (("images", images), (name, values), *(extras or {}).items()):
     if not np.all(np.isfinite(value)):
       raise FileFormatError(f"{path}: {key} contain NaN or infinite values")

@@ -223,8 +223,11 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
 
   def write(record: dict) -> None:
     if writer:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      try:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      except OSError as e:  # disk full: named by the file (kip.cli prints it in one line)
+        raise OSError(e.errno, e.strerror or str(e), metrics_path) from None
 
   def evaluate(step: int, at_start: bool = False) -> dict:
     results = {}
@@ -287,10 +290,11 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
       bar.close()
       last = latest_checkpoint(workdir)
       bad = {k: _to_json(v) for k, v in metrics.items()}
+      kept = (f"The last good checkpoint (step {last[0]}) and outputs are kept in {workdir}. "
+              "To retry with another setting (e.g. a lower --lr), use a new --workdir"
+              if last else "Nothing was finished; retry with another setting (e.g. a lower --lr)")
       raise NonFiniteLossError(
-          f"a non-finite value at step {step} ({_format(bad)}); stopped. The last good checkpoint "
-          f"(step {last[0] if last else 0}) and outputs are kept in {workdir}. To retry with "
-          "another setting (e.g. a lower --lr), use a new --workdir")
+          f"a non-finite value at step {step} ({_format(bad)}); stopped. {kept}")
     state = new_state
     record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()}}
     results = evaluate(step)

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import pickle
 import re
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -48,7 +50,7 @@ from kip.datasets import DATASETS
 
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
            "DC_STATS", "PROTO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
-           "to_nhwc"]
+           "to_nhwc", "read_npy", "read_npy_file", "npz_keys", "read_npz_arrays"]
 
 FORMATS = ("npz_platt", "npz_proto", "dc_results", "pair")
 LAYOUTS = ("auto", "nhwc", "nchw")
@@ -123,35 +125,112 @@ _DTYPES = {"Double": np.float64, "Float": np.float32, "Half": np.float16, "Long"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  dtype: np.dtype
+_MAX_DEPTH = 100  # containers in a torch.save file nest a few levels; deeper is not a set
+# What a zip file's entries may inflate to, all together: torch.save and np.savez store arrays
+# uncompressed, np.savez_compressed gains little on floats, a zip bomb gains a thousandfold.
+_INFLATE_FLOOR = 64 * 2**20
+_INFLATE_RATIO = 64
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_):
-  """A tensor as a NumPy array: `size` elements of `storage` at `offset` with element `stride`."""
+class _Inflation:
+  """Refuses a zip entry once the entries read from `path` would inflate past 64 MiB plus 64x
+  the file's size, before it is inflated (the size comes from the zip directory, and reads stop
+  there)."""
+
+  def __init__(self, path: str):
+    self.path, self.size = path, os.path.getsize(path)
+    self.left = _INFLATE_FLOOR + _INFLATE_RATIO * self.size
+
+  def take(self, info: zipfile.ZipInfo) -> None:
+    if info.file_size > self.left:
+      raise FileFormatError(f"{self.path}: refused: entry {info.filename} inflates to "
+                            f"{info.file_size:,} bytes from a {self.size:,}-byte file (a zip "
+                            "bomb, not a stored array)")
+    self.left -= info.file_size
+
+
+class _Sealed:
+  """What `find_class` hands a pickle: made afresh for each request, and BUILD on it is refused,
+  so a hostile file cannot change what the next file's reader gets."""
+
+  __slots__ = ("what",)
+
+  def __init__(self, what: str):
+    self.what = what
+
+  def __setstate__(self, state):
+    raise UnsafeFileError(f"refused: the pickle tries to change {self.what}; nothing of it was "
+                          "run")
+
+
+class _StorageType(_Sealed):
+  __slots__ = ("dtype",)
+
+  def __init__(self, what: str, dtype: np.dtype):
+    super().__init__(what)
+    self.dtype = dtype
+
+
+class _Function(_Sealed):
+  __slots__ = ("fn",)
+
+  def __init__(self, what: str, fn):
+    super().__init__(what)
+    self.fn = fn
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+def _check_tensor_args(offset, size, stride) -> tuple[int, tuple, tuple]:
   size, stride = tuple(size), tuple(stride)
-  if not size:
-    return np.array(storage[offset])
-  if len(size) != len(stride) or min(stride) < 0 or offset < 0:
+  if not (isinstance(offset, int) and all(isinstance(n, int) for n in (*size, *stride))):
+    raise FileFormatError(f"a tensor whose offset {offset!r:.40}, shape {size!r:.40} or strides "
+                          f"{stride!r:.40} are not whole numbers")
+  if len(size) != len(stride) or min((*size, *stride, offset), default=0) < 0:
     raise FileFormatError(f"a tensor with shape {size}, strides {stride} and offset {offset} "
                           "does not describe its storage")
-  extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-  if min(size) > 0 and extent > len(storage):
-    raise FileFormatError(f"a tensor of shape {size} reaches past its storage ({len(storage)})")
-  item = storage.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride],
-                                         writeable=False)
-  return np.array(view)
+  return offset, size, stride
 
 
-def _rebuild_parameter(data, *_):
-  return data
+class _Tensors:
+  """The tensors of one file: storages read once each, and tensors that together hold no more
+  elements than their storages. A stride-0 view, or one storage viewed again and again, is how a
+  700-byte file claims gigabytes; distilled sets never alias."""
+
+  def __init__(self, path: str):
+    self.path, self.storages, self.left = path, {}, 0
+
+  def add(self, key: str, array: np.ndarray) -> None:
+    self.storages[key] = array
+    self.left += array.nbytes
+
+  def rebuild(self, storage: np.ndarray, offset, size, stride) -> np.ndarray:
+    """A tensor as a NumPy array: `size` elements of `storage` at `offset`, element `stride`."""
+    offset, size, stride = _check_tensor_args(offset, size, stride)
+    numel = math.prod(size)
+    if numel > len(storage) - offset:
+      raise FileFormatError(f"{self.path}: a tensor of shape {size} ({numel:,} elements) over "
+                            f"{max(len(storage) - offset, 0):,} elements of its storage")
+    extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    if numel and extent > len(storage):
+      raise FileFormatError(f"{self.path}: a tensor of shape {size} reaches past its storage "
+                            f"({len(storage)})")
+    if numel * storage.itemsize > self.left:
+      raise FileFormatError(f"{self.path}: its tensors hold more elements than its storages "
+                            "(views of one storage read again and again)")
+    self.left -= numel * storage.itemsize
+    if not size:
+      return np.array(storage[offset])
+    item = storage.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride],
+                                           writeable=False)
+    return np.array(view)
 
 
 def _numpy_scalar(dtype, raw=None):
   dtype = dtype.dtype if isinstance(dtype, _DTypeState) else dtype
-  if not isinstance(dtype, np.dtype) or not isinstance(raw, bytes):
+  if not isinstance(dtype, np.dtype) or not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
     raise UnsafeFileError("a NumPy scalar with unexpected arguments")
   return np.frombuffer(raw, dtype)[0]
 
@@ -165,13 +244,13 @@ def _latin1(text, encoding="latin1"):
 
 def _numpy_dtype(name, *_):
   if not isinstance(name, str) or not re.fullmatch(r"[biuf]\d{1,2}|bool|float\d+|int\d+", name):
-    raise UnsafeFileError(f"a NumPy dtype {name!r}")
+    raise UnsafeFileError(f"a NumPy dtype {name!r:.40}")
   return _DTypeState(np.dtype(name))
 
 
 class _DTypeState:
   """np.dtype as pickled (the constructor, then BUILD with its byte order): only the byte order
-  is taken from the state."""
+  is taken from the state. A new one for each dtype in the file."""
 
   def __init__(self, dtype):
     self.dtype = dtype
@@ -193,80 +272,111 @@ class _PendingTensor:
     self.storage, self.args = storage, args
 
 
-def _deferred_rebuild(storage, *args):
-  """Legacy files: tensors are rebuilt after their storages' bytes are read."""
-  if isinstance(storage, _Pending):
-    return _PendingTensor(storage, args)
-  return _rebuild_tensor(storage, *args)
-
-
-def _allowed_globals() -> dict:
-  allowed = {("torch._utils", "_rebuild_tensor_v2"): _deferred_rebuild,
-             ("torch._utils", "_rebuild_tensor"): _deferred_rebuild,
-             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-             ("collections", "OrderedDict"): collections.OrderedDict,
-             ("builtins", "set"): set, ("builtins", "frozenset"): frozenset}
-  for name, dtype in _DTYPES.items():
-    allowed[("torch", f"{name}Storage")] = _StorageType(np.dtype(dtype))
-  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed[(module, "scalar")] = _numpy_scalar
-  allowed[("numpy", "dtype")] = _numpy_dtype
-  allowed[("_codecs", "encode")] = _latin1
-  return allowed
-
-
-_ALLOWED = _allowed_globals()
+# Immutable types (BUILD on them fails) handed out as they are.
+_TYPES = {("collections", "OrderedDict"): collections.OrderedDict,
+          ("builtins", "set"): set, ("builtins", "frozenset"): frozenset}
 
 
 class _Unpickler(pickle.Unpickler):
-  """Rebuilds only what `_ALLOWED` names; storages come from `load_storage(key, dtype, numel)`."""
+  """Rebuilds tensors, storages, NumPy scalars and containers and nothing else; storages come
+  from `load_storage(key, dtype, numel)`, tensors from `tensors.rebuild` (legacy storages are
+  read after the pickle: their tensors wait as `_PendingTensor`)."""
 
-  def __init__(self, file, path, load_storage):
+  def __init__(self, file, path, load_storage, tensors: _Tensors | None = None):
     super().__init__(file)
     self._path, self._load_storage = path, load_storage
+    self._tensors = tensors or _Tensors(path)
+
+  def _tensor(self, storage, offset, size, stride, *_):
+    if isinstance(storage, _Pending):
+      _check_tensor_args(offset, size, stride)
+      return _PendingTensor(storage, (offset, size, stride))
+    if not isinstance(storage, np.ndarray):
+      raise UnsafeFileError(f"{self._path}: refused: a tensor over something that is not a "
+                            "storage")
+    return self._tensors.rebuild(storage, offset, size, stride)
 
   def find_class(self, module, name):
-    try:
-      return _ALLOWED[(module, name)]
-    except KeyError:
-      raise UnsafeFileError(f"{self._path}: refused: the pickle asks for {module}.{name}, which "
-                            "is not a tensor or container; nothing of it was run") from None
+    what = f"{module}.{name}"
+    if (module, name) in _TYPES:
+      return _TYPES[(module, name)]
+    if module == "torch" and name.endswith("Storage") and name[:-len("Storage")] in _DTYPES:
+      return _StorageType(what, np.dtype(_DTYPES[name[:-len("Storage")]]))
+    functions = {("torch._utils", "_rebuild_tensor_v2"): self._tensor,
+                 ("torch._utils", "_rebuild_tensor"): self._tensor,
+                 ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+                 ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+                 ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+                 ("numpy", "dtype"): _numpy_dtype, ("_codecs", "encode"): _latin1}
+    if (module, name) in functions:
+      return _Function(what, functions[(module, name)])
+    raise UnsafeFileError(f"{self._path}: refused: the pickle asks for {what}, which is not a "
+                          "tensor or container; nothing of it was run")
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) >= 5
-            and isinstance(pid[1], _StorageType)):
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
       raise UnsafeFileError(f"{self._path}: refused: a persistent object {pid!r:.60} that is not "
                             "a tensor storage")
-    return self._load_storage(str(pid[2]), pid[1].dtype, int(pid[4]))
+    return self._load_storage(str(pid[2]), pid[1].dtype, pid[4])
 
 
 def _load(unpickler: _Unpickler, path: str):
   try:
     obj = unpickler.load()
-  except FileFormatError:
-    raise
+  except FileFormatError as e:
+    raise type(e)(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
   except Exception as e:  # noqa: BLE001  (any unpickling error means a damaged file)
     raise FileFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: "
-                          f"{e})") from e
-  return _unwrap(obj, path)
-
-
-def _unwrap(obj, path):
-  """Replaces the dtype placeholders of NumPy scalars' pickles; refuses anything else foreign."""
-  if isinstance(obj, _DTypeState):
-    return obj.dtype
-  if isinstance(obj, dict):
-    return type(obj)((_unwrap(k, path), _unwrap(v, path)) for k, v in obj.items())
-  if isinstance(obj, list | tuple):
-    return type(obj)(_unwrap(v, path) for v in obj)
+                          f"{str(e):.200})") from None
   return obj
+
+
+def _finish(obj, path: str, tensors: _Tensors | None = None):
+  """`obj` with NumPy dtypes for their pickled placeholders and (legacy files) tensors for the
+  pending ones, walked without recursion: containers nested deeper than `_MAX_DEPTH` or holding
+  themselves are refused; a container reached twice is rebuilt once."""
+  done: dict[int, object] = {}
+  active: set[int] = set()
+  stack = [(obj, 0, False)]
+
+  def leaf(x):
+    if isinstance(x, _DTypeState):
+      return x.dtype
+    if isinstance(x, _PendingTensor):
+      if tensors is None or x.storage.key not in tensors.storages:
+        raise FileFormatError(f"{path}: storage {x.storage.key} is missing")
+      return tensors.rebuild(tensors.storages[x.storage.key], *x.args)
+    return done.get(id(x), x)
+
+  while stack:
+    node, depth, expanded = stack.pop()
+    if not isinstance(node, dict | list | tuple) or (not expanded and id(node) in done):
+      continue
+    if expanded:
+      active.discard(id(node))
+      if isinstance(node, dict):
+        done[id(node)] = type(node)((leaf(k), leaf(v)) for k, v in node.items())
+      else:
+        done[id(node)] = type(node)(leaf(v) for v in node)
+      continue
+    if id(node) in active:
+      raise FileFormatError(f"{path}: a {type(node).__name__} that contains itself")
+    if depth >= _MAX_DEPTH:
+      raise FileFormatError(f"{path}: containers nested more than {_MAX_DEPTH} deep")
+    active.add(id(node))
+    stack.append((node, depth, True))
+    children = [x for kv in node.items() for x in kv] if isinstance(node, dict) else node
+    stack.extend((child, depth + 1, False) for child in children)
+  return leaf(obj)
 
 
 def read_torch(path: str):
   """The object a `torch.save` file holds, tensors as NumPy arrays; both on-disk formats.
 
   Raises UnsafeFileError (nothing of the pickle run) for any global other than tensors, storages,
-  NumPy scalars and containers, FileFormatError for a file that is not a torch.save file.
+  NumPy scalars and containers, FileFormatError for a file that is not a torch.save file, is
+  damaged, or claims more memory than its size allows (see the module docstring).
   """
   if zipfile.is_zipfile(path):
     return _read_torch_zip(path)
@@ -279,40 +389,79 @@ def read_torch(path: str):
 
 
 def _safe_pickle(f, path):
-  return _load(_Unpickler(f, path, _no_storage(path)), path)
-
-
-def _no_storage(path):
-  def load(*_):
+  def no_storage(*_):
     raise UnsafeFileError(f"{path}: refused: a storage where none belongs")
-  return load
+  return _finish(_load(_Unpickler(f, path, no_storage), path), path)
 
 
 def _read_torch_zip(path: str):
-  with zipfile.ZipFile(path) as archive:
+  inflation = _Inflation(path)
+  try:
+    archive = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError, ValueError) as e:
+    raise FileFormatError(f"{path}: a damaged zip archive ({e})") from None
+  with archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise FileFormatError(f"{path}: a zip archive, but not a torch.save file (no data.pkl)")
     root = pickles[0][: -len("data.pkl")]
-    order = archive.read(root + "byteorder").decode().strip() if root + "byteorder" in names \
-        else "little"
+    order = "little"
+    if root + "byteorder" in names:
+      inflation.take(archive.getinfo(root + "byteorder"))
+      order = archive.read(root + "byteorder")[:16].decode("ascii", "replace").strip()
+    if order not in ("little", "big"):
+      raise FileFormatError(f"{path}: byte order {order!r:.20} is neither little nor big")
+    tensors = _Tensors(path)
 
     def load_storage(key, dtype, numel):
-      raw = archive.read(f"{root}data/{key}")
+      if key in tensors.storages:
+        if tensors.storages[key].dtype != dtype:
+          raise FileFormatError(f"{path}: storage {key} read as two types")
+        return tensors.storages[key]
+      try:
+        info = archive.getinfo(f"{root}data/{key}")
+      except KeyError:
+        raise FileFormatError(f"{path}: storage {key} is missing") from None
+      need = numel * dtype.itemsize
+      if info.file_size != need:
+        raise FileFormatError(f"{path}: storage {key} holds {info.file_size:,} bytes where its "
+                              f"{numel:,} {dtype} elements take {need:,}")
+      inflation.take(info)
+      with archive.open(info) as f:
+        raw = f.read(need)
+      if len(raw) != need:
+        raise FileFormatError(f"{path}: storage {key} is cut short")
       array = np.frombuffer(raw, dtype.newbyteorder("<" if order == "little" else ">"))
-      if len(array) < numel:
-        raise FileFormatError(f"{path}: storage {key} holds {len(array)} of {numel} elements")
-      return array.astype(dtype)
+      tensors.add(key, array.astype(dtype))
+      return tensors.storages[key]
 
-    with archive.open(pickles[0]) as f:
-      return _load(_Unpickler(f, path, load_storage), path)
+    inflation.take(archive.getinfo(pickles[0]))
+    try:
+      with archive.open(pickles[0]) as f:
+        obj = _load(_Unpickler(f, path, load_storage, tensors), path)
+    except (zipfile.BadZipFile, zlib.error, OSError) as e:
+      raise FileFormatError(f"{path}: a damaged zip archive ({e})") from None
+    return _finish(obj, path, tensors)
 
 
 def _read_torch_legacy(f, path: str):
   """PyTorch < 1.6: pickles of the magic number, the protocol version, system info, the object
   (storages as persistent ids), the list of storage keys; then each storage's element count
-  (int64) and raw little-endian bytes, in key order."""
+  (int64) and raw little-endian bytes, in key order. Every count is checked against the bytes
+  the file has left before anything is read."""
+  try:
+    return _legacy_body(f, path)
+  except FileFormatError:
+    raise
+  except (struct.error, ValueError, TypeError, OverflowError, IndexError, KeyError, EOFError,
+          MemoryError, RecursionError, OSError) as e:
+    raise FileFormatError(f"{path}: a damaged legacy torch.save file ({type(e).__name__}: "
+                          f"{str(e):.200})") from None
+
+
+def _legacy_body(f, path: str):
+  size = os.fstat(f.fileno()).st_size
   _safe_pickle(f, path)  # protocol version
   info = _safe_pickle(f, path)
   if not isinstance(info, dict) or not info.get("little_endian", True):
@@ -320,34 +469,109 @@ def _read_torch_legacy(f, path: str):
   wanted = {}
 
   def load_storage(key, dtype, numel):
-    wanted[key] = (dtype, numel)
+    wanted[key] = dtype
     return _Pending(key)
 
-  obj = _load(_Unpickler(f, path, load_storage), path)
+  tensors = _Tensors(path)
+  obj = _load(_Unpickler(f, path, load_storage, tensors), path)
   keys = _safe_pickle(f, path)
-  storages = {}
+  if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    raise FileFormatError(f"{path}: the list of storage keys is a {type(keys).__name__}, not a "
+                          "list of keys")
+  if len(set(keys)) != len(keys):
+    raise FileFormatError(f"{path}: a storage key is listed twice")
   for key in keys:
-    dtype, _ = wanted.get(key, (None, 0))
-    (count,) = struct.unpack("<q", f.read(8))
-    if dtype is None:
+    if key not in wanted:
       raise FileFormatError(f"{path}: storage {key} is not referenced by the object")
+    dtype = wanted[key]
+    header = f.read(8)
+    if len(header) != 8:
+      raise FileFormatError(f"{path}: cut short in the header of storage {key}")
+    (count,) = struct.unpack("<q", header)
+    left = size - f.tell()
+    if count < 0 or count * dtype.itemsize > left:
+      raise FileFormatError(f"{path}: storage {key} declares {count:,} elements of {dtype}; the "
+                            f"file has {left:,} bytes left (cut short or damaged)")
     raw = f.read(count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
       raise FileFormatError(f"{path}: storage {key} is cut short")
-    storages[key] = np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype)
-  return _unwrap(_resolve(obj, storages, path), path)
+    tensors.add(key, np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype))
+  return _finish(obj, path, tensors)
 
 
-def _resolve(obj, storages, path):
-  if isinstance(obj, _PendingTensor):
-    if obj.storage.key not in storages:
-      raise FileFormatError(f"{path}: storage {obj.storage.key} is missing")
-    return _rebuild_tensor(storages[obj.storage.key], *obj.args)
-  if isinstance(obj, dict):
-    return type(obj)((k, _resolve(v, storages, path)) for k, v in obj.items())
-  if isinstance(obj, list | tuple):
-    return type(obj)(_resolve(v, storages, path) for v in obj)
-  return obj
+# ------------------------------------------------------------------------------------------------
+# .npy and .npz without trusting their headers
+
+def read_npy(f, size: int, path: str, name: str = "") -> np.ndarray:
+  """One `.npy` array from the open binary file `f` of `size` bytes (a file, or an entry of an
+  .npz): the shape and dtype its header declares must take exactly the bytes that follow, which
+  is checked before anything is allocated; pickled (object) arrays are refused."""
+  where = f"{path}{f' entry {name}' if name else ''}"
+  try:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+      raise ValueError(f".npy format version {version} is not supported")
+  except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile,
+          zlib.error) as e:
+    raise FileFormatError(f"{where}: not a readable .npy array ({str(e):.200})") from None
+  if dtype.hasobject:
+    raise FileFormatError(f"{where}: refused: an array of Python objects (a pickle), not "
+                          "numbers")
+  need = math.prod(shape) * dtype.itemsize
+  left = size - f.tell()
+  if need != left:
+    raise FileFormatError(f"{where}: declares shape {shape} of {dtype} ({need:,} bytes) but "
+                          f"holds {left:,} bytes")
+  array = np.empty(shape[::-1] if fortran else shape, dtype)
+  try:
+    got = f.readinto(array.reshape(-1).view(np.uint8)) if need else 0
+  except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+    raise FileFormatError(f"{where}: damaged ({e})") from None
+  if got != need:
+    raise FileFormatError(f"{where}: cut short ({got:,} of {need:,} bytes)")
+  return array.T if fortran else array
+
+
+def read_npy_file(path: str) -> np.ndarray:
+  """A `.npy` file, read as `read_npy` does."""
+  with open(path, "rb") as f:
+    return read_npy(f, os.fstat(f.fileno()).st_size, path)
+
+
+def npz_keys(path: str) -> list[str]:
+  """The array names of an .npz file, from its zip directory (nothing is inflated)."""
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+  except (zipfile.BadZipFile, OSError, ValueError) as e:
+    raise FileFormatError(f"{path}: not a readable .npz file ({e})") from None
+  return [n[:-len(".npy")] for n in names if n.endswith(".npy")]
+
+
+def read_npz_arrays(path: str, keys=None) -> dict[str, np.ndarray]:
+  """The arrays `keys` (an iterable of names; None: all) of an .npz file; names it lacks are
+  left out. Each entry's size comes from the zip directory and counts against what the file may
+  inflate to (`_Inflation`), and each header is checked as `read_npy` does, before the entry is
+  read: a file's arrays take memory in proportion to the file."""
+  inflation = _Inflation(path)
+  arrays = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      infos = {i.filename[:-len(".npy")]: i for i in archive.infolist()
+               if i.filename.endswith(".npy")}
+      for key in infos if keys is None else [k for k in keys if k in infos]:
+        inflation.take(infos[key])
+        with archive.open(infos[key]) as f:
+          arrays[key] = read_npy(f, infos[key].file_size, path, key)
+  except FileFormatError:
+    raise
+  except (zipfile.BadZipFile, OSError, ValueError, zlib.error, EOFError) as e:
+    raise FileFormatError(f"{path}: not a readable .npz file ({str(e):.200})") from None
+  return arrays
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +627,9 @@ def read_npz(path: str, arrays: dict, *, layout: str = "auto",
   """An `npz_proto` or `npz_platt` set (see the module docstring) from the arrays of its .npz
   (`kip.io` has read them)."""
   kind = npz_format(set(arrays))
+  for key, array in arrays.items():
+    if array.dtype.kind not in "biuf":
+      raise FileFormatError(f"{path}: {key} must hold numbers, found {array.dtype} values")
   if kind == "npz_proto":
     x, y = ("x_proto", "y_proto") if "x_proto" in arrays else ("image", "label")
     images = to_nhwc(arrays[x], layout if layout != "auto" else "nhwc", path)
@@ -416,6 +643,10 @@ def read_npz(path: str, arrays: dict, *, layout: str = "auto",
     zca = "layernorm_zca" if dataset == "svhn_cropped" else "zca"
     extras = {"platt_scale": np.exp(np.asarray(arrays["k"], np.float32)),
               "jitter": np.asarray(arrays["jit"], np.float32)}
+    for name, value in extras.items():
+      if value.size != 1 or not np.isfinite(value).all():
+        raise FileFormatError(f"{path}: {'k' if name == 'platt_scale' else 'jit'} must be one "
+                              f"finite number, found {value.size} value(s)")
     return Foreign(images, labels, _source(kind, None, dataset, None, zca, path), extras)
   raise FileFormatError(f"{path}: not a known foreign .npz (keys {sorted(arrays)})")
 
@@ -494,10 +725,7 @@ def _pair_paths(path: str) -> tuple[str, str, str | None]:
 
 def _read_array(path: str) -> np.ndarray:
   if path.endswith(".npy"):
-    try:
-      return np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-      raise FileFormatError(f"{path}: not a readable .npy file ({e})") from e
+    return read_npy_file(path)
   obj = read_torch(path)
   if not isinstance(obj, np.ndarray):
     raise FileFormatError(f"{path}: expected one tensor, found {type(obj).__name__}")

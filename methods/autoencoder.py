@@ -350,11 +350,12 @@ class Config(cli.RunConfig, cli.DataConfig):
   batch: int = f(128, "real images per step (phase 2: class-balanced)", minimum=1)
   val_size: int = f(6000, "training images held out for validation (early stopping)",
                     minimum=1)
-  pretrain_epochs: int = f(30, "phase 1 epochs at most", minimum=0)
+  pretrain_epochs: int = f(30, "phase 1 epochs at most (0: the initial weights)", minimum=0,
+                           maximum=cli.EPOCH_MAXIMUM)
   pretrain_patience: int = f(10, "phase 1: stop after this many epochs without a better "
                                  "validation loss (0: never)", minimum=0)
   pretrain_lr: float = f(1e-3, "phase 1 Adam learning rate", above=0)
-  epochs: int = f(40, "phase 2 epochs at most", minimum=0)
+  epochs: int = f(40, "phase 2 epochs at most", minimum=1, maximum=cli.EPOCH_MAXIMUM)
   patience: int = f(10, "phase 2: stop after this many epochs without a better validation "
                         "accuracy (0: never)", minimum=0)
   lr: float = f(1e-4, "phase 2 Adam learning rate", above=0)

@@ -355,14 +355,17 @@ class Config(cli.RunConfig, cli.DataConfig):
   projector: str = f("512-512-512", "projector layer sizes, joined by '-'")
   lambd: float = f(0.0051, "Barlow Twins' off-diagonal weight lambda", minimum=0)
   batch: int = f(256, "images per step (each in two views)", minimum=2)
-  epochs: float = f(3.0, "passes over the training split", above=0)
+  epochs: float = f(3.0, "passes over the training split", above=0,
+                    maximum=cli.EPOCH_MAXIMUM)
   optimizer: str = f("adamw", "lars (the paper's) or adamw", choices=("lars", "adamw"))
   lr: float = f(2e-3, "peak learning rate (linear warm-up, then cosine to 0)", above=0)
   weight_decay: float = f(1e-4, "weight decay (LARS: weights only)", minimum=0)
-  warmup_epochs: float = f(0.2, "epochs of linear learning-rate warm-up", minimum=0)
+  warmup_epochs: float = f(0.2, "epochs of linear learning-rate warm-up", minimum=0,
+                           maximum=cli.EPOCH_MAXIMUM)
   views: str = f(DEFAULT_VIEWS, "view augmentations joined by '_' among crop, flip, jitter, "
                  "gray, blur, solarize (no flip for digits)")
-  min_scale: float = f(0.3, "smallest area fraction of a random resized crop", above=0)
+  min_scale: float = f(0.3, "smallest area fraction of a random resized crop", above=0,
+                       maximum=1)
   probe_steps: int = f(500, "full-batch steps of the final linear probe (0: no probe)",
                        minimum=0)
   checkpoint_every: int = f(200, "steps between checkpoints (and teacher.msgpack updates)",
@@ -376,8 +379,6 @@ class Config(cli.RunConfig, cli.DataConfig):
     if not dims or min(dims) < 1:
       raise cli.UserError(f"--projector must be positive sizes joined by '-', got "
                           f"{self.projector!r}")
-    if self.min_scale > 1:
-      raise cli.UserError(f"--min-scale must be at most 1, got {self.min_scale}")
 
   def teacher_settings(self) -> dict:
     """The settings that define the teacher (everything but paths, display and cadence)."""

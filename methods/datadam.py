@@ -224,9 +224,9 @@ class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConf
                          "report / report_mhist (the seed settings of the report on MNIST / "
                          "MHIST)", choices=tuple(PRESETS))
   ipc: int = f(10, "synthetic images per class", minimum=1)
-  steps: int = f(1000, "matching steps (a fresh network each)", minimum=0)
+  steps: int = f(1000, "matching steps (a fresh network each)", minimum=1)
   lr: float = f(1.0, "SGD learning rate of the images", above=0)
-  momentum: float = f(0.5, "SGD momentum of the images", minimum=0)
+  momentum: float = f(0.5, "SGD momentum of the images", minimum=0, below=1)
   width: int = f(32, "the drawn ConvNet's channels", minimum=1)
   depth: int = f(0, "ConvNet blocks of the matching and evaluation nets (0: by image size, 3 up "
                     "to 32 pixels, 7 for 224x224 MHIST as the report)", minimum=0)

@@ -57,18 +57,20 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
                          "buffers)", choices=tuple(PRESETS))
   buffer: str = f("", "the expert store's folder (default: runs/buffers/<dataset>-<digest>)")
   experts: int = f(4, "experts to have in the store (finished ones are kept)", minimum=1)
-  epochs: int = f(6, "epochs per expert (parameters stored after each)", minimum=1)
+  epochs: int = f(6, "epochs per expert (parameters stored after each)", minimum=1,
+                   maximum=cli.EPOCH_MAXIMUM)
   width: int = f(32, "ConvNet channels", minimum=1)
   depth: int = f(0, "ConvNet blocks (0: by image size, 3 up to 32 pixels)", minimum=0)
   norm: str = f("instance", "ConvNet normalisation (MTT: instance)", choices=NORMS)
   lr: float = f(0.01, "SGD learning rate of the experts", above=0)
-  momentum: float = f(0.0, "SGD momentum (MTT: 0)", minimum=0)
+  momentum: float = f(0.0, "SGD momentum (MTT: 0)", minimum=0, below=1)
   weight_decay: float = f(0.0, "weight decay (MTT: 0)", minimum=0)
   batch: int = f(256, "images per step", minimum=1)
   augment: str = f(DSA_STRATEGY, "DSA strategy drawn per image (none: off)")
   curriculum: str = f("none", "none (MTT/DATM experts) or pad (difficulty-ordered data)",
                       choices=("none", "pad"))
-  init_ratio: float = f(0.75, "pad: the easiest fraction of each class at epoch 0", above=0)
+  init_ratio: float = f(0.75, "pad: the easiest fraction of each class at epoch 0", above=0,
+                        maximum=1)
   add_end_epoch: int = f(2, "pad: the epoch by which all images are in", minimum=0)
   drops: str = f("3:0.1,5:0.2", "pad: epoch:fraction of the easiest images left out from then on")
   score_nets: int = f(2, "pad: networks averaged for the EL2N scores", minimum=1)
@@ -79,8 +81,6 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
                          "whole training split)", minimum=0)
 
   def __post_init__(self):
-    if self.init_ratio > 1:
-      raise cli.UserError(f"--init-ratio must be at most 1, got {self.init_ratio}")
     parse_augment("" if self.augment == "none" else self.augment)
     self.drop_schedule()
 

@@ -178,7 +178,7 @@ class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
   preset: str = cli.field("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a "
                                  "GPU)", choices=tuple(PRESETS))
   ipc: int = cli.field(10, "support images per class", minimum=1)
-  steps: int = cli.field(_CPU["steps"], "outer (LAMB) steps", minimum=0)
+  steps: int = cli.field(_CPU["steps"], "outer (LAMB) steps", minimum=1)
   lr: float = cli.field(3e-4, "outer LAMB learning rate, cosine-decayed to 0.1x", above=0)
   target_batch: int = cli.field(_CPU["target_batch"], "class-balanced real images per step",
                                 minimum=1)

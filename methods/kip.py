@@ -117,7 +117,7 @@ def make_kip(kernel_fn: Callable[[Any, jax.Array, jax.Array], jax.Array], *, lr:
 @dataclasses.dataclass(frozen=True)
 class Config(cli.DeviceConfig, cli.RunConfig, KernelConfig, PreprocessConfig, cli.DataConfig):
   ipc: int = cli.field(10, "support images per class", minimum=1)
-  steps: int = cli.field(1000, "KIP (Adam) steps", minimum=0)
+  steps: int = cli.field(1000, "KIP (Adam) steps", minimum=1)
   lr: float = cli.field(0.04, "Adam learning rate (the authors' colab: 0.04)", above=0)
   target_batch: int = cli.field(5000, "class-balanced real target images per step", minimum=1)
   learn_labels: bool = cli.field(True, "learn the support labels too")

@@ -202,7 +202,7 @@ class Config(cli.RunConfig, cli.DataConfig):
   size: int = f(100, "distilled images (no classes: the set is unlabelled)", minimum=1)
   teacher: str = f("", "teacher file (default: the one `experiments.teacher --dataset D "
                        "--preset P` makes, for this command's dataset and preset)")
-  steps: int = f(2000, "outer (AdamW) steps", minimum=0)
+  steps: int = f(2000, "outer (AdamW) steps", minimum=1)
   lr: float = f(1e-3, "outer AdamW learning rate, decaying linearly to 1e-3x", above=0)
   weight_decay: float = f(0.0, "outer AdamW weight decay", minimum=0)
   target_batch: int = f(256, "real images per step (uniform, unlabelled)", minimum=1)

@@ -71,7 +71,7 @@ def make_moments(*, real_batch: int, features: int = 256, lr: float = 0.05) -> M
 @dataclasses.dataclass(frozen=True)
 class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   ipc: int = cli.field(10, "synthetic images per class", minimum=1)
-  steps: int = cli.field(500, "matching steps", minimum=0)
+  steps: int = cli.field(500, "matching steps", minimum=1)
   lr: float = cli.field(0.05, "Adam learning rate of the images", above=0)
   features: int = cli.field(256, "random features per step", minimum=1)
   real_batch: int = cli.field(640, "class-balanced real images per step", minimum=1)

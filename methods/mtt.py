@@ -73,7 +73,7 @@ class TrajectoryConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.Dat
   experts: int = f(0, "use the store's first N experts (0: every finished one at the start)",
                    minimum=0)
   ipc: int = f(10, "synthetic images per class", minimum=1)
-  steps: int = f(300, "matching iterations", minimum=0)
+  steps: int = f(300, "matching iterations", minimum=1)
   syn_steps: int = f(10, "the student's SGD steps per iteration", minimum=1)
   expert_epochs: int = f(2, "M: expert epochs between the start and the target", minimum=1)
   max_start_epoch: int = f(4, "start epochs are drawn below this", minimum=1)
@@ -83,7 +83,8 @@ class TrajectoryConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.Dat
   lr_lr: float = f(1e-5, "SGD learning rate of the student's learning rate", minimum=0)
   lr_init: float = f(0.01, "the student's initial learning rate (MTT: the experts' 0.01)",
                      above=0)
-  momentum: float = f(0.5, "SGD momentum of the images and the learning rate", minimum=0)
+  momentum: float = f(0.5, "SGD momentum of the images and the learning rate", minimum=0,
+                    below=1)
   augment: str = f(DSA_STRATEGY, "DSA strategy of the student's steps, per image (none: off)")
   init: str = f("real", "initial synthetic images (noise: at the cpu preset DATM and PAD skip "
                         "nearly every update by --threshold and learn little at --lr-img 100; "

@@ -50,7 +50,7 @@ RATIO_BY_IPC = ((1, 0.0), (10, 0.5), (50, 0.25))  # the paper's settings, CIFAR-
 @dataclasses.dataclass(frozen=True)
 class Config(DatmConfig):
   ratio: float = f(-1.0, "fraction of the parameters left out of the loss (-1: by ipc, 0 at 1, "
-                         "0.5 at 10, 0.25 at 50+)")
+                         "0.5 at 10, 0.25 at 50+)", minimum=-1, below=1)
   mask: str = f("shallow", "which: shallow (the paper's, shallowest layers first) or "
                            "smallest_error (the official code's, best-matched at each update)",
                 choices=MASKS)

@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 
 from kip.augment import apply_augment
 from kip.io import atomic_write
-from kip.loop import Evaluator, LoopConfig, run
+from kip.loop import Evaluator, LoopConfig, NonFiniteLossError, run
 from kip.method import Batch, Data, Method, Trainer
 from kip.store import Store, StoreMismatch
 
@@ -106,11 +106,19 @@ class ExpertStore:
 
   def add(self, i: int, trajectory: np.ndarray, record: dict) -> None:
     """Stores expert `i` (trajectory (epochs + 1, num_params) float32, and its record) as a
-    unit: a kill while it is written leaves no expert `i`, never half of one."""
+    unit: a kill while it is written leaves no expert `i`, never half of one. A trajectory that
+    is not finite everywhere (a diverged expert, which MTT, DATM and PAD would match) is
+    refused."""
     trajectory = np.asarray(trajectory, np.float32)
     if trajectory.shape != (self.epochs + 1, self.num_params):
       raise ValueError(f"an expert trajectory must be {(self.epochs + 1, self.num_params)}, got "
                        f"{trajectory.shape}")
+    finite = np.isfinite(trajectory).all(axis=1)
+    if not finite.all():  # the loop sees a step's loss before its update: the last one is here
+      raise NonFiniteLossError(
+          f"expert {i} diverged: its parameters are not finite from epoch "
+          f"{int(np.argmin(finite))} on, so it is not stored; use a lower --lr (or --momentum, "
+          "--weight-decay)")
     self.store.put(self._entry(i), {"trajectory.npy": trajectory, "record.json": record})
 
   def trajectory(self, i: int) -> np.ndarray:

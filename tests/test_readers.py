@@ -244,9 +244,12 @@ def test_real_images_in_each_format_score_as_real_images(family, tmp_path, mnist
 
 
 def test_a_tensor_reaching_outside_its_storage_is_refused():
-  from kip.readers import _rebuild_tensor
+  from kip.readers import _Tensors
 
   storage = np.arange(10, dtype=np.float32)
+  tensors = _Tensors("f")
+  tensors.add("0", storage)
+  _rebuild_tensor = tensors.rebuild
   np.testing.assert_array_equal(_rebuild_tensor(storage, 2, (2, 3), (3, 1)),
                                 [[2, 3, 4], [5, 6, 7]])
   for offset, size, stride in ((2, (3, 3), (3, 1)), (0, (2,), (-1,)), (-1, (2,), (1,))):
