@@ -420,6 +420,7 @@ def test_a_command_that_cannot_write_says_so_in_one_line(code, tmp_path, monkeyp
   out = run_in_process("experiments.show", str(path), "--dataset", "mnist", "--out",
                        str(out_png))
   assert out.returncode == 2, out.stderr
-  assert out.stderr.strip().splitlines()[-1] == f"error: cannot write {out_png}: {os.strerror(code)}"
+  last = out.stderr.strip().splitlines()[-1]
+  assert last == f"error: cannot write {out_png}: {os.strerror(code)}"
   assert "Traceback" not in out.stderr
   assert not any(name.endswith(".tmp") for name in os.listdir(out_png.parent))
