@@ -35,6 +35,7 @@ and containers and nothing else: a pickle that names any other global is refused
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,7 +43,6 @@ import pickle
 import re
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -371,6 +371,19 @@ def _finish(obj, path: str, tensors: _Tensors | None = None):
   return leaf(obj)
 
 
+@contextlib.contextmanager
+def _damaged(path: str, what: str):
+  """Reading `path`: any error but ours (and running out of memory) means a damaged file, said in
+  one line; zipfile alone raises a dozen kinds (BadZipFile, NotImplementedError for an unknown
+  compression, UnicodeDecodeError for a mangled name, ...)."""
+  try:
+    yield
+  except (FileFormatError, MemoryError):
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise FileFormatError(f"{path}: {what} ({type(e).__name__}: {str(e):.200})") from None
+
+
 def read_torch(path: str):
   """The object a `torch.save` file holds, tensors as NumPy arrays; both on-disk formats.
 
@@ -378,14 +391,15 @@ def read_torch(path: str):
   NumPy scalars and containers, FileFormatError for a file that is not a torch.save file, is
   damaged, or claims more memory than its size allows (see the module docstring).
   """
-  if zipfile.is_zipfile(path):
-    return _read_torch_zip(path)
-  with open(path, "rb") as f:
-    magic = _safe_pickle(f, path)
-    if magic != _LEGACY_MAGIC:
-      raise FileFormatError(f"{path}: not a torch.save file (no zip archive, no legacy magic "
-                            "number)")
-    return _read_torch_legacy(f, path)
+  with _damaged(path, "not a readable torch.save file"):
+    if zipfile.is_zipfile(path):
+      return _read_torch_zip(path)
+    with open(path, "rb") as f:
+      magic = _safe_pickle(f, path)
+      if magic != _LEGACY_MAGIC:
+        raise FileFormatError(f"{path}: not a torch.save file (no zip archive, no legacy magic "
+                              "number)")
+      return _read_torch_legacy(f, path)
 
 
 def _safe_pickle(f, path):
@@ -396,11 +410,7 @@ def _safe_pickle(f, path):
 
 def _read_torch_zip(path: str):
   inflation = _Inflation(path)
-  try:
-    archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError, ValueError) as e:
-    raise FileFormatError(f"{path}: a damaged zip archive ({e})") from None
-  with archive:
+  with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
@@ -437,11 +447,8 @@ def _read_torch_zip(path: str):
       return tensors.storages[key]
 
     inflation.take(archive.getinfo(pickles[0]))
-    try:
-      with archive.open(pickles[0]) as f:
-        obj = _load(_Unpickler(f, path, load_storage, tensors), path)
-    except (zipfile.BadZipFile, zlib.error, OSError) as e:
-      raise FileFormatError(f"{path}: a damaged zip archive ({e})") from None
+    with archive.open(pickles[0]) as f:
+      obj = _load(_Unpickler(f, path, load_storage, tensors), path)
     return _finish(obj, path, tensors)
 
 
@@ -450,14 +457,8 @@ def _read_torch_legacy(f, path: str):
   (storages as persistent ids), the list of storage keys; then each storage's element count
   (int64) and raw little-endian bytes, in key order. Every count is checked against the bytes
   the file has left before anything is read."""
-  try:
+  with _damaged(path, "a damaged legacy torch.save file"):
     return _legacy_body(f, path)
-  except FileFormatError:
-    raise
-  except (struct.error, ValueError, TypeError, OverflowError, IndexError, KeyError, EOFError,
-          MemoryError, RecursionError, OSError) as e:
-    raise FileFormatError(f"{path}: a damaged legacy torch.save file ({type(e).__name__}: "
-                          f"{str(e):.200})") from None
 
 
 def _legacy_body(f, path: str):
@@ -507,17 +508,14 @@ def read_npy(f, size: int, path: str, name: str = "") -> np.ndarray:
   .npz): the shape and dtype its header declares must take exactly the bytes that follow, which
   is checked before anything is allocated; pickled (object) arrays are refused."""
   where = f"{path}{f' entry {name}' if name else ''}"
-  try:
+  with _damaged(where, "not a readable .npy array"):
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
       shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     elif version == (2, 0):
       shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     else:
-      raise ValueError(f".npy format version {version} is not supported")
-  except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile,
-          zlib.error) as e:
-    raise FileFormatError(f"{where}: not a readable .npy array ({str(e):.200})") from None
+      raise FileFormatError(f"{where}: .npy format version {version} is not supported")
   if dtype.hasobject:
     raise FileFormatError(f"{where}: refused: an array of Python objects (a pickle), not "
                           "numbers")
@@ -527,10 +525,8 @@ def read_npy(f, size: int, path: str, name: str = "") -> np.ndarray:
     raise FileFormatError(f"{where}: declares shape {shape} of {dtype} ({need:,} bytes) but "
                           f"holds {left:,} bytes")
   array = np.empty(shape[::-1] if fortran else shape, dtype)
-  try:
+  with _damaged(where, "damaged"):
     got = f.readinto(array.reshape(-1).view(np.uint8)) if need else 0
-  except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-    raise FileFormatError(f"{where}: damaged ({e})") from None
   if got != need:
     raise FileFormatError(f"{where}: cut short ({got:,} of {need:,} bytes)")
   return array.T if fortran else array
@@ -544,11 +540,8 @@ def read_npy_file(path: str) -> np.ndarray:
 
 def npz_keys(path: str) -> list[str]:
   """The array names of an .npz file, from its zip directory (nothing is inflated)."""
-  try:
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-  except (zipfile.BadZipFile, OSError, ValueError) as e:
-    raise FileFormatError(f"{path}: not a readable .npz file ({e})") from None
+  with _damaged(path, "not a readable .npz file"), zipfile.ZipFile(path) as archive:
+    names = archive.namelist()
   return [n[:-len(".npy")] for n in names if n.endswith(".npy")]
 
 
@@ -559,18 +552,13 @@ def read_npz_arrays(path: str, keys=None) -> dict[str, np.ndarray]:
   read: a file's arrays take memory in proportion to the file."""
   inflation = _Inflation(path)
   arrays = {}
-  try:
-    with zipfile.ZipFile(path) as archive:
-      infos = {i.filename[:-len(".npy")]: i for i in archive.infolist()
-               if i.filename.endswith(".npy")}
-      for key in infos if keys is None else [k for k in keys if k in infos]:
-        inflation.take(infos[key])
-        with archive.open(infos[key]) as f:
-          arrays[key] = read_npy(f, infos[key].file_size, path, key)
-  except FileFormatError:
-    raise
-  except (zipfile.BadZipFile, OSError, ValueError, zlib.error, EOFError) as e:
-    raise FileFormatError(f"{path}: not a readable .npz file ({str(e):.200})") from None
+  with _damaged(path, "not a readable .npz file"), zipfile.ZipFile(path) as archive:
+    infos = {i.filename[:-len(".npy")]: i for i in archive.infolist()
+             if i.filename.endswith(".npy")}
+    for key in infos if keys is None else [k for k in keys if k in infos]:
+      inflation.take(infos[key])
+      with archive.open(infos[key]) as f:
+        arrays[key] = read_npy(f, infos[key].file_size, path, key)
   return arrays
 
 
