@@ -117,9 +117,12 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path, run_in_process, modu
 def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, run_in_process, module):
   blocker = tmp_path / "file"
   blocker.write_text("x")
+  support = tmp_path / "s.npz"  # transfer reads its set before the workdir: a readable one
+  np.savez(support, images=np.zeros((10, 28, 28, 1), np.float32),
+           labels=np.eye(10, dtype=np.float32))
   for workdir, message in ((blocker, "is a file, not a folder"),
                            (blocker / "run", "which is a file")):
-    out = run_in_process(module, "--workdir", str(workdir), "--support", "s.npz") if \
+    out = run_in_process(module, "--workdir", str(workdir), "--support", str(support)) if \
         module == "experiments.transfer" else run_in_process(module, "--workdir", str(workdir))
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
