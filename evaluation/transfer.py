@@ -160,6 +160,7 @@ def transfer(config: Config, workdir: str) -> dict:
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
         "train_time": float(sum(t.train_time for t in trained)),
         "wall_time": float(sum(t.wall_time for t in trained)),
+        "cpu_time": float(sum(t.cpu_time for t in trained)),
         "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
         "params": trained[0].params,
     }

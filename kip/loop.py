@@ -8,7 +8,9 @@ loud stop on a non-finite metric that keeps the last good checkpoint. Randomness
 uninterrupted run would have taken.
 
 `metrics.jsonl` has one schema for every run: one JSON object per logged step with `step`,
-`wall_time` (seconds since the run began, evaluations included), `train_time` (updates only), the
+`wall_time` (seconds since the run began, evaluations included), `train_time` (updates only),
+`cpu_time` (CPU seconds of the process, every thread, since the loop began: the compute a run
+took whatever else shared the machine; resumed runs add up), the
 method's metrics and, on evaluation steps, each evaluator's results. Only `step` is required.
 
 In a multi-host run every process runs this loop on the same batches (a method's sharded kernels
@@ -193,13 +195,14 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   root_key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(root_key, 0)
-  start_step, wall_offset, train_time = 0, 0.0, 0.0
+  start_step, wall_offset, train_time, cpu_offset = 0, 0.0, 0.0, 0.0
   meta = {"schedule_steps": method.schedule_steps}
   restored = restore_checkpoint(workdir, initial_state(method, init_key, x_init, y_init), log=log)
   if restored is None:
     state = method.init(init_key, x_init, y_init)
   else:
     state, start_step, wall_offset, train_time = restored[:4]
+    cpu_offset = restored.meta.get("cpu_time", 0.0)
     was = restored.meta.get("schedule_steps", 0)
     if was != method.schedule_steps:
       raise ResumeError(
@@ -237,11 +240,12 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
         results.update({k: _to_json(v) for k, v in ev.fn(state).items()})
     return results
 
-  def checkpoint(step: int, wall: float) -> None:
+  def checkpoint(step: int, wall: float, cpu: float) -> None:
     if writer:
       if save is not None:
         save(state, step)
-      save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time, meta)
+      save_checkpoint(workdir, state, step, wall, config.keep_checkpoints, train_time,
+                      meta | {"cpu_time": cpu})
 
   last_eval = _last_evals(metrics_path) if start_step else {}
   best_step, best_value = _best(read_metrics(metrics_path) if start_step else [], config)
@@ -258,7 +262,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
       truncate_metrics(metrics_path, -1)
     if config.eval_at_start and evaluators:
       last_eval = evaluate(0, at_start=True)
-      write({"step": 0, "wall_time": 0.0, "train_time": 0.0, **last_eval})
+      write({"step": 0, "wall_time": 0.0, "train_time": 0.0, "cpu_time": 0.0, **last_eval})
       log(f"step 0: {_format(last_eval)}")
       select(0, last_eval)
 
@@ -272,6 +276,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   if start_step < config.steps:
     bar.set_description(f"{description}: compiling the step")
   t0 = time.perf_counter() - wall_offset
+  cpu0 = time.process_time() - cpu_offset
   steady_time, steady_steps = 0.0, 0
   step = start_step
   for step in range(start_step + 1, config.steps + 1 if not stopped else start_step + 1):
@@ -304,6 +309,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
       select(step, results)
     record["wall_time"] = round(time.perf_counter() - t0, 3)
     record["train_time"] = round(train_time, 3)
+    record["cpu_time"] = round(time.process_time() - cpu0, 3)
     if results or step % config.log_every == 0 or step == config.steps:
       write(record)
     bar.set_postfix({k: f"{np.mean(v):.4g}" for k, v in record.items()
@@ -313,7 +319,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
     stop = bool(config.patience and best_step is not None
                 and step - best_step >= config.patience)
     if _due(step, config.checkpoint_every, config.steps) or stop:
-      checkpoint(step, record["wall_time"])
+      checkpoint(step, record["wall_time"], record["cpu_time"])
     if stop:
       log(f"stopping early at step {step}: {config.select_metric} has not improved for "
           f"{config.patience} steps (best {best_value:.5g} at step {best_step})")
@@ -370,7 +376,7 @@ def read_metrics(path: str) -> list[dict]:
   return records
 
 
-_BOOKKEEPING = ("step", "wall_time", "train_time")
+_BOOKKEEPING = ("step", "wall_time", "train_time", "cpu_time")
 
 
 def _last_evals(path: str) -> dict:

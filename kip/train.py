@@ -190,7 +190,8 @@ class TrainResult(NamedTuple):
   curve: [{"step", "test_acc": [per seed]}]; lr: the learning rate used; train_time: seconds of
   training (no evaluation); images_per_s: training images processed per second, all seeds
   together, compilation included; wall_time: seconds of the whole run, evaluations included;
-  states: the trained networks (`TrainState`, stacked over seeds)."""
+  states: the trained networks (`TrainState`, stacked over seeds); cpu_time: CPU seconds of the
+  whole run (every thread; `kip.loop`'s record)."""
 
   test_acc: np.ndarray
   curve: list[dict]
@@ -201,6 +202,7 @@ class TrainResult(NamedTuple):
   params: int
   wall_time: float = math.nan
   states: Any = None
+  cpu_time: float = math.nan
 
 
 def _variables(params, batch_stats) -> dict:
@@ -559,7 +561,8 @@ def train_and_evaluate(
   return TrainResult(np.asarray(result.evals.get("test_acc", [])), curve, float(lr),
                      schedule.steps, train_time, images / train_time if train_time else math.nan,
                      n_params, records[-1]["wall_time"] if records else result.wall_time,
-                     result.state)
+                     result.state,
+                     records[-1].get("cpu_time", math.nan) if records else math.nan)
 
 
 def _start_from(states: TrainState, trained: TrainState, tx) -> TrainState:

@@ -221,3 +221,29 @@ def test_a_restored_state_is_placed_as_the_fresh_one_and_reuses_the_compiled_ste
   step(restored)
   counting[0] = False
   assert compiles == []
+
+
+def test_cpu_time_is_the_processes_and_adds_up_over_a_resume(tmp_path):
+  """`cpu_time` in metrics.jsonl: never more than the CPU time the process spent (measured
+  around the run), non-decreasing, and a resumed run carries on from its checkpoint's."""
+  import time
+
+  from kip.checkpoint import latest_checkpoint
+
+  method = make_kip(make_kernel("fc").apply, lr=0.05, target_batch=30)
+  before = time.process_time()
+  run_loop(tmp_path / "straight", method, {})
+  spent = time.process_time() - before
+  cpu = [r["cpu_time"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+  assert cpu == sorted(cpu) and 0 < cpu[-1] <= spent
+  with pytest.raises(Interrupt):
+    run_loop(tmp_path / "resumed", interrupting(method, 7), {})
+  step, path = latest_checkpoint(str(tmp_path / "resumed"))
+  with np.load(path) as checkpoint:
+    at_checkpoint = json.loads(str(checkpoint["__meta__"]))["cpu_time"]
+  assert at_checkpoint > 0
+  before = time.process_time()
+  run_loop(tmp_path / "resumed", method, {})
+  spent = time.process_time() - before
+  resumed = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if r["step"] > step]
+  assert all(at_checkpoint <= r["cpu_time"] <= at_checkpoint + spent for r in resumed)
