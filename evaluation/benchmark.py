@@ -552,35 +552,91 @@ def published(cell: Cell, net: str) -> tuple[float | None, str]:
   """The published figure (bench/published.json) for the cell's method, dataset and size, and
   the evaluation it was measured under; none for another architecture (every published figure
   is a ConvNet's)."""
-  if net.startswith(("mlp", "resnet")):
-    return None, ""
-  if cell.recorded is not None:
-    return cell.recorded, "the authors', recorded in the file (ConvNet)"
-  figure = _published().get(("full" if cell.kind == "full" else cell.name, cell.dataset,
-                              cell.ipc or None))
+  figure = _figure(cell, net)
   return (figure["value"], figure["evaluation"]) if figure else (None, "")
+
+
+def _figure(cell: Cell, net: str) -> dict | None:
+  if net.startswith(("mlp", "resnet")):
+    return None
+  if cell.recorded is not None:  # DC/DSA/DM results files: their own ConvNet-3 evaluation
+    return {"value": cell.recorded, "evaluation": "the authors', recorded in the file (ConvNet)",
+            "protocol": ("dc", "dsa"), "width": 128}
+  return _published().get(("full" if cell.kind == "full" else cell.name, cell.dataset,
+                           cell.ipc or None))
+
+
+def comparable(figure: dict | None, protocol: str, net: str) -> bool:
+  """Whether a row evaluated under `protocol` with `net` (e.g. convnet3-128) measures what the
+  published `figure` measured: its protocol, on the protocol's own network at the figure's
+  width. Only then is the difference a gap."""
+  if not figure or not figure.get("protocol"):
+    return False
+  protocols = figure["protocol"]
+  protocols = protocols if isinstance(protocols, tuple | list) else (protocols,)
+  return protocol in protocols and net == f"{PROTOCOLS[protocol].net}-{figure['width']}"
 
 
 def table_row(cell: Cell, protocol: str, net: str, found: tuple[dict, str], set_status: str,
               evaluated: str, config: Config) -> dict:
-  """The table's row of one evaluation (`found`: its transfer.json row and folder)."""
+  """The table's row of one evaluation (`found`: its transfer.json row and folder): accuracy
+  with its 95% interval over the networks, the published figure and, where it was measured under
+  the same evaluation, the gap; what the set costs to store and to make, and its evaluation's
+  CPU time. `add_over_random` fills the improvement over random once every row is read."""
+  from kip.scores import interval95  # noqa: PLC0415
+
   row, source = found
-  pub, pub_protocol = published(cell, row["net"])
+  net_name = f"{row['net']}-{row['width']}"
+  figure = _figure(cell, row["net"])
   acc = 100 * row["test_acc_mean"]
+  same = comparable(figure, protocol, net_name)
+  distil = last_metrics(locate(cell.workdir, config)) if cell.kind == "method" else {}
   return {
       "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,
-      "protocol": protocol, "net": f"{row['net']}-{row['width']}", "seeds": row["seeds"],
+      "protocol": protocol, "net": net_name, "seeds": row["seeds"],
       "test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
-      "test_acc_std": row["test_acc_std"], "train_time": row["train_time"],
+      "test_acc_std": row["test_acc_std"], "test_acc_ci95": interval95(row["test_acc"]).half,
+      "train_time": row["train_time"],
       "train_time_per_net": row["train_time"] / max(len(row["seeds"]), 1),
       "steps": row["steps"], "images_per_net": row["steps"] * min(
           PROTOCOLS[protocol].batch_size, row["n_images"]),
-      "published": pub, "published_protocol": pub_protocol,
-      "gap": None if pub is None else acc - pub,
-      "distil_wall_time": last_metrics(locate(cell.workdir, config)).get("wall_time")
-      if cell.kind == "method" else None,
+      "published": figure["value"] if figure else None,
+      "published_protocol": figure["evaluation"] if figure else "",
+      "gap": acc - figure["value"] if same else None,
+      "comparable": same, "over_random": None,
+      "storage": storage(cell, config),
+      "distil_wall_time": distil.get("wall_time"), "distil_cpu_time": distil.get("cpu_time"),
+      "eval_cpu_time": row.get("cpu_time"),
       "set": cell.support, "workdir": source, "set_status": set_status,
       "evaluation_status": evaluated}
+
+
+def storage(cell: Cell, config: Config) -> dict | None:
+  """`kip.scores.storage_bytes` of the cell's set (None: the full split, or a set kept
+  nowhere)."""
+  from kip.io import FileFormatError, load_distilled  # noqa: PLC0415
+  from kip.scores import storage_bytes  # noqa: PLC0415
+
+  path = locate(cell.support, config)
+  if cell.kind == "full" or not os.path.exists(path):
+    return None
+  try:
+    distilled = load_distilled(path)
+  except FileFormatError:
+    return None
+  pre = distilled.preprocessor.to_arrays() if distilled.preprocessor else {}
+  return storage_bytes(distilled.images, distilled.labels, distilled.extras, pre)
+
+
+def add_over_random(rows: list[dict]) -> None:
+  """Each row's improvement over the random real subset of the same size evaluated the same
+  way (the `random` coreset row of its dataset, size, protocol and network), in points."""
+  random = {(r["dataset"], r["ipc"], r["protocol"], r["net"]): r for r in rows
+            if r["kind"] == "coreset" and r["method"] == "random"}
+  for r in rows:
+    base = random.get((r["dataset"], r["ipc"], r["protocol"], r["net"]))
+    if base is not None and r is not base and r["kind"] != "full":
+      r["over_random"] = 100 * (r["test_acc_mean"] - base["test_acc_mean"])
 
 
 def run_benchmark(config: Config) -> dict:
@@ -616,6 +672,7 @@ def run_benchmark(config: Config) -> dict:
         continue
       evaluated = "made" if transfer_dir(cell, protocol, net) in made else "reused"
       rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, config))
+  add_over_random(rows)
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
       "machine": machine(), "rows": rows, "pending": pending, "commands_run": run.ran}
@@ -698,15 +755,23 @@ def machine() -> str:
 
 def markdown(result: dict) -> str:
   """The table as markdown, with the command and where each number came from."""
-  header = ("| method | dataset | ipc | net | protocol | test acc (%) | published | gap | "
-            "train time (all nets) |\n|---|---|---|---|---|---|---|---|---|")
+  header = ("| method | dataset | ipc | net | protocol | test acc (%) +- 95% interval (nets) | "
+            "over random | published (its evaluation) | gap | storage | distillation | "
+            "evaluation (all nets) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [header]
   for r in result["rows"]:
     pub = "" if r["published"] is None else f"{r['published']:.2f} ({r['published_protocol']})"
-    gap = "" if r["gap"] is None else f"{r['gap']:+.2f}"
+    gap = ("" if r["published"] is None else f"{r['gap']:+.2f}" if r.get("comparable")
+           else "no comparable figure")
+    half = r.get("test_acc_ci95")
+    acc = (f"{100 * r['test_acc_mean']:.2f} +- {100 * half:.2f}" if half == half and half
+           is not None else f"{100 * r['test_acc_mean']:.2f}")
+    over = "" if r.get("over_random") is None else f"{r['over_random']:+.2f}"
     lines.append(f"| {r['method']} | {r['dataset']} | {r['ipc'] or 'all'} | {r['net']} | "
-                 f"{r['protocol']} | {cli.percent(r['test_acc_mean'], r['test_acc_std'])} "
-                 f"({len(r['seeds'])}) | {pub} | {gap} | {r['train_time']:.0f} s |")
+                 f"{r['protocol']} | {acc} ({len(r['seeds'])}) | {over} | {pub} | {gap} | "
+                 f"{_bytes(r.get('storage'))} | "
+                 f"{_cost(r.get('distil_wall_time'), r.get('distil_cpu_time'))} | "
+                 f"{_cost(r['train_time'], r.get('eval_cpu_time'))} |")
   lines.append("")
   lines += [f"- {line}" for line in lossless(result["rows"])]
   if result.get("pending"):
@@ -714,8 +779,28 @@ def markdown(result: dict) -> str:
                  + "; ".join(result["pending"]))
   lines.append("")
   lines.append(f"`{result['command']}` on {result['machine']}; each number is the "
-               "`transfer.json` in the workdir listed in benchmark.json.")
+               "`transfer.json` in the workdir listed in benchmark.json. The interval is "
+               "Student's t over the networks; over random: points above the random real subset "
+               "of the same size evaluated the same way; a gap only against a published figure "
+               "measured under the same protocol and width (bench/published.json); storage: the "
+               "set's images, labels (1 byte per hard label), extras and preprocessing, as "
+               "float32 (blank where the set is not kept); distillation: the run's wall time; "
+               "evaluation: the networks' training time (updates only); each with the process "
+               "CPU seconds, every thread, where the run recorded them.")
   return "\n".join(lines) + "\n"
+
+
+def _bytes(cost: dict | None) -> str:
+  if not cost:
+    return ""
+  total = cost["total"]
+  return f"{total / 2**20:.2f} MB" if total >= 2**20 else f"{total / 2**10:.1f} KB"
+
+
+def _cost(wall: float | None, cpu: float | None) -> str:
+  if wall is None:
+    return ""
+  return f"{wall:.0f} s" + ("" if cpu is None else f" (CPU {cpu:.0f} s)")
 
 
 def lossless(rows: list[dict], within: float = 1.0) -> list[str]:

@@ -525,3 +525,26 @@ def test_a_new_method_joins_the_table_by_name_and_an_unknown_one_is_refused(tmp_
   assert "--preset" not in commands[0]  # moments' JOB has no presets
   bad = run_in_process("experiments.benchmark", "--methods", "nosuch", "--dry-run")
   assert bad.returncode == 2 and "unknown method 'nosuch'" in bad.stderr
+
+
+def test_a_gap_only_against_a_figure_measured_the_same_way():
+  from evaluation.benchmark import Cell, _figure, add_over_random, comparable
+
+  dm = _figure(Cell("method", "dm", "mnist", 1, "w", "s"), "convnet3")
+  assert (dm["value"], dm["protocol"], dm["width"]) == (89.7, "dsa", 128)
+  assert comparable(dm, "dsa", "convnet3-128")
+  assert not comparable(dm, "dc", "convnet3-128")  # another protocol
+  assert not comparable(dm, "dsa", "convnet3-32")  # the CPU column's width
+  kip = _figure(Cell("method", "kip", "mnist", 10, "w", "s"), "convnet")
+  assert comparable(kip, "kip", "convnet-1024") and not comparable(kip, "kip", "convnet-128")
+  ls = _figure(Cell("method", "label_solve", "mnist", 10, "w", "s"), "convnet3")
+  assert ls["protocol"] is None and not comparable(ls, "dc", "convnet3-128")
+  rows = [{"kind": k, "method": m, "dataset": "mnist", "ipc": ipc, "protocol": "dc",
+           "net": "convnet3-32", "test_acc_mean": acc, "over_random": None}
+          for k, m, ipc, acc in (("method", "dm", 1, 0.9214), ("coreset", "random", 1, 0.6460),
+                                 ("method", "dm", 10, 0.9570), ("full", "full", 0, 0.9891))]
+  add_over_random(rows)
+  assert rows[0]["over_random"] == pytest.approx(27.54)
+  assert rows[1]["over_random"] is None  # random itself
+  assert rows[2]["over_random"] is None  # no random row of that size
+  assert rows[3]["over_random"] is None
