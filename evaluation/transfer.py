@@ -60,6 +60,10 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   lr: float = f(0.0, "learning rate (0: the set's learned one if it carries `lr`, as MTT's "
                     "sets, for its own row; else the protocol's; kip: max stable rate of the "
                     "NTK)", minimum=0)
+  labels: str = f("set", "the distilled row's labels: set (as the set carries them: learned, "
+                        "soft or hard) or hard (each image's largest label as its class, "
+                        "centred one-hot: the hard-label evaluation of DD-Ranking's "
+                        "label-robust score)", choices=("set", "hard"))
   augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
@@ -156,6 +160,7 @@ def transfer(config: Config, workdir: str) -> dict:
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
         "n_images": int(x.shape[-4]), "net": net_name, "width": width, "norm": norm,
         "protocol": config.protocol, "seeds": seeds,
+        "labels": config.labels if row == "distilled" else "hard",
         "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
         "train_time": float(sum(t.train_time for t in trained)),
@@ -178,7 +183,10 @@ def _row_data(row: str, config: Config, distilled, data, seeds):
     if distilled.labels is None:
       raise cli.UserError(f"{config.support} holds regression targets, not labels: the kip, dc "
                           "and frepo protocols train classifiers")
-    return distilled.images, distilled.labels, _steps(config)
+    labels = distilled.labels
+    if config.labels == "hard":
+      labels = centered_one_hot(np.argmax(labels, -1), labels.shape[-1])
+    return distilled.images, labels, _steps(config)
   if row == "full":
     return data.x_train, data.y_train, config.full_steps
   n = len(distilled.images)

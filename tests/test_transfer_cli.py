@@ -145,3 +145,24 @@ def test_demo_notebook_runs_headless(sets, tmp_path, manual_dir, data_dir, monke
                     for o in c.outputs)
   assert "distilled:" in printed and "random subset:" in printed
   assert (tmp_path / "grid.png").exists() and (tmp_path / "curve.png").exists()
+
+
+def test_hard_labels_are_each_images_largest_label():
+  """`--labels hard`: the set's learned labels replaced by the centred one-hot of their argmax
+  (what DD-Ranking's label-robust score trains on); `set` keeps them as stored."""
+  import dataclasses
+
+  from evaluation.transfer import Config, _row_data
+
+  rng = np.random.default_rng(0)
+  learned = rng.normal(size=(6, 3)).astype(np.float32)
+  distilled = DistilledSet(rng.normal(size=(6, 4, 4, 1)).astype(np.float32), learned)
+  config = Config(support="s.npz", steps=7)
+  _, kept, _ = _row_data("distilled", config, distilled, None, [0])
+  np.testing.assert_array_equal(kept, learned)
+  _, hard, steps = _row_data("distilled", dataclasses.replace(config, labels="hard"), distilled,
+                             None, [0])
+  expected = np.full((6, 3), -1 / 3, np.float32)
+  expected[np.arange(6), learned.argmax(1)] += 1
+  np.testing.assert_allclose(hard, expected)
+  assert steps == 7
