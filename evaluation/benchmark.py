@@ -87,6 +87,10 @@ class Config:
                       "`<!-- benchmark:end -->` in this markdown file (e.g. docs/results.md)")
   method_args: str = f("", "extra flags per method, `method=--flag value;method2=...`")
   transfer_args: str = f("", "extra flags for every evaluation (experiments.transfer)")
+  fair: bool = f(False, "also the evaluations of the fair scores (DD-Ranking): each method's "
+                        "and imported set's with hard labels (--labels hard) and without "
+                        "augmentation (--augment none), the random rows without augmentation; "
+                        "the table then adds the label- and augmentation-robust scores")
   workers: int = f(1, "cells run at once on this machine (each its own processes)", minimum=1)
   slurm: str = f("", "write a SLURM job-array script to this file (one cell per array task, "
                      "--cell $SLURM_ARRAY_TASK_ID) and run nothing; submit it with `sbatch "
@@ -208,9 +212,21 @@ def plan(config: Config) -> list[Cell]:
   return cells
 
 
-def evaluations(config: Config) -> list[tuple[str, str]]:
-  """(protocol, net) of every evaluation of a cell, in the table's order."""
-  return [(p, n) for p in _split(config.protocol) for n in _split(config.nets)]
+VARIANTS = {"": [], "hard": ["--labels", "hard"], "noaug": ["--augment", "none"]}
+
+
+def evaluations(config: Config, cell: Cell | None = None) -> list[tuple[str, str, str]]:
+  """(protocol, net, variant) of every evaluation of `cell`, in the table's order. Variant ""
+  is the evaluation as the protocol has it; with --fair, "hard" (the set's labels replaced by
+  class labels) for methods and imported sets, and "noaug" (no augmentation) for those and the
+  random rows: what the label- and augmentation-robust scores compare."""
+  variants = [""]
+  if config.fair and cell is not None and cell.kind in ("method", "set"):
+    variants += ["hard", "noaug"]
+  elif config.fair and cell is not None and (cell.kind, cell.name) == ("coreset", "random"):
+    variants += ["noaug"]
+  return [(p, n, v) for p in _split(config.protocol) for n in _split(config.nets)
+          for v in variants]
 
 
 # Running commands
@@ -422,25 +438,28 @@ def set_command(cell: Cell, config: Config) -> tuple[str, list[str]] | None:
       *shlex.split({k.strip(): v for k, v in extra.items()}.get(cell.name, ""))]
 
 
-def transfer_dir(cell: Cell, protocol: str, net: str) -> str:
-  return os.path.join(cell.workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}"))
+def transfer_dir(cell: Cell, protocol: str, net: str, variant: str = "") -> str:
+  return os.path.join(cell.workdir, f"transfer-{protocol}" + ("" if net == "auto" else f"-{net}")
+                      + (f"-{variant}" if variant else ""))
 
 
-def transfer_command(cell: Cell, protocol: str, net: str, config: Config) -> list[str]:
+def transfer_command(cell: Cell, protocol: str, net: str, config: Config,
+                     variant: str = "") -> list[str]:
   full = cell.kind == "full"
   rows = (["--no-distilled", "--baselines", "full", "--full-steps", str(config.full_steps)]
           if full else ["--baselines", "none"])
   return ["--support", cell.support, "--dataset", cell.dataset, "--protocol", protocol,
           "--net", net, "--seeds", str(config.full_seeds if full else config.seeds),
-          "--preset", config.preset, "--workdir", transfer_dir(cell, protocol, net), *rows,
-          *shlex.split(config.transfer_args)]
+          "--preset", config.preset, "--workdir", transfer_dir(cell, protocol, net, variant),
+          *rows, *shlex.split(config.transfer_args), *VARIANTS[variant]]
 
 
 def read_cell(cell: Cell, config: Config) -> tuple[int | None, bool, dict]:
   """What of `cell` is finished, in --root or else the archive: (the steps its set is asked
-  for, whether that set is finished, {(protocol, net): (the row of its transfer.json, the folder
-  read), or None}). Evaluations are read with the settings and at least the networks asked for,
-  a method's only once its set is finished; a record with other settings is refused."""
+  for, whether that set is finished, {(protocol, net, variant): (the row of its transfer.json,
+  the folder read), or None}). Evaluations are read with the settings and at least the
+  networks asked for, a method's only once its set is finished; a record with other settings is
+  refused."""
   steps, finished, command = None, True, set_command(cell, config)
   if command:  # `steps` may grow: a finished run is then extended by its own command
     source = locate(os.path.dirname(cell.support), config)
@@ -452,15 +471,16 @@ def read_cell(cell: Cell, config: Config) -> tuple[int | None, bool, dict]:
   support = locate(cell.support, config)
   inputs = None if full or not os.path.exists(support) else {"support": support}
   name, seeds = ("full", config.full_seeds) if full else ("distilled", config.seeds)
-  found = dict.fromkeys(evaluations(config))
-  for protocol, net in found if finished or cell.kind != "method" else ():
-    source = os.path.dirname(locate(os.path.join(transfer_dir(cell, protocol, net),
+  found = dict.fromkeys(evaluations(config, cell))
+  for protocol, net, variant in found if finished or cell.kind != "method" else ():
+    source = os.path.dirname(locate(os.path.join(transfer_dir(cell, protocol, net, variant),
                                                  "transfer.json"), config))
-    check_settings(source, "experiments.transfer", transfer_command(cell, protocol, net, config),
+    check_settings(source, "experiments.transfer",
+                   transfer_command(cell, protocol, net, config, variant),
                    ignore=("support",) if inputs is None else (), inputs=inputs)
     rows = (_read_json(os.path.join(source, "transfer.json")) or {}).get("rows", [])
-    found[protocol, net] = next(((r, source) for r in rows
-                                 if r["row"] == name and len(r["seeds"]) >= seeds), None)
+    found[protocol, net, variant] = next(((r, source) for r in rows
+                                          if r["row"] == name and len(r["seeds"]) >= seeds), None)
   return steps, finished, found
 
 
@@ -484,10 +504,10 @@ def run_cell(cell: Cell, config: Config, run: Runner, made: set[str]) -> None:
               *(a for k, v in flags.items() for a in (f"--{k}", v)))
       run(command[0], *command[1])
       made.add(cell.workdir)
-    for protocol, net in missing:
-      if read_cell(cell, config)[2][protocol, net] is None:  # read again: its set may be new
-        run("experiments.transfer", *transfer_command(cell, protocol, net, config))
-        made.add(transfer_dir(cell, protocol, net))
+    for key in missing:
+      if read_cell(cell, config)[2][key] is None:  # read again: its set may be new
+        run("experiments.transfer", *transfer_command(cell, *key[:2], config, key[2]))
+        made.add(transfer_dir(cell, *key))
   archive(cell, config)
 
 
@@ -498,8 +518,8 @@ def archive(cell: Cell, config: Config) -> None:
   bytes are unchanged are not rewritten."""
   if not config.archive or config.runs_nothing:
     return
-  for protocol, net in evaluations(config):
-    tdir = transfer_dir(cell, protocol, net)
+  for key in evaluations(config, cell):
+    tdir = transfer_dir(cell, *key)
     if os.path.exists(os.path.join(tdir, "transfer.json")):
       for name in ("config.json", "transfer.json"):
         _keep(os.path.join(tdir, name), archived(tdir, config))
@@ -631,12 +651,46 @@ def storage(cell: Cell, config: Config) -> dict | None:
 def add_over_random(rows: list[dict]) -> None:
   """Each row's improvement over the random real subset of the same size evaluated the same
   way (the `random` coreset row of its dataset, size, protocol and network), in points."""
-  random = {(r["dataset"], r["ipc"], r["protocol"], r["net"]): r for r in rows
+  random = {(r["dataset"], r["ipc"], r["protocol"], r["net"]): r for r in base_rows(rows)
             if r["kind"] == "coreset" and r["method"] == "random"}
-  for r in rows:
+  for r in base_rows(rows):
     base = random.get((r["dataset"], r["ipc"], r["protocol"], r["net"]))
     if base is not None and r is not base and r["kind"] != "full":
       r["over_random"] = 100 * (r["test_acc_mean"] - base["test_acc_mean"])
+
+
+def base_rows(rows: list[dict]) -> list[dict]:
+  """The rows of the evaluations as their protocols have them (no --fair variant)."""
+  return [r for r in rows if not r.get("variant")]
+
+
+def add_robust_scores(rows: list[dict]) -> None:
+  """DD-Ranking's scores (`kip.scores`) on each method's and imported set's row, where the
+  benchmark has what they compare (--fair): the label-robust score from the set under its own
+  labels and under hard labels, the random real subset of its size, and the full split (hard
+  labels), all under the row's protocol and network; the augmentation-robust score from the set
+  and the random subset with the protocol's augmentation and without it. The random subset
+  carries hard labels: no teacher relabels it, so a set's learned labels count in its IOR."""
+  from kip.scores import augmentation_robust_score, label_robust_score  # noqa: PLC0415
+
+  index = {(r["kind"], r["method"], r["dataset"], r["ipc"], r["protocol"], r["net"],
+            r.get("variant", "")): r for r in rows}
+  for r in base_rows(rows):
+    if r["kind"] not in ("method", "set"):
+      continue
+    where = (r["dataset"], r["ipc"], r["protocol"], r["net"])
+    hard = index.get((r["kind"], r["method"], *where, "hard"))
+    plain = index.get((r["kind"], r["method"], *where, "noaug"))
+    random = index.get(("coreset", "random", *where, ""))
+    random_plain = index.get(("coreset", "random", *where, "noaug"))
+    full = index.get(("full", "full", r["dataset"], 0, r["protocol"], r["net"], ""))
+    acc = lambda row: row["test_acc_mean"]  # noqa: E731
+    if hard and random and full:
+      r["hard_acc"] = acc(hard)
+      r["lrs"] = label_robust_score(acc(full), acc(hard), acc(r), acc(random))
+    if plain and random and random_plain:
+      r["noaug_acc"] = acc(plain)
+      r["ars"] = augmentation_robust_score(acc(r), acc(random), acc(plain), acc(random_plain))
 
 
 def run_benchmark(config: Config) -> dict:
@@ -666,13 +720,15 @@ def run_benchmark(config: Config) -> dict:
     _, finished, found = read_cell(cell, config)
     set_status = ("made" if cell.workdir in made else "reused" if finished
                   else "pending" if cell.kind == "method" else "not kept")
-    for (protocol, net), answer in found.items():
+    for (protocol, net, variant), answer in found.items():
       if answer is None:
-        pending.append(f"{cell.label()} {protocol} {net}")
+        pending.append(f"{cell.label()} {protocol} {net}" + (f" {variant}" if variant else ""))
         continue
-      evaluated = "made" if transfer_dir(cell, protocol, net) in made else "reused"
-      rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, config))
+      evaluated = "made" if transfer_dir(cell, protocol, net, variant) in made else "reused"
+      rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, config)
+                  | {"variant": variant})
   add_over_random(rows)
+  add_robust_scores(rows)
   result = {"command": "python -m experiments.benchmark " + " ".join(
       shlex.quote(a) for a in sys.argv[1:]), "config": dataclasses.asdict(config),
       "machine": machine(), "rows": rows, "pending": pending, "commands_run": run.ran}
@@ -759,7 +815,7 @@ def markdown(result: dict) -> str:
             "over random | published (its evaluation) | gap | storage | distillation | "
             "evaluation (all nets) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [header]
-  for r in result["rows"]:
+  for r in base_rows(result["rows"]):
     pub = "" if r["published"] is None else f"{r['published']:.2f} ({r['published_protocol']})"
     gap = ("" if r["published"] is None else f"{r['gap']:+.2f}" if r.get("comparable")
            else "no comparable figure")
@@ -773,7 +829,8 @@ def markdown(result: dict) -> str:
                  f"{_cost(r.get('distil_wall_time'), r.get('distil_cpu_time'))} | "
                  f"{_cost(r['train_time'], r.get('eval_cpu_time'))} |")
   lines.append("")
-  lines += [f"- {line}" for line in lossless(result["rows"])]
+  lines += fair_table(result["rows"])
+  lines += [f"- {line}" for line in lossless(base_rows(result["rows"]))]
   if result.get("pending"):
     lines.append(f"- Not finished yet ({len(result['pending'])}): "
                  + "; ".join(result["pending"]))
@@ -788,6 +845,30 @@ def markdown(result: dict) -> str:
                "evaluation: the networks' training time (updates only); each with the process "
                "CPU seconds, every thread, where the run recorded them.")
   return "\n".join(lines) + "\n"
+
+
+def fair_table(rows: list[dict]) -> list[str]:
+  """The fair scores' table (lines, ending with a blank one), or nothing without --fair rows."""
+  scored = [r for r in base_rows(rows) if "lrs" in r or "ars" in r]
+  if not scored:
+    return []
+  lines = ["| method | dataset | ipc | net | protocol | acc, its labels | acc, hard labels | HLR | "
+           "IOR | LRS | acc, no augmentation | ARS |", "|---|---|---|---|---|---|---|---|---|---|"
+           "---|---|"]
+  for r in scored:
+    lrs, ars = r.get("lrs", {}), r.get("ars", {})
+    cells = [f"{100 * r['test_acc_mean']:.2f}",
+             f"{100 * r['hard_acc']:.2f}" if "hard_acc" in r else "",
+             f"{100 * lrs['hlr']:+.2f}" if lrs else "", f"{100 * lrs['ior']:+.2f}" if lrs else "",
+             f"{lrs['lrs']:.1f}" if lrs else "",
+             f"{100 * r['noaug_acc']:.2f}" if "noaug_acc" in r else "",
+             f"{ars['ars']:.1f}" if ars else ""]
+    lines.append(f"| {r['method']} | {r['dataset']} | {r['ipc']} | {r['net']} | {r['protocol']} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "Fair scores (DD-Ranking, `kip.scores`; accuracies in %, HLR and IOR in points): "
+            "HLR = full split - set, both with hard labels; IOR = set with its labels - random "
+            "real subset of its size (hard labels); LRS and ARS in [0, 100], 26.9 at a = 0.", ""]
+  return lines
 
 
 def _bytes(cost: dict | None) -> str:
@@ -852,7 +933,7 @@ def write_outputs(result: dict, config: Config) -> None:
   write_json(os.path.join(out, "benchmark.json"), result)
   table = markdown(result)
   atomic_write(os.path.join(out, "benchmark.md"), table.encode())
-  plot_accuracy(result["rows"], os.path.join(out, "benchmark.png"))
+  plot_accuracy(base_rows(result["rows"]), os.path.join(out, "benchmark.png"))
   if config.readme:
     replace_block(config.readme, table)
   print(table)

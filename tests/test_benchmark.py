@@ -548,3 +548,49 @@ def test_a_gap_only_against_a_figure_measured_the_same_way():
   assert rows[1]["over_random"] is None  # random itself
   assert rows[2]["over_random"] is None  # no random row of that size
   assert rows[3]["over_random"] is None
+
+
+def test_fair_evaluations_and_the_robust_scores_by_hand():
+  import math
+
+  from evaluation.benchmark import (
+    Cell,
+    Config,
+    add_robust_scores,
+    evaluations,
+    fair_table,
+    transfer_command,
+  )
+
+  config = Config(fair=True, protocol="dc", nets="auto")
+  dm = Cell("method", "dm", "mnist", 1, "runs/b/dm-mnist-ipc1", "runs/b/dm/distilled.npz")
+  random = Cell("coreset", "random", "mnist", 1, "runs/b/r", "runs/b/r/distilled.npz")
+  herding = Cell("coreset", "herding", "mnist", 1, "runs/b/h", "runs/b/h/distilled.npz")
+  assert evaluations(config, dm) == [("dc", "auto", ""), ("dc", "auto", "hard"),
+                                     ("dc", "auto", "noaug")]
+  assert evaluations(config, random) == [("dc", "auto", ""), ("dc", "auto", "noaug")]
+  assert evaluations(config, herding) == [("dc", "auto", "")]
+  hard = transfer_command(dm, "dc", "auto", config, "hard")
+  assert hard[-2:] == ["--labels", "hard"] and "transfer-dc-hard" in " ".join(hard)
+  assert transfer_command(dm, "dc", "auto", config, "noaug")[-2:] == ["--augment", "none"]
+
+  def row(kind, method, ipc, acc, variant=""):
+    return {"kind": kind, "method": method, "dataset": "mnist", "ipc": ipc, "protocol": "dc",
+            "net": "convnet3-128", "test_acc_mean": acc, "variant": variant}
+
+  rows = [row("method", "frepo", 1, 0.80), row("method", "frepo", 1, 0.70, "hard"),
+          row("method", "frepo", 1, 0.75, "noaug"), row("coreset", "random", 1, 0.60),
+          row("coreset", "random", 1, 0.65, "noaug"), row("full", "full", 0, 0.99)]
+  add_robust_scores(rows)
+  scored = rows[0]
+  # HLR = 0.99 - 0.70 = 0.29, IOR = 0.80 - 0.60 = 0.20, a = 0.5 (0.20 - 0.29) = -0.045:
+  # LRS = 100 (e^-0.045 - e^-1) / (e - e^-1) = 100 (0.9559975 - 0.3678794) / 2.3504024.
+  assert scored["lrs"]["hlr"] == pytest.approx(0.29) and scored["lrs"]["ior"] == pytest.approx(0.2)
+  assert scored["lrs"]["lrs"] == pytest.approx(25.02202, abs=1e-4)
+  # b = 0.5 (0.80 - 0.60) + 0.5 (0.75 - 0.65) = 0.15: ARS 33.77953 (tests/test_scores.py).
+  assert scored["ars"]["ars"] == pytest.approx(33.77953, abs=1e-4)
+  assert "lrs" not in rows[1] and "lrs" not in rows[3]  # variants and baselines carry none
+  table = fair_table(rows)
+  assert table[2] == ("| frepo | mnist | 1 | convnet3-128 | dc | 80.00 | 70.00 | +29.00 | +20.00 "
+                      "| 25.0 | 75.00 | 33.8 |")
+  assert not math.isnan(scored["lrs"]["lrs"])
