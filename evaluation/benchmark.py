@@ -49,6 +49,13 @@ PUBLISHED = os.path.join(ROOT, "bench", "published.json")
 METHODS = {"kip": None, "label_solve": None, "frepo": None, "rfad": None, "dm": None,
            "datadam": None, "mtt": {}, "datm": {}, "pad": {"curriculum": "pad"}}
 
+# Each method's own paper's evaluation (`--protocol paper`): KIP and Label Solve the KIP authors'
+# (MSE on the learned labels, width 1024), FRePo's and RFAD's own, DM, DataDAM and the trajectory
+# methods DSA's (ConvNet-3 of width 128, DSA augmentation; a set's learned learning rate and soft
+# labels are used by `experiments.transfer` as the set carries them). A method not listed: `dc`.
+PAPER_PROTOCOLS = {"kip": "kip", "label_solve": "kip", "frepo": "frepo", "rfad": "rfad",
+                   "dm": "dsa", "datadam": "dsa", "mtt": "dsa", "datm": "dsa", "pad": "dsa"}
+
 FULL_STEPS = 2000  # the full-data row's default budget (8.5 epochs of MNIST at batch 256)
 FINAL = "final_metrics.json"  # an archived set's summary of its metrics.jsonl
 ARCHIVED_SET_BYTES = 100_000  # larger sets stay in --root (the repository keeps small files)
@@ -70,7 +77,10 @@ class Config:
   full_steps: int = f(FULL_STEPS, "step budget of the full-data row (another budget is a row "
                                   "of its own: <root>/full-<dataset>-steps<N>)", minimum=1)
   full_seeds: int = f(1, "networks of the full-data row", minimum=1)
-  protocol: str = f("dc", "comma-separated evaluation protocols: " + ", ".join(PROTOCOLS))
+  protocol: str = f("dc", "comma-separated evaluation protocols: " + ", ".join(PROTOCOLS)
+                    + "; paper: each method's own paper's (kip: kip, label_solve: kip, frepo, "
+                    "rfad, dsa for dm, datadam, mtt, datm and pad; the coresets and the full "
+                    "split under each of them)")
   nets: str = f("auto", "comma-separated evaluation networks (auto: the protocol's; e.g. "
                         "auto,mlp,resnet18 for cross-architecture columns): "
                         + ", ".join(NETS))
@@ -152,7 +162,7 @@ def check(config: Config) -> None:
   for name in _split(config.coresets):
     cli.check_choice("coreset", name, SELECTIONS)
   for name in _split(config.protocol):
-    cli.check_choice("protocol", name, tuple(PROTOCOLS))
+    cli.check_choice("protocol", name, ("paper", *PROTOCOLS))
   for name in _split(config.nets):
     cli.check_choice("net", name, ("auto", *NETS))
   for value in _split(config.ipc):
@@ -225,8 +235,34 @@ def evaluations(config: Config, cell: Cell | None = None) -> list[tuple[str, str
     variants += ["hard", "noaug"]
   elif config.fair and cell is not None and (cell.kind, cell.name) == ("coreset", "random"):
     variants += ["noaug"]
-  return [(p, n, v) for p in _split(config.protocol) for n in _split(config.nets)
+  return [(p, n, v) for p in protocols(config, cell) for n in _split(config.nets)
           for v in variants]
+
+
+def protocols(config: Config, cell: Cell | None = None) -> list[str]:
+  """--protocol with `paper` made each method's own (`PAPER_PROTOCOLS`): a method's cell is
+  evaluated under its paper's protocol, an imported set under its family's (DSA's for the DC
+  family and the trajectory methods, else `dc`), the coresets and the full split under every
+  paper protocol of the table's methods, so that each method's row has its random and full rows
+  evaluated the same way."""
+  out = []
+  for name in _split(config.protocol):
+    if name != "paper":
+      out.append(name)
+    elif cell is not None and cell.kind == "method":
+      out.append(PAPER_PROTOCOLS.get(cell.name, "dc"))
+    elif cell is not None and cell.kind == "set":
+      out.append("dsa" if cell.name and _imported_family(cell) else "dc")
+    else:
+      out += [PAPER_PROTOCOLS.get(m, "dc") for m in _split(config.methods)] or ["dc"]
+  return list(dict.fromkeys(out))
+
+
+def _imported_family(cell: Cell) -> bool:
+  """Whether an imported set comes from the DC family or a trajectory method (their papers
+  evaluate with DSA's protocol): a DC results file, or MTT/DATM/PAD's images_best."""
+  name = os.path.basename(cell.support)
+  return name.startswith("res_") or name.startswith("images_")
 
 
 # Running commands

@@ -594,3 +594,19 @@ def test_fair_evaluations_and_the_robust_scores_by_hand():
   assert table[2] == ("| frepo | mnist | 1 | convnet3-128 | dc | 80.00 | 70.00 | +29.00 | +20.00 "
                       "| 25.0 | 75.00 | 33.8 |")
   assert not math.isnan(scored["lrs"]["lrs"])
+
+
+def test_paper_protocol_is_each_methods_own_and_the_baselines_follow():
+  from evaluation.benchmark import Cell, Config, evaluations
+
+  config = Config(methods="kip,dm,frepo", protocol="paper,dc")
+  cell = lambda kind, name, support="s/distilled.npz": Cell(  # noqa: E731
+      kind, name, "mnist", 1, "w", support)
+  assert [e[0] for e in evaluations(config, cell("method", "kip"))] == ["kip", "dc"]
+  assert [e[0] for e in evaluations(config, cell("method", "dm"))] == ["dsa", "dc"]
+  assert [e[0] for e in evaluations(config, cell("method", "frepo"))] == ["frepo", "dc"]
+  assert [e[0] for e in evaluations(config, cell("coreset", "random"))] == [
+      "kip", "dsa", "frepo", "dc"]
+  assert [e[0] for e in evaluations(config, cell("full", "full"))] == ["kip", "dsa", "frepo", "dc"]
+  assert [e[0] for e in evaluations(config, cell("set", "x", "d/res_DM_MNIST_ConvNet_1ipc.pt"))
+          ] == ["dsa", "dc"]
