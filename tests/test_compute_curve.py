@@ -1,0 +1,35 @@
+"""bench.compute_curve's plan: every command is one its command accepts, budgets are multiples
+of the CPU preset's steps, FRePo (a schedule over its steps) runs each budget afresh, the others
+extend one run."""
+
+import importlib
+
+from bench import compute_curve
+from kip import cli
+
+
+def test_the_plan_is_commands_their_commands_accept(tmp_path):
+  entries = compute_curve.plan(compute_curve.METHODS, [1, 10], [1, 2, 20], str(tmp_path),
+                               "mnist")
+  assert len(entries) == 4 * 2 * 3
+  for e in entries:
+    module, *args = e["distill"]
+    job = importlib.import_module(module).JOB
+    config = cli.parse_config(job.config, args, "", presets=job.presets)
+    assert config.steps == compute_curve.PRESET_STEPS[e["method"]] * e["multiple"]
+    if "preset" in job.config.__dataclass_fields__:
+      assert config.preset == "cpu"
+  frepo = {e["workdir"] for e in entries if e["method"] == "frepo" and e["ipc"] == 1}
+  dm = {e["workdir"] for e in entries if e["method"] == "dm" and e["ipc"] == 1}
+  assert len(frepo) == 3 and len(dm) == 1
+  kip = next(e for e in entries if e["method"] == "kip")
+  assert kip["protocol"] == "kip" and "--learn-labels" in kip["distill"]
+  assert {e["protocol"] for e in entries if e["method"] == "dm"} == {"dsa"}
+
+
+def test_a_budget_reads_the_record_of_its_own_step():
+  records = [{"step": 0, "cpu_time": 0.0}, {"step": 100, "cpu_time": 5.0},
+             {"step": 1000, "cpu_time": 40.0}, {"step": 2000, "cpu_time": 90.0}]
+  assert compute_curve._at(records, 1000)["cpu_time"] == 40.0
+  assert compute_curve._at(records, 1500) is None  # not logged there: not finished
+  assert compute_curve._at(records[:2], 1000) is None
