@@ -166,8 +166,8 @@ def check(config: Config) -> None:
   for name in _split(config.nets):
     cli.check_choice("net", name, ("auto", *NETS))
   for value in _split(config.ipc):
-    if not value.isdigit() or int(value) < 1:
-      raise cli.UserError(f"--ipc takes positive integers, got {value!r}")
+    if not value.isdigit() or not 1 <= int(value) <= 100_000:
+      raise cli.UserError(f"--ipc takes integers from 1 to 100000, got {value!r}")
   for item in _split(config.sets):
     path = item.partition("=")[2] or item
     if not os.path.exists(path):

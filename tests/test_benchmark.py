@@ -463,7 +463,8 @@ def test_a_finished_set_is_read_back_only_for_the_settings_it_was_made_with(tmp_
 @pytest.mark.parametrize("args, message", [
     (["--methods", "kipp"], "unknown method 'kipp'"),
     (["--coresets", "forgetting"], "unknown coreset 'forgetting'"),
-    (["--ipc", "1,x"], "--ipc takes positive integers"),
+    (["--ipc", "1,x"], "--ipc takes integers from 1 to 100000"),
+    (["--ipc", "1," + "9" * 23], "--ipc takes integers from 1 to 100000"),
     (["--sets", "missing.pt"], "missing.pt: no such file"),
     (["--methods", "", "--coresets", "", "--no-full"], "nothing to benchmark"),
     (["--readme", "missing.md"], "--readme missing.md: No such file or directory"),
