@@ -739,9 +739,11 @@ def _read_pair(path, layout, dataset) -> Foreign:
   ipc = int(match[1]) if match else None
   if ipc is not None:
     _check_ipc(labels, ipc, path)
-  # MTT/DATM/PAD's `images_best.pt` are in ZCA space on colour data (their configs' --zca);
-  # DC-Bench's coreset pairs are DC-normalised only.
-  trajectory = os.path.basename(images_path).startswith("images_")
+  # MTT/DATM/PAD's `images_<name>.pt` (torch.save) are in ZCA space on colour data (their
+  # configs' --zca); DC-Bench's coreset pairs and `.npy` pairs (any other code's) are
+  # DC-normalised only.
+  name = os.path.basename(images_path)
+  trajectory = name.startswith("images_") and name.endswith((".pt", ".pth"))
   source = _source("pair", "trajectory" if trajectory else None, dataset, DC_STATS,
                    "kornia_zca" if trajectory else None, path, ipc=ipc)
   return Foreign(images.astype(np.float32), labels, source, extras)

@@ -128,6 +128,13 @@ def test_npy_pair_and_disagreements(tmp_path):
   with pytest.raises(FileFormatError, match="its labels file .* does not exist"):
     np.save(tmp_path / "lonely_images.npy", x)
     load_distilled(str(tmp_path / "lonely_images.npy"), "mnist")
+  # An `images_<name>.npy` pair is another code's export (the DM runner's), not MTT's
+  # torch.save files: DC-normalised, no whitening even on colour data.
+  colour = np.zeros((10, 3, 32, 32), np.float32)
+  np.save(tmp_path / "images_dm_cifar10.npy", colour)
+  np.save(tmp_path / "labels_dm_cifar10.npy", np.arange(10))
+  pair = load_distilled(str(tmp_path / "images_dm_cifar10.npy"))
+  assert (pair.source.method, pair.source.zca, pair.dataset) == (None, None, "cifar10")
 
 
 def test_layout_detection_and_override():
