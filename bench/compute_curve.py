@@ -4,13 +4,14 @@ its distillation, from the CPU preset to 20 times its steps (issue 39, part 4).
   python -m bench.compute_curve                                  # all of it: hours; resumable
   python -m bench.compute_curve --methods dm --ipc 1 --multiples 1,2 --budget-s 1800
 
-For FRePo, RFAD, KIP (the convolutional kernel, learned labels) and DM on MNIST at 1 and 10
-images per class: the method's command at its CPU preset with `--steps` = multiple x the
-preset's steps, then `experiments.transfer` under the method's paper protocol (`evaluation.benchmark.PAPER_PROTOCOLS`)
-at `--eval-seeds` networks. A method whose learning-rate schedule spans its steps (FRePo) runs
-each budget afresh; the others extend one run (a finished run resumes with more `--steps`), so a
-budget costs only its new steps. The x axis is the distillation's CPU seconds as its metrics
-record them (`cpu_time`, every thread), so the machine's other load does not stretch it.
+For FRePo, RFAD, KIP (the convolutional kernel, learned labels) and DM on MNIST at 1 and 10 images
+per class: the method's command at its CPU preset with `--steps` = multiple x the preset's steps,
+then `experiments.transfer` under the method's paper protocol
+(`evaluation.benchmark.PAPER_PROTOCOLS`) at `--eval-seeds` networks. A method whose learning-rate
+schedule spans its steps (FRePo) runs each budget afresh; the others extend one run (a finished run
+resumes with more `--steps`), so a budget costs only its new steps. The x axis is the
+distillation's CPU seconds as its metrics record them (`cpu_time`, every thread), so the machine's
+other load does not stretch it.
 
 Every run and evaluation keeps its workdir under --root and is skipped once finished: stop it at
 any time and run it again. `--budget-s` stops starting new work after that many seconds. Prints a
