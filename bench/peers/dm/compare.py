@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 
 import numpy as np
-from scipy import stats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, REPO)  # run as a script: the repository's packages
+from bench.peers.common import read_json, run_child, write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,36 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-distill", action="store_true", help="evaluate and tabulate what exists")
   p.add_argument("--no-eval", action="store_true", help="distil only")
   return p.parse_args(argv)
-
-
-def run_child(cmd: list[str], log_path: str, core: str) -> tuple[float, float, int]:
-  """Runs `cmd` (pinned to `core`), output to `log_path`; returns (CPU-s, wall-s, exit code)."""
-  env = dict(os.environ)
-  if core:  # one thread on one core: the distillations' timings compare like with like
-    cmd = ["taskset", "-c", core, *cmd]
-    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  wall0 = time.perf_counter()
-  with open(log_path, "a") as log:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  return cpu, time.perf_counter() - wall0, rc
-
-
-def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def support_path(side: str, folder: str) -> str:
@@ -200,13 +168,15 @@ def evaluate_official(args, side: str, folder: str) -> list[float]:
 
 
 def interval(accs) -> str:
+  from kip.scores import interval95  # noqa: PLC0415
+
   accs = 100 * np.asarray(accs, np.float64)
   if len(accs) == 0:
     return "-"
   if len(accs) == 1:
     return f"{accs[0]:.2f}"
-  half = stats.t.ppf(0.975, len(accs) - 1) * accs.std(ddof=1) / np.sqrt(len(accs))
-  return f"{accs.mean():.2f} [{accs.mean() - half:.2f}, {accs.mean() + half:.2f}]"
+  iv = interval95(accs)
+  return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
 
 
 def table(records: list[dict]) -> str:

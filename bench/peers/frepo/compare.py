@@ -26,17 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+sys.path.insert(0, REPO)  # run as a script: the repository's packages
+from bench.peers.common import read_json, run_child, write_json  # noqa: E402
+
 KRR_KERNELS = ("fc", "conv")
+QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 SIDES = ("official", "ours", "ours_noaug")
 
 
@@ -65,36 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-distill", action="store_true", help="evaluate and tabulate what exists")
   p.add_argument("--no-eval", action="store_true", help="distil only")
   return p.parse_args(argv)
-
-
-def run_child(cmd: list[str], log_path: str, core: str) -> tuple[float, float, int]:
-  """Runs `cmd` (pinned to `core`, one XLA thread), output to `log_path`; returns (CPU-s of the
-  child and its threads, wall-s, exit code)."""
-  env = dict(os.environ) | {"TF_CPP_MIN_LOG_LEVEL": "2"}
-  if core:
-    cmd = ["taskset", "-c", core, *cmd]
-    env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "XLA_FLAGS": XLA_ONE_THREAD}
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  wall0 = time.perf_counter()
-  with open(log_path, "a") as log:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  return cpu, time.perf_counter() - wall0, rc
-
-
-def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def support_path(args, side: str, folder: str) -> str:
@@ -145,7 +116,7 @@ def distill(args, side: str, ipc: int, seed: int, folder: str) -> None:
   os.makedirs(folder, exist_ok=True)
   cmd = distill_command(args, side, ipc, seed, folder)
   print(f"distil {side} ipc {ipc} seed {seed} -> {folder}", flush=True)
-  cpu, wall, rc = run_child(cmd, os.path.join(folder, "distill.log"), args.core)
+  cpu, wall, rc = run_child(cmd, os.path.join(folder, "distill.log"), args.core, QUIET_TF)
   if rc:
     sys.exit(f"{side} ipc {ipc} seed {seed} failed (exit {rc}); see {folder}/distill.log")
   record = {"side": side, "ipc": ipc, "seed": seed, "steps": args.steps, "command": cmd,
@@ -175,7 +146,8 @@ def evaluate_transfer(args, side: str, folder: str) -> tuple[list[float], dict]:
            "--seeds", str(args.eval_seeds), "--baselines", "none", "--eval-every", "100000",
            "--no-progress", "--workdir", workdir]
     print(f"evaluate (ours, frepo protocol) {folder}", flush=True)
-    cpu, wall, rc = run_child(cmd, os.path.join(folder, "eval_frepo.log"), args.eval_core)
+    cpu, wall, rc = run_child(cmd, os.path.join(folder, "eval_frepo.log"), args.eval_core,
+                               QUIET_TF)
     if rc:
       sys.exit(f"evaluation of {folder} failed (exit {rc}); see {folder}/eval_frepo.log")
     print(f"  {wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
