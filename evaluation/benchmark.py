@@ -634,11 +634,11 @@ def comparable(figure: dict | None, protocol: str, net: str) -> bool:
 
 
 def table_row(cell: Cell, protocol: str, net: str, found: tuple[dict, str], set_status: str,
-              evaluated: str, config: Config) -> dict:
+              evaluated: str, costs: dict) -> dict:
   """The table's row of one evaluation (`found`: its transfer.json row and folder): accuracy
   with its 95% interval over the networks, the published figure and, where it was measured under
-  the same evaluation, the gap; what the set costs to store and to make, and its evaluation's
-  CPU time. `add_over_random` fills the improvement over random once every row is read."""
+  the same evaluation, the gap; the set's `costs` (`cell_costs`) and its evaluation's CPU time.
+  `add_over_random` fills the improvement over random once every row is read."""
   from kip.scores import interval95  # noqa: PLC0415
 
   row, source = found
@@ -646,7 +646,6 @@ def table_row(cell: Cell, protocol: str, net: str, found: tuple[dict, str], set_
   figure = _figure(cell, row["net"])
   acc = 100 * row["test_acc_mean"]
   same = comparable(figure, protocol, net_name)
-  distil = last_metrics(locate(cell.workdir, config)) if cell.kind == "method" else {}
   return {
       "kind": cell.kind, "method": cell.name, "dataset": cell.dataset, "ipc": cell.ipc,
       "protocol": protocol, "net": net_name, "seeds": row["seeds"],
@@ -660,11 +659,17 @@ def table_row(cell: Cell, protocol: str, net: str, found: tuple[dict, str], set_
       "published_protocol": figure["evaluation"] if figure else "",
       "gap": acc - figure["value"] if same else None,
       "comparable": same, "over_random": None,
-      "storage": storage(cell, config),
-      "distil_wall_time": distil.get("wall_time"), "distil_cpu_time": distil.get("cpu_time"),
-      "eval_cpu_time": row.get("cpu_time"),
+      **costs, "eval_cpu_time": row.get("cpu_time"),
       "set": cell.support, "workdir": source, "set_status": set_status,
       "evaluation_status": evaluated}
+
+
+def cell_costs(cell: Cell, config: Config) -> dict:
+  """What a cell's set costs, the same for every evaluation of it (read once per cell): its
+  storage and its distillation's wall and CPU time."""
+  distil = last_metrics(locate(cell.workdir, config)) if cell.kind == "method" else {}
+  return {"storage": storage(cell, config), "distil_wall_time": distil.get("wall_time"),
+          "distil_cpu_time": distil.get("cpu_time")}
 
 
 def storage(cell: Cell, config: Config) -> dict | None:
@@ -756,12 +761,13 @@ def run_benchmark(config: Config) -> dict:
     _, finished, found = read_cell(cell, config)
     set_status = ("made" if cell.workdir in made else "reused" if finished
                   else "pending" if cell.kind == "method" else "not kept")
+    costs = cell_costs(cell, config) if any(found.values()) else {}
     for (protocol, net, variant), answer in found.items():
       if answer is None:
         pending.append(f"{cell.label()} {protocol} {net}" + (f" {variant}" if variant else ""))
         continue
       evaluated = "made" if transfer_dir(cell, protocol, net, variant) in made else "reused"
-      rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, config)
+      rows.append(table_row(cell, protocol, net, answer, set_status, evaluated, costs)
                   | {"variant": variant})
   add_over_random(rows)
   add_robust_scores(rows)
