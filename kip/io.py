@@ -31,6 +31,7 @@ from kip.readers import (
   Source,
   npz_format,
   npz_keys,
+  numeric,
   read_foreign,
   read_npz,
   read_npz_arrays,
@@ -169,12 +170,6 @@ _FOREIGN_KEYS = ("x_proto", "y_proto", "image", "label", "images", "labels", "k"
 _MAX_JSON = 1 << 20  # a config is a few KB of settings
 
 
-def _numeric(array: np.ndarray, key: str, path: str) -> np.ndarray:
-  if array.dtype.kind not in "biuf":
-    raise FileFormatError(f"{path}: {key} must hold numbers, found {array.dtype} values")
-  return array
-
-
 def _meta(arrays: dict[str, np.ndarray], path: str) -> dict:
   """Our metadata keys, each checked to hold one value of its kind."""
   meta = {}
@@ -214,8 +209,8 @@ def _preprocessor(arrays: dict[str, np.ndarray], path: str) -> Preprocessor | No
   and std of the images' channels, finite, std above zero; a whitening matrix and pixel mean of
   the images' size, finite."""
   for key in _PRE_KEYS[1:]:
-    if key in arrays and arrays[key].dtype.kind not in "biuf":
-      raise FileFormatError(f"{path}: {key} must hold numbers, found {arrays[key].dtype}")
+    if key in arrays:
+      numeric(arrays[key], key, path)
   if "pre_mean" in arrays and "pre_std" not in arrays:
     raise FileFormatError(f"{path}: the stored preprocessing has pre_mean but no pre_std")
   try:
@@ -275,10 +270,10 @@ def load_distilled(path: str, dataset: str | None = None, *, layout: str = "auto
   arrays = read_npz_arrays(path, [k for k in keys if k in _OUR_KEYS or k.startswith("extra_")])
   for key in ("images", "labels", "targets"):
     if key in arrays:
-      _numeric(arrays[key], key, path)
+      numeric(arrays[key], key, path)
   meta = _meta(arrays, path)
   release = None if "dataset" in meta else parse_release_name(path)
-  extras = {k[len("extra_"):]: _numeric(arrays[k], k, path) for k in arrays
+  extras = {k[len("extra_"):]: numeric(arrays[k], k, path) for k in arrays
             if k.startswith("extra_")}
   distilled = DistilledSet(np.asarray(arrays["images"], np.float32),
                            _maybe(arrays.get("labels")), meta,

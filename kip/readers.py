@@ -50,7 +50,7 @@ from kip.datasets import DATASETS
 
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
            "DC_STATS", "PROTO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
-           "to_nhwc", "read_npy", "read_npy_file", "npz_keys", "read_npz_arrays"]
+           "to_nhwc", "read_npy", "read_npy_file", "npz_keys", "read_npz_arrays", "numeric"]
 
 FORMATS = ("npz_platt", "npz_proto", "dc_results", "pair")
 LAYOUTS = ("auto", "nhwc", "nchw")
@@ -616,8 +616,7 @@ def read_npz(path: str, arrays: dict, *, layout: str = "auto",
   (`kip.io` has read them)."""
   kind = npz_format(set(arrays))
   for key, array in arrays.items():
-    if array.dtype.kind not in "biuf":
-      raise FileFormatError(f"{path}: {key} must hold numbers, found {array.dtype} values")
+    numeric(array, key, path)
   if kind == "npz_proto":
     x, y = ("x_proto", "y_proto") if "x_proto" in arrays else ("image", "label")
     images = to_nhwc(arrays[x], layout if layout != "auto" else "nhwc", path)
@@ -637,6 +636,13 @@ def read_npz(path: str, arrays: dict, *, layout: str = "auto",
                               f"finite number, found {value.size} value(s)")
     return Foreign(images, labels, _source(kind, None, dataset, None, zca, path), extras)
   raise FileFormatError(f"{path}: not a known foreign .npz (keys {sorted(arrays)})")
+
+
+def numeric(array: np.ndarray, key: str, path: str) -> np.ndarray:
+  """`array` if it holds numbers (booleans, integers, floats), else one line naming `key`."""
+  if array.dtype.kind not in "biuf":
+    raise FileFormatError(f"{path}: {key} must hold numbers, found {array.dtype} values")
+  return array
 
 
 def _source(fmt, method, dataset, stats_table, zca, path, **kw) -> Source:
