@@ -59,7 +59,6 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 def _child(argv: list[str]) -> int:
   """Runs `python -m <module> <args>`'s main in this process, then prints the peak memory."""
   import importlib
-  import resource
 
   module, args = argv[0], argv[1:]
   from kip import cli
@@ -73,10 +72,8 @@ def _child(argv: list[str]) -> int:
 
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform != "cpu" else None
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
-                                                                 else 1024)
   print(MEMORY_TAG + json.dumps({
-      "peak_bytes": int(stats["peak_bytes_in_use"]) if stats else int(peak),
+      "peak_bytes": int(stats["peak_bytes_in_use"] if stats else cli.peak_rss_mib() * 2**20),
       "kind": "device peak_bytes_in_use" if stats else "host peak resident memory",
       "device": f"{device.platform} ({device.device_kind})"}), flush=True)
   return code
@@ -87,11 +84,8 @@ def _memory(out: str) -> dict:
   return json.loads(lines[-1][len(MEMORY_TAG):]) if lines else {}
 
 
-def _steps_per_s(workdir: str) -> float | None:
-  from kip.loop import read_metrics
-
-  records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-             if "train_time" in r and "step" in r]
+def _steps_per_s(records: list[dict]) -> float | None:
+  records = [r for r in records if "train_time" in r and "step" in r]
   if len(records) < 2:
     return None
   first, last = records[0], records[-1]
@@ -99,13 +93,11 @@ def _steps_per_s(workdir: str) -> float | None:
   return (last["step"] - first["step"]) / elapsed if elapsed > 0 else None
 
 
-def _quality(workdir: str) -> dict:
+def _quality(records: list[dict]) -> dict:
   """The last value of every test or validation accuracy (and, for regression targets, MSE) the
   run recorded."""
-  from kip.loop import read_metrics
-
   found = {}
-  for record in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+  for record in records:
     found.update({k: v for k, v in record.items() if isinstance(v, int | float)
                   and ("acc" in k or "mse" in k) and ("test" in k or "validation" in k)})
   return found
@@ -298,9 +290,12 @@ def _check(name, commands, workdir, note, start, budget_s) -> dict:
     if out.returncode != 0:
       error = f"{module}: {_last_line(out.stderr)}"
       break
+  from kip.loop import read_metrics
+
+  records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return {"name": name, "ok": not error, "note": note, "error": error,
-          "seconds": round(time.perf_counter() - t0, 1), "steps_per_s": _steps_per_s(workdir),
-          "quality": _quality(workdir), **memory,
+          "seconds": round(time.perf_counter() - t0, 1), "steps_per_s": _steps_per_s(records),
+          "quality": _quality(records), **memory,
           "command": " ".join(["python -m", commands[-1][0], *commands[-1][1]])}
 
 
