@@ -134,9 +134,11 @@ class PerImageNorm(nn.Module):
     return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def _norm(kind: str, train: bool, name: str):
+def _norm(kind: str, train: bool, name: str, bn_momentum: float = 0.9):
   """instance: per image and channel over H, W (as the DC ConvNet's GroupNorm(C, C)); layer: per
-  image over H, W, C; batch: over the batch."""
+  image over H, W, C; batch: over the batch, its running averages kept as
+  `bn_momentum * old + (1 - bn_momentum) * batch` (flax's convention: PyTorch's momentum 0.1 is
+  0.9 here)."""
   if kind == "none":
     return lambda x: x
   if kind == "instance":
@@ -144,7 +146,8 @@ def _norm(kind: str, train: bool, name: str):
   if kind == "layer":
     return PerImageNorm((1, 2, 3), name=name)
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=1e-5,
+                        name=name)
   raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
 
 
@@ -159,6 +162,8 @@ class ConvNet(nn.Module):
     width_growth: block i has `width * width_growth**i` channels (FRePo's nets double: 2).
     norm_first: normalise a block's input before its conv (FRePo: every block but the first)
       instead of after the conv (KIP, DC).
+    bn_momentum: weight of the old running average of batch norm (flax's convention; 0.9 is
+      PyTorch's default momentum 0.1, which the DC ConvNet's official code uses).
   """
 
   num_classes: int
@@ -171,6 +176,7 @@ class ConvNet(nn.Module):
   first_padding: int | None = None
   width_growth: int = 1
   norm_first: bool = False
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
@@ -183,11 +189,11 @@ class ConvNet(nn.Module):
     for block in range(self.depth):
       width = self.width * self.width_growth**block
       if self.norm_first and block > 0:
-        x = _norm(self.norm, train, f"norm_{block}")(x)
+        x = _norm(self.norm, train, f"norm_{block}", self.bn_momentum)(x)
       x = Conv(width, padding=padding, parameterization=p, name=f"conv_{layer}")(x)
       padding, layer = "SAME", layer + 1
       if not self.norm_first:
-        x = _norm(self.norm, train, f"norm_{block}")(x)
+        x = _norm(self.norm, train, f"norm_{block}", self.bn_momentum)(x)
       x = nn.relu(x)
       self.sow("intermediates", f"block_{block}", x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))

@@ -174,3 +174,25 @@ def test_cpu_conv_derivatives_match_xlas_to_second_order(strides, padding, c_in)
     # Forward mode too (a custom_jvp, not a custom_vjp).
     tangent = jax.jvp(lambda w: conv2d(x, w, strides, padding), (w,), (jnp.ones_like(w),))[1]
     np.testing.assert_allclose(tangent, xla(x, jnp.ones_like(w), strides, padding), atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_frepo_batch_norm_keeps_the_official_running_average(momentum):
+  """One training-mode pass from fresh statistics (mean 0, var 1): the second block's norm reads
+  the first block's pooled activations, so its running mean must be (1 - m) * their batch mean in
+  float64 NumPy, with m = 0.1 (FRePo's flax momentum, the default) or the 0.9 asked for."""
+  m = 0.1 if momentum is None else momentum
+  net = make_net("frepo_convnet", 10, width=4, norm="batch", image_shape=(28, 28, 1),
+                 bn_momentum=momentum)
+  x = np.random.default_rng(1).standard_normal((6, 28, 28, 1)).astype(np.float32)
+  variables = net.init(jax.random.key(0), x)
+  _, state = net.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+  block0 = np.asarray(state["intermediates"]["block_0"][0], np.float64)  # (6, 32, 32, 4)
+  pooled = block0.reshape(6, 16, 2, 16, 2, 4).mean(axis=(2, 4))
+  np.testing.assert_allclose(state["batch_stats"]["norm_1"]["mean"],
+                             (1 - m) * pooled.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_core_nets_refuse_a_batch_norm_momentum():
+  with pytest.raises(ValueError, match="no bn_momentum"):
+    make_net("convnet", 10, width=4, norm="batch", bn_momentum=0.1)

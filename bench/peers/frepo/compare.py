@@ -38,7 +38,17 @@ from bench.peers.common import read_json, run_child, write_json  # noqa: E402
 
 KRR_KERNELS = ("fc", "conv")
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-SIDES = ("official", "ours", "ours_noaug")
+DSA = "color_crop_cutout_scale_rotate"
+# Our sides, by the flags that differ: real-batch augmentation and the pool's batch-norm momentum
+# (flax's: the weight of the old average). `ours` is the default since issue 39's FRePo findings;
+# the two `bn09` sides are the earlier default (`ours_bn09_dsa`) and its no-augmentation variant.
+OURS = {
+    "ours": ["--augment", "none", "--bn-momentum", "0.1"],
+    "ours_dsa": ["--augment", DSA, "--bn-momentum", "0.1"],
+    "ours_bn09": ["--augment", "none", "--bn-momentum", "0.9"],
+    "ours_bn09_dsa": ["--augment", DSA, "--bn-momentum", "0.9"],
+}
+SIDES = ("official", *OURS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--ipcs", default="1", help="comma-separated images per class")
   p.add_argument("--seeds", default="0,1", help="comma-separated distillation seeds")
   p.add_argument("--sides", default="official,ours",
-                 help="which sides to run: official, ours (its cpu preset, DSA of the real "
-                      "batch) and ours_noaug (ours with --augment none, as the official loop)")
+                 help="which sides to run: official; ours (the cpu preset: no augmentation of "
+                      "the real batch, batch-norm momentum 0.1, as the official loop); ours_dsa "
+                      "(one DSA transformation of the real batch per step); ours_bn09 and "
+                      "ours_bn09_dsa (the same with the earlier batch-norm momentum 0.9)")
   p.add_argument("--steps", type=int, default=2000, help="outer steps on both sides")
   p.add_argument("--width", type=int, default=32, help="pool nets' first-block width")
   p.add_argument("--batch", type=int, default=256, help="real images per outer step")
@@ -87,8 +99,7 @@ def distill_command(args, side: str, ipc: int, seed: int, folder: str) -> list[s
          str(args.width), "--target-batch", str(args.batch), "--num-models",
          str(args.num_models), "--max-online-updates", str(args.max_online_updates),
          "--learn-labels", "--eval-every", "0", "--no-progress", "--workdir", folder]
-  # ours_noaug: no augmentation of the real batch, as the official distillation loop.
-  return cmd + (["--augment", "none"] if side == "ours_noaug" else [])
+  return cmd + OURS[side]
 
 
 def steady_rates(side: str, folder: str) -> dict[str, float]:
