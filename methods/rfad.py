@@ -12,6 +12,11 @@ by AdaBelief. As the official code (PyTorch) does, except: the solve runs in the
 dtype (float32 with the highest matmul precision unless `--float64`), and early stopping on a
 held-out split is left to the caller (the loop records the validation metric each evaluation).
 
+The official code also learns a linear map of the support's pixels, `x -> x_flat @ T` (T of
+(H W C)^2 entries, initialised to the identity, AdaBelief at 5e-5), and saves the mapped images;
+the paper describes no such map. `transform_lr > 0` (`--transform-lr 5e-5`) reproduces it; the
+default 0 learns the images alone, as the paper describes (`bench/peers/README.md` measures both).
+
 `Config`, `PRESETS`, `run_rfad`, `JOB` and `make_main` are the job `experiments.rfad` runs. Its
 sizes are written once, in `PRESETS`: the `cpu` preset's are `Config`'s defaults, the `paper`
 preset's are the paper's, which `make_rfad`'s keyword defaults also are; the command passes every
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -52,13 +58,16 @@ __all__ = ["RfadState", "make_rfad", "random_features", "nngp_readout", "Config"
 
 class RfadState(NamedTuple):
   """x: (n, H, W, C) support images; y: (n, C) learned labels; log_scale: () Platt log-scale;
-  opt_state / scale_opt_state: AdaBelief's over (x, y) and over the log-scale."""
+  opt_state / scale_opt_state: AdaBelief's over (x, y) and over the log-scale; transform /
+  transform_opt_state: the learned (D, D) pixel map and its AdaBelief state (None when off)."""
 
   x: jax.Array
   y: jax.Array
   log_scale: jax.Array
   opt_state: Any
   scale_opt_state: Any
+  transform: Any = None
+  transform_opt_state: Any = None
 
 
 def random_features(num_classes: int, image_shape, *, width: int, num_models: int,
@@ -102,7 +111,8 @@ def nngp_readout(phi1: jax.Array, phi2: jax.Array) -> jax.Array:
 def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int = 256,
               num_models: int = 8, lr: float = 1e-3, scale_lr: float = 1e-2,
               jitter: float = 5e-3, platt: bool = False, target_batch: int = 5120,
-              target_chunk: int = 1280, learn_labels: bool = True, dtype=jnp.float32) -> Method:
+              target_chunk: int = 1280, learn_labels: bool = True, transform_lr: float = 0.0,
+              dtype=jnp.float32) -> Method:
   """RFAD as a `kip.method.Method` (labelled real batches of `target_batch` images).
 
   The keyword defaults are the paper's values (`PRESETS["paper"]`); the command's own sizes are
@@ -116,8 +126,12 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
     platt: cross-entropy of the Platt-scaled prediction instead of the MSE.
     target_chunk: real images whose features are computed at once, one net at a time (the
       official code's 1,280; 0: all images and nets at once, fastest on a CPU when it fits).
+    transform_lr: > 0 learns the official code's linear pixel map (identity at first) with
+      AdaBelief at this rate; the support the kernel sees and the set exported are the mapped
+      images. 0: no map (the paper's description).
   """
-  if lr <= 0 or scale_lr <= 0 or jitter < 0 or num_models < 1 or target_chunk < 0:
+  if lr <= 0 or scale_lr <= 0 or jitter < 0 or num_models < 1 or target_chunk < 0 or \
+      transform_lr < 0:
     raise ValueError("RFAD needs positive learning rates and num_models, jitter and "
                      "target_chunk >= 0")
   features = random_features(num_classes, image_shape, width=width, num_models=num_models)
@@ -125,6 +139,7 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
                                     num_models=num_models, chunk=target_chunk)
   optimizer = optax.adabelief(lr)
   scale_optimizer = optax.adabelief(scale_lr)
+  transform_optimizer = optax.adabelief(transform_lr) if transform_lr > 0 else None
 
   def trainable(x, y):
     return (x, y) if learn_labels else (x,)
@@ -133,11 +148,21 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
     del key
     x, y = jnp.asarray(x_init, dtype), jnp.asarray(y_init, dtype)
     log_scale = jnp.zeros((), dtype)
+    transform = transform_state = None
+    if transform_optimizer is not None:
+      transform = jnp.eye(math.prod(x.shape[1:]), dtype=dtype)
+      transform_state = transform_optimizer.init(transform)
     return RfadState(x, y, log_scale, optimizer.init(trainable(x, y)),
-                     scale_optimizer.init(log_scale))
+                     scale_optimizer.init(log_scale), transform, transform_state)
 
-  def loss_fn(trained, log_scale, y_fixed, key, x_target, y_target):
-    x_support = trained[0]
+  def mapped(x, transform):
+    if transform is None:
+      return x
+    with jax.default_matmul_precision("highest"):
+      return (x.reshape(len(x), -1) @ transform).reshape(x.shape)
+
+  def loss_fn(trained, log_scale, transform, y_fixed, key, x_target, y_target):
+    x_support = mapped(trained[0], transform)
     y_support = trained[1] if learn_labels else y_fixed
     phi_s, phi_t = features(key, x_support), target_features(key, x_target)
     pred = krr_predict(nngp_readout(phi_t, phi_s), nngp_readout(phi_s, phi_s), y_support, jitter)
@@ -153,8 +178,9 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
     del step
     trained = trainable(state.x, state.y)
     x_target, y_target = batch.x.astype(dtype), batch.y.astype(dtype)
-    (loss, pred), (grads, scale_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        trained, state.log_scale, state.y, key, x_target, y_target)
+    (loss, pred), (grads, scale_grad, transform_grad) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(
+        trained, state.log_scale, state.transform, state.y, key, x_target, y_target)
     updates, opt_state = optimizer.update(grads, state.opt_state, trained)
     trained = optax.apply_updates(trained, updates)
     scale_state = state.scale_opt_state
@@ -162,13 +188,18 @@ def make_rfad(*, num_classes: int, image_shape: tuple[int, int, int], width: int
     if platt:
       u, scale_state = scale_optimizer.update(scale_grad, scale_state, log_scale)
       log_scale = optax.apply_updates(log_scale, u)
+    transform, transform_state = state.transform, state.transform_opt_state
+    if transform_optimizer is not None:
+      u, transform_state = transform_optimizer.update(transform_grad, transform_state, transform)
+      transform = optax.apply_updates(transform, u)
     y = trained[1] if learn_labels else state.y
     metrics = {"loss": loss, "target_acc": accuracy(pred, jnp.argmax(y_target, -1)),
                "grad_norm": optax.global_norm(grads), "platt_scale": jnp.exp(log_scale)}
-    return RfadState(trained[0], y, log_scale, opt_state, scale_state), metrics
+    return RfadState(trained[0], y, log_scale, opt_state, scale_state, transform,
+                     transform_state), metrics
 
   def export(state: RfadState) -> dict[str, jax.Array]:
-    out = {"images": state.x, "labels": state.y}
+    out = {"images": mapped(state.x, state.transform), "labels": state.y}
     if platt:
       out["platt_scale"] = jnp.exp(state.log_scale)
     return out
@@ -203,6 +234,10 @@ class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
   jitter: float = cli.field(5e-3, "ridge relative to tr(K_ss)/n_s", minimum=0)
   platt: bool = cli.field(False, "Platt-scaled cross-entropy loss (learned scale) instead of MSE")
   learn_labels: bool = cli.field(True, "learn the support labels too")
+  transform_lr: float = cli.field(0.0, "learn the official code's linear map of the support's "
+                                       "pixels (identity at first) at this AdaBelief rate, e.g. "
+                                       "5e-5 as the official code (0: off, as the paper)",
+                                  minimum=0)
   init: str = cli.field("real", "initial support images", choices=("real", "noise"))
   eval_models: int = cli.field(_CPU["eval_models"], "random nets (fixed seed) of the KRR "
                                "evaluation", minimum=1)
@@ -223,7 +258,7 @@ def run_rfad(config: Config, workdir: str) -> dict:
                      num_models=config.num_models, lr=config.lr, jitter=config.jitter,
                      platt=config.platt, target_batch=config.target_batch,
                      target_chunk=config.target_chunk,
-                     learn_labels=config.learn_labels)
+                     learn_labels=config.learn_labels, transform_lr=config.transform_lr)
   eval_features = random_features(data.num_classes, image_shape, width=config.width,
                                   num_models=config.eval_models, chunk=config.target_chunk)
 

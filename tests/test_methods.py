@@ -99,16 +99,47 @@ def test_rfad_platt_loss_is_the_cross_entropy_of_the_scaled_prediction():
   assert float(state.log_scale) != 0.0  # the scale is learned
 
 
+def test_rfad_official_pixel_map_is_applied_learned_and_exported():
+  """With the official code's learned pixel map, the kernel sees `x_flat @ T`: the loss at a
+  random T matches float64 NumPy on the mapped images; AdaBelief's first step moves each entry of
+  T by lr / 0.9 (its bias-corrected closed form: g / |0.9 g|) or not at all; the exported set is
+  the mapped images."""
+  lr = 5e-5
+  method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
+                     target_batch=40, transform_lr=lr)
+  state = method.init(jax.random.key(0), X[:20], Y[:20])
+  np.testing.assert_array_equal(state.transform, np.eye(64))
+  t0 = np.eye(64) + 0.1 * RNG.normal(size=(64, 64))
+  state = state._replace(transform=jnp.asarray(t0, jnp.float32))
+  key = jax.random.key(5)
+  features = random_features(CLASSES, SHAPE, width=4, num_models=2)
+  mapped = (X[:20].reshape(20, -1).astype(np.float64) @ t0).reshape(X[:20].shape)
+  phi_s = np.asarray(features(key, jnp.asarray(mapped, jnp.float32)), np.float64)
+  phi_t = np.asarray(features(key, jnp.asarray(X[100:140])), np.float64)
+  expected = 0.5 * np.mean((numpy_rfad_pred(phi_s, phi_t, Y[:20]) - Y[100:140]) ** 2)
+  state, metrics = method.update(state, Batch(X[100:140], Y[100:140]), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-3)
+  # T is float32 (entries up to ~1.4: a rounding of 1.2e-7), the step lr / 0.9 = 5.6e-5, less
+  # where |g| is so small that AdaBelief's eps_root (1e-16 / (1 - b2)) counts.
+  moved = np.abs(np.asarray(state.transform, np.float64) - t0)
+  assert moved.max() < lr / 0.9 + 2e-7
+  assert np.mean(np.abs(moved - lr / 0.9) < 2e-7) > 0.99
+  exported = method.export(state)["images"]
+  np.testing.assert_allclose(
+      exported, (np.asarray(state.x).reshape(20, -1) @ np.asarray(state.transform, np.float64))
+      .reshape(X[:20].shape), rtol=1e-4, atol=1e-5)
+
+
 def _method(name):
   if name == "frepo":
     return make_frepo(num_classes=CLASSES, image_shape=SHAPE, steps=8, width=4, num_models=2,
                       max_online_updates=4, target_batch=20)
   return make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=2,
-                   target_batch=20, platt=True)
+                   target_batch=20, platt=True, transform_lr=5e-5 if name == "rfad_map" else 0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["frepo", "rfad"])
+@pytest.mark.parametrize("name", ["frepo", "rfad", "rfad_map"])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name):
   config = LoopConfig(steps=8, eval_every=0, checkpoint_every=3, seed=1)
   method = _method(name)
