@@ -71,7 +71,9 @@ class Protocol:
   `augment` is an augmentation spec (`kip.augment.parse_augment`), replaced for the datasets named
   in `augment_by_dataset` ((tfds name, spec) pairs); `augment_per_image` draws DSA's parameters per
   image instead of once per batch; `partial_batches` makes an epoch ceil(n / batch) steps, the
-  last one the epoch's final `batch` images, instead of dropping the remainder."""
+  last one the epoch's final `batch` images, instead of dropping the remainder.
+  `hypers_by_size` ((max images, lr, weight decay), ...) replaces `lr` and `weight_decay` by the
+  first row whose size the set does not exceed (the last row beyond): `at_size`."""
 
   name: str
   source: str
@@ -100,6 +102,15 @@ class Protocol:
   center_output: bool = False  # train and predict with f(theta, x) - f(theta_0, x)
   decay_to_init: bool = False  # weight decay pulls toward the initial weights, not 0
   label_scale: float = 1.0  # targets x label_scale, MSE / label_scale^2
+  hypers_by_size: tuple[tuple[int, float, float], ...] = ()
+
+  def at_size(self, n_train: int) -> Protocol:
+    """This protocol for a set of `n_train` images: its `hypers_by_size` row applied."""
+    if not self.hypers_by_size:
+      return self
+    _, lr, wd = next((row for row in self.hypers_by_size if n_train <= row[0]),
+                     self.hypers_by_size[-1])
+    return dataclasses.replace(self, lr=lr, weight_decay=wd, hypers_by_size=())
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -503,6 +514,7 @@ def train_and_evaluate(
     raise ValueError(f"one training set per seed: got {len(x_train)} sets for {len(seeds)} seeds")
   first = x_train[0] if per_seed else x_train
   n_train = first.shape[0]
+  protocol = protocol.at_size(n_train)
   schedule = resolve_schedule(protocol, n_train, steps=steps, augment=augment, dataset=dataset)
   if augment is None and not dataset and protocol.augment_by_dataset:
     log(f"protocol {protocol.name}: no dataset given, augmentation {protocol.augment or 'none'}; "

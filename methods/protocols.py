@@ -7,8 +7,9 @@ the registry `experiments.transfer`, `experiments.benchmark`, `experiments.pretr
   cosine annealing; its unstated settings taken from DC's).
 - `frepo`: FRePo's evaluation (Zhou et al., NeurIPS 2022, official code): MSE, Adam 3e-4 with
   warm-up and cosine decay, DSA without flips, FRePo's ConvNet, steps by set size.
-- `rfad`: RFAD's finite-network evaluation (Loo et al., NeurIPS 2022, official code; MNIST ipc 10
-  hyperparameters): MSE on labels x 8 with a centred output and weight decay toward the
+- `rfad`: RFAD's finite-network evaluation (Loo et al., NeurIPS 2022, official code; its best
+  MNIST hyperparameters by set size: 10 images lr 1e-3, up to 100 lr 1e-2, more lr 1e-2 without
+  weight decay): MSE on labels x 8 with a centred output and weight decay toward the
   initialisation, 20,000 constant-rate steps.
 - `krr_st_pretrain`, `krr_st_finetune`: KRR-ST's pre-training on a distilled set and fine-tuning on
   the target data (Lee et al., ICLR 2024, official code).
@@ -42,10 +43,11 @@ METHOD_PROTOCOLS: dict[str, Protocol] = {
         steps_by_size=((10, 1000), (100, 2000), (500, 5000))),
     "rfad": Protocol(
         name="rfad", source="RFAD's finite-network evaluation (Loo et al., NeurIPS 2022, official "
-        "code; MNIST ipc 10 hyperparameters)",
+        "code; its best MNIST hyperparameters by set size: ipc 1, 10, 50)",
         loss="mse", lr=1e-2, momentum=0.9, weight_decay=1e-3, batch_size=513, schedule="constant",
         width=1024, norm="none", steps=20_000, net="convnet3", center_output=True,
-        decay_to_init=True, label_scale=8.0),
+        decay_to_init=True, label_scale=8.0,
+        hypers_by_size=((10, 1e-3, 1e-3), (100, 1e-2, 1e-3), (500, 1e-2, 0.0))),
     "krr_st_pretrain": Protocol(
         name="krr_st_pretrain", source="KRR-ST's pre-training on a distilled set (Lee et al., ICLR "
         "2024, official code: algorithms/pretrain_krr_st.py): MSE to the targets, no "

@@ -117,3 +117,21 @@ def test_soft_labels_train_toward_their_probabilities():
                               progress=False, log=lambda _: None)
   probs = np.asarray(jax.nn.softmax(make_predict(net)(result.states, x)))[0]
   np.testing.assert_allclose(probs, y, atol=0.02)
+
+
+@pytest.mark.parametrize("n,lr,wd", [(10, 1e-3, 1e-3), (100, 1e-2, 1e-3), (500, 1e-2, 0.0),
+                                     (2000, 1e-2, 0.0)])
+def test_rfad_takes_the_official_best_hyperparameters_for_the_set_size(n, lr, wd):
+  """RFAD's official MNIST choices (ANCHORS): ipc 1 lr 1e-3 wd 1e-3, ipc 10 lr 1e-2 wd 1e-3,
+  ipc 50 lr 1e-2 wd 0; larger sets keep the last row."""
+  resolved = PROTOCOLS["rfad"].at_size(n)
+  assert (resolved.lr, resolved.weight_decay) == (lr, wd)
+
+
+def test_training_uses_the_rate_of_the_set_size():
+  x = np.random.default_rng(0).standard_normal((10, 8, 8, 1)).astype(np.float32)
+  y = centered_one_hot(np.arange(10), 10)
+  protocol = dataclasses.replace(PROTOCOLS["rfad"], width=4, steps=2)
+  result = train_and_evaluate(make_net("convnet3", 10, width=4), protocol, x, y, None, None,
+                              progress=False, log=lambda _: None)
+  assert result.lr == 1e-3
