@@ -12,7 +12,7 @@ import numpy as np
 
 from kip import cli
 from kip.command import Job
-from kip.data import centered_one_hot, class_balanced_indices
+from kip.data import centered_one_hot, class_balanced_indices, validation_split
 from kip.io import write_json
 from kip.nets import NORMS, PARAMETERIZATIONS, default_depth
 from kip.train import TrainResult, resolve_schedule, train_and_evaluate
@@ -60,6 +60,13 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   lr: float = f(0.0, "learning rate (0: the set's learned one if it carries `lr`, as MTT's "
                     "sets, for its own row; else the protocol's; kip: max stable rate of the "
                     "NTK)", minimum=0)
+  lr_grid: str = f("", "comma-separated learning rates to choose from, per row: each is trained "
+                       "on the row's networks and scored on a validation split carved from the "
+                       "training split (--val-size images, never the test split; the baselines "
+                       "then train without them); the best rate's networks are retrained and "
+                       "tested. Costs (rates + 1) x a row")
+  val_size: int = f(5000, "with --lr-grid: training images held out as the validation split",
+                    minimum=1)
   labels: str = f("set", "the distilled row's labels: set (as the set carries them: learned, "
                         "soft or hard) or hard (each image's largest label as its class, "
                         "centred one-hot: the hard-label evaluation of DD-Ranking's "
@@ -93,8 +100,26 @@ def _check(config: Config) -> list[str]:
   if not config.support:
     raise cli.UserError("--support FILE.npz is required")
   rows = _rows(config)
+  if config.lr_grid and config.lr:
+    raise cli.UserError("--lr and --lr-grid exclude each other: give one rate or rates to choose "
+                        "from")
+  _lr_grid(config)
   config.load(config.support, config.dataset)
   return rows
+
+
+def _lr_grid(config: Config) -> list[float]:
+  """The rates of --lr-grid (UserError naming a bad one)."""
+  rates = []
+  for text in filter(None, (t.strip() for t in config.lr_grid.split(","))):
+    try:
+      rate = float(text)
+    except ValueError:
+      rate = np.nan
+    if not np.isfinite(rate) or rate <= 0 or rate > cli.FLOAT_MAXIMUM:
+      raise cli.UserError(f"--lr-grid: {text!r} is not a positive learning rate")
+    rates.append(rate)
+  return sorted(set(rates))
 
 
 def _net_settings(config: Config) -> tuple[str, int, str]:
@@ -132,29 +157,59 @@ def transfer(config: Config, workdir: str) -> dict:
           f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
   augment = None if config.augment == "auto" else config.augment
   set_lr = float(np.asarray(distilled.extras["lr"])) if "lr" in distilled.extras else 0.0
-  if set_lr and not config.lr:
+  grid = _lr_grid(config)
+  if set_lr and not config.lr and not grid:
     cli.log(f"the set carries a learned learning rate: {set_lr:.4g} for its own row (--lr to "
             "override)")
+  validation = None
+  if grid:
+    if config.val_size >= len(data.labels_train):
+      raise cli.UserError(f"--val-size {config.val_size}: the training split has only "
+                          f"{len(data.labels_train)} images")
+    val_idx, keep = validation_split(data.labels_train, config.val_size, config.seed)
+    validation = (data.x_train[val_idx], data.labels_train[val_idx])
+    data = data._replace(x_train=data.x_train[keep], y_train=data.y_train[keep],
+                         labels_train=data.labels_train[keep])
+    cli.log(f"--lr-grid {', '.join(f'{r:g}' for r in grid)}: each row's rate chosen on "
+            f"{config.val_size} validation images held out of the training split")
   results = []
   for row in rows:
     row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
     x, y, steps = _row_data(row, config, distilled, data, seeds)
     total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment,
                                    dataset=config.dataset).steps
-    trained: list[TrainResult] = []
-    at_once = config.seeds_at_once or len(seeds)
-    for start in range(0, len(seeds), at_once):
-      group = seeds[start:start + at_once]
-      part = (slice(start, start + len(group)),) if x.ndim == 5 else ()
-      suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
-      trained.append(train_and_evaluate(
-          net, protocol, x[part] if part else x, y[part] if part else y, data.x_test,
-          data.labels_test, seeds=group, steps=steps,
-          lr=config.lr or (set_lr if row == "distilled" else 0.0), augment=augment,
-          eval_every=config.eval_every or max(1, total_steps // 10),
-          workdir=os.path.join(row_dir, suffix) if suffix else row_dir,
-          progress=config.progress, log=cli.log, description=row,
-          seed_batching=config.seed_batching, dataset=config.dataset))
+
+    def train(lr, x_eval, labels_eval, folder, description, row=row, x=x, y=y, steps=steps,
+              total_steps=total_steps):
+      trained: list[TrainResult] = []
+      at_once = config.seeds_at_once or len(seeds)
+      for start in range(0, len(seeds), at_once):
+        group = seeds[start:start + at_once]
+        part = (slice(start, start + len(group)),) if x.ndim == 5 else ()
+        suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
+        trained.append(train_and_evaluate(
+            net, protocol, x[part] if part else x, y[part] if part else y, x_eval, labels_eval,
+            seeds=group, steps=steps, lr=lr, augment=augment,
+            eval_every=config.eval_every or max(1, total_steps // 10),
+            workdir=os.path.join(folder, suffix) if suffix else folder,
+            progress=config.progress, log=cli.log, description=description,
+            seed_batching=config.seed_batching, dataset=config.dataset))
+      return trained
+
+    search = []
+    if grid:
+      for rate in grid:
+        tried = train(rate, *validation, os.path.join(row_dir, f"lr{rate:g}"),
+                      f"{row} lr {rate:g}")
+        val_acc = np.concatenate([t.test_acc for t in tried])
+        search.append({"lr": rate, "val_acc": [float(a) for a in val_acc],
+                       "val_acc_mean": float(val_acc.mean())})
+        cli.log(f"{row}, lr {rate:g}: validation {cli.percent(val_acc.mean(), val_acc.std())}%")
+      lr = max(search, key=lambda r: r["val_acc_mean"])["lr"]  # ties: the smaller rate
+      cli.log(f"{row}: lr {lr:g} chosen on the validation split")
+    else:
+      lr = config.lr or (set_lr if row == "distilled" else 0.0)
+    trained = train(lr, data.x_test, data.labels_test, row_dir, row)
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
@@ -169,6 +224,8 @@ def transfer(config: Config, workdir: str) -> dict:
         "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
         "params": trained[0].params,
     }
+    if search:
+      result |= {"lr_search": search, "val_size": config.val_size}
     results.append(result)
     cli.log(f"{row}: {_format_acc(result)}")
   report = {"config": dataclasses.asdict(config), "preprocessing": data.preprocessor.name,

@@ -39,6 +39,7 @@ __all__ = [
     "FOLDER_DATASETS",
     "DataError",
     "check_dataset",
+    "validation_split",
     "Split",
     "Preprocessor",
     "load_dataset",
@@ -160,10 +161,7 @@ def load_dataset(
   train = splits["train"]
   if val_size < 0 or val_size >= len(train.labels):
     raise DataError(f"val_size must be in [0, {len(train.labels)}), got {val_size}")
-  rng = np.random.default_rng(seed)
-  val_idx = _stratified_draw(train.labels, val_size, rng)
-  keep = np.ones(len(train.labels), bool)
-  keep[val_idx] = False
+  val_idx, keep = validation_split(train.labels, val_size, seed)
   splits["validation"] = Split(train.images[val_idx], train.labels[val_idx])
   splits["train"] = Split(train.images[keep], train.labels[keep])
   return splits
@@ -368,6 +366,17 @@ def _stderr_captured():
         capture.seek(0)
         sys.stderr.write(capture.read().decode(errors="replace"))
         sys.stderr.flush()
+
+
+def validation_split(labels: np.ndarray, val_size: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(validation indices, boolean mask of the rest): `val_size` images of a training split drawn
+  with `seed`, spread over the classes in proportion (what `load_dataset(val_size=...)` holds
+  out)."""
+  val_idx = _stratified_draw(labels, val_size, np.random.default_rng(seed))
+  keep = np.ones(len(labels), bool)
+  keep[val_idx] = False
+  return val_idx, keep
 
 
 def _stratified_draw(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -90,6 +90,9 @@ def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, d
     (["--baselines", "bogus"], "unknown baseline bogus"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--net", "vgg"], "invalid choice: 'vgg'"),
+    (["--lr", "0.1", "--lr-grid", "0.1,1"], "--lr and --lr-grid exclude each other"),
+    (["--lr-grid", "0.1,fast"], "--lr-grid: 'fast' is not a positive learning rate"),
+    (["--lr-grid", "0.1,-1"], "--lr-grid: '-1' is not a positive learning rate"),
 ])
 def test_transfer_user_errors_are_one_line(sets, tmp_path, manual_dir, data_dir, flags, message,
                                            run_in_process):
@@ -166,3 +169,26 @@ def test_hard_labels_are_each_images_largest_label():
   expected[np.arange(6), learned.argmax(1)] += 1
   np.testing.assert_allclose(hard, expected)
   assert steps == 7
+
+
+def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, manual_dir,
+                                                              data_dir, run_in_process):
+  """A rate too small to move the weights (1e-7) and a working one (0.1): each row keeps the one
+  whose networks score higher on 1,000 validation images held out of the training split, and is
+  then trained again at it and tested on the test split."""
+  args = transfer_args(sets["ours"], tmp_path / "grid", manual_dir, data_dir)
+  result = run_in_process("experiments.transfer", *args, "--lr-grid", "0.1,1e-7",
+                          "--val-size", "1000")
+  assert result.returncode == 0, result.stderr
+  assert "chosen on the validation split" in result.stderr + result.stdout
+  rows = json.loads((tmp_path / "grid" / "transfer.json").read_text())["rows"]
+  for row in rows:
+    search = {r["lr"]: r["val_acc_mean"] for r in row["lr_search"]}
+    assert set(search) == {1e-7, 0.1} and row["val_size"] == 1000
+    assert search[0.1] > search[1e-7] + 0.2 and row["lr"] == 0.1
+    assert row["test_acc_mean"] > 0.4
+    # The validation networks were evaluated on the held-out images, not on the test split.
+    curve = [json.loads(line) for line in open(tmp_path / "grid" / row["row"] / "lr0.1" /
+                                               "metrics.jsonl")]
+    assert curve[-1]["test_acc"] == pytest.approx(
+        [a for r in row["lr_search"] if r["lr"] == 0.1 for a in r["val_acc"]])
