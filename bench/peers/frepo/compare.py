@@ -226,6 +226,30 @@ def table(records: list[dict]) -> str:
                        "CPU/step official/this"), rows)
 
 
+PAIRS = (("ours", "official"), ("ours_dsa", "ours"), ("ours_bn09", "ours"),
+         ("ours_bn09_dsa", "ours_dsa"))
+
+
+def paired(records: list[dict]) -> str:
+  """A side minus another per (ipc, seed, evaluation network): every set is evaluated by the same
+  network seeds, so the difference removes the networks' own spread."""
+  from kip.cli import format_table  # noqa: PLC0415
+
+  rows = []
+  for mine, other in PAIRS:
+    for ipc in sorted({r["ipc"] for r in records}):
+      diffs, seeds = [], []
+      for seed in sorted({r["seed"] for r in records}):
+        accs = {r["side"]: r.get("acc_transfer") for r in records
+                if r["ipc"] == ipc and r["seed"] == seed}
+        if accs.get(mine) and accs.get(other):
+          diffs += list(np.subtract(accs[mine], accs[other]))
+          seeds.append(str(seed))
+      if diffs:
+        rows.append([f"{mine} - {other}", str(ipc), ",".join(seeds), cell(diffs)])
+  return format_table(("comparison", "ipc", "seeds", "points: mean [95% t] (pairs)"), rows)
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   ipcs = [int(v) for v in args.ipcs.split(",")]
@@ -251,6 +275,8 @@ def main(argv=None) -> None:
         records.append(record)
         write_json(args.out, {"settings": vars(args), "runs": records})
   print(table(records))
+  print()
+  print(paired(records))
   print(f"written {args.out}")
 
 
