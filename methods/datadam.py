@@ -117,7 +117,8 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
                   attention_weight: float = 100.0, embedding_weight: float = 1.0,
                   power: float = 4.0, lr: float = 1.0, momentum: float = 0.5,
                   real_per_class: int = 64, augment: str = DSA_STRATEGY,
-                  export_stats: tuple[float, float] | None = None) -> Method:
+                  export_stats: tuple[float, float] | None = None,
+                  norm_groups: str = "class") -> Method:
   """Attention and embedding matching as a `kip.method.Method` (labelled real batches of
   `real_per_class` images per class). See the module docstring for the loss.
 
@@ -130,7 +131,13 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
     augment: DSA strategy applied siamese-wise (one draw per class); "" for none.
     export_stats: (mean, std) every exported image is standardised to (None: as learned), e.g.
       `image_stats` of the real training images.
+    norm_groups: the images one forward pass holds, so the images batch norm's statistics are
+      taken over: `class` (each class's real batch, and its synthetic images, apart) or `all`
+      (every class's real images in one pass, every synthetic image in another, as DataDAM's
+      official code). Per-image norms (instance) give the same loss either way.
   """
+  if norm_groups not in ("class", "all"):
+    raise ValueError(f"unknown norm_groups {norm_groups!r}; choose class or all")
   if lr <= 0 or real_per_class < 1 or power <= 0:
     raise ValueError("matching needs a positive lr, power and real_per_class")
   if attention_weight < 0 or embedding_weight < 0 or attention_weight + embedding_weight == 0:
@@ -160,9 +167,31 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
     return attention_weight * att + embedding_weight * mmd, (att, mmd)
 
   def loss_fn(x_syn, variables, keys, x_real):
+    if norm_groups == "all":
+      return all_classes_loss(x_syn, variables, keys, x_real)
     per_class = jax.vmap(class_loss, in_axes=(None, 0, 0, 0))
     values, (att, mmd) = per_class(variables, keys, x_real, x_syn)
     return values.sum(), (att.sum(), mmd.sum())
+
+  def all_classes_loss(x_syn, variables, keys, x_real):
+    """The same sum over classes, from one pass of every class's real images and one of every
+    synthetic image (the DSA draws still one per class)."""
+    if augment:
+      x_real, x_syn = jax.vmap(lambda k, r, s: (dsa(k, r, augment), dsa(k, s, augment)))(
+          keys, x_real, x_syn)
+    classes = x_real.shape[0]
+
+    def class_means(a):  # (classes * n, ...) -> (classes, ...): each class's mean
+      return a.reshape(classes, -1, *a.shape[1:]).mean(1)
+
+    maps_real, e_real = embed(variables, x_real.reshape(-1, *image_shape))
+    maps_syn, e_syn = embed(variables, x_syn.reshape(-1, *image_shape))
+    att = jnp.zeros(())
+    if attention_weight:
+      att = sum(jnp.sum((class_means(a) - class_means(b)) ** 2)
+                for a, b in zip(maps_real, maps_syn, strict=True))
+    mmd = jnp.sum((class_means(e_real) - class_means(e_syn)) ** 2)
+    return attention_weight * att + embedding_weight * mmd, (att, mmd)
 
   def init(key: jax.Array, x_init, y_init) -> MatchState:
     del key
@@ -252,6 +281,10 @@ class Config(MatchConfig):
   task_balance: float = f(100.0, "weight of the attention term", minimum=0)
   lambda_mmd: float = f(0.01, "weight of the embedding (MMD) term, times --task-balance",
                         minimum=0)
+  norm_groups: str = f("class", "the images batch norm's statistics are taken over: class "
+                                "(each class's batch apart) or all (every class in one pass, as "
+                                "the official code); instance norm: no difference",
+                       choices=("class", "all"))
 
 
 def run_matching(config: MatchConfig, workdir: str, method_name: str, make: Callable[..., Method],
@@ -297,7 +330,8 @@ def run(config: Config, workdir: str, devices) -> list[str]:
   """`experiments.datadam`: DataDAM with the official weighting (`make_datadam`)."""
   del devices
   result = run_matching(config, workdir, "datadam", make=make_datadam, power=config.power,
-                        task_balance=config.task_balance, lambda_mmd=config.lambda_mmd)
+                        task_balance=config.task_balance, lambda_mmd=config.lambda_mmd,
+                        norm_groups=config.norm_groups)
   return [report(result, workdir)]
 
 

@@ -33,9 +33,11 @@ def test_attention_map_is_the_normalised_channel_sum_of_powers():
   assert np.all(np.asarray(attention_map(jnp.zeros((1, 2, 2, 3)), 4.0)) == 0)
 
 
-def _numpy_loss(norm, x_syn, y_syn, x_real, y_real, key, power, w_att, w_emb):
+def _numpy_loss(norm, x_syn, y_syn, x_real, y_real, key, power, w_att, w_emb, groups="class"):
   """The loss in float64 NumPy from the activations of the step's network (drawn from the same
-  key), each class's real and synthetic images passed separately (their own batch statistics)."""
+  key), each class's real and synthetic images passed separately (their own batch statistics),
+  or with `groups="all"` all real images in one pass and all synthetic ones in another (the
+  statistics of every class together, as DataDAM's official code)."""
   net = make_net("convnet3", CLASSES, width=4, norm=norm, image_shape=SHAPE, dc_padding=True)
   variables = net.init(jax.random.split(key)[0], jnp.zeros((1, *SHAPE)), train=False)
 
@@ -49,10 +51,18 @@ def _numpy_loss(norm, x_syn, y_syn, x_real, y_real, key, power, w_att, w_emb):
       maps.append(a / np.linalg.norm(a, axis=1, keepdims=True))
     return maps, np.asarray(e, np.float64)
 
+  if groups == "all":
+    (maps_r_all, e_r_all), (maps_s_all, e_s_all) = forward(x_real), forward(x_syn)
+
   total = 0.0
   for c in range(CLASSES):
-    maps_r, e_r = forward(x_real[y_real.argmax(1) == c])
-    maps_s, e_s = forward(x_syn[y_syn.argmax(1) == c])
+    real, syn = y_real.argmax(1) == c, y_syn.argmax(1) == c
+    if groups == "all":
+      maps_r, e_r = [a[real] for a in maps_r_all], e_r_all[real]
+      maps_s, e_s = [a[syn] for a in maps_s_all], e_s_all[syn]
+    else:
+      maps_r, e_r = forward(x_real[real])
+      maps_s, e_s = forward(x_syn[syn])
     att = sum(((a.mean(0) - b.mean(0)) ** 2).sum() for a, b in zip(maps_r, maps_s, strict=True))
     total += w_att * att + w_emb * ((e_r.mean(0) - e_s.mean(0)) ** 2).sum()
   return total
@@ -72,6 +82,26 @@ def test_datadam_loss_matches_numpy_on_the_steps_network(power=1.0):  # p = 4: a
   assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
   # SGD's first step (momentum 0.5 has no history yet): x - lr * grad moved the images.
   assert not np.allclose(np.asarray(state.x), x_before)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_datadam_with_every_class_in_one_pass_matches_numpy(norm):
+  """`norm_groups="all"`: batch norm over every class's images at once, as the official code;
+  with instance norm the grouping changes nothing, so the per-class reference holds too."""
+  method = make_datadam(num_classes=CLASSES, image_shape=SHAPE, width=4, power=4.0,
+                        real_per_class=REAL, augment="", norm=norm, norm_groups="all")
+  state = method.init(jax.random.key(0), X[:IPC * CLASSES], Y[:IPC * CLASSES])
+  x_real, y_real = X[30:30 + REAL * CLASSES], Y[30:30 + REAL * CLASSES]
+  key = jax.random.key(7)
+  args = (norm, X[:6], Y[:6], x_real, y_real, key, 4.0, 100.0, 1.0)
+  expected = _numpy_loss(*args, groups="all")
+  _, metrics = method.update(state, Batch(x_real, y_real), key, 1)
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+  per_class = _numpy_loss(*args)
+  if norm == "instance":
+    assert expected == pytest.approx(per_class, rel=1e-6)
+  else:  # the statistics differ, and so does the loss
+    assert abs(expected - per_class) > 1e-3 * abs(per_class)
 
 
 def test_dm_loss_is_the_embedding_term_alone_with_instance_norm():

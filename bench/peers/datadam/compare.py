@@ -45,7 +45,12 @@ sys.path.insert(0, REPO)  # run as a script: the repository's packages
 from bench.peers.common import read_json, run_child, write_json  # noqa: E402
 from bench.peers.dm.compare import dc_pair, interval, ours_times, paired  # noqa: E402
 
-SIDES = ("official", "ours", "official_classbn")
+# Our sides: `ours_all` takes batch norm's statistics over every class at once, as the official
+# code (`--norm-groups all`); `ours` per class.
+OURS = {"ours": ["--norm-groups", "class"], "ours_all": ["--norm-groups", "all"]}
+SIDES = ("official", "ours", "official_classbn", "ours_all")
+PAIRS = (("ours", "official"), ("ours_all", "official"), ("ours", "official_classbn"),
+         ("ours_all", "ours"))
 OFFICIAL_BN_BATCH = {"official": "all", "official_classbn": "class"}
 SETTINGS = ("steps", "batch_real", "width", "power")  # what a run's marker must match
 
@@ -91,19 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def support_path(side: str, folder: str) -> str:
-  if side == "ours":
+  if side in OURS:
     return os.path.join(folder, "distilled.npz")
   return os.path.join(folder, "images_datadam_official.npy")
 
 
 def distill_command(args, side: str, ipc: int, seed: int, folder: str) -> list[str]:
-  if side == "ours":
+  if side in OURS:
     return [sys.executable, "-m", "experiments.datadam", "--dataset", "mnist", "--preset", "cpu",
             "--ipc", str(ipc), "--seed", str(seed), "--steps", str(args.steps), "--width",
             str(args.width), "--real-per-class", str(args.batch_real), "--power",
             str(args.power), "--norm", "batch", "--lr", "1.0", "--momentum", "0.5",
             "--task-balance", "100", "--lambda-mmd", "0.01", "--init", "real",
-            "--eval-every", "0", "--no-progress", "--workdir", folder]
+            "--eval-every", "0", "--no-progress", "--workdir", folder, *OURS[side]]
   return [args.torch_python, os.path.join(HERE, "official.py"), "--datadam-root",
           args.datadam_root, "--ipc", str(ipc), "--seed", str(seed), "--iterations",
           str(args.steps), "--batch-real", str(args.batch_real), "--width", str(args.width),
@@ -130,7 +135,7 @@ def distill(args, side: str, ipc: int, seed: int, folder: str) -> None:
     sys.exit(f"{side} ipc {ipc} seed {seed} failed (exit {rc}); see {folder}/distill.log")
   record = {"side": side, "ipc": ipc, "seed": seed, "settings": settings(args), "command": cmd,
             "process_cpu_s": cpu, "process_wall_s": wall, "core": args.core}
-  if side == "ours":
+  if side in OURS:
     record |= ours_times(folder)
   else:
     official = read_json(os.path.join(folder, "official.json"))
@@ -172,7 +177,7 @@ def evaluate_ours(args, side: str, folder: str) -> tuple[list[float], dict]:
 
 def dc_images(side: str, folder: str) -> str:
   """The set as an images/labels .npy pair in DC's space (NCHW)."""
-  return support_path(side, folder) if side != "ours" else dc_pair(side, folder)
+  return support_path(side, folder) if side not in OURS else dc_pair(side, folder)
 
 
 def evaluate_official(args, side: str, folder: str) -> dict:
@@ -267,8 +272,8 @@ def main(argv=None) -> None:
           record["official_eval"] = {k: done[k] for k in ("width", "epochs", "cpu_s")}
         records.append(record)
         write_json(args.out, {"settings": vars(args), "runs": records})
-  summary = (f"{table(records)}\n\nours - official, paired by (seed, evaluation network):\n"
-             f"{paired(records)}")
+  summary = (f"{table(records)}\n\ndifferences paired by (seed, evaluation network):\n"
+             f"{paired(records, PAIRS)}")
   print(summary)
   md = os.path.splitext(args.out)[0] + ".md"
   write_text(md, "# DataDAM on MNIST: the official code beside ours (issue 39)\n\n"

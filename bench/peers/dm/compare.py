@@ -202,24 +202,27 @@ def table(records: list[dict]) -> str:
                        "command CPU-s"), rows)
 
 
-def paired(records: list[dict]) -> str:
-  """ours - official per (ipc, seed, evaluation network): the evaluators draw the same network
-  seeds for every set, so the difference removes the networks' own spread."""
+def paired(records: list[dict], pairs=(("ours", "official"),)) -> str:
+  """A side minus another (`pairs`, default ours - official) per (ipc, seed, evaluation
+  network): the evaluators draw the same network seeds for every set, so the difference removes
+  the networks' own spread."""
   from kip.cli import format_table  # noqa: PLC0415
 
   rows = []
-  for key, name in (("acc_ours_dc", "ours dc eval"), ("acc_official_dsa", "official eval")):
-    for ipc in sorted({r["ipc"] for r in records}):
-      diffs, seeds = [], []
-      for seed in sorted({r["seed"] for r in records}):
-        pair = {r["side"]: r.get(key) for r in records if r["ipc"] == ipc and r["seed"] == seed}
-        if pair.get("official") and pair.get("ours"):
-          diffs += list(np.subtract(pair["ours"], pair["official"]))
-          seeds.append(str(seed))
-      if diffs:
-        rows.append((name, str(ipc), ",".join(seeds), f"{interval(diffs)} (n={len(diffs)})"))
-  return format_table(("evaluator", "ipc", "seeds", "ours - official, points: mean [95% t]"),
-                      rows)
+  for mine, other in pairs:
+    for key, name in (("acc_ours_dc", "ours dc eval"), ("acc_official_dsa", "official eval")):
+      for ipc in sorted({r["ipc"] for r in records}):
+        diffs, seeds = [], []
+        for seed in sorted({r["seed"] for r in records}):
+          pair = {r["side"]: r.get(key) for r in records
+                  if r["ipc"] == ipc and r["seed"] == seed}
+          if pair.get(other) and pair.get(mine):
+            diffs += list(np.subtract(pair[mine], pair[other]))
+            seeds.append(str(seed))
+        if diffs:
+          rows.append((f"{mine} - {other}", name, str(ipc), ",".join(seeds),
+                       f"{interval(diffs)} (n={len(diffs)})"))
+  return format_table(("comparison", "evaluator", "ipc", "seeds", "points: mean [95% t]"), rows)
 
 
 def main(argv=None) -> None:
