@@ -8,9 +8,10 @@ their flattened conv features of the support images and of a class-balanced real
 `K = 2 Phi Phi^T + 0.01`, with jitter `5e-3 * tr(K_ss)/n`. Loss: `0.5 * mean((pred - y)^2)` of the
 KRR prediction, or with `platt=True` the cross-entropy of `exp(k) * pred` against the real labels,
 with a learned log-scale k (init 0, its own learning rate). Support images and labels are learned
-by AdaBelief. As the official code (PyTorch) does, except: the solve runs in the support set's
-dtype (float32 with the highest matmul precision unless `--float64`), and early stopping on a
-held-out split is left to the caller (the loop records the validation metric each evaluation).
+by AdaBelief. As the official code (PyTorch) does, except: the solve runs in float32 with the
+highest matmul precision (the official casts K_ss to float64; there is no float64 flag here), and
+early stopping on a held-out split is left to the caller (the loop records the validation metric
+each evaluation).
 
 The official code also learns a linear map of the support's pixels, `x -> x_flat @ T` (T of
 (H W C)^2 entries, initialised to the identity, AdaBelief at 5e-5), and saves the mapped images;
