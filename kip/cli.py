@@ -346,7 +346,9 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     differ = changed_settings(previous, current, config,
                               (*ignore, *content_compared(previous, inputs or {})))
     if differ:
-      changes = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in differ)
+      before = getattr(type(config), "RECORDED_BEFORE", {})
+      changes = ", ".join(f"{k}: {previous.get(k, before.get(k))!r} -> {current[k]!r}"
+                          for k in differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
                       "--workdir to start afresh")
   global _WORKDIR
@@ -383,8 +385,10 @@ def content_compared(previous: dict, inputs: dict[str, str]) -> tuple[str, ...]:
 def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str]) -> list[str]:
   """The fields of `current` (a command's settings, from its `config` dataclass) not in `ignore`
   whose value `previous` (a recorded config.json) does not hold; a flag added after the run was
-  recorded counts as having had its default then."""
+  recorded counts as having had its default then, or the value the config class's
+  `RECORDED_BEFORE` mapping names for it (a flag whose default changed when it was added)."""
   defaults = {f.name: f.default for f in dataclasses.fields(config)}
+  defaults |= getattr(type(config), "RECORDED_BEFORE", {})
   return [k for k in current if k not in ignore and previous.get(k, defaults.get(k)) != current[k]]
 
 

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,9 @@ _CPU = PRESETS["cpu"]
 
 @dataclasses.dataclass(frozen=True)
 class Config(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConfig):
+  # Runs recorded before --bn-momentum existed kept batch norm's averages at 0.9.
+  RECORDED_BEFORE: ClassVar[dict] = {"bn_momentum": 0.9}
+
   preset: str = cli.field("cpu", "sizes: cpu (fits a 2-core CPU) or paper (the paper's, for a "
                                  "GPU)", choices=tuple(PRESETS))
   ipc: int = cli.field(10, "support images per class", minimum=1)

@@ -1,5 +1,6 @@
 """The command lines end to end on real MNIST at a small size, and their one-line errors."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -304,3 +305,18 @@ def test_format_table_pads_every_column_to_its_widest_cell():
                                 "---------  -------------",
                                 "distilled  97.12 +- 0.34",
                                 "random     90.00 +- 0.00"]
+
+
+def test_a_flag_added_with_a_new_default_reads_old_runs_as_they_ran():
+  """A setting missing from a recorded config counts as its default, unless the config class
+  says what runs recorded before the flag had (RFAD's pixel map: none; FRePo's momentum: 0.9)."""
+  from kip.cli import changed_settings
+  from methods import frepo, rfad
+
+  for module, name, before in ((rfad, "transform_lr", 0.0), (frepo, "bn_momentum", 0.9)):
+    config = module.Config()
+    current = dataclasses.asdict(config)
+    old = {k: v for k, v in current.items() if k != name}
+    assert changed_settings(old, current, config, ()) == [name]
+    assert changed_settings(old, current | {name: before},
+                            dataclasses.replace(config, **{name: before}), ()) == []
