@@ -435,13 +435,11 @@ def check_settings(workdir: str, module: str, args: Sequence[str],
       raise cli.UserError(f"{workdir} holds a {module.rsplit('.', 1)[-1]} run made from another "
                           f"{', '.join(changed)} (its content changed since); remove it to redo "
                           "it")
-    defaults = {f.name: f.default for f in dataclasses.fields(wanted)}
     current = dataclasses.asdict(wanted)
     differ = cli.changed_settings(recorded, current, wanted, _NOT_SETTINGS | set(ignore)
                                   | set(cli.content_compared(recorded, inputs or {})))
     if differ:
-      changes = ", ".join(f"{k}: {recorded.get(k, defaults[k])!r} -> {current[k]!r}"
-                          for k in differ)
+      changes = cli.describe_changes(recorded, current, wanted, differ)
       raise cli.UserError(f"{workdir} holds a {module.rsplit('.', 1)[-1]} run with other "
                           f"settings ({changes}); use another --root, or remove it to redo it")
   return wanted

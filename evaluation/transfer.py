@@ -158,7 +158,11 @@ def transfer(config: Config, workdir: str) -> dict:
   augment = None if config.augment == "auto" else config.augment
   set_lr = float(np.asarray(distilled.extras["lr"])) if "lr" in distilled.extras else 0.0
   grid = _lr_grid(config)
-  if set_lr and not config.lr and not grid:
+  if set_lr <= 0 and "lr" in distilled.extras and not config.lr and not grid:
+    cli.log(f"the set's learned learning rate {set_lr:.4g} is not positive: its row trains at "
+            "the protocol's rate instead (--lr or --lr-grid to choose)")
+    set_lr = 0.0
+  elif set_lr and not config.lr and not grid:
     cli.log(f"the set carries a learned learning rate: {set_lr:.4g} for its own row (--lr to "
             "override)")
   validation = None

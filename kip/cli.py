@@ -346,9 +346,7 @@ def prepare_workdir(config, job: str, name_parts: Sequence[str],
     differ = changed_settings(previous, current, config,
                               (*ignore, *content_compared(previous, inputs or {})))
     if differ:
-      before = getattr(type(config), "RECORDED_BEFORE", {})
-      changes = ", ".join(f"{k}: {previous.get(k, before.get(k))!r} -> {current[k]!r}"
-                          for k in differ)
+      changes = describe_changes(previous, current, config, differ)
       raise UserError(f"{workdir} holds a run with other settings ({changes}); use a new "
                       "--workdir to start afresh")
   global _WORKDIR
@@ -382,14 +380,27 @@ def content_compared(previous: dict, inputs: dict[str, str]) -> tuple[str, ...]:
   return tuple(k for k in inputs if k in previous.get("inputs", {}))
 
 
+def _recorded_defaults(config) -> dict:
+  """What a recorded config without a field had: the field's default, or the value the config
+  class's `RECORDED_BEFORE` mapping names for it (a flag whose default changed when it was
+  added)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(config)}
+  return defaults | getattr(type(config), "RECORDED_BEFORE", {})
+
+
 def changed_settings(previous: dict, current: dict, config, ignore: Sequence[str]) -> list[str]:
   """The fields of `current` (a command's settings, from its `config` dataclass) not in `ignore`
   whose value `previous` (a recorded config.json) does not hold; a flag added after the run was
-  recorded counts as having had its default then, or the value the config class's
-  `RECORDED_BEFORE` mapping names for it (a flag whose default changed when it was added)."""
-  defaults = {f.name: f.default for f in dataclasses.fields(config)}
-  defaults |= getattr(type(config), "RECORDED_BEFORE", {})
+  recorded counts as having had the value `_recorded_defaults` gives."""
+  defaults = _recorded_defaults(config)
   return [k for k in current if k not in ignore and previous.get(k, defaults.get(k)) != current[k]]
+
+
+def describe_changes(previous: dict, current: dict, config, differ: Sequence[str]) -> str:
+  """`name: recorded -> wanted, ...` of the settings `changed_settings` found."""
+  defaults = _recorded_defaults(config)
+  return ", ".join(f"{k}: {previous.get(k, defaults.get(k))!r} -> {current[k]!r}"
+                   for k in differ)
 
 
 _WORKDIR: str | None = None  # this command's workdir, for the resume hint after Ctrl-C

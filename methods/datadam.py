@@ -14,11 +14,16 @@ where `e` is the final embedding (the flattened features the readout would see):
 is the MMD with a linear kernel. The synthetic images are learned by SGD with momentum; labels
 stay one-hot. The official code weighs the attention by 100 and the embedding by 100 x 0.01
 (lambda 0.01), uses p = 1 where the paper's hyperparameter table says p = 4, and batch norm (the
-maintainers' choice; the paper's ConvNet has instance norm): `power` and `norm` keep both.
+maintainers' choice; the paper's ConvNet has instance norm): `power` and `norm` keep both. With
+batch norm the official code passes every class's real images through the network at once (and
+every synthetic image at once), so the statistics mix the classes; `norm_groups="all"` (the
+default) does the same, `"class"` normalises each class's batch apart (beside the official code
+on MNIST at 1 per class, 0.91 points lower: `bench/peers/README.md`, DataDAM).
 
 Neither the paper nor the code bounds the images, and with normalisation in the drawn network the
-loss hardly sees an image's contrast: at 1 image per class (batch norm over one image's pixels) it
-does not at all, so every gradient is orthogonal to the image and SGD only ever grows it
+loss hardly sees an image's contrast: at 1 image per class with each class normalised apart
+(batch norm over one image's pixels) it does not at all, so every gradient is orthogonal to the
+image and SGD only ever grows it
 (|x + lr g|^2 = |x|^2 + lr^2 |g|^2): DataDAM's MNIST images end at 5.7x the real ones' spread.
 The ConvNets that evaluate a set normalise too, but a network that does not (an MLP) sees images
 far outside the real data. `export_stats` (ours, off by default as the paper) standardises each
@@ -38,7 +43,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,12 +230,12 @@ def make_matching(*, num_classes: int, image_shape: tuple[int, int, int], net: s
 
 
 def make_datadam(*, num_classes: int, image_shape: tuple[int, int, int], lambda_mmd: float = 0.01,
-                 task_balance: float = 100.0, **kwargs) -> Method:
+                 task_balance: float = 100.0, norm_groups: str = "all", **kwargs) -> Method:
   """DataDAM with the official weighting: attention x `task_balance`, the embedding's MMD x
   `task_balance * lambda_mmd`. Other arguments: `make_matching`'s."""
   return make_matching(num_classes=num_classes, image_shape=image_shape,
                        attention_weight=task_balance, embedding_weight=task_balance * lambda_mmd,
-                       **kwargs)
+                       norm_groups=norm_groups, **kwargs)
 
 
 f = cli.field
@@ -276,14 +281,17 @@ class MatchConfig(cli.RunConfig, SelectionConfig, PreprocessConfig, cli.DataConf
 
 @dataclasses.dataclass(frozen=True)
 class Config(MatchConfig):
+  # Runs recorded before --norm-groups existed took batch norm's statistics per class.
+  RECORDED_BEFORE: ClassVar[dict] = {"norm_groups": "class"}
+
   power: float = f(4.0, "p of the attention sum_c |f|^p (4: the paper's table; 1: its code)",
                    above=0)
   task_balance: float = f(100.0, "weight of the attention term", minimum=0)
   lambda_mmd: float = f(0.01, "weight of the embedding (MMD) term, times --task-balance",
                         minimum=0)
-  norm_groups: str = f("class", "the images batch norm's statistics are taken over: class "
-                                "(each class's batch apart) or all (every class in one pass, as "
-                                "the official code); instance norm: no difference",
+  norm_groups: str = f("all", "the images batch norm's statistics are taken over: all (every "
+                              "class in one pass, as the official code) or class (each class's "
+                              "batch apart); instance norm: no difference",
                        choices=("class", "all"))
 
 

@@ -311,9 +311,10 @@ def test_a_flag_added_with_a_new_default_reads_old_runs_as_they_ran():
   """A setting missing from a recorded config counts as its default, unless the config class
   says what runs recorded before the flag had (RFAD's pixel map: none; FRePo's momentum: 0.9)."""
   from kip.cli import changed_settings
-  from methods import frepo, rfad
+  from methods import datadam, frepo, rfad
 
-  for module, name, before in ((rfad, "transform_lr", 0.0), (frepo, "bn_momentum", 0.9)):
+  for module, name, before in ((rfad, "transform_lr", 0.0), (frepo, "bn_momentum", 0.9),
+                               (datadam, "norm_groups", "class")):
     config = module.Config()
     current = dataclasses.asdict(config)
     old = {k: v for k, v in current.items() if k != name}

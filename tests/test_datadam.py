@@ -70,7 +70,7 @@ def _numpy_loss(norm, x_syn, y_syn, x_real, y_real, key, power, w_att, w_emb, gr
 
 def test_datadam_loss_matches_numpy_on_the_steps_network(power=1.0):  # p = 4: attention test
   method = make_datadam(num_classes=CLASSES, image_shape=SHAPE, width=4, power=power,
-                        real_per_class=REAL, augment="")
+                        real_per_class=REAL, augment="", norm_groups="class")
   # The support arrives class-interleaved and the real batch shuffled: both are regrouped.
   state = method.init(jax.random.key(0), X[:IPC * CLASSES], Y[:IPC * CLASSES])
   perm = RNG.permutation(REAL * CLASSES)
@@ -126,11 +126,11 @@ def test_the_support_is_grouped_by_class_and_must_be_balanced():
 
 @pytest.mark.slow
 def test_a_scale_blind_loss_only_grows_the_images_and_standardise_rescales_the_written_set():
-  # One image per class through batch norm: the loss cannot see an image's scale, so its gradient
-  # is orthogonal to the image and SGD only grows it. `export_stats` leaves the learning alone and
-  # writes each image standardised to the given mean and std.
+  # One image per class through batch norm over each class apart: the loss cannot see an image's
+  # scale, so its gradient is orthogonal to the image and SGD only grows it. `export_stats` leaves
+  # the learning alone and writes each image standardised to the given mean and std.
   common = dict(num_classes=CLASSES, image_shape=SHAPE, width=4, real_per_class=REAL, augment="",
-                lr=100.0)
+                lr=100.0, norm_groups="class")
   batch, key = Batch(X[30:45], Y[30:45]), jax.random.key(7)
   x0 = np.asarray(X[:CLASSES], np.float64)  # one image of each class, in class order
   states, exported = {}, {}
