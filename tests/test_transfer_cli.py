@@ -192,3 +192,23 @@ def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, ma
                                                "metrics.jsonl")]
     assert curve[-1]["test_acc"] == pytest.approx(
         [a for r in row["lr_search"] if r["lr"] == 0.1 for a in r["val_acc"]])
+
+
+def test_a_set_with_a_learned_rate_below_zero_trains_at_the_protocols_and_says_so(
+    mnist, tmp_path, manual_dir, data_dir, run_in_process):
+  """An MTT-style set whose learned learning rate went negative: its row trains at the dc
+  protocol's 0.01, and the log says why (it used to announce the negative rate)."""
+  pre = fit_preprocessor(mnist["train"].images)
+  idx = class_balanced_indices(mnist["train"].labels, 1, np.random.default_rng(2), 10)
+  path = tmp_path / "negative_lr.npz"
+  save_distilled(str(path), DistilledSet(
+      pre.apply(mnist["train"].images[idx]), centered_one_hot(mnist["train"].labels[idx], 10),
+      {"dataset": "mnist", "step": 0}, pre, extras={"lr": np.float32(-0.02)}))
+  result = run_in_process("experiments.transfer", "--support", str(path), "--dataset", "mnist",
+                          "--net", "mlp", "--width", "16", "--protocol", "dc", "--steps", "5",
+                          "--seeds", "1", "--baselines", "none", "--workdir", str(tmp_path / "t"),
+                          "--manual-dir", manual_dir, "--data-dir", data_dir, "--no-progress")
+  assert result.returncode == 0, result.stderr
+  assert "learned learning rate -0.02 is not positive" in result.stderr + result.stdout
+  (row,) = json.loads((tmp_path / "t" / "transfer.json").read_text())["rows"]
+  assert row["lr"] == 0.01
