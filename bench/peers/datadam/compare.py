@@ -42,8 +42,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, REPO)  # run as a script: the repository's packages
-from bench.peers.common import read_json, run_child, write_json  # noqa: E402
-from bench.peers.dm.compare import dc_pair, interval, ours_times, paired  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+  interval,  # noqa: E402
+  read_json,
+  run_child,
+  write_json,
+)
+from bench.peers.dm.compare import dc_pair, ours_times, paired  # noqa: E402
 
 # Our sides: `ours_all` takes batch norm's statistics over every class at once, as the official
 # code (`--norm-groups all`); `ours` per class.

@@ -30,7 +30,14 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, REPO)  # run as a script: the repository's packages
-from bench.peers.common import read_json, run_child, write_json  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+  interval,
+  interval_n,
+  paired_differences,
+  read_json,
+  run_child,
+  write_json,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,18 +174,6 @@ def evaluate_official(args, side: str, folder: str) -> list[float]:
   return read_json(path)["accs"]
 
 
-def interval(accs) -> str:
-  from kip.scores import interval95  # noqa: PLC0415
-
-  accs = 100 * np.asarray(accs, np.float64)
-  if len(accs) == 0:
-    return "-"
-  if len(accs) == 1:
-    return f"{accs[0]:.2f}"
-  iv = interval95(accs)
-  return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
-
-
 def table(records: list[dict]) -> str:
   from kip.cli import format_table  # noqa: PLC0415
 
@@ -204,24 +199,14 @@ def table(records: list[dict]) -> str:
 
 def paired(records: list[dict], pairs=(("ours", "official"),)) -> str:
   """A side minus another (`pairs`, default ours - official) per (ipc, seed, evaluation
-  network): the evaluators draw the same network seeds for every set, so the difference removes
-  the networks' own spread."""
+  network), under each evaluator (`common.paired_differences`)."""
   from kip.cli import format_table  # noqa: PLC0415
 
   rows = []
   for mine, other in pairs:
     for key, name in (("acc_ours_dc", "ours dc eval"), ("acc_official_dsa", "official eval")):
-      for ipc in sorted({r["ipc"] for r in records}):
-        diffs, seeds = [], []
-        for seed in sorted({r["seed"] for r in records}):
-          pair = {r["side"]: r.get(key) for r in records
-                  if r["ipc"] == ipc and r["seed"] == seed}
-          if pair.get(other) and pair.get(mine):
-            diffs += list(np.subtract(pair[mine], pair[other]))
-            seeds.append(str(seed))
-        if diffs:
-          rows.append((f"{mine} - {other}", name, str(ipc), ",".join(seeds),
-                       f"{interval(diffs)} (n={len(diffs)})"))
+      for ipc, seeds, diffs in paired_differences(records, mine, other, key):
+        rows.append((f"{mine} - {other}", name, str(ipc), ",".join(seeds), interval_n(diffs)))
   return format_table(("comparison", "evaluator", "ipc", "seeds", "points: mean [95% t]"), rows)
 
 

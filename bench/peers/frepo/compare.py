@@ -34,7 +34,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, REPO)  # run as a script: the repository's packages
-from bench.peers.common import read_json, run_child, write_json  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+  interval_n,
+  paired_differences,
+  read_json,
+  run_child,
+  write_json,
+)
 
 KRR_KERNELS = ("fc", "conv")
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -186,18 +192,6 @@ def evaluate_krr(args, side: str, folder: str) -> dict[str, float]:
   return read_json(path)
 
 
-def cell(accs) -> str:
-  from kip.scores import interval95  # noqa: PLC0415
-
-  accs = [100 * a for a in accs]
-  if not accs:
-    return "-"
-  if len(accs) == 1:
-    return f"{accs[0]:.2f} (n=1)"
-  iv = interval95(accs)
-  return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}] (n={len(accs)})"
-
-
 def table(records: list[dict]) -> str:
   from kip.cli import format_table  # noqa: PLC0415
 
@@ -213,7 +207,7 @@ def table(records: list[dict]) -> str:
       cpu = np.mean([r["distill_cpu_s"] for r in rs])
       per_step[side, ipc] = cpu / rs[0]["steps"]
       wall_step = [r["steady_wall_s_per_step"] for r in rs if "steady_wall_s_per_step" in r]
-      rows.append([side, str(ipc), ",".join(str(r["seed"]) for r in rs), cell(accs),
+      rows.append([side, str(ipc), ",".join(str(r["seed"]) for r in rs), interval_n(accs),
                    " / ".join(f"{100 * np.mean(v):.2f}" if v else "-" for v in krr.values()),
                    f"{cpu:.0f}", f"{1000 * cpu / rs[0]['steps']:.0f}",
                    f"{1000 * np.mean(wall_step):.0f}" if wall_step else "-"])
@@ -231,22 +225,12 @@ PAIRS = (("ours", "official"), ("ours_dsa", "ours"), ("ours_bn09", "ours"),
 
 
 def paired(records: list[dict]) -> str:
-  """A side minus another per (ipc, seed, evaluation network): every set is evaluated by the same
-  network seeds, so the difference removes the networks' own spread."""
+  """A side minus another per (ipc, seed, evaluation network) for each pair of PAIRS."""
   from kip.cli import format_table  # noqa: PLC0415
 
-  rows = []
-  for mine, other in PAIRS:
-    for ipc in sorted({r["ipc"] for r in records}):
-      diffs, seeds = [], []
-      for seed in sorted({r["seed"] for r in records}):
-        accs = {r["side"]: r.get("acc_transfer") for r in records
-                if r["ipc"] == ipc and r["seed"] == seed}
-        if accs.get(mine) and accs.get(other):
-          diffs += list(np.subtract(accs[mine], accs[other]))
-          seeds.append(str(seed))
-      if diffs:
-        rows.append([f"{mine} - {other}", str(ipc), ",".join(seeds), cell(diffs)])
+  rows = [[f"{mine} - {other}", str(ipc), ",".join(seeds), interval_n(diffs)]
+          for mine, other in PAIRS
+          for ipc, seeds, diffs in paired_differences(records, mine, other, "acc_transfer")]
   return format_table(("comparison", "ipc", "seeds", "points: mean [95% t] (pairs)"), rows)
 
 

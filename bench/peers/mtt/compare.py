@@ -45,8 +45,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, REPO)  # run as a script: the repository's packages
-from bench.peers.common import read_json, run_child, write_json  # noqa: E402
-from bench.peers.dm.compare import interval, ours_times  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+  interval,
+  interval_n,
+  paired_differences,
+  read_json,
+  run_child,
+  write_json,
+)
+from bench.peers.dm.compare import ours_times  # noqa: E402
 from methods.experts import PRESETS as BUFFER_PRESETS  # noqa: E402
 from methods.experts import Config as BufferConfig  # noqa: E402
 from methods.mtt import CPU_BATCH_SYN  # noqa: E402
@@ -382,23 +389,14 @@ def table(records: list[dict]) -> str:
 
 
 def paired(records: list[dict]) -> str:
-  """a - b per (ipc, seed, evaluation network) for each contrast of CONTRASTS: the evaluators
-  draw the same network seeds for every set, so the difference removes the networks' spread."""
+  """a - b per (ipc, seed, evaluation network) for each contrast of CONTRASTS
+  (`common.paired_differences`), under each evaluator."""
   from kip.cli import format_table  # noqa: PLC0415
 
-  rows = []
-  for key, name in (("acc_ours_dsa", "ours dsa eval"), ("acc_official", "official eval")):
-    for a, b, what in CONTRASTS:
-      for ipc in sorted({r["ipc"] for r in records}):
-        diffs, seeds = [], []
-        for seed in sorted({r["seed"] for r in records}):
-          pair = {r["side"]: r.get(key) for r in records if r["ipc"] == ipc and r["seed"] == seed}
-          if pair.get(a) and pair.get(b):
-            diffs += list(np.subtract(pair[a], pair[b]))
-            seeds.append(str(seed))
-        if diffs:
-          rows.append((name, what, str(ipc), ",".join(seeds),
-                       f"{interval(diffs)} (n={len(diffs)})"))
+  rows = [(name, what, str(ipc), ",".join(seeds), interval_n(diffs))
+          for key, name in (("acc_ours_dsa", "ours dsa eval"), ("acc_official", "official eval"))
+          for a, b, what in CONTRASTS
+          for ipc, seeds, diffs in paired_differences(records, a, b, key)]
   return format_table(("evaluator", "contrast", "ipc", "seeds", "difference, points: mean [95% t]"),
                       rows)
 

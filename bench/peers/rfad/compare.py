@@ -43,7 +43,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, REPO)  # run as a script: the repository's packages
-from bench.peers.common import read_json, run_child, write_json  # noqa: E402
+from bench.peers.common import (  # noqa: E402
+  interval_n,
+  paired_differences,
+  read_json,
+  run_child,
+  write_json,
+)
 
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # The sets compared: which distillation made each, and its file in that run's folder.
@@ -223,18 +229,6 @@ def evaluate_krr(args, side: str, folder: str, compute: bool = True) -> dict[str
   return done
 
 
-def interval(accs) -> str:
-  from kip.scores import interval95  # noqa: PLC0415
-
-  accs = [100 * a for a in accs]
-  if not accs:
-    return "-"
-  if len(accs) == 1:
-    return f"{accs[0]:.2f} (n=1)"
-  iv = interval95(accs)
-  return f"{iv.mean:.2f} [{iv.low:.2f}, {iv.high:.2f}] (n={len(accs)})"
-
-
 SUMMARY_HEADER = ("side", "ipc", "seeds", "transfer acc %: mean [95% t] (nets)", "KRR % ({})",
                   "distill CPU-s", "official validation CPU-s", "CPU-ms/step (steady)",
                   "CPU/step official/this")
@@ -252,7 +246,7 @@ def summary(records: list[dict], kernels: list[str]) -> tuple[tuple, list[list[s
       steady = np.mean([r["steady_cpu_s_per_step"] for r in rs])
       per_step[side, ipc] = steady
       validation = [r["validation_cpu_s"] for r in rs if "validation_cpu_s" in r]
-      rows.append([side, str(ipc), ",".join(str(r["seed"]) for r in rs), interval(accs),
+      rows.append([side, str(ipc), ",".join(str(r["seed"]) for r in rs), interval_n(accs),
                    " / ".join(f"{100 * np.mean(v):.2f}" if v else "-" for v in krr),
                    f"{np.mean([r['distill_cpu_s'] for r in rs]):.0f}",
                    f"{np.mean(validation):.0f}" if validation else "",
@@ -267,21 +261,11 @@ def summary(records: list[dict], kernels: list[str]) -> tuple[tuple, list[list[s
 
 
 def paired(records: list[dict]) -> tuple[tuple, list[list[str]]]:
-  """ours - official per (ipc, seed, evaluation network): the evaluator draws the same network
-  seeds for every set, so the difference removes the networks' own spread."""
-  rows = []
-  for mine, other in (("ours", "official"), ("ours", "official_best"),
-                      ("ours_map", "official"), ("ours_map", "ours")):
-    for ipc in sorted({r["ipc"] for r in records}):
-      diffs, seeds = [], []
-      for seed in sorted({r["seed"] for r in records}):
-        accs = {r["side"]: r.get("acc_transfer") for r in records
-                if r["ipc"] == ipc and r["seed"] == seed}
-        if accs.get(other) and accs.get(mine):
-          diffs += list(np.subtract(accs[mine], accs[other]))
-          seeds.append(str(seed))
-      if diffs:
-        rows.append([f"{mine} - {other}", str(ipc), ",".join(seeds), interval(diffs)])
+  """A side minus another per (ipc, seed, evaluation network), for each contrast."""
+  rows = [[f"{mine} - {other}", str(ipc), ",".join(seeds), interval_n(diffs)]
+          for mine, other in (("ours", "official"), ("ours", "official_best"),
+                              ("ours_map", "official"), ("ours_map", "ours"))
+          for ipc, seeds, diffs in paired_differences(records, mine, other, "acc_transfer")]
   return ("comparison", "ipc", "seeds", "points: mean [95% t] (pairs)"), rows
 
 
