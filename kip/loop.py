@@ -277,49 +277,84 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
     bar.set_description(f"{description}: compiling the step")
   t0 = time.perf_counter() - wall_offset
   cpu0 = time.process_time() - cpu_offset
-  steady_time, steady_steps = 0.0, 0
-  step = start_step
-  for step in range(start_step + 1, config.steps + 1 if not stopped else start_step + 1):
-    batch = sampler(step)
-    key = jax.random.fold_in(root_key, step)
-    t_step = time.perf_counter()
-    new_state, metrics = method.update(state, batch, key, jnp.asarray(step, jnp.int32))
-    metrics = jax.device_get(metrics)  # waits for the step: honest timings
-    elapsed = time.perf_counter() - t_step
-    train_time += elapsed
-    if step > start_step + 1:
-      steady_time, steady_steps = steady_time + elapsed, steady_steps + 1
-    else:
-      bar.set_description(description)
+  steady = [0.0, 0]  # seconds and steps after the first (compiling) one
+  last = config.steps if not stopped else start_step
+
+  def synced(step: int) -> bool:
+    """Whether the state after `step` is read on the host (an evaluation, a checkpoint, the last
+    step): the loop waits for that step before dispatching the next, whose update may donate
+    the state's buffers."""
+    return (step == last or _due(step, config.checkpoint_every, last) or any(
+        _due(step, config.eval_every if ev.every is None else ev.every, last)
+        for ev in evaluators))
+
+  def finish(step: int, metrics) -> None:
+    """Fetches step's metrics (the update dispatched one step later is already queued behind it,
+    so the device never waits for the host), stops on a non-finite one, and records them."""
+    nonlocal train_time
+    metrics = jax.device_get(metrics)
     if not _all_finite(metrics):
       bar.close()
-      last = latest_checkpoint(workdir)
+      kept_last = latest_checkpoint(workdir)
       bad = {k: _to_json(v) for k, v in metrics.items()}
-      kept = (f"The last good checkpoint (step {last[0]}) and outputs are kept in {workdir}. "
-              "To retry with another setting (e.g. a lower --lr), use a new --workdir"
-              if last else "Nothing was finished; retry with another setting (e.g. a lower --lr)")
+      kept = (f"The last good checkpoint (step {kept_last[0]}) and outputs are kept in "
+              f"{workdir}. To retry with another setting (e.g. a lower --lr), use a new --workdir"
+              if kept_last else
+              "Nothing was finished; retry with another setting (e.g. a lower --lr)")
       raise NonFiniteLossError(
           f"a non-finite value at step {step} ({_format(bad)}); stopped. {kept}")
-    state = new_state
-    record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()}}
+    now = time.perf_counter()
+    elapsed, clock[0] = now - clock[0], now
+    train_time += elapsed
+    if step > start_step + 1:
+      steady[0], steady[1] = steady[0] + elapsed, steady[1] + 1
+    else:
+      bar.set_description(description)
+    record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()},
+              "wall_time": round(now - t0, 3), "train_time": round(train_time, 3),
+              "cpu_time": round(time.process_time() - cpu0, 3)}
+    if step % config.log_every == 0 or synced(step):
+      pending_records.append(record)
+    bar.set_postfix({k: f"{np.mean(v):.4g}" for k, v in record.items()
+                     if k == "loss" or k.endswith("acc") or k.endswith("acc_mean")},
+                    refresh=False)
+    bar.update(1)
+
+  # The device runs step s while the host samples the batch of s + 1 and records step s - 1;
+  # `train_time` is the loop's time outside evaluations and checkpoints.
+  clock = [time.perf_counter()]
+  pending_records: list[dict] = []
+  in_flight = None  # (step, metrics) dispatched and not yet fetched
+  step = start_step
+  batch = sampler(start_step + 1) if start_step < last else None
+  for step in range(start_step + 1, last + 1):
+    key = jax.random.fold_in(root_key, step)
+    state, metrics = method.update(state, batch, key, jnp.asarray(step, jnp.int32))
+    if step < last:
+      batch = sampler(step + 1)
+    if in_flight is not None:
+      finish(*in_flight)
+    in_flight = (step, metrics)
+    for record in pending_records:
+      write(record)
+    pending_records.clear()
+    if not synced(step):
+      continue
+    finish(*in_flight)
+    in_flight = None
+    record = pending_records.pop()
     results = evaluate(step)
     if results:
       last_eval = {**last_eval, **results}
       record.update(results)
       select(step, results)
-    record["wall_time"] = round(time.perf_counter() - t0, 3)
-    record["train_time"] = round(train_time, 3)
-    record["cpu_time"] = round(time.process_time() - cpu0, 3)
-    if results or step % config.log_every == 0 or step == config.steps:
-      write(record)
-    bar.set_postfix({k: f"{np.mean(v):.4g}" for k, v in record.items()
-                     if k == "loss" or k.endswith("acc") or k.endswith("acc_mean")},
-                    refresh=False)
-    bar.update(1)
+      record["wall_time"] = round(time.perf_counter() - t0, 3)
+    write(record)
     stop = bool(config.patience and best_step is not None
                 and step - best_step >= config.patience)
-    if _due(step, config.checkpoint_every, config.steps) or stop:
+    if _due(step, config.checkpoint_every, last) or stop or step == last:
       checkpoint(step, record["wall_time"], record["cpu_time"])
+    clock[0] = time.perf_counter()  # evaluations and checkpoints are not training time
     if stop:
       log(f"stopping early at step {step}: {config.select_metric} has not improved for "
           f"{config.patience} steps (best {best_value:.5g} at step {best_step})")
@@ -328,7 +363,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   if (start_step == config.steps or stopped) and writer and save is not None:
     save(state, config.steps)  # already finished: make sure the output on disk is this one
   wall = time.perf_counter() - t0
-  rate = steady_steps / steady_time if steady_steps else math.nan
+  rate = steady[1] / steady[0] if steady[1] else math.nan
   return RunResult(state, last_eval, step, wall, train_time, rate, best_step)
 
 

@@ -247,3 +247,40 @@ def test_cpu_time_is_the_processes_and_adds_up_over_a_resume(tmp_path):
   spent = time.process_time() - before
   resumed = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if r["step"] > step]
   assert all(at_checkpoint <= r["cpu_time"] <= at_checkpoint + spent for r in resumed)
+
+
+def test_the_host_samples_and_records_while_the_next_step_runs(tmp_path):
+  """The device is never left waiting for the host: the batch of step s + 1 is drawn and the
+  metrics of step s are read only after step s + 1 is dispatched, except where the host reads
+  the state after s (a checkpoint, the last step), whose next update may donate it."""
+  events = []
+
+  class Metric:  # a metric that notes when the loop reads it on the host
+    def __init__(self, step):
+      self.step = step
+
+    def __array__(self, dtype=None, copy=None):
+      events.append(("fetch", self.step))
+      return np.asarray(1.0, dtype or np.float32)
+
+  def update(state, batch, key, step):
+    events.append(("update", int(step)))
+    return state + 1, {"loss": Metric(int(step))}
+
+  def sampler(step):
+    events.append(("sample", step))
+
+  method = Method(lambda key, x, y: jnp.zeros((2, 2, 2, 1)), update,
+                  lambda s: {"images": s, "targets": s.reshape(2, -1)}, Data("none"))
+  result = run(method, workdir=str(tmp_path), config=LoopConfig(steps=6, eval_every=0,
+                                                                 checkpoint_every=3),
+               sampler=sampler, log=lambda _: None, progress=False)
+  assert float(result.state.sum()) == 6 * 8
+  order = {event: i for i, event in enumerate(events)}
+  assert len(order) == len(events) == 6 * 3  # every step sampled, updated, fetched once
+  for step in (1, 2, 4, 5):
+    assert order[("sample", step + 1)] < order[("fetch", step)]
+    assert order[("update", step + 1)] < order[("fetch", step)]
+  for step in (3,):  # checkpointed: read before the next update is dispatched
+    assert order[("fetch", step)] < order[("update", step + 1)]
+  assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -3,6 +3,7 @@ sizes, sharded kernels and their hand-written gradients against plain autodiff, 
 numbers on one simulated device and on two processes of two devices each (subprocesses) for KIP,
 Label Solve and evaluation."""
 
+import json
 import os
 import pathlib
 import socket
@@ -99,12 +100,10 @@ def test_memory_model_bounds_xla_buffer_sizes(arch, side, tiles):
         assert analysis.temp_size_in_bytes >= model / 4
 
 
-@pytest.mark.parametrize("arch,memory", [("fc", None),
-                                         pytest.param("convnet3", 3e6, marks=pytest.mark.slow)])
-def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
-  """Values and both arguments' gradients of a smooth function of K, through the tiled path
-  (convnet3: full covariances, several tiles, recomputed) and the one-tile path (fc), against
-  neural-tangents' kernel differentiated by JAX."""
+def gradient_errors(arch: str, memory) -> tuple[bool, float, float, list[float]]:
+  """(whether the kernel is tiled, relative error of K, of a smooth function of K, and of its
+  gradients in both arguments) of the sharded kernel on every device against neural-tangents'
+  kernel differentiated by JAX."""
   kernel = make_kernel(arch)
   sharded = shard_kernel(kernel.kernel_fn, kernel.covariance, make_mesh(), memory,
                          backward=True)
@@ -112,7 +111,6 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
   x1 = jnp.asarray(rng.standard_normal((7, 8, 8, 1)), jnp.float32)
   x2 = jnp.asarray(rng.standard_normal((5, 8, 8, 1)), jnp.float32)
   weights = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
-  assert sharded.layout(7, 5, (8, 8, 1)).remat == (arch == "convnet3")
 
   def objective(kernel_fn):
     return lambda a, b: jnp.sum(weights * jnp.sin(kernel_fn(a, b) / 3))
@@ -120,11 +118,37 @@ def test_sharded_kernel_and_its_gradients_match_plain_autodiff(arch, memory):
   with jax.default_matmul_precision("highest"):
     ours = jax.jit(jax.value_and_grad(objective(sharded), argnums=(0, 1)))(x1, x2)
     plain = jax.jit(jax.value_and_grad(objective(kernel.kernel_fn), argnums=(0, 1)))(x1, x2)
-    np.testing.assert_allclose(jax.jit(sharded)(x1, x2), jax.jit(kernel.kernel_fn)(x1, x2),
-                               rtol=1e-6)
-  assert rel(ours[0], plain[0]) < 1e-6
-  for got, expected in zip(ours[1], plain[1], strict=True):
-    assert rel(got, expected) < 1e-5
+    k_error = rel(jax.jit(sharded)(x1, x2), jax.jit(kernel.kernel_fn)(x1, x2))
+  return (sharded.layout(7, 5, (8, 8, 1)).remat, k_error, rel(ours[0], plain[0]),
+          [rel(g, e) for g, e in zip(ours[1], plain[1], strict=True)])
+
+
+def check_gradient_errors(remat, k_error, value_error, grad_errors) -> None:
+  assert k_error < 1e-6 and value_error < 1e-6
+  assert max(grad_errors) < 1e-5
+
+
+def test_one_tile_per_device_kernel_and_its_gradients_match_plain_autodiff():
+  """The one-tile path (fc: each device's rows whole, the second argument's gradient from the
+  transposed kernel) on two simulated devices, in a subprocess; on one device this path is
+  plain autodiff itself."""
+  code = ("import sys; sys.path.insert(0, 'tests'); import json, test_sharding as t; "
+          "print(json.dumps(t.gradient_errors('fc', None)))")
+  process = subprocess.run([sys.executable, "-c", code], env=worker_env(2), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  remat, *errors = json.loads(process.stdout.strip().splitlines()[-1])
+  assert not remat
+  check_gradient_errors(remat, *errors)
+
+
+@pytest.mark.slow
+def test_tiled_kernel_and_its_gradients_match_plain_autodiff():
+  """The tiled path (convnet3: full covariances, several tiles, each recomputed in the backward
+  pass) on one device."""
+  remat, *errors = gradient_errors("convnet3", 3e6)
+  assert remat
+  check_gradient_errors(remat, *errors)
 
 
 def worker_env(devices: int, **extra) -> dict:
