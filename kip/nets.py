@@ -5,7 +5,8 @@
   (width 128, instance norm). Standard or NTK parameterisation, weights N(0, W_std^2 / fan_in) and
   biases N(0, b_std^2) with W_std = sqrt(2), b_std = 0.1 as in `kip.kernels`: in NTK
   parameterisation (and without normalisation) the empirical NTK tends to `kip.kernels`' kernel of
-  the same name as the width grows.
+  the same name as the width grows. `torch`: standard parameterisation initialised as PyTorch's
+  layers are (weights and biases uniform in +-1/sqrt(fan_in)), as the DC family's official code.
 - `MLP`: flatten, `depth` x [dense, ReLU], dense.
 - `ResNet18`: the ResNet-18 layout for small images (3x3 stem, four stages of two basic blocks,
   global average pooling), for cross-architecture checks.
@@ -37,7 +38,10 @@ W_STD, B_STD = math.sqrt(2.0), 0.1
 # The generic nets; the variants a paper defines are built from `ConvNet` in methods/nets.py.
 NETS = ("convnet", "convnet3", "mlp", "resnet18")
 NORMS = ("none", "instance", "layer", "batch")
-PARAMETERIZATIONS = ("standard", "ntk")
+# torch: standard parameterisation drawn as PyTorch's nn.Linear / nn.Conv2d initialise (weights
+# and biases uniform in +-1/sqrt(fan_in)), the networks of the DC family's official code (MTT,
+# DATM, PAD train their experts with it).
+PARAMETERIZATIONS = ("standard", "ntk", "torch")
 
 
 def normal_init(stddev: float):
@@ -54,15 +58,34 @@ def normal_init(stddev: float):
   return init
 
 
+def uniform_init(bound: float):
+  """Uniform in [-bound, bound), drawn flat and reshaped (see `normal_init`)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
+    return flat.reshape(shape)
+
+  return init
+
+
 def _weight_init(parameterization: str, w_std: float, fan_in: int):
   # NTK parameterisation keeps unit-variance weights and moves W_std / sqrt(fan_in) into the
   # forward pass, which is what makes its NTK converge to the infinite-width kernel.
+  if parameterization == "torch":  # kaiming_uniform_(a=sqrt(5)): bound sqrt(6 / (6 fan_in))
+    return uniform_init(1 / math.sqrt(fan_in))
   return normal_init(1.0 if parameterization == "ntk" else w_std / math.sqrt(fan_in))
+
+
+def _bias_init(parameterization: str, b_std: float, fan_in: int):
+  if parameterization == "torch":
+    return uniform_init(1 / math.sqrt(fan_in))
+  return normal_init(1.0 if parameterization == "ntk" else b_std)
 
 
 def _check_parameterization(parameterization: str) -> None:
   if parameterization not in PARAMETERIZATIONS:
-    raise ValueError(f"unknown parameterization {parameterization!r}; choose standard or ntk")
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
+                     f"{', '.join(PARAMETERIZATIONS)}")
 
 
 def _affine(module: nn.Module, kernel_shape: tuple[int, ...], fan_in: int, apply,
@@ -77,7 +100,7 @@ def _affine(module: nn.Module, kernel_shape: tuple[int, ...], fan_in: int, apply
   if ntk:
     y = module.w_std / math.sqrt(fan_in) * y
   if use_bias:
-    bias = module.param("bias", normal_init(1.0 if ntk else module.b_std),
+    bias = module.param("bias", _bias_init(module.parameterization, module.b_std, fan_in),
                         (kernel_shape[-1],))
     y = y + (module.b_std * bias if ntk else bias)
   return y

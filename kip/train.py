@@ -256,10 +256,13 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
 def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: int) -> float:
   """Power iteration for the top eigenvalue of (1/k) sum_o J_o J_o^T, J_o the (m, params)
   Jacobian of logit o, with matrix-free products: J_o^T v by a VJP, J_o u by a JVP."""
-  _, vjp = jax.vjp(lambda p: f(p, x), params)
-
+  # Parameters and images are arguments, not closed over: a jitted function's captured arrays
+  # become constants of its program (the activations of a VJP taken outside were 2 GB at
+  # width 1024, and XLA constant-folded convolutions over them).
   @jax.jit
-  def ntk_vector(v):
+  def ntk_vector(params, x, v):
+    _, vjp = jax.vjp(lambda p: f(p, x), params)
+
     def one_logit(total, o):
       (u,) = vjp(jnp.zeros((len(x), k), v.dtype).at[:, o].set(v))
       _, out = jax.jvp(lambda p: f(p, x), (params,), (u,))
@@ -272,7 +275,7 @@ def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: i
   value = 0.0
   with jax.default_matmul_precision("highest"):
     for _ in range(iterations):
-      w = ntk_vector(v)
+      w = ntk_vector(params, x, v)
       new = float(jnp.vdot(v, w))
       v = w / jnp.linalg.norm(w)
       if abs(new - value) <= 1e-7 * abs(new):

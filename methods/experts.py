@@ -62,6 +62,10 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   width: int = f(32, "ConvNet channels", minimum=1)
   depth: int = f(0, "ConvNet blocks (0: by image size, 3 up to 32 pixels)", minimum=0)
   norm: str = f("instance", "ConvNet normalisation (MTT: instance)", choices=NORMS)
+  init: str = f("standard", "the experts' weight initialisation: standard (N(0, 2 / fan_in) "
+                            "weights, N(0, 0.01) biases) or torch (PyTorch's default, uniform in "
+                            "+-1/sqrt(fan_in), as the official MTT, DATM and PAD code)",
+                choices=("standard", "torch"))
   lr: float = f(0.01, "SGD learning rate of the experts", above=0)
   momentum: float = f(0.0, "SGD momentum (MTT: 0)", minimum=0, below=1)
   weight_decay: float = f(0.0, "weight decay (MTT: 0)", minimum=0)
@@ -98,6 +102,8 @@ class Config(cli.RunConfig, PreprocessConfig, cli.DataConfig):
   def expert_settings(self) -> dict:
     """What makes the experts: everything but paths, display and their number."""
     settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_THE_EXPERTS}
+    if self.init == "standard":  # stores made before `init` existed keep their folder
+      settings.pop("init")
     if self.curriculum == "none":  # the curriculum's knobs do not change these experts
       for k in ("init_ratio", "add_end_epoch", "drops", "score_nets", "score_steps"):
         settings.pop(k)
@@ -128,7 +134,8 @@ def expert_model(settings: dict, image_shape: tuple[int, ...], num_classes: int)
   """The experts' network, from a store's settings."""
   depth = settings["depth"] or default_depth(image_shape)
   return make_net("convnet3", num_classes, width=settings["width"], depth=depth,
-                  norm=settings["norm"], image_shape=image_shape, dc_padding=True)
+                  norm=settings["norm"], image_shape=image_shape, dc_padding=True,
+                  parameterization=settings.get("init", "standard"))
 
 
 def build_buffer(config: Config, path: str) -> dict:

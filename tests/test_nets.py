@@ -100,6 +100,25 @@ def test_standard_parameterisation_initial_scales():
   assert np.asarray(ntk_params["conv_1"]["kernel"]).std() == pytest.approx(1.0, rel=0.02)
 
 
+def test_torch_parameterisation_is_pytorchs_default_uniform_init():
+  """`torch`: weights and biases uniform in +-1/sqrt(fan_in), what PyTorch's kaiming_uniform_(a=
+  sqrt(5)) and bias init give nn.Conv2d and nn.Linear (closed form: std bound / sqrt(3)); norm
+  layers start at scale 1, bias 0."""
+  net = make_net("convnet3", 10, width=64, norm="instance", parameterization="torch",
+                 image_shape=(28, 28, 1), dc_padding=True)
+  params = net.init(jax.random.key(2), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  for layer, fan_in in (("conv_1", 9 * 64), ("readout", 64 * 4 * 4)):
+    bound = 1 / math.sqrt(fan_in)
+    for name in ("kernel", "bias"):
+      assert np.abs(np.asarray(params[layer][name])).max() <= bound
+    assert np.abs(np.asarray(params[layer]["kernel"])).max() > 0.95 * bound
+    assert np.asarray(params[layer]["kernel"]).std() == pytest.approx(bound / math.sqrt(3),
+                                                                      rel=0.03)
+  np.testing.assert_array_equal(np.asarray(params["norm_0"]["scale"]), 1)
+  with pytest.raises(ValueError, match="standard, ntk, torch"):
+    make_net("convnet", 10, width=8, parameterization="pytorch")
+
+
 def test_weights_are_flax_normal_draws_value_for_value():
   """Our initializer draws flat and reshapes (XLA:CPU compiles that faster): the same numbers as
   flax's `initializers.normal` drawing in the parameter's shape."""

@@ -311,3 +311,19 @@ def test_datm_initial_images_are_the_first_correct_ones_of_each_class_in_a_seede
   np.testing.assert_allclose(got_logits, logits[expected], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="class 0 has 30 training images, fewer than ipc 31"):
     correctly_classified(model, jnp.asarray(w), x, labels, 31, 3, seed=5, chunk=7)
+
+
+def test_experts_take_pytorchs_init_on_request_and_old_stores_keep_their_folder():
+  """`--init torch` builds the experts' (and students') ConvNet with PyTorch's default init; the
+  default's settings, and so its store folder, are those recorded before the flag existed."""
+  from methods.experts import Config, expert_model
+
+  standard = Config(dataset="mnist")
+  torch = Config(dataset="mnist", init="torch")
+  assert "init" not in standard.expert_settings()
+  assert standard.default_buffer().endswith("mnist-da37823c98e3")  # as recorded before `init`
+  assert torch.default_buffer() != standard.default_buffer()
+  model = expert_model(torch.expert_settings(), (28, 28, 1), 10)
+  params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+  for name in ("kernel", "bias"):  # fan_in 32 x 4 x 4; the standard bias is N(0, 0.1^2)
+    assert np.abs(np.asarray(params["readout"][name])).max() <= 1 / np.sqrt(512)
