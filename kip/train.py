@@ -43,6 +43,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from kip._compat import nt
 from kip.augment import DC_STRATEGY, DSA_STRATEGY, apply_augment, parse_augment
@@ -221,18 +223,23 @@ def _variables(params, batch_stats) -> dict:
 
 
 def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: float,
-                  memory_bytes: float = 2**30, iterations: int = 100) -> float:
+                  memory_bytes: float = 2**30, iterations: int = 100,
+                  log: Callable[[str], None] | None = None) -> float:
   """The largest learning rate at which (momentum) gradient descent on the MSE
   `0.5 * mean((f - y)^2)` is stable for the linearised network: `2 (1 + momentum) * m * k /
   lambda_max`, lambda_max the top eigenvalue of the empirical NTK (averaged over the k logits) of
   `x` (m, H, W, C) at these parameters, as `nt.predict.max_learning_rate` computes it.
 
   When the Jacobian (m * k * params floats) fits in `memory_bytes`, the NTK is built by
-  neural-tangents' Jacobian contraction and its eigenvalue taken exactly; otherwise lambda_max
-  comes from power iteration with NTK-vector products (one VJP and one JVP per logit per
+  neural-tangents' Jacobian contraction and its eigenvalue taken exactly; when one logit's
+  Jacobian (m * params) fits, the NTK is summed over the logits' Jacobians, one at a time (as
+  exact; at the colab's width 1024 neither fits in 1 GiB); otherwise lambda_max comes from
+  power iteration with NTK-vector products (one VJP and one JVP per logit per
   iteration; no Jacobian and no Gram matrix beyond m x m), within `iterations` or until it moves
-  by less than 1e-7 relative.
+  by less than 1e-5 relative (the rate to four digits). `log` hears how it is computed and, for power iteration, each
+  iteration's estimate and time.
   """
+  log = log or (lambda _: None)
   rest = {k: v for k, v in variables.items() if k != "params"}
 
   def f(params, images):
@@ -243,17 +250,47 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
   jacobian_bytes = 4 * len(x) * num_outputs * count_params(params)
   x = jnp.asarray(x)
   if jacobian_bytes < memory_bytes:
+    log(f"learning rate: the empirical NTK of {len(x)} images ({jacobian_bytes / 2**20:.0f} MiB "
+        "of Jacobian)")
     ntk_fn = jax.jit(nt.empirical_ntk_fn(
         f, vmap_axes=0, implementation=nt.NtkImplementation.JACOBIAN_CONTRACTION))
     with jax.default_matmul_precision("highest"):
       ntk = np.asarray(ntk_fn(x, None, params), np.float64)
     return float(nt.predict.max_learning_rate(ntk, y_train_size=len(x) * num_outputs,
                                               momentum=momentum))
-  top = _ntk_top_eigenvalue(f, params, x, num_outputs, iterations)
+  if jacobian_bytes / num_outputs < memory_bytes:
+    log(f"learning rate: the empirical NTK of {len(x)} images, one logit's Jacobian at a time "
+        f"({jacobian_bytes / num_outputs / 2**20:.0f} MiB each)")
+    top = _ntk_by_logit(f, params, x, num_outputs)
+    return float(2 * (1 + momentum) * len(x) * num_outputs / top)
+  log(f"learning rate: the top eigenvalue of the empirical NTK of {len(x)} images by power "
+      f"iteration ({num_outputs} VJPs and JVPs an iteration; its Jacobian, "
+      f"{jacobian_bytes / 2**30:.1f} GiB, exceeds {memory_bytes / 2**30:.1f} GiB)")
+  top = _ntk_top_eigenvalue(f, params, x, num_outputs, iterations, log)
   return float(2 * (1 + momentum) * len(x) * num_outputs / top)
 
 
-def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: int) -> float:
+def _ntk_by_logit(f: Callable, params, x: jax.Array, k: int) -> float:
+  """The top eigenvalue of (1/k) sum_o J_o J_o^T, each J_o (m, params) built by per-image
+  gradients of logit o and contracted leaf by leaf: m x params floats at a time, not k times
+  that, and no iteration (about k backward passes of the m images)."""
+
+  @jax.jit
+  def gram(params, x, o):
+    def logit(p, image):
+      return f(p, image[None])[0, o]
+
+    jac = jax.vmap(jax.grad(logit), in_axes=(None, 0))(params, x)
+    return sum(jnp.einsum("i...,j...->ij", leaf, leaf)
+               for leaf in jax.tree_util.tree_leaves(jac))
+
+  with jax.default_matmul_precision("highest"):
+    ntk = sum(np.asarray(gram(params, x, o), np.float64) for o in range(k)) / k
+  return float(np.linalg.eigvalsh(ntk)[-1])
+
+
+def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: int,
+                        log: Callable[[str], None]) -> float:
   """Power iteration for the top eigenvalue of (1/k) sum_o J_o J_o^T, J_o the (m, params)
   Jacobian of logit o, with matrix-free products: J_o^T v by a VJP, J_o u by a JVP."""
   # Parameters and images are arguments, not closed over: a jitted function's captured arrays
@@ -274,11 +311,13 @@ def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: i
   v = jnp.ones((len(x),), jnp.float32) / np.sqrt(len(x))
   value = 0.0
   with jax.default_matmul_precision("highest"):
-    for _ in range(iterations):
+    for i in range(iterations):
+      start = time.perf_counter()
       w = ntk_vector(params, x, v)
       new = float(jnp.vdot(v, w))
+      log(f"  power iteration {i + 1}: eigenvalue {new:.6g} ({time.perf_counter() - start:.1f} s)")
       v = w / jnp.linalg.norm(w)
-      if abs(new - value) <= 1e-7 * abs(new):
+      if abs(new - value) <= 1e-5 * abs(new):
         return new
       value = new
   return value
@@ -440,9 +479,14 @@ def make_predict(net: nn.Module, seed_batching: str = "vmap", center_output: boo
 
 
 def evaluate_states(predict: Callable, states: TrainState, x_test: np.ndarray,
-                    labels_test: np.ndarray, batch: int = 500) -> np.ndarray:
-  """Accuracy of each stacked network on (n, H, W, C) / (n,) int: (n_seeds,) float64."""
+                    labels_test: np.ndarray, batch: int = 500, progress: bool = False
+                    ) -> np.ndarray:
+  """Accuracy of each stacked network on (n, H, W, C) / (n,) int: (n_seeds,) float64 (`progress`:
+  a bar over the images, with its ETA: at the colab's width 1024 a pass over MNIST's test split
+  takes minutes here)."""
   correct = None
+  bar = tqdm(total=len(x_test), unit="img", desc="test accuracy", leave=False,
+             disable=not progress, dynamic_ncols=True)
   for start in range(0, len(x_test), batch):
     xb = x_test[start:start + batch]
     pad = batch - len(xb)
@@ -451,6 +495,8 @@ def evaluate_states(predict: Callable, states: TrainState, x_test: np.ndarray,
     pred = np.asarray(jnp.argmax(predict(states, jnp.asarray(xb)), -1))[:, :batch - pad]
     hits = (pred == labels_test[start:start + batch]).sum(axis=1)
     correct = hits if correct is None else correct + hits
+    bar.update(batch - pad)
+  bar.close()
   return correct / len(x_test)
 
 
@@ -531,7 +577,8 @@ def train_and_evaluate(
     # The colab's choice: the NTK of one initialisation, at `lr_ntk_images` training images.
     variables = net.init(jax.random.fold_in(jax.random.key(seeds[0]), 0), first[:1], train=False)
     pick = np.random.default_rng(seeds[0]).permutation(n_train)[:protocol.lr_ntk_images]
-    lr = max_stable_lr(net, variables, first[np.sort(pick)], protocol.momentum, memory_bytes)
+    lr = max_stable_lr(net, variables, first[np.sort(pick)], protocol.momentum, memory_bytes,
+                       log=log)
     log(f"learning rate {lr:.4g} (maximum stable rate of the empirical NTK)")
   elif lr <= 0:
     lr = protocol.lr
@@ -553,7 +600,7 @@ def train_and_evaluate(
     return states, {"loss": losses}
 
   def test_accuracy(states) -> dict:
-    acc = evaluate_states(predict, states, x_test, labels_test)
+    acc = evaluate_states(predict, states, x_test, labels_test, progress=progress)
     return {"test_acc": [float(a) for a in acc], "test_acc_mean": float(np.mean(acc))}
 
   evaluators = [] if x_test is None else [Evaluator("test", test_accuracy)]

@@ -42,6 +42,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kip-tests-xla-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+# No jitted function may capture more than 10 MB of arrays as constants of its program (closed
+# over instead of passed: copied into every compile, constant-folded by XLA, held twice). JAX
+# warns above JAX_CAPTURED_CONSTANTS_WARN_BYTES; the suite, and every command it starts, turns
+# that warning into an error (pyproject's filterwarnings; PYTHONWARNINGS for the commands).
+CONSTANTS_LIMIT_BYTES = 10 * 2**20
+os.environ.setdefault("JAX_CAPTURED_CONSTANTS_WARN_BYTES", str(CONSTANTS_LIMIT_BYTES))
+os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [
+    os.environ.get("PYTHONWARNINGS", ""), "error:A large amount of constants:UserWarning"]))
+
 
 REAL_DATA_FIXTURES = {"mnist", "manual_dir", "data_dir"}
 

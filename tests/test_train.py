@@ -39,6 +39,13 @@ def test_max_stable_lr_matches_numpy_and_is_the_stability_edge():
   per_logit_mean = full.reshape(n, k, n, k).trace(axis1=1, axis2=3) / k
   expected = 2 * 1.9 * n * k / np.linalg.eigvalsh(per_logit_mean)[-1]
   assert lr == pytest.approx(expected, rel=1e-4)
+  # Room for one logit's Jacobian only: the NTK summed logit by logit, as exact.
+  one_logit = 4 * n * sum(v.size for v in jax.tree_util.tree_leaves(variables["params"]))
+  messages = []
+  by_logit = max_stable_lr(net, variables, x, momentum=0.9, memory_bytes=1.5 * one_logit,
+                           log=messages.append)
+  assert "one logit's Jacobian at a time" in messages[0]
+  assert by_logit == pytest.approx(expected, rel=1e-4)
   # Without room for the Jacobian: power iteration with NTK-vector products, same rate.
   matrix_free = max_stable_lr(net, variables, x, momentum=0.9, memory_bytes=0, iterations=500)
   assert matrix_free == pytest.approx(expected, rel=1e-3)
@@ -57,6 +64,23 @@ def test_max_stable_lr_matches_numpy_and_is_the_stability_edge():
 
   assert final_residual(0.95 * lr) < np.linalg.norm(r0)
   assert final_residual(1.05 * lr) > 1e3 * np.linalg.norm(r0)
+
+
+def test_the_matrix_free_learning_rate_captures_no_activations_as_constants():
+  """The NTK-vector product is jitted with the parameters and images as arguments: closing over a
+  VJP taken outside would make its activations (here 50 x 28 x 28 x 32 floats a layer, 5 MB
+  each) constants of the program (2.11 GB at the colab's width 1024). The suite turns JAX's
+  warning into an error above 10 MB (conftest); this one asks for 1 MB."""
+  net = make_net("convnet", 10, width=32)
+  x = np.random.default_rng(0).standard_normal((50, 28, 28, 1)).astype(np.float32)
+  variables = net.init(jax.random.key(0), x[:1])
+  before = jax.config.jax_captured_constants_warn_bytes
+  jax.config.update("jax_captured_constants_warn_bytes", 2**20)
+  try:
+    lr = max_stable_lr(net, variables, x, momentum=0.9, memory_bytes=0, iterations=1)
+  finally:
+    jax.config.update("jax_captured_constants_warn_bytes", before)
+  assert np.isfinite(lr) and lr > 0
 
 
 def test_schedules_follow_the_protocols():
