@@ -3,7 +3,9 @@ sizes, on MNIST-shaped data (28x28x1, 10 classes), 10 images per class.
 
   python -m bench.method_step --rounds 3
 
-Each row: one compiled step (compile time reported apart), then `--rounds` timed steps, median.
+Each row: one compiled step (compile time reported apart), then `--rounds` timed steps, median;
+the step's FLOPs by XLA's cost analysis, its GFLOP/s and their fraction of this machine's matmul
+peak (`python -m bench.cpu_peak` first; "-" without it).
 Paper sizes are slow on a CPU (seconds to minutes per step); `--only cpu` skips them,
 `--methods rfad` measures one method. Prints a table and writes bench/results/method_step.json
 (rows measured now replace the same rows of the file; the others are kept).
@@ -22,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from bench.cpu_peak import read_peak
 from kip.method import Batch
 from methods.frepo import PRESETS as FREPO_PRESETS
 from methods.frepo import make_frepo
@@ -63,9 +66,21 @@ def measure(name: str, preset: str, rounds: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  flops = step_flops(method.update, state, batch, jax.random.key(0), 0)
+  peak = read_peak()
   return {"method": name, "preset": preset, **size, "n_support": N_SUPPORT,
           "compile_and_first_step_s": compile_s, "step_s": step_s, "steps_per_s": 1 / step_s,
-          "rounds": rounds}
+          "rounds": rounds, "gflop_per_step": flops / 1e9, "gflops": flops / 1e9 / step_s,
+          "fraction_of_peak": flops / 1e9 / step_s / peak if peak else None}
+
+
+def step_flops(jitted, *args) -> float:
+  """The FLOPs of one call of `jitted` on `args`, by XLA's cost analysis of the compiled
+  program (what the step must do, whatever it takes)."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
 
 
 def _write(rows: list[dict]) -> str:
@@ -88,6 +103,10 @@ def _write(rows: list[dict]) -> str:
   return out
 
 
+def _percent(fraction: float | None) -> str:
+  return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,8 +117,8 @@ def main(argv=None) -> int:
   unknown = set(args.methods.split(",")) - {"frepo", "rfad"}
   if unknown:
     parser.error(f"unknown --methods {', '.join(sorted(unknown))}; choose frepo, rfad")
-  print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8}",
-        flush=True)
+  print(f"{'method':<7} {'preset':<6} {'size':<45} {'compile s':>9} {'s/step':>8} {'steps/s':>8} "
+        f"{'GFLOP/s':>8} {'of peak':>7}", flush=True)
   rows = []
   for name, preset in SIZES:  # the slowest (RFAD at paper size) last; each row saved as it ends
     if args.only not in ("all", preset) or name not in args.methods.split(","):
@@ -108,7 +127,8 @@ def main(argv=None) -> int:
     rows.append(r)
     size = ", ".join(f"{k} {r[k]}" for k in SIZES[(r["method"], r["preset"])])
     print(f"{r['method']:<7} {r['preset']:<6} {size:<45} {r['compile_and_first_step_s']:>9.1f} "
-          f"{r['step_s']:>8.3f} {r['steps_per_s']:>8.3f}", flush=True)
+          f"{r['step_s']:>8.3f} {r['steps_per_s']:>8.3f} {r['gflops']:>8.1f} "
+          f"{_percent(r['fraction_of_peak']):>7}", flush=True)
     out = _write(rows)
   print(f"written {out}")
   return 0
