@@ -64,7 +64,9 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                        "on the row's networks and scored on a validation split carved from the "
                        "training split (--val-size images, never the test split; the baselines "
                        "then train without them); the best rate's networks are retrained and "
-                       "tested. Costs (rates + 1) x a row")
+                       "tested. xM: M times the rate the row would train at (a set's learned "
+                       "one, the protocol's, or kip's NTK estimate), e.g. x0.3,x1,x3 for every "
+                       "protocol and label type alike. Costs (rates + 1) x a row")
   val_size: int = f(5000, "with --lr-grid: training images held out as the validation split",
                     minimum=1)
   labels: str = f("set", "the distilled row's labels: set (as the set carries them: learned, "
@@ -108,18 +110,25 @@ def _check(config: Config) -> list[str]:
   return rows
 
 
-def _lr_grid(config: Config) -> list[float]:
-  """The rates of --lr-grid (UserError naming a bad one)."""
-  rates = []
+def _lr_grid(config: Config) -> list[tuple[float, float]]:
+  """The entries of --lr-grid as (rate, multiple): (r, 1) for a rate r, (0, m) for xm, a multiple
+  of the row's own rate (UserError naming a bad one)."""
+  entries = []
   for text in filter(None, (t.strip() for t in config.lr_grid.split(","))):
+    relative = text.lower().startswith("x")
     try:
-      rate = float(text)
+      value = float(text[1:] if relative else text)
     except ValueError:
-      rate = np.nan
-    if not np.isfinite(rate) or rate <= 0 or rate > cli.FLOAT_MAXIMUM:
-      raise cli.UserError(f"--lr-grid: {text!r} is not a positive learning rate")
-    rates.append(rate)
-  return sorted(set(rates))
+      value = np.nan
+    if not np.isfinite(value) or value <= 0 or value > cli.FLOAT_MAXIMUM:
+      raise cli.UserError(f"--lr-grid: {text!r} is not a positive learning rate (or xM, a "
+                          "positive multiple of the row's rate)")
+    entries.append((0.0, value) if relative else (value, 1.0))
+  return sorted(set(entries))
+
+
+def _grid_name(rate: float, multiple: float) -> str:
+  return f"x{multiple:g}" if rate == 0 else f"{rate:g}"
 
 
 def _net_settings(config: Config) -> tuple[str, int, str]:
@@ -174,7 +183,7 @@ def transfer(config: Config, workdir: str) -> dict:
     validation = (data.x_train[val_idx], data.labels_train[val_idx])
     data = data._replace(x_train=data.x_train[keep], y_train=data.y_train[keep],
                          labels_train=data.labels_train[keep])
-    cli.log(f"--lr-grid {', '.join(f'{r:g}' for r in grid)}: each row's rate chosen on "
+    cli.log(f"--lr-grid {', '.join(_grid_name(*e) for e in grid)}: each row's rate chosen on "
             f"{config.val_size} validation images held out of the training split")
   results = []
   for row in rows:
@@ -183,8 +192,8 @@ def transfer(config: Config, workdir: str) -> dict:
     total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment,
                                    dataset=config.dataset).steps
 
-    def train(lr, x_eval, labels_eval, folder, description, row=row, x=x, y=y, steps=steps,
-              total_steps=total_steps):
+    def train(lr, x_eval, labels_eval, folder, description, lr_scale=1.0, row=row, x=x, y=y,
+              steps=steps, total_steps=total_steps):
       trained: list[TrainResult] = []
       at_once = config.seeds_at_once or len(seeds)
       for start in range(0, len(seeds), at_once):
@@ -193,27 +202,33 @@ def transfer(config: Config, workdir: str) -> dict:
         suffix = f"seeds{group[0]}-{group[-1]}" if at_once < len(seeds) else ""
         trained.append(train_and_evaluate(
             net, protocol, x[part] if part else x, y[part] if part else y, x_eval, labels_eval,
-            seeds=group, steps=steps, lr=lr, augment=augment,
+            seeds=group, steps=steps, lr=lr, lr_scale=lr_scale, augment=augment,
             eval_every=config.eval_every or max(1, total_steps // 10),
             workdir=os.path.join(folder, suffix) if suffix else folder,
             progress=config.progress, log=cli.log, description=description,
             seed_batching=config.seed_batching, dataset=config.dataset))
       return trained
 
+    own = config.lr or (set_lr if row == "distilled" else 0.0)  # 0: the protocol's or kip's NTK
     search = []
     if grid:
-      for rate in grid:
-        tried = train(rate, *validation, os.path.join(row_dir, f"lr{rate:g}"),
-                      f"{row} lr {rate:g}")
+      for rate, multiple in grid:
+        name = _grid_name(rate, multiple)
+        tried = train(rate or own, *validation, os.path.join(row_dir, f"lr{name}"),
+                      f"{row} lr {name}", lr_scale=multiple)
         val_acc = np.concatenate([t.test_acc for t in tried])
-        search.append({"lr": rate, "val_acc": [float(a) for a in val_acc],
+        search.append({"lr": tried[0].lr, "grid": name, "val_acc": [float(a) for a in val_acc],
                        "val_acc_mean": float(val_acc.mean())})
-        cli.log(f"{row}, lr {rate:g}: validation {cli.percent(val_acc.mean(), val_acc.std())}%")
-      lr = max(search, key=lambda r: r["val_acc_mean"])["lr"]  # ties: the smaller rate
-      cli.log(f"{row}: lr {lr:g} chosen on the validation split")
+        cli.log(f"{row}, lr {tried[0].lr:.4g} ({name}): validation "
+                f"{cli.percent(val_acc.mean(), val_acc.std())}%")
+      best = max(range(len(grid)), key=lambda i: search[i]["val_acc_mean"])  # ties: the first
+      rate, multiple = grid[best]
+      cli.log(f"{row}: lr {search[best]['lr']:.4g} ({search[best]['grid']}) chosen on the "
+              "validation split")
+      trained = train(rate or own, data.x_test, data.labels_test, row_dir, row,
+                      lr_scale=multiple)
     else:
-      lr = config.lr or (set_lr if row == "distilled" else 0.0)
-    trained = train(lr, data.x_test, data.labels_test, row_dir, row)
+      trained = train(own, data.x_test, data.labels_test, row_dir, row)
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,

@@ -236,8 +236,8 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
   exact; at the colab's width 1024 neither fits in 1 GiB); otherwise lambda_max comes from
   power iteration with NTK-vector products (one VJP and one JVP per logit per
   iteration; no Jacobian and no Gram matrix beyond m x m), within `iterations` or until it moves
-  by less than 1e-5 relative (the rate to four digits). `log` hears how it is computed and, for power iteration, each
-  iteration's estimate and time.
+  by less than 1e-5 relative (the rate to four digits). `log` hears how it is computed and, for
+  power iteration, each iteration's estimate and time.
   """
   log = log or (lambda _: None)
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -523,6 +523,7 @@ def train_and_evaluate(
     init_from: TrainState | None = None,
     steps: int = 0,
     lr: float = 0.0,
+    lr_scale: float = 1.0,
     augment: str | None = None,
     dataset: str = "",
     eval_every: int = 0,
@@ -549,6 +550,7 @@ def train_and_evaluate(
       pre-training run of the same net) instead of a fresh initialisation: every parameter and
       batch statistic but the readout's (a new head, freshly initialised), fresh optimiser state.
     steps, lr, augment: overrides of the protocol (0 / None keep it).
+    lr_scale: multiplies the rate, whichever it is (given, the protocol's, the NTK's).
     dataset: the tfds name of the set's dataset, for protocols whose augmentation depends on it
       (`dc`: MNIST only); '' uses the protocol's default (none for `dc`) and says so.
     eval_every: test-set evaluations along the way (0: only at the end), for the curve.
@@ -582,6 +584,7 @@ def train_and_evaluate(
     log(f"learning rate {lr:.4g} (maximum stable rate of the empirical NTK)")
   elif lr <= 0:
     lr = protocol.lr
+  lr *= lr_scale
   tx = make_optimizer(protocol, lr, schedule.steps)
   seed_batching = choose_seed_batching(net, seed_batching)
   step_fn = make_train_step(net, tx, protocol.loss, schedule, n_train, per_seed, seed_batching,

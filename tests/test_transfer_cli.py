@@ -93,6 +93,7 @@ def test_transfer_of_our_set_under_the_dc_protocol(sets, tmp_path, manual_dir, d
     (["--lr", "0.1", "--lr-grid", "0.1,1"], "--lr and --lr-grid exclude each other"),
     (["--lr-grid", "0.1,fast"], "--lr-grid: 'fast' is not a positive learning rate"),
     (["--lr-grid", "0.1,-1"], "--lr-grid: '-1' is not a positive learning rate"),
+    (["--lr-grid", "x0,1"], "--lr-grid: 'x0' is not a positive learning rate (or xM"),
 ])
 def test_transfer_user_errors_are_one_line(sets, tmp_path, manual_dir, data_dir, flags, message,
                                            run_in_process):
@@ -173,25 +174,30 @@ def test_hard_labels_are_each_images_largest_label():
 
 def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, manual_dir,
                                                               data_dir, run_in_process):
-  """A rate too small to move the weights (1e-7) and a working one (0.1): each row keeps the one
+  """A rate too small to move the weights (1e-5 times the row's own rate), the row's own and a
+  working one (0.1): each row keeps the one
   whose networks score higher on 1,000 validation images held out of the training split, and is
   then trained again at it and tested on the test split."""
   args = transfer_args(sets["ours"], tmp_path / "grid", manual_dir, data_dir)
-  result = run_in_process("experiments.transfer", *args, "--lr-grid", "0.1,1e-7",
+  result = run_in_process("experiments.transfer", *args, "--lr-grid", "0.1,x1e-5,x1",
                           "--val-size", "1000")
   assert result.returncode == 0, result.stderr
   assert "chosen on the validation split" in result.stderr + result.stdout
   rows = json.loads((tmp_path / "grid" / "transfer.json").read_text())["rows"]
   for row in rows:
-    search = {r["lr"]: r["val_acc_mean"] for r in row["lr_search"]}
-    assert set(search) == {1e-7, 0.1} and row["val_size"] == 1000
-    assert search[0.1] > search[1e-7] + 0.2 and row["lr"] == 0.1
+    search = {r["grid"]: r for r in row["lr_search"]}
+    assert set(search) == {"x1e-05", "x1", "0.1"} and row["val_size"] == 1000
+    # xM: M times the rate the row trains at without a grid (the kip protocol's NTK estimate)
+    assert search["x1e-05"]["lr"] == pytest.approx(1e-5 * search["x1"]["lr"])
+    assert search["0.1"]["lr"] == 0.1
+    assert search["0.1"]["val_acc_mean"] > search["x1e-05"]["val_acc_mean"] + 0.2
+    best = max(search.values(), key=lambda r: r["val_acc_mean"])
+    assert row["lr"] == best["lr"] and best["grid"] != "x1e-05"
     assert row["test_acc_mean"] > 0.4
     # The validation networks were evaluated on the held-out images, not on the test split.
     curve = [json.loads(line) for line in open(tmp_path / "grid" / row["row"] / "lr0.1" /
                                                "metrics.jsonl")]
-    assert curve[-1]["test_acc"] == pytest.approx(
-        [a for r in row["lr_search"] if r["lr"] == 0.1 for a in r["val_acc"]])
+    assert curve[-1]["test_acc"] == pytest.approx(search["0.1"]["val_acc"])
 
 
 def test_a_set_with_a_learned_rate_below_zero_trains_at_the_protocols_and_says_so(
