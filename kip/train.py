@@ -661,19 +661,19 @@ def linear_probe(f_train: np.ndarray, labels_train: np.ndarray, f_test: np.ndarr
   params = (jnp.zeros((x_train.shape[1], classes)), jnp.zeros((classes,)))
   tx = optax.adam(lr)
 
-  def loss(params):
-    logits = x_train @ params[0] + params[1]
+  def loss(params, x, y):
+    logits = x @ params[0] + params[1]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(
         params[0] ** 2)
 
   @jax.jit
-  def fit(params):
+  def fit(params, x, y):  # the features are arguments: captured, they would be constants
     def body(_, carry):
       params, opt = carry
-      updates, opt = tx.update(jax.grad(loss)(params), opt, params)
+      updates, opt = tx.update(jax.grad(loss)(params, x, y), opt, params)
       return optax.apply_updates(params, updates), opt
     return jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))[0]
 
-  params = fit(params)
+  params = fit(params, x_train, y)
   pred = np.asarray(jnp.argmax(x_test @ params[0] + params[1], -1))
   return float(np.mean(pred == np.asarray(labels_test)))
