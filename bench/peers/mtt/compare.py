@@ -168,25 +168,32 @@ def make_experts(args, side: str) -> dict:
   cpu, wall = run(cmd, folder + ".log", args.core, f"experts ({side}) -> {folder}")
   record = {"side": side, "command": cmd, "process_cpu_s": cpu, "process_wall_s": wall,
             "core": args.core}
-  if side == "official":
-    done = read_json(os.path.join(folder, "buffer.json"))
-    record |= {"commit": done["commit"], "experts": [
-        {"test_acc": e["final_test_acc"], "loop_s": e["train_cpu_s"], "test_cpu_s": e["test_cpu_s"]}
-        for _, e in sorted(done["experts"].items(), key=lambda kv: int(kv[0]))]}
-  else:
-    from methods.trajectory import ExpertStore  # noqa: PLC0415
-
-    store = ExpertStore.open(folder)
-    record["experts"] = [{"test_acc": store.record(i)["test_acc"],
-                          "loop_s": store.record(i)["train_time"]} for i in store.experts()]
+  record |= expert_records(side, folder)
   write_json(marker, record)
   return record
 
 
-def convert_experts(args, source: str) -> dict:
+def expert_records(native: str, folder: str) -> dict:
+  """`experts`: each expert's final test accuracy and loop seconds (and `commit`), from an
+  official `buffer.json` (`native` official) or our store (ours)."""
+  if native == "official":
+    done = read_json(os.path.join(folder, "buffer.json"))
+    return {"commit": done["commit"], "experts": [
+        {"test_acc": e["final_test_acc"], "loop_s": e["train_cpu_s"], "test_cpu_s": e["test_cpu_s"]}
+        for _, e in sorted(done["experts"].items(), key=lambda kv: int(kv[0]))]}
+  from methods.trajectory import ExpertStore  # noqa: PLC0415
+
+  store = ExpertStore.open(folder)
+  return {"experts": [{"test_acc": store.record(i)["test_acc"],
+                       "loop_s": store.record(i)["train_time"]} for i in store.experts()]}
+
+
+def convert_experts(args, source: str, native: str | None = None) -> dict:
   """The other format of `source`'s experts (once): official -> our store `official_as_ours`,
-  ours -> `.pt` files `ours_as_official`; checked by one expert's logits on test images."""
-  target = expert_dir(args, f"{source}_as_{'ours' if source == 'official' else 'official'}")
+  ours -> `.pt` files `ours_as_official`; checked by one expert's logits on test images.
+  `native` (official or ours) is the format of experts named otherwise (DATM's, PAD's)."""
+  native = native or ("official" if source == "official" else "ours")
+  target = expert_dir(args, f"{source}_as_{'ours' if native == 'official' else 'official'}")
   marker = target + ".json"
   if os.path.exists(marker):
     return read_json(marker)
@@ -197,7 +204,7 @@ def convert_experts(args, source: str) -> dict:
 
   log = target + ".log"
   logits = target + "_logits.npz"
-  if source == "official":
+  if native == "official":
     settings = {"dataset": "mnist", "preprocess": BUFFER.preprocess, "width": args.width,
                 "depth": 0, "norm": BUFFER.norm, "converted_from": expert_dir(args, source),
                 "official_settings": read_json(os.path.join(expert_dir(args, source),
@@ -237,9 +244,10 @@ def batch_syn(ipc: int) -> int:
   return min(10 * ipc, CPU_BATCH_SYN)
 
 
-def steady_cpu_per_step(side: str, folder: str) -> float | None:
-  """CPU seconds per iteration over the run's second half (no compilation, no evaluation)."""
-  if SIDES[side][0] == "official":
+def steady_cpu_per_step(side: str, folder: str, distiller: str | None = None) -> float | None:
+  """CPU seconds per iteration over the run's second half (no compilation, no evaluation);
+  `distiller` (official or ours) for a side that is not one of SIDES (DATM's, PAD's)."""
+  if (distiller or SIDES[side][0]) == "official":
     cpu = read_json(os.path.join(folder, "official.json"))["cpu_s"]
     half = len(cpu) // 2
     return (cpu[-1] - cpu[half - 1]) / (len(cpu) - half) if half else None
@@ -299,13 +307,15 @@ def eval_lr(record: dict) -> float:
   return record["lr"] if record["lr"] > 0 else 0.01
 
 
-def evaluate_ours(args, side: str, folder: str, lr: float) -> tuple[list[float], dict]:
+def evaluate_ours(args, side: str, folder: str, lr: float, support: str | None = None
+                  ) -> tuple[list[float], dict]:
   """Accuracies of `--eval-seeds` networks trained by `experiments.transfer --protocol dsa` at
-  `lr`."""
+  `lr` on `support` (default: the side's set in `folder`)."""
   workdir = os.path.join(folder, "eval_dsa")
   report = os.path.join(workdir, "transfer.json")
   if not os.path.exists(report):
-    cmd = [sys.executable, "-m", "experiments.transfer", "--support", support_path(side, folder),
+    support = support or support_path(side, folder)
+    cmd = [sys.executable, "-m", "experiments.transfer", "--support", support,
            "--dataset", "mnist", "--protocol", "dsa", "--seeds", str(args.eval_seeds),
            "--baselines", "none", "--width", str(args.eval_width or args.width), "--steps",
            str(args.eval_steps), "--lr", repr(lr), "--eval-every", "100000", "--no-progress",

@@ -222,11 +222,47 @@ def save_npy(path: str, array: np.ndarray) -> None:
   os.replace(path + ".tmp.npy", path)
 
 
-def build_buffer(args, utils, torch) -> None:
-  """buffer.py's loop, one expert per file, skipping the experts already written."""
+def sgd_trainer(args, utils, torch):
+  """buffer.py's optimiser, `build_buffer`'s default trainer: plain SGD (--lr-teacher, --mom,
+  --l2) stepped by the official `epoch`. trainer(net, eargs, criterion, trainloader) ->
+  train(loader) -> (loss, accuracy) of one epoch on `loader`."""
+
+  def trainer(teacher_net, eargs, criterion, trainloader):
+    del trainloader
+    lr = args.lr_teacher
+    teacher_optim = torch.optim.SGD(teacher_net.parameters(), lr=lr, momentum=args.mom,
+                                    weight_decay=args.l2)
+    teacher_optim.zero_grad()
+    return lambda loader: utils.epoch("train", dataloader=loader, net=teacher_net,
+                                      optimizer=teacher_optim, criterion=criterion, args=eargs,
+                                      aug=True)
+
+  return trainer
+
+
+def test_pass(utils, net, testloader, criterion, eargs):
+  """buffer.py's test pass, `build_buffer`'s default tester: (loss, accuracy)."""
+  return utils.epoch("test", dataloader=testloader, net=net, optimizer=None, criterion=criterion,
+                     args=eargs, aug=False)
+
+
+def build_buffer(args, utils, torch, *, trainer=None, tester=None, curriculum=None,
+                 subset: np.ndarray | None = None, checkout: str | None = None,
+                 ignore: tuple[str, ...] = ()) -> None:
+  """buffer.py's loop, one expert per file, skipping the experts already written.
+
+  The DATM and PAD runners (bench/peers/datm, bench/peers/pad) reuse it for their buffer scripts,
+  which are buffer.py with other parts: `trainer` (see `sgd_trainer`, the default) replaces the
+  optimiser, `tester(utils, net, testloader, criterion, eargs)` the test pass (`test_pass`),
+  `curriculum(labels (n,) int64) -> (epoch -> (m,) indices)` trains each epoch on those of the
+  organised training images (a fresh shuffled loader per epoch; default: all, one loader);
+  `subset` (m,) the indices of the training split to organise, in that order (default: all, or
+  --train-size's draw); `checkout` is the official code's folder for the record's commit
+  (default --mtt-root), `ignore` flags beyond NOT_THE_EXPERTS that do not change the experts."""
+  trainer = trainer or sgd_trainer(args, utils, torch)
+  tester = tester or test_pass
   dst_train, _, testloader = mnist(utils, torch, args.cache)
-  subset = None
-  if args.train_size:
+  if subset is None and args.train_size:
     labels = np.asarray(dst_train.targets)
     rng = np.random.default_rng([args.seed, 7])
     per_class = args.train_size // NUM_CLASSES
@@ -251,13 +287,14 @@ def build_buffer(args, utils, torch) -> None:
   if os.path.exists(record_path):
     with open(record_path) as f:
       record = json.load(f)
-    differ = [k for k in settings if k not in NOT_THE_EXPERTS
+    differ = [k for k in settings if k not in NOT_THE_EXPERTS + tuple(ignore)
               and record["settings"].get(k) != settings[k]]
     if differ:
       sys.exit(f"{args.out} holds experts made with other settings ({', '.join(differ)}); "
                "use another --out")
-  record |= {"commit": git_commit(args.mtt_root), "torch": torch.__version__,
+  record |= {"commit": git_commit(checkout or args.mtt_root), "torch": torch.__version__,
              "settings": settings, "train_images": len(images_all)}
+  plan = curriculum(labels_all.numpy()) if curriculum else None
   for it in range(args.experts):
     path = os.path.join(args.out, f"replay_buffer_{it}.pt")
     if os.path.exists(path) and str(it) in record["experts"]:
@@ -265,25 +302,27 @@ def build_buffer(args, utils, torch) -> None:
     with seeded_clock(utils, np.random.default_rng([args.seed, it])):
       teacher_net = utils.get_network(model_name(args.width), CHANNEL, NUM_CLASSES, IM_SIZE)
     teacher_net.train()
-    lr = args.lr_teacher
-    teacher_optim = torch.optim.SGD(teacher_net.parameters(), lr=lr, momentum=args.mom,
-                                    weight_decay=args.l2)
-    teacher_optim.zero_grad()
+    train = trainer(teacher_net, eargs, criterion, trainloader)
     # .clone(): on a CPU .cpu() is the parameter itself (see the module docstring)
     timestamps = [[p.detach().cpu().clone() for p in teacher_net.parameters()]]
     train_cpu = test_cpu = 0.0
     wall0 = time.perf_counter()
-    test_accs = {}
+    test_accs, epoch_images = {}, []
     for e in range(args.epochs):
       cpu0 = time.process_time()
-      train_loss, train_acc = utils.epoch("train", dataloader=trainloader, net=teacher_net,
-                                          optimizer=teacher_optim, criterion=criterion,
-                                          args=eargs, aug=True)
+      loader = trainloader
+      if plan is not None:  # this epoch's images (PAD's buffer_CL.py), in a fresh loader
+        idx = torch.as_tensor(plan(e))
+        epoch_images.append(len(idx))
+        loader = torch.utils.data.DataLoader(
+            utils.TensorDataset(copy.deepcopy(images_all[idx].detach()),
+                                copy.deepcopy(labels_all[idx].detach())),
+            batch_size=args.batch_train, shuffle=True, num_workers=0)
+      train_loss, train_acc = train(loader)
       train_cpu += time.process_time() - cpu0
       if args.test_every_epoch or e == args.epochs - 1:
         cpu0 = time.process_time()
-        _, test_acc = utils.epoch("test", dataloader=testloader, net=teacher_net,
-                                  optimizer=None, criterion=criterion, args=eargs, aug=False)
+        _, test_acc = tester(utils, teacher_net, testloader, criterion, eargs)
         test_cpu += time.process_time() - cpu0
         test_accs[e] = float(test_acc)
         print(f"Itr: {it}\tEpoch: {e}\tTrain Acc: {train_acc}\tTest Acc: {test_acc}", flush=True)
@@ -293,6 +332,8 @@ def build_buffer(args, utils, torch) -> None:
         "file": os.path.basename(path), "train_cpu_s": train_cpu, "test_cpu_s": test_cpu,
         "wall_s": time.perf_counter() - wall0, "test_acc": test_accs,
         "final_test_acc": test_accs[args.epochs - 1], "final_train_loss": float(train_loss)}
+    if plan is not None:
+      record["experts"][str(it)]["epoch_images"] = epoch_images
     write_json(record_path, record)
     print(f"expert {it}: {100 * test_accs[args.epochs - 1]:.2f}% test accuracy, "
           f"{train_cpu:.0f} CPU-s of training, {test_cpu:.0f} of testing", flush=True)
@@ -427,8 +468,10 @@ def distill(args, utils, reparam_module, torch) -> None:
         f"{record['distill_cpu_s']:.1f} CPU-s", flush=True)
 
 
-def evaluate(args, utils, torch) -> None:
-  """`--nets` networks trained by the official evaluate_synset; prints one JSON line."""
+def evaluate(args, utils, torch, *, train_criterion=None, eval_args: dict | None = None) -> None:
+  """`--nets` networks trained by the official evaluate_synset; prints one JSON line. DATM's and
+  PAD's runners pass their `train_criterion` (soft cross-entropy; the labels file then holds
+  (N, C) float logits) and `eval_args` (attributes their `evaluate_synset` reads beyond MTT's)."""
   _, _, testloader = mnist(utils, torch, args.cache)
   folder, name = os.path.split(args.support)
   images = np.load(args.support).astype(np.float32)
@@ -441,14 +484,17 @@ def evaluate(args, utils, torch) -> None:
   eargs = types.SimpleNamespace(
       lr_net=lr, epoch_eval_train=args.eval_epochs, batch_train=256, device="cpu",
       dsa=args.dsa_strategy not in ("none", "None"), dsa_strategy=args.dsa_strategy,
-      dsa_param=utils.ParamDiffAug(), dc_aug_param=None, dataset="MNIST")
+      dsa_param=utils.ParamDiffAug(), dc_aug_param=None, dataset="MNIST", **(eval_args or {}))
+  soft = {} if train_criterion is None else {"train_criterion": train_criterion}
+  labels = (torch.tensor(labels.astype(np.int64)) if train_criterion is None
+            else torch.tensor(labels.astype(np.float32)))
   rng = np.random.default_rng(args.seed + 1000)
   accs, cpu0 = [], time.process_time()
   for k in range(args.nets):
     with seeded_clock(utils, rng):
       net = utils.get_network(model_name(args.width), CHANNEL, NUM_CLASSES, IM_SIZE)
-    _, _, acc = utils.evaluate_synset(k, net, torch.tensor(images),
-                                      torch.tensor(labels.astype(np.int64)), testloader, eargs)
+    _, _, acc = utils.evaluate_synset(k, net, torch.tensor(images), labels, testloader, eargs,
+                                      **soft)
     accs.append(float(acc))
   print(json.dumps({"support": args.support, "accs": accs, "lr": lr,
                     "model": model_name(args.width), "epochs": args.eval_epochs,
