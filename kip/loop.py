@@ -277,7 +277,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
     bar.set_description(f"{description}: compiling the step")
   t0 = time.perf_counter() - wall_offset
   cpu0 = time.process_time() - cpu_offset
-  steady = [0.0, 0]  # seconds and steps after the first (compiling) one
+  steady_time, steady_steps = 0.0, 0  # after the first (compiling) step
   last = config.steps if not stopped else start_step
 
   def synced(step: int) -> bool:
@@ -291,7 +291,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   def finish(step: int, metrics) -> None:
     """Fetches step's metrics (the update dispatched one step later is already queued behind it,
     so the device never waits for the host), stops on a non-finite one, and records them."""
-    nonlocal train_time
+    nonlocal train_time, clock, steady_time, steady_steps
     metrics = jax.device_get(metrics)
     if not _all_finite(metrics):
       bar.close()
@@ -304,10 +304,10 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
       raise NonFiniteLossError(
           f"a non-finite value at step {step} ({_format(bad)}); stopped. {kept}")
     now = time.perf_counter()
-    elapsed, clock[0] = now - clock[0], now
+    elapsed, clock = now - clock, now
     train_time += elapsed
     if step > start_step + 1:
-      steady[0], steady[1] = steady[0] + elapsed, steady[1] + 1
+      steady_time, steady_steps = steady_time + elapsed, steady_steps + 1
     else:
       bar.set_description(description)
     record = {"step": step, **{k: _to_json(v) for k, v in metrics.items()},
@@ -322,7 +322,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
 
   # The device runs step s while the host samples the batch of s + 1 and records step s - 1;
   # `train_time` is the loop's time outside evaluations and checkpoints.
-  clock = [time.perf_counter()]
+  clock = time.perf_counter()  # when the loop last finished a step (or an evaluation)
   pending_records: list[dict] = []
   in_flight = None  # (step, metrics) dispatched and not yet fetched
   step = start_step
@@ -352,9 +352,9 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
     write(record)
     stop = bool(config.patience and best_step is not None
                 and step - best_step >= config.patience)
-    if _due(step, config.checkpoint_every, last) or stop or step == last:
+    if _due(step, config.checkpoint_every, last) or stop:
       checkpoint(step, record["wall_time"], record["cpu_time"])
-    clock[0] = time.perf_counter()  # evaluations and checkpoints are not training time
+    clock = time.perf_counter()  # evaluations and checkpoints are not training time
     if stop:
       log(f"stopping early at step {step}: {config.select_metric} has not improved for "
           f"{config.patience} steps (best {best_value:.5g} at step {best_step})")
@@ -363,7 +363,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   if (start_step == config.steps or stopped) and writer and save is not None:
     save(state, config.steps)  # already finished: make sure the output on disk is this one
   wall = time.perf_counter() - t0
-  rate = steady[1] / steady[0] if steady[1] else math.nan
+  rate = steady_steps / steady_time if steady_steps else math.nan
   return RunResult(state, last_eval, step, wall, train_time, rate, best_step)
 
 

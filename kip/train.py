@@ -262,11 +262,11 @@ def max_stable_lr(net: nn.Module, variables: dict, x: np.ndarray, momentum: floa
     log(f"learning rate: the empirical NTK of {len(x)} images, one logit's Jacobian at a time "
         f"({jacobian_bytes / num_outputs / 2**20:.0f} MiB each)")
     top = _ntk_by_logit(f, params, x, num_outputs)
-    return float(2 * (1 + momentum) * len(x) * num_outputs / top)
-  log(f"learning rate: the top eigenvalue of the empirical NTK of {len(x)} images by power "
-      f"iteration ({num_outputs} VJPs and JVPs an iteration; its Jacobian, "
-      f"{jacobian_bytes / 2**30:.1f} GiB, exceeds {memory_bytes / 2**30:.1f} GiB)")
-  top = _ntk_top_eigenvalue(f, params, x, num_outputs, iterations, log)
+  else:
+    log(f"learning rate: the top eigenvalue of the empirical NTK of {len(x)} images by power "
+        f"iteration ({num_outputs} VJPs and JVPs an iteration; its Jacobian, "
+        f"{jacobian_bytes / 2**30:.1f} GiB, exceeds {memory_bytes / 2**30:.1f} GiB)")
+    top = _ntk_top_eigenvalue(f, params, x, num_outputs, iterations, log)
   return float(2 * (1 + momentum) * len(x) * num_outputs / top)
 
 
