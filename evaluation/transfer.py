@@ -223,12 +223,11 @@ def transfer(config: Config, workdir: str) -> dict:
                 f"{cli.percent(val_acc.mean(), val_acc.std())}%")
       best = max(range(len(grid)), key=lambda i: search[i]["val_acc_mean"])  # ties: the first
       rate, multiple = grid[best]
+      own = rate or own
       cli.log(f"{row}: lr {search[best]['lr']:.4g} ({search[best]['grid']}) chosen on the "
               "validation split")
-      trained = train(rate or own, data.x_test, data.labels_test, row_dir, row,
-                      lr_scale=multiple)
-    else:
-      trained = train(own, data.x_test, data.labels_test, row_dir, row)
+    trained = train(own, data.x_test, data.labels_test, row_dir, row,
+                    lr_scale=multiple if grid else 1.0)
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
