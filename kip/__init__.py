@@ -26,7 +26,14 @@ Modules (import what you need):
   plots     figures of sets, curves and projections
 
 neural-tangents on current JAX: `from kip import nt, stax` (made to import by `kip._compat`).
+
+Importing `kip` sets glibc's malloc to keep freed memory for reuse (`kip._malloc`: XLA:CPU's
+large buffers otherwise cost a page fault per 4 KB on every call; `KIP_MALLOC=system` opts out).
 """
+
+from kip import _malloc
+
+_malloc.keep_freed_memory()
 
 __all__ = ["augment", "cli", "data", "datasets", "files", "io", "kernels", "krr", "loop", "method",
            "nets", "nt", "pipeline", "pool", "readers", "sharding", "stax", "train"]

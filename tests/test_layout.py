@@ -39,6 +39,7 @@ ALLOWED_STRINGS = {
            "`make_kip`)",
     "KIP_MANUAL_DIR": "the package's environment variable (kip/data.py)",
     "KIP_DATA_DIR": "the package's environment variable (kip/data.py)",
+    "KIP_MALLOC": "the package's environment variable (kip/_malloc.py)",
     "kip_arrays": "the package's cache file of decoded splits, `kip_arrays.npz` (kip/data.py)",
 }
 

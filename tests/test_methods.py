@@ -82,6 +82,32 @@ def test_rfad_loss_matches_numpy_on_the_same_random_features():
   assert phi_s.shape == (20, 2 * 4)  # 8x8 -> 4 -> 2 -> 1: 1 x 1 x 4 per net
 
 
+@pytest.mark.parametrize("over_models", ["vmap", "map", "unroll"])
+def test_rfad_features_are_each_nets_own_whatever_the_batching(over_models):
+  """Each way of running the nets (vmap: grouped convolutions; map: a compiled loop; unroll)
+  gives, net by net, the features of that net built and applied alone with the key `split`
+  gives it, and their gradient in the images."""
+  import chex  # noqa: PLC0415
+
+  from kip.nets import make_net as kip_net  # noqa: PLC0415
+
+  net = kip_net("convnet3", CLASSES, width=4, norm="none", image_shape=SHAPE)
+  key, x = jax.random.key(6), jnp.asarray(X[:12])
+
+  def reference(x):
+    phis = [net.apply(net.init(k, jnp.zeros((1, *SHAPE)), train=False), x, train=False,
+                      features=True) for k in jax.random.split(key, 3)]
+    return jnp.concatenate(phis, -1) / jnp.sqrt(3.0 * phis[0].shape[-1])
+
+  features = random_features(CLASSES, SHAPE, width=4, num_models=3, over_models=over_models)
+  chex.assert_trees_all_close(features(key, x), reference(x), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.grad(lambda x: jnp.sum(features(key, x) ** 2))(x),
+                              jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x),
+                              rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="over_models"):
+    random_features(CLASSES, SHAPE, width=4, num_models=3, over_models="pmap")
+
+
 def test_rfad_platt_loss_is_the_cross_entropy_of_the_scaled_prediction():
   method = make_rfad(num_classes=CLASSES, image_shape=SHAPE, width=4, num_models=1,
                      target_batch=40, platt=True)
