@@ -92,7 +92,8 @@ def random_features(num_classes: int, image_shape, *, width: int, num_models: in
   fastest gradient on the CPU. `auto`: `vmap` off the CPU; on the CPU `unroll` when the features
   are `differentiated` (the support's), else `map` (the real batch's). At the CPU preset (2 nets
   of width 32, 256 real and 10 support images) an RFAD step takes 106 CPU-ms with `vmap` and
-  47 with `auto`; 190 and 93 at 100 support images (`python -m bench.cpu_paths`). Same numbers up to float rounding."""
+  47 with `auto`; 190 and 93 at 100 support images (`python -m bench.cpu_paths`). Same numbers
+  up to float rounding."""
   net = make_net("convnet3", num_classes, width=width, norm="none", image_shape=image_shape)
   if over_models == "auto":
     over_models = "vmap" if jax.default_backend() != "cpu" else \
