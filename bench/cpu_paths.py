@@ -1,4 +1,4 @@
-"""Two CPU paths that cost our steps 1.6-2.5x, measured before and after their fixes.
+"""CPU paths that cost our steps 1.5-2.5x, measured before and after their fixes.
 
   python -m bench.cpu_paths [--rounds 15] [--core 0]
 
@@ -12,8 +12,9 @@ call. Prints a table and writes bench/results/cpu_paths.json.
 - `rfad_step`: RFAD's update at the CPU preset (2 random ConvNets of width 32, 256 real images),
   the nets `vmap`ped (grouped convolutions; before) against `auto` (the support's nets unrolled,
   the real batch's in a `lax.map`).
-- `dm_step`: DM's update at the CPU preset (width 32, 64 real images per class, 10 per class):
-  glibc's defaults against the freed memory kept.
+- `dm_step`, `mtt_step`: DM's update at the CPU preset (width 32, 64 real images per class, 10
+  per class) and MTT's (width 32, 10 student steps on 100 images): glibc's defaults against the
+  freed memory kept (MTT: and its student rematerialised, as before, against not on the CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "cpu_paths.json")
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
-CASES = ("malloc", "rfad_step", "dm_step")
+CASES = ("malloc", "rfad_step", "dm_step", "mtt_step")
 
 
 def alternate(fns: dict, rounds: int) -> dict:
@@ -125,15 +126,55 @@ def case_rfad_step(rounds: int) -> list[dict]:
 
 def case_dm_step(rounds: int) -> list[dict]:
   """One process per setting (the malloc setting is per process): the parent compares them."""
-  from kip import _malloc  # noqa: PLC0415
   from methods.dm import make_dm  # noqa: PLC0415
 
-  before = not _malloc.KEPT
   method = make_dm(num_classes=10, image_shape=(28, 28, 1), width=32, real_per_class=64)
-  ms, faults = alternate({"step": _stepper(method, _batch(100, 10, 0), _batch(640, 10, 1))},
-                         rounds)["step"]
-  return [{"case": "dm_step", "setting": "before" if before else "after",
-           "shape": "cpu preset, ipc 10", "ms": ms, "faults_per_call": faults}]
+  return _per_process("dm_step", "cpu preset, ipc 10",
+                      _stepper(method, _batch(100, 10, 0), _batch(640, 10, 1)), rounds)
+
+
+def case_mtt_step(rounds: int) -> list[dict]:
+  """MTT's update at the CPU preset (ConvNet-3 width 32, instance norm, 10 student steps with DSA,
+  100 images: 10 per class) on a one-expert store; one process per malloc setting."""
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.flatten_util import ravel_pytree  # noqa: PLC0415
+
+  from kip import _malloc  # noqa: PLC0415
+  from kip.augment import DSA_STRATEGY  # noqa: PLC0415
+  from kip.nets import make_net  # noqa: PLC0415
+  from methods.trajectory import ExpertStore, make_trajectory_matching  # noqa: PLC0415
+
+  model = make_net("convnet3", 10, width=32, norm="instance", image_shape=(28, 28, 1),
+                   dc_padding=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)["params"]
+  flat = np.asarray(ravel_pytree(params)[0])
+  with tempfile.TemporaryDirectory() as folder:
+    store = ExpertStore.create(folder, {"bench": True}, int(flat.size), 1)
+    store.add(0, np.stack([flat, flat + 0.01 * np.random.default_rng(1).normal(size=flat.shape)]),
+              {})
+    before = not _malloc.KEPT  # before: also the rematerialised student of before
+    method = make_trajectory_matching(model, params, store, image_shape=(28, 28, 1),
+                                      syn_steps=10, expert_epochs=1, max_start_epoch=1,
+                                      augment=DSA_STRATEGY, remat=True if before else None)
+    support = _batch(100, 10, 0)
+    state = [method.init(None, support.x, support.y)]
+
+    def call():
+      state[0], metrics = method.update(state[0], None, jax.random.key(1), jnp.asarray(1))
+      return metrics
+    return _per_process("mtt_step", "cpu preset, ipc 10", call, rounds)
+
+
+def _per_process(case: str, shape: str, call, rounds: int) -> list[dict]:
+  from kip import _malloc  # noqa: PLC0415
+
+  ms, faults = alternate({"step": call}, rounds)["step"]
+  return [{"case": case, "setting": "after" if _malloc.KEPT else "before", "shape": shape,
+           "ms": ms, "faults_per_call": faults}]
 
 
 def child(case: str, core: str, rounds: int, system_malloc: bool) -> list[dict]:
@@ -175,7 +216,7 @@ def main(argv=None) -> None:
     p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
   rows = []
   for case in cases:
-    if case in ("malloc", "dm_step"):  # a process per setting, twice, taking turns
+    if case != "rfad_step":  # a process per malloc setting, twice, taking turns
       runs = []
       for _ in range(2):
         for system in (True, False):

@@ -30,7 +30,8 @@ rate, and compare its end point with the expert's parameters `expert_epochs` lat
 sums over the parameters a `param_mask` keeps (PAD leaves the shallowest layers out). The unroll
 is a `lax.scan` of rematerialised steps: the backward pass stores one parameter vector per student
 step and recomputes each step's activations, so memory grows with `syn_steps` by a parameter
-vector, not by a network's activations (on CPU the scan is compiled unrolled: see `unroll`).
+vector, not by a network's activations (on CPU the scan is compiled unrolled and not
+rematerialised, which there saves no memory: see `unroll` and `remat`).
 Images, the learning rate and (DATM) soft labels are learned by SGD with momentum through the
 whole unroll.
 """
@@ -411,7 +412,7 @@ def make_trajectory_matching(
     momentum: float = 0.5, y_momentum: float = 0.9, soft_labels: bool = False,
     augment: str = "", param_mask: np.ndarray | None = None,
     skip_above: float = 0.0, experts: Sequence[int] | None = None, seed: int = 0,
-    remat: bool = True, unroll: bool | None = None, largest_start: int | None = None,
+    remat: bool | None = None, unroll: bool | None = None, largest_start: int | None = None,
     drop_smallest: float = 0.0) -> Method:
   """Trajectory matching as a `kip.method.Method` (`Data("none")`: the method reads its expert
   store itself). Each update picks an expert and a start epoch t < max_start_epoch (a function
@@ -432,6 +433,11 @@ def make_trajectory_matching(
     drop_smallest: the official PAD code's mask: leave out this fraction of the parameters, those
       the student matches best at this update (0: off).
     remat: recompute each student step's activations in the backward pass (bounded memory).
+      None: only when the steps are compiled as a loop. Compiled unrolled (the CPU), XLA keeps the
+      activations anyway (temporary memory of the gradient at 10 student steps, 100 images:
+      1,038 MiB with remat, 1,029 without; `bench/results/trajectory_memory.json`) and the
+      recomputation is a third of the update's time (MTT's CPU preset at 10 per class: 2.73 s
+      with, 1.85 without).
     unroll: compile the student's steps unrolled instead of as a loop (None: on CPU only, where
       XLA runs the convolutions of a loop body about 10x slower than the same ops unrolled:
       bench/trajectory_memory.py; unrolled, compilation grows with `syn_steps`).
@@ -444,6 +450,7 @@ def make_trajectory_matching(
   if not experts:
     raise FileNotFoundError(f"the expert store {store.path} holds no finished expert yet")
   unrolled = jax.default_backend() == "cpu" if unroll is None else unroll
+  remat = not unrolled if remat is None else remat
   window = max_start_epoch if callable(max_start_epoch) else (lambda step: max_start_epoch)
   largest = largest_start if largest_start is not None else window(1)
   if largest - 1 + expert_epochs > store.epochs:

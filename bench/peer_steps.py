@@ -1,0 +1,105 @@
+"""Every method's cost beside its official code, from the side-by-side runs' records.
+
+  python -m bench.peer_steps [--records rfad=runs/peers/rfad_speed/result.json ...]
+
+Reads bench/results/peers/<method>_mnist.json (written by bench/peers/<method>/compare.py: both
+sides at equal settings, each pinned to its own core with one thread) and prints, per method and
+images per class, the CPU seconds per step of the official code and of ours and their ratio
+official / ours (above 1: ours is faster). Steady CPU-s per step (the second half of a run, no
+compilation or evaluation) where both sides recorded it; otherwise the whole distillation's CPU
+seconds over its steps (labelled "run"). Seeds are averaged. `--records METHOD=PATH` reads a
+method's records from another file (a re-run after a change). Writes bench/results/peer_steps.json.
+This tabulates; it runs nothing: the runs are the compare.py commands in bench/peers/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+from bench.peers.common import read_json, write_json
+from kip import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "bench", "results", "peers")
+OUT = os.path.join(ROOT, "bench", "results", "peer_steps.json")
+# Our side whose settings are our command's defaults now (the others are variants).
+OURS = {"datadam": "ours_all", "rfad": "ours_map"}
+
+
+def per_step(record: dict) -> tuple[float | None, str]:
+  """(CPU-s per step, how measured) of one run record."""
+  if record.get("steady_cpu_s_per_step"):
+    return float(record["steady_cpu_s_per_step"]), "steady"
+  steps = record.get("steps") or record.get("iterations")
+  if record.get("distill_cpu_s") and steps:
+    return float(record["distill_cpu_s"]) / steps, "run"
+  return None, "-"
+
+
+def rows_of(method: str, records: list[dict], settings: dict) -> list[dict]:
+  ours = OURS.get(method, "ours")
+  if not any(r.get("side") == ours for r in records):
+    ours = "ours"
+  rows = []
+  for ipc in sorted({r["ipc"] for r in records if "ipc" in r}):
+    sides = {}
+    for side in ("official", ours):
+      values = [per_step(r | {"steps": r.get("steps") or settings.get("steps")})
+                for r in records if r.get("side") == side and r.get("ipc") == ipc]
+      values = [v for v in values if v[0] is not None]
+      if values:
+        kinds = {k for _, k in values}
+        sides[side] = (float(np.mean([v for v, _ in values])), "/".join(sorted(kinds)),
+                       len(values))
+    if "official" not in sides or ours not in sides:
+      continue
+    (off, off_kind, n_off), (mine, my_kind, n_mine) = sides["official"], sides[ours]
+    rows.append({"method": method, "ipc": ipc, "ours_side": ours,
+                 "official_cpu_s_per_step": off, "ours_cpu_s_per_step": mine,
+                 "measured": off_kind if off_kind == my_kind else f"{off_kind} vs {my_kind}",
+                 "seeds": f"{n_off}/{n_mine}", "official_over_ours": off / mine})
+  return rows
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--records", nargs="*", default=[], metavar="METHOD=PATH",
+                 help="read METHOD's records from PATH instead of bench/results/peers/")
+  p.add_argument("--out", default=OUT)
+  args = p.parse_args(argv)
+  files = {os.path.basename(f).split("_")[0]: f
+           for f in sorted(glob.glob(os.path.join(PEERS, "*_mnist.json")))}
+  for item in args.records:
+    method, sep, path = item.partition("=")
+    if not sep or not os.path.exists(path):
+      p.error(f"--records takes METHOD=PATH of an existing file, not {item!r}")
+    files[method] = path
+  rows = []
+  for method, path in sorted(files.items()):
+    record = read_json(path)
+    rows += rows_of(method, record.get("runs", []), record.get("settings", {}))
+  if not rows:
+    sys.exit("bench.peer_steps: no records with both sides' times")
+  print(cli.format_table(
+      ("method", "ipc", "ours (side)", "official CPU-s/step", "ours CPU-s/step", "official/ours",
+       "measured", "seeds"),
+      [(r["method"], str(r["ipc"]), r["ours_side"], f"{r['official_cpu_s_per_step']:.3f}",
+        f"{r['ours_cpu_s_per_step']:.3f}", f"{r['official_over_ours']:.2f}", r["measured"],
+        r["seeds"]) for r in rows]))
+  write_json(args.out, {"command": " ".join(["python -m bench.peer_steps",
+                                             *(argv or sys.argv[1:])]),
+                        "date": time.strftime("%Y-%m-%d"),
+                        "sources": {m: os.path.relpath(f, ROOT) for m, f in files.items()},
+                        "rows": rows})
+  print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+  main()
