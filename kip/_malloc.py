@@ -3,16 +3,18 @@
 glibc's malloc serves every allocation over 32 MB (its largest mmap threshold) with a fresh
 `mmap` and returns it to the kernel on `free`. XLA:CPU allocates each jitted call's large
 intermediates and outputs anew, so every call of a step whose activations exceed 32 MB faults in
-every page of them again (a 4 KB page at a time, zeroed by the kernel): one 3x3 convolution of 640
-MNIST images to 32 channels (a 64 MB output, the DM step's real batch) takes 39.8 CPU-ms, 38 of
-them in 15,700 page faults, and 7.0 ms with the memory kept (`python -m bench.cpu_paths`). Below 32 MB
-the pages are reused and nothing changes.
+every page of them again (4 KB at a time, zeroed by the kernel): one 3x3 convolution of 640 MNIST
+images to 32 channels (a 64 MB output, the DM step's real batch) takes 38-40 CPU-ms, most of it in
+15,681 page faults, and 7-8 ms with the memory kept; DM's step 1.6x, MTT's 1.8x with the other
+fix of its row (`python -m bench.cpu_paths`). Below 32 MB the pages are reused and nothing
+changes.
 
-`keep_freed_memory` (called when `kip` is imported) tells glibc to serve large blocks from its heap
-(`M_MMAP_MAX` 0) and not to give freed memory back (`M_TRIM_THRESHOLD` 2 GB). The process's
-peak memory is unchanged (the same buffers are live at the peak); its resident memory no longer
-falls after the peak. `KIP_MALLOC=system` leaves glibc's defaults; other C libraries (no
-`mallopt`) are left alone.
+`keep_freed_memory` (called when `kip` is imported) tells glibc to serve large blocks from its
+heap (`M_MMAP_MAX` 0), from one heap for every thread (`M_ARENA_MAX` 1: a thread's own heap is at
+most 64 MB, and larger blocks would be mapped afresh anyway) and not to give freed memory back
+(`M_TRIM_THRESHOLD` 2 GB). The same buffers are live at the peak, so the peak is about the same
+(fragmentation of the one heap aside); resident memory no longer falls after the peak.
+`KIP_MALLOC=system` leaves glibc's defaults; other C libraries (no `mallopt`) are left alone.
 """
 
 from __future__ import annotations
