@@ -7,8 +7,9 @@ sides at equal settings, each pinned to its own core with one thread) and prints
 images per class, the CPU seconds per step of the official code and of ours and their ratio
 official / ours (above 1: ours is faster). Steady CPU-s per step (the second half of a run, no
 compilation or evaluation) where both sides recorded it; otherwise the whole distillation's CPU
-seconds over its steps (labelled "run"). Seeds are averaged. `--records METHOD=PATH` reads a
-method's records from another file (a re-run after a change). Writes bench/results/peer_steps.json.
+seconds over its steps (labelled "run"; never one measure against the other). Seeds are
+averaged. `--records METHOD=PATH` reads a method's records from another file (a re-run after a
+change). Writes bench/results/peer_steps.json.
 This tabulates; it runs nothing: the runs are the compare.py commands in bench/peers/README.md.
 """
 
@@ -32,38 +33,39 @@ OUT = os.path.join(ROOT, "bench", "results", "peer_steps.json")
 OURS = {"datadam": "ours_all", "rfad": "ours_map"}
 
 
-def per_step(record: dict) -> tuple[float | None, str]:
-  """(CPU-s per step, how measured) of one run record."""
+def per_step(record: dict) -> dict[str, float]:
+  """A run record's CPU-s per step, by each measure it allows: `steady` and `run`."""
+  out = {}
   if record.get("steady_cpu_s_per_step"):
-    return float(record["steady_cpu_s_per_step"]), "steady"
+    out["steady"] = float(record["steady_cpu_s_per_step"])
   steps = record.get("steps") or record.get("iterations")
   if record.get("distill_cpu_s") and steps:
-    return float(record["distill_cpu_s"]) / steps, "run"
-  return None, "-"
+    out["run"] = float(record["distill_cpu_s"]) / steps
+  return out
 
 
 def rows_of(method: str, records: list[dict], settings: dict) -> list[dict]:
+  """Official against our default side per ipc, by a measure both sides recorded (steady before
+  run), averaged over the seeds that recorded it."""
   ours = OURS.get(method, "ours")
   if not any(r.get("side") == ours for r in records):
     ours = "ours"
   rows = []
   for ipc in sorted({r["ipc"] for r in records if "ipc" in r}):
-    sides = {}
-    for side in ("official", ours):
-      values = [per_step(r | {"steps": r.get("steps") or settings.get("steps")})
-                for r in records if r.get("side") == side and r.get("ipc") == ipc]
-      values = [v for v in values if v[0] is not None]
-      if values:
-        kinds = {k for _, k in values}
-        sides[side] = (float(np.mean([v for v, _ in values])), "/".join(sorted(kinds)),
-                       len(values))
-    if "official" not in sides or ours not in sides:
+    runs = {side: [per_step(r | {"steps": r.get("steps") or settings.get("steps")})
+                   for r in records if r.get("side") == side and r.get("ipc") == ipc]
+            for side in ("official", ours)}
+    kinds = [k for k in ("steady", "run")
+             if all(any(k in v for v in runs[side]) for side in runs)]
+    if not kinds:
       continue
-    (off, off_kind, n_off), (mine, my_kind, n_mine) = sides["official"], sides[ours]
+    kind = kinds[0]
+    have = {side: [v[kind] for v in runs[side] if kind in v] for side in runs}
+    off, mine = (float(np.mean(have[side])) for side in ("official", ours))
     rows.append({"method": method, "ipc": ipc, "ours_side": ours,
-                 "official_cpu_s_per_step": off, "ours_cpu_s_per_step": mine,
-                 "measured": off_kind if off_kind == my_kind else f"{off_kind} vs {my_kind}",
-                 "seeds": f"{n_off}/{n_mine}", "official_over_ours": off / mine})
+                 "official_cpu_s_per_step": off, "ours_cpu_s_per_step": mine, "measured": kind,
+                 "seeds": f"{len(have['official'])}/{len(have[ours])}",
+                 "official_over_ours": off / mine})
   return rows
 
 
