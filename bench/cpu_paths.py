@@ -30,9 +30,10 @@ import subprocess
 import sys
 import time
 
+from bench.cpu_peak import ONE_THREAD
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "cpu_paths.json")
-ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 CASES = ("malloc", "rfad_step", "dm_step", "mtt_step")
 
 
@@ -68,14 +69,10 @@ def case_malloc(rounds: int) -> list[dict]:
   import jax  # noqa: PLC0415
   from jax import lax  # noqa: PLC0415
 
-  import kip._malloc  # noqa: PLC0415
-
   x, w = _images(640, 28, 1), _images(3, 3, 32)[:, :, :1]
   conv = jax.jit(lambda x, w: lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  ms, faults = alternate({"conv": functools.partial(conv, x, w)}, rounds)["conv"]
-  return [{"case": "malloc", "setting": "kept" if kip._malloc.KEPT else "glibc defaults",
-           "shape": "640x28x28x1 -> 32, SAME", "ms": ms, "faults_per_call": faults}]
+  return _per_process("malloc", "640x28x28x1 -> 32, SAME", functools.partial(conv, x, w), rounds)
 
 
 def _batch(n, classes, seed):
@@ -182,7 +179,8 @@ def child(case: str, core: str, rounds: int, system_malloc: bool) -> list[dict]:
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
   if system_malloc:
     env["KIP_MALLOC"] = "system"
-  code = (f"import json; from bench.cpu_paths import case_{case}; "
+  # kip first: its malloc setting must precede the first allocations of XLA's threads.
+  code = (f"import json, kip; from bench.cpu_paths import case_{case}; "
           f"print(json.dumps(case_{case}({rounds})))")
   done = subprocess.run(["taskset", "-c", core, sys.executable, "-c", code], cwd=ROOT, env=env,
                         capture_output=True, text=True)
@@ -192,9 +190,9 @@ def child(case: str, core: str, rounds: int, system_malloc: bool) -> list[dict]:
 
 
 def paired(rows: list[dict], case: str) -> list[dict]:
-  """The malloc and dm_step rows (one process per setting) as before / after rows."""
-  before = [r for r in rows if r["setting"] in ("glibc defaults", "before")]
-  after = [r for r in rows if r["setting"] in ("kept", "after")]
+  """The rows of `_per_process` (one process per setting) as before / after rows."""
+  before = [r for r in rows if r["setting"] == "before"]
+  after = [r for r in rows if r["setting"] == "after"]
   out = []
   for b, a in zip(before, after, strict=True):
     out.append({"case": case, "setting": a["shape"], "before_ms": b["ms"], "after_ms": a["ms"],

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from bench.cpu_peak import ONE_THREAD as XLA_ONE_THREAD
 from kip.files import write_json
 
 __all__ = ["REPO", "run_child", "read_json", "write_json", "interval", "interval_n",
@@ -19,8 +20,7 @@ __all__ = ["REPO", "run_child", "read_json", "write_json", "interval", "interval
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # One thread everywhere: both sides' timings compare like with like on a pinned core.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "XLA_FLAGS": XLA_ONE_THREAD}
 
 
 def run_child(cmd: list[str], log_path: str, core: str, env: dict | None = None
