@@ -15,6 +15,8 @@ most 64 MB, and larger blocks would be mapped afresh anyway) and not to give fre
 (`M_TRIM_THRESHOLD` 2 GB). The same buffers are live at the peak, so the peak is about the same
 (fragmentation of the one heap aside); resident memory no longer falls after the peak.
 `KIP_MALLOC=system` leaves glibc's defaults; other C libraries (no `mallopt`) are left alone.
+It must run before XLA's threads first allocate (an arena a thread already has stays its own):
+import `kip` before the first JAX computation.
 """
 
 from __future__ import annotations
