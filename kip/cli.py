@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -497,21 +498,35 @@ def _fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler's stop, `kill`), raised where the command is, so it unwinds as after
+  Ctrl-C: open files closed, finished work kept, the resume hint printed."""
+
+
+def _terminate(signum, frame):
+  raise Terminated
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
   """Runs a job's main: user errors and files that cannot be written (a full disk, a read-only
-  folder) print one line and exit 2, running out of memory one line and exit 3, Ctrl-C says how
-  to resume. A failure of any kind first removes the workdirs this command created that hold no
+  folder) print one line and exit 2, running out of memory one line and exit 3, Ctrl-C (exit 130)
+  and SIGTERM (exit 143) say where the finished work is and how to resume. A failure of any kind first removes the workdirs this command created that hold no
   finished work; unexpected errors then go on with their traceback."""
+  if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a command's own handler stays
+    signal.signal(signal.SIGTERM, _terminate)
   try:
     sys.exit(main(None) or 0)
   except USER_ERRORS as e:
     _fail(f"error: {e}", 2)
   except MemoryError as e:
     _fail(f"error: out of host memory ({e}); lower --memory-mb or the batch sizes", 3)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     hint = f"--workdir {_WORKDIR}" if _WORKDIR else "the same --workdir"
-    print(f"interrupted: re-run the same command with {hint} to resume", file=sys.stderr)
-    sys.exit(130)
+    terminated = isinstance(e, Terminated)
+    where = f"; its finished work is kept in {_WORKDIR}" if _WORKDIR else ""
+    print(f"{'stopped by SIGTERM' if terminated else 'interrupted'}{where}: re-run the same "
+          f"command with {hint} to resume", file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM if terminated else 130)
   except Exception as e:
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
       what = f"{e.filename}: {e.strerror}" if e.filename else str(e)

@@ -321,3 +321,34 @@ def test_a_flag_added_with_a_new_default_reads_old_runs_as_they_ran():
     assert changed_settings(old, current, config, ()) == [name]
     assert changed_settings(old, current | {name: before},
                             dataclasses.replace(config, **{name: before}), ()) == []
+
+
+def test_sigterm_says_where_the_work_is_and_how_to_resume(tmp_path, manual_dir, data_dir):
+  """SIGTERM (a scheduler's stop) mid-run: exit 143, one line naming the workdir and the resume,
+  and the re-run resumes from the checkpoint it left."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT
+
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "experiments.kip", "--dataset", "mnist", "--ipc", "1",
+             "--steps", "100000", "--target-batch", "200", "--eval-every", "100000",
+             "--checkpoint-every", "5", "--workdir", str(workdir), "--manual-dir", manual_dir,
+             "--data-dir", data_dir, "--no-progress"]
+  proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not list((workdir / "checkpoints").glob("ckpt_*.npz")):
+    assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  last = err.strip().splitlines()[-1]
+  assert proc.returncode == 143, err
+  assert last == (f"stopped by SIGTERM; its finished work is kept in {workdir}: re-run the same "
+                  f"command with --workdir {workdir} to resume"), err
+  assert "Traceback" not in err
+  assert list((workdir / "checkpoints").glob("ckpt_*.npz"))
