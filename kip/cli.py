@@ -510,8 +510,9 @@ def _terminate(signum, frame):
 def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
   """Runs a job's main: user errors and files that cannot be written (a full disk, a read-only
   folder) print one line and exit 2, running out of memory one line and exit 3, Ctrl-C (exit 130)
-  and SIGTERM (exit 143) say where the finished work is and how to resume. A failure of any kind first removes the workdirs this command created that hold no
-  finished work; unexpected errors then go on with their traceback."""
+  and SIGTERM (exit 143) say where the finished work is and how to resume. A failure of any kind
+  first removes the workdirs this command created that hold no finished work; unexpected errors
+  then go on with their traceback."""
   if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a command's own handler stays
     signal.signal(signal.SIGTERM, _terminate)
   try:
