@@ -116,7 +116,8 @@ def main(argv=None) -> None:
       "date": time.strftime("%Y-%m-%d"),
   })
   floor_s = result["estimate_and_2_steps_floor_s_at_peak"]
-  print(f"exact NTK estimate + 2 steps: at least {floor_s:.0f} s at the two cores' peak (target 120 s); the colab's {args.steps} steps: at least "
+  print(f"exact NTK estimate + 2 steps: at least {floor_s:.0f} s at the two cores' peak "
+        f"(target 120 s); the colab's {args.steps} steps: at least "
         f"{result['schedule_hours_at_peak']:.1f} h")
   write_json(args.out, result)
   print(f"wrote {args.out}")
