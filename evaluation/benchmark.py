@@ -293,9 +293,9 @@ class Runner:
     argv = [module, *args, *self.extra]
     line = "python -m " + shlex.join(argv)
     self.ran.append(line)
-    cli.log(f"$ {line}")
-    if self.config.runs_nothing:
+    if self.config.runs_nothing:  # --dry-run: the plan is the report, printed once
       return
+    cli.log(f"$ {line}")
     with self._lock:
       if self.stopped:
         raise cli.UserError(f"not started, the benchmark is stopping: {line}")
@@ -786,7 +786,9 @@ def run_cells(todo: list[Cell], cells: list[Cell], config: Config, run: Runner,
   failed = []
 
   def one(cell: Cell) -> None:
-    cli.log(f"[cell {cells.index(cell)} of 0-{len(cells) - 1}] {cell.label()} ({cell.workdir})")
+    if not config.dry_run:
+      cli.log(f"[cell {cells.index(cell)} of 0-{len(cells) - 1}] {cell.label()} "
+              f"({cell.workdir})")
     try:
       run_cell(cell, config, run, made)
     except cli.USER_ERRORS as e:

@@ -45,6 +45,15 @@ def resolve_kernel(config: Config, distilled: DistilledSet) -> tuple[Config, str
   if recorded.get("kernel") not in KERNELS:
     recorded = {}
   if config.kernel == "auto":
+    own = distilled.meta.get("kernel")
+    if not recorded and own and own not in KERNELS:
+      # FRePo, RFAD and KRR-ST score their sets with the features of their own trained or
+      # random networks, which the file does not hold.
+      method = distilled.meta.get("method", "its method")
+      return dataclasses.replace(config, kernel="fc"), (
+          f"the set was scored during distillation with {method}'s own kernel ({own}), built "
+          f"from networks the file does not hold: evaluating with fc, so this accuracy is not "
+          f"the one {method} reported")
     if not recorded:
       return dataclasses.replace(config, kernel="fc"), "the file records no kernel: using fc"
     return dataclasses.replace(config, **recorded), f"kernel {recorded['kernel']} (from the file)"

@@ -174,11 +174,6 @@ class _Parser(argparse.ArgumentParser):
 _UNSET = object()
 
 
-class _DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter,
-                               argparse.ArgumentDefaultsHelpFormatter):
-  """The command's docstring as written (its examples and lists), each flag with its default."""
-
-
 def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
                  positional: Sequence[str] = (), presets: dict[str, dict] | None = None):
   """Builds an argparse parser from `config_cls`'s fields and returns a `config_cls`.
@@ -188,21 +183,22 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
   """
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   parser = _Parser(prog=f"python -m {spec.name}" if spec else None, description=description,
-                   formatter_class=argparse.RawDescriptionHelpFormatter if presets
-                   else _DescriptionAndDefaults)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
     kind = hints[f.name]
     name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
     default = f.default
     if presets and f.name != "preset":
-      differ = {name: p[f.name] for name, p in presets.items() if f.name in p}
+      differ = {name: p[f.name] for name, p in presets.items()
+                if f.name in p and p[f.name] != f.default}
       if differ:
-        default = f"{f.default} ({', '.join(f'{k}: {v}' for k, v in differ.items())})"
-    if presets:
-      kwargs = {"help": f.metadata.get("help", "") + f" [default: {default}]", "default": _UNSET}
-    else:
-      kwargs = {"help": f.metadata.get("help", ""), "default": f.default}
+        default = f"{f.default}; " + ", ".join(f"{k}: {v}" for k, v in differ.items())
+    # One style for every command: "(default: X)", with each preset's own value where it
+    # differs; an empty default says nothing (the help says what leaving it out means).
+    shown = "" if default == "" else f" (default: {default})"
+    kwargs = {"help": f.metadata.get("help", "") + shown,
+              "default": _UNSET if presets else f.default}
     if f.name in positional:
       kwargs["nargs"] = "?"  # optional: the field's default applies when it is left out
     if kind is bool:

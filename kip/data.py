@@ -79,6 +79,8 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
   if name in FOLDER_DATASETS:
     raise DataError(f"{name} is not a tfds dataset; load it with load_dataset")
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+  # The hint names what the user did: a flag, or the environment variable.
+  drop = "drop --manual-dir" if manual_dir else f"unset {MANUAL_DIR_ENV}"
   manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV) or None
   tfds = _import_tfds()
   builder = tfds.builder(name, data_dir=data_dir)
@@ -94,7 +96,7 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
     if missing:
       raise DataError(
           f"{name} is not prepared and {folder} lacks {', '.join(missing)}: put tfds' raw files "
-          f"for {name} there (or drop --manual-dir to download)")
+          f"for {name} there (or, online, {drop} to download)")
     download_config = tfds.download.DownloadConfig(manual_dir=folder)
   else:
     # tfds retries a failed download for minutes before giving up; a quick probe fails at once.
@@ -110,9 +112,18 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
       # One download folder per dataset: tfds names extracted manual files by their file name
       # alone (downloads/extracted/GZIP.train-images-idx3-ubyte.gz), so with a shared folder a
       # Fashion-MNIST build silently reused MNIST's extracted images.
-      builder.download_and_prepare(
-          download_dir=os.path.join(builder.data_dir_root, "downloads", name),
-          download_config=download_config)
+      with contextlib.ExitStack() as quiet:
+        if manual_dir is not None:
+          # tfds announces a download ("Downloading and preparing dataset Unknown size") and
+          # shows download bars while it reads local files: say what happens instead.
+          print(f"preparing {name} from {folder} (once: kept in {builder.data_dir_root})",
+                file=sys.stderr, flush=True)
+          quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(
+              open(os.devnull, "w"))))
+          tfds.disable_progress_bar()
+        builder.download_and_prepare(
+            download_dir=os.path.join(builder.data_dir_root, "downloads", name),
+            download_config=download_config)
     except Exception as e:  # noqa: BLE001  (tfds raises many types for a failed download)
       if manual_dir is not None:
         raise

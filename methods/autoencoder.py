@@ -21,7 +21,7 @@ homogeneity are options: `reconstruct="both"` reconstructs the real batch and D 
 both; g is still taken with respect to D), and `reduction="sum"` sums R, the penalty and the
 diversity over elements and samples instead of averaging them.
 
-No model is trained on D in phase 2: what D is worth is measured after it (`worth`, step 3 of
+No model is trained on D in phase 2: what D is worth is measured after it (`worth`, phase 3 of
 `experiments.autoencoder`: a fresh autoencoder pre-trained on D alone, then a linear probe on
 labelled data). `JOB` is that command: its `Config` and `PRESETS`, the phases (`train_autoencoder`,
 `distil`), `worth` and the pictures (`draw`).
@@ -369,10 +369,10 @@ class Config(cli.RunConfig, cli.DataConfig):
                              "(the report) or sum (its remedy)", choices=("mean", "sum"))
   clip: bool = f(False, "keep the samples in [0, 1] after every step (the report does not: its "
                        "diversity term then pushes them out of the pixel range)")
-  worth_steps: int = f(1000, "step 3: full-batch Adam steps of the autoencoder trained on a set",
+  worth_steps: int = f(1000, "phase 3: full-batch Adam steps of the autoencoder trained on a set",
                        minimum=1)
-  probe_steps: int = f(500, "step 3: linear-probe steps", minimum=1)
-  probe_seeds: int = f(3, "step 3: seeds per row", minimum=1)
+  probe_steps: int = f(500, "phase 3: linear-probe steps", minimum=1)
+  probe_seeds: int = f(3, "phase 3: seeds per row", minimum=1)
 
 
 def load(config: Config) -> tuple[pipeline.Data, np.ndarray, np.ndarray]:
@@ -595,8 +595,8 @@ def worth(config: Config, data: pipeline.Data, x_test: np.ndarray, labels_test: 
 
 
 def run(config: Config, workdir: str, devices) -> list[str]:
-  """The command: phase 1, phase 2, step 3 (read back when it already ran on the selected set)
-  and the pictures; returns step 3's table."""
+  """The command: phase 1, phase 2, phase 3 (read back when it already ran on the selected set)
+  and the pictures; returns phase 3's table."""
   del devices
   data, x_test, labels_test = load(config)
   cli.log(f"{config.dataset}: {len(data.x_train)} train, {len(data.x_test)} validation, "
@@ -605,11 +605,11 @@ def run(config: Config, workdir: str, devices) -> list[str]:
   distil(config, data, params, workdir)
   best = os.path.join(workdir, "distilled_best.npz")
   chosen = load_distilled(best if os.path.exists(best) else os.path.join(workdir, "distilled.npz"))
-  cli.log(f"step 3: what the {len(chosen.images)} samples (epoch "
+  cli.log(f"phase 3 (evaluation): what the {len(chosen.images)} samples (epoch "
           f"{chosen.meta.get('step', 0) // math.ceil(len(data.x_train) / config.batch)}) are worth")
   path = os.path.join(workdir, "worth.json")
   report = None
-  if os.path.exists(path):  # a finished step 3 of the same set (the workdir fixes the settings)
+  if os.path.exists(path):  # a finished phase 3 of the same set (the workdir fixes the settings)
     with open(path) as fh:
       report = json.load(fh)
     if report.get("selected_step") != chosen.meta.get("step"):

@@ -529,6 +529,7 @@ def test_a_new_method_joins_the_table_by_name_and_an_unknown_one_is_refused(tmp_
   assert dry.returncode == 0, dry.stderr
   commands = dry.stdout.split("\n")[:-1]
   assert [c.split()[2] for c in commands] == ["experiments.moments", "experiments.transfer"]
+  assert "experiments.moments" not in dry.stderr, dry.stderr  # the plan is printed once
   assert "--preset" not in commands[0]  # moments' JOB has no presets
   bad = run_in_process("experiments.benchmark", "--methods", "nosuch", "--dry-run")
   assert bad.returncode == 2 and "unknown method 'nosuch'" in bad.stderr

@@ -352,3 +352,15 @@ def test_sigterm_says_where_the_work_is_and_how_to_resume(tmp_path, manual_dir, 
                   f"command with --workdir {workdir} to resume"), err
   assert "Traceback" not in err
   assert list((workdir / "checkpoints").glob("ckpt_*.npz"))
+
+
+def test_help_shows_every_default_in_one_style():
+  """Commands with presets and without write defaults the same way, each preset's value beside
+  it where it differs, and an empty default (a flag whose absence the help explains) not at all."""
+  for command in ("experiments.kip", "experiments.frepo"):
+    out = run_cli(command, "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert "[default" not in text and "(default: )" not in text, text
+    assert "--dataset {mnist," in text and "(default: mnist)" in text
+  assert "(default: 100; paper: 1000)" in text  # frepo's --checkpoint-every

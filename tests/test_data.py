@@ -100,6 +100,18 @@ def test_missing_raw_files_offline_say_which_and_where(tmp_path):
     load_dataset("imagenet")
 
 
+def test_the_missing_files_hint_names_what_the_user_set(tmp_path, monkeypatch):
+  """The folder came from --manual-dir or from $KIP_MANUAL_DIR: the hint names that one."""
+  (tmp_path / "manual" / "fashion_mnist").mkdir(parents=True)
+  monkeypatch.setenv("KIP_MANUAL_DIR", str(tmp_path / "manual"))
+  with pytest.raises(DataError, match=r"unset KIP_MANUAL_DIR to download\)$") as info:
+    load_dataset("fashion_mnist", data_dir=str(tmp_path / "tfds"))
+  assert "--manual-dir" not in str(info.value)
+  with pytest.raises(DataError, match=r"drop --manual-dir to download\)$"):
+    load_dataset("fashion_mnist", data_dir=str(tmp_path / "tfds"),
+                 manual_dir=str(tmp_path / "manual"))
+
+
 def test_offline_without_manual_dir_fails_at_once(tmp_path, monkeypatch):
   """No network: one DataError line within seconds, not minutes of tfds' download retries."""
   kip.data._import_tfds()  # TensorFlow's import is not what this times

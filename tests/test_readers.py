@@ -262,3 +262,19 @@ def test_a_tensor_reaching_outside_its_storage_is_refused():
   for offset, size, stride in ((2, (3, 3), (3, 1)), (0, (2,), (-1,)), (-1, (2,), (1,))):
     with pytest.raises(FileFormatError, match="storage"):
       _rebuild_tensor(storage, offset, size, stride)
+
+
+def test_evaluate_says_why_a_method_kernel_set_scores_differently():
+  """A FRePo set records its own kernel (its pool networks' features, not in the file): evaluate
+  says so and which kernel it uses instead; a set with no kernel at all gets the short note."""
+  from evaluation.evaluate import Config, resolve_kernel
+
+  from kip.io import DistilledSet
+
+  images, labels = np.zeros((10, 28, 28, 1), np.float32), np.eye(10, dtype=np.float32)
+  frepo = DistilledSet(images, labels, meta={"method": "frepo", "kernel": "frepo-pool"})
+  config, note = resolve_kernel(Config(support="x.npz"), frepo)
+  assert config.kernel == "fc"
+  assert "frepo's own kernel (frepo-pool)" in note and "not the one frepo reported" in note
+  config, note = resolve_kernel(Config(support="x.npz"), DistilledSet(images, labels))
+  assert config.kernel == "fc" and note == "the file records no kernel: using fc"
