@@ -268,7 +268,6 @@ def test_evaluate_says_why_a_method_kernel_set_scores_differently():
   """A FRePo set records its own kernel (its pool networks' features, not in the file): evaluate
   says so and which kernel it uses instead; a set with no kernel at all gets the short note."""
   from evaluation.evaluate import Config, resolve_kernel
-
   from kip.io import DistilledSet
 
   images, labels = np.zeros((10, 28, 28, 1), np.float32), np.eye(10, dtype=np.float32)
