@@ -13,7 +13,9 @@ import numpy as np
 
 from kip import cli
 from kip.command import Job
+from kip.datasets import DataError
 from kip.plots import plot_curves, plot_image_grid, plot_projection, read_curve
+from kip.readers import dataset_optional
 
 __all__ = ["Config", "JOB", "writable_output"]
 
@@ -61,22 +63,27 @@ def writable_output(out: str) -> str:
 def show_set(config: Config) -> str:
   out = writable_output(config.out or os.path.join(os.path.dirname(config.support) or ".",
                                                    "grid.png"))
-  distilled = config.load(config.support, config.dataset or None)
+  with dataset_optional():  # a file that names no dataset is still drawn
+    distilled = config.load(config.support, config.dataset or None)
   preprocessor = distilled.preprocessor
   dataset = config.dataset or distilled.dataset
   note = ""
   if preprocessor is None and dataset:
     from kip.pipeline import data_for_set  # noqa: PLC0415  (loads TF only when needed)
 
-    preprocessor = data_for_set(distilled, dataset, data_dir=config.data_dir,
-                                manual_dir=config.manual_dir).preprocessor
+    try:  # the preprocessing is refitted on the real training split, when it is here
+      preprocessor = data_for_set(distilled, dataset, data_dir=config.data_dir,
+                                  manual_dir=config.manual_dir).preprocessor
+    except DataError as e:
+      cli.log(f"{dataset} is not here ({e}): drawing each image stretched to [0, 1]")
+      note = " (not here: its preprocessing not undone)"
   if preprocessor is not None:
     images = preprocessor.invert(distilled.images)
   else:
     low = distilled.images.min(axis=(1, 2, 3), keepdims=True)
     high = distilled.images.max(axis=(1, 2, 3), keepdims=True)
     images = (distilled.images - low) / np.maximum(high - low, 1e-12)
-    note = ", each image stretched to [0, 1]"
+    note += ", each image stretched to [0, 1]"
   n = len(distilled.images)
   title = (f"{os.path.basename(config.support)}: {n} images, {dataset or 'unknown dataset'}"
            f"{note}")

@@ -320,7 +320,11 @@ def _check(images: np.ndarray, labels: np.ndarray | None, path: str, dataset: st
       raise FileFormatError(f"{path}: labels have width {labels.shape[1]}, but {dataset} has "
                             f"{num_classes} classes")
     if images.shape[1:] != shape:
-      raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are {shape}")
+      # A file that names no dataset meets the command's default one (mnist): say which fit.
+      fits = [name for name, (other, _) in DATASETS.items() if other == images.shape[1:]]
+      hint = f"; give --dataset ({', '.join(fits)} have such images)" if fits else ""
+      raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are "
+                            f"{shape}{hint}")
   for key, value in (("images", images), (name, values), *(extras or {}).items()):
     if not np.all(np.isfinite(value)):
       raise FileFormatError(f"{path}: {key} contain NaN or infinite values")

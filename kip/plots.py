@@ -102,6 +102,10 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
   return _image_grid(images, labels, per_class, title, class_names, captions)[0]
 
 
+CAPTION_NOTE = ("number above an image: its label's value for its row's class "
+                "(one-hot 1, our centred one-hot 0.9; learned labels differ)")
+
+
 def _image_grid(images, labels, per_class, title, class_names, captions):
   """`make_image_grid`'s figure and the number of images placed in it."""
   images, labels = np.asarray(images), np.asarray(labels)
@@ -123,9 +127,12 @@ def _image_grid(images, labels, per_class, title, class_names, captions):
   placed = 0
   for r, (c, start) in enumerate(rows):
     top = r * cell_h + band  # the row's first image pixel
+    name = class_names[c] if class_names else str(c)
     if start == 0:
-      name = class_names[c] if class_names else str(c)
       ax.text(-gap, top + (height - 1) / 2, name, ha="right", va="center")
+    else:  # a class longer than a row goes on here: said, so it is not read as the next class
+      ax.text(-gap, top + (height - 1) / 2, f"{name} (cont.)" if name else "(cont.)",
+              ha="right", va="center", fontsize=7, color="0.45")
     for j, i in enumerate(np.flatnonzero(classes == c)[start:start + columns]):
       left = j * cell_w
       canvas[top:top + height, left:left + width] = np.clip(images[i], 0, 1)  # gray: to 3
@@ -135,16 +142,21 @@ def _image_grid(images, labels, per_class, title, class_names, captions):
                 ha="center", va="bottom")
   ax.imshow(canvas, interpolation="nearest")
   ax.axis("off")
-  top = 1.0
+  top, bottom = 1.0, 0.0
+  pad = 0.08 / fig.get_figheight()  # inches, as a fraction of the height
+  if captions:
+    note = fig.text(0.5, pad, CAPTION_NOTE, fontsize=7, ha="center", va="bottom", color="0.3")
+    extent = note.get_window_extent(fig.canvas.get_renderer())
+    fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
+    bottom = 2 * pad + extent.height / fig.dpi / fig.get_figheight()
   if title:
-    pad = 0.08 / fig.get_figheight()  # inches, as a fraction of the height
     text = fig.suptitle(title, fontsize=9, y=1.0 - pad, va="top")
     extent = text.get_window_extent(fig.canvas.get_renderer())
     # At least as wide as the title, and the grid laid out below it (tight_layout alone lets the
     # title overlap the first row's captions).
     fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
     top = 1.0 - 2 * pad - extent.height / fig.dpi / fig.get_figheight()
-  fig.tight_layout(rect=(0, 0, 1, top))
+  fig.tight_layout(rect=(0, bottom, 1, top))
   return fig, placed
 
 

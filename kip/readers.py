@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -50,7 +51,8 @@ from kip.datasets import DATASETS
 
 __all__ = ["FileFormatError", "UnsafeFileError", "Source", "Foreign", "FORMATS", "LAYOUTS",
            "DC_STATS", "PROTO_STATS", "read_torch", "read_foreign", "read_npz", "npz_format",
-           "to_nhwc", "read_npy", "read_npy_file", "npz_keys", "read_npz_arrays", "numeric"]
+           "to_nhwc", "read_npy", "read_npy_file", "npz_keys", "read_npz_arrays", "numeric",
+           "dataset_optional"]
 
 FORMATS = ("npz_platt", "npz_proto", "dc_results", "pair")
 LAYOUTS = ("auto", "nhwc", "nchw")
@@ -645,9 +647,25 @@ def numeric(array: np.ndarray, key: str, path: str) -> np.ndarray:
   return array
 
 
+_DATASET_OPTIONAL = contextvars.ContextVar("dataset_optional", default=False)
+
+
+@contextlib.contextmanager
+def dataset_optional():
+  """Within it, a file whose format normalises with a dataset's published statistics but that
+  names no dataset (an MTT `images_best.pt`, say) is read without them (`Source.stats` None, so
+  no preprocessor), for callers that only look at the images (`experiments.show`); outside it,
+  such a file asks for --dataset."""
+  token = _DATASET_OPTIONAL.set(True)
+  try:
+    yield
+  finally:
+    _DATASET_OPTIONAL.reset(token)
+
+
 def _source(fmt, method, dataset, stats_table, zca, path, **kw) -> Source:
   stats = None
-  if stats_table is not None:
+  if stats_table is not None and not (dataset is None and _DATASET_OPTIONAL.get()):
     if dataset is None:
       raise FileFormatError(f"{path}: the file does not say its dataset; give --dataset")
     if dataset not in stats_table:

@@ -76,6 +76,9 @@ def test_files_written_by_the_dc_and_mtt_code():
   np.testing.assert_allclose(dc.preprocessor.mean, DC_STATS["fashion_mnist"][0])
   with pytest.raises(FileFormatError, match="does not say its dataset; give --dataset"):
     load_distilled(str(SHARED / "mtt" / "images_best.pt"))
+  with pytest.raises(FileFormatError, match=r"mnist images are \(28, 28, 1\); give --dataset "
+                     r"\(cifar10, cifar100, svhn_cropped have such images\)$"):
+    load_distilled(str(SHARED / "mtt" / "images_best.pt"), "mnist")  # evaluate's default
   mtt = load_distilled(str(SHARED / "mtt" / "images_best.pt"), "cifar10")
   assert mtt.images.shape == (10, 32, 32, 3) and mtt.source.zca == "kornia_zca"
   assert mtt.preprocessor is None  # its ZCA is fitted on the real training split

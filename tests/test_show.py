@@ -1,6 +1,7 @@
 """`kip.plots`' image grid and `experiments.show`: every image is drawn, the title fits, and an
 unwritable --out ends in one line."""
 
+import pathlib
 import tempfile
 
 import numpy as np
@@ -111,3 +112,63 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # root may write anywhere
   with pytest.raises(cli.UserError, match=r"cannot write .*g\.png: Permission denied \("):
     writable_output(str(tmp_path / "locked" / "g.png"))
+
+
+def test_a_wrapped_row_says_it_goes_on_and_the_captions_are_explained():
+  from kip.plots import CAPTION_NOTE
+
+  images, labels, _ = _learned_set([12, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+  fig = make_image_grid(images, labels, per_class=10, title="20 images")
+  (ax,) = fig.axes
+  names = [t.get_text() for t in ax.texts if t.get_horizontalalignment() == "right"]
+  assert names == ["0", "0 (cont.)", *map(str, range(1, 10))]  # class 0 wraps onto a 2nd row
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  (note,) = [t for t in fig.texts if t.get_text() == CAPTION_NOTE]
+  box = note.get_window_extent(renderer)
+  assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y0 >= fig.bbox.y0
+  assert box.y1 <= ax.get_tightbbox(renderer).y0  # below the grid, clear of it
+  bare = make_image_grid(images, labels, per_class=10, captions=False)
+  assert not [t for t in bare.texts if t.get_text() == CAPTION_NOTE]
+
+
+SHARED_FORMATS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "formats"
+
+
+@pytest.mark.parametrize("fmt", ["mtt", "rfad"])
+def test_show_draws_a_cifar_set_with_no_cifar_here(tmp_path, monkeypatch, fmt):
+  """An MTT `images_best.pt` (CIFAR-10, ZCA space, names no dataset) and an RFAD-format
+  `best.npz` (CIFAR-shaped): drawn with each image stretched, said in the title, whether the
+  dataset is left out or named but not on this machine."""
+  import shutil
+
+  import evaluation.show
+
+  if fmt == "mtt":
+    support = tmp_path / "images_best.pt"
+    for name in ("images_best.pt", "labels_best.pt"):
+      shutil.copy(SHARED_FORMATS / "mtt" / name, tmp_path / name)
+  else:
+    support = tmp_path / "best.npz"
+    rng = np.random.default_rng(0)
+    np.savez(support, images=rng.normal(size=(10, 3, 32, 32)).astype(np.float32),
+             labels=np.eye(10, dtype=np.float32), k=np.float32(2.0), jit=np.float32(1e-6))
+  drawn = []
+  real = evaluation.show.plot_image_grid
+  monkeypatch.setattr(evaluation.show, "plot_image_grid",
+                      lambda images, *a, **kw: drawn.append((images, kw["title"])) or
+                      real(images, *a, **kw))
+  empty = tmp_path / "manual"
+  empty.mkdir()
+  assert show.main([str(support), "--out", str(tmp_path / "a.png")]) == 0
+  assert show.main([str(support), "--dataset", "cifar10", "--manual-dir", str(empty),
+                    "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "b.png")]) == 0
+  (bare, bare_title), (named, named_title) = drawn
+  assert bare.shape == named.shape == (10, 32, 32, 3)
+  assert bare_title.endswith("unknown dataset, each image stretched to [0, 1]"), bare_title
+  assert named_title.endswith("cifar10 (not here: its preprocessing not undone), each image "
+                              "stretched to [0, 1]"), named_title
+  for images in (bare, named):  # each image spans [0, 1] on its own
+    np.testing.assert_allclose(images.min(axis=(1, 2, 3)), 0, atol=1e-6)
+    np.testing.assert_allclose(images.max(axis=(1, 2, 3)), 1, atol=1e-6)
+  assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").exists()
