@@ -2,10 +2,15 @@
 PYTHON ?= python3
 
 
-.PHONY: install test test-fast lint bench results
+.PHONY: install install-runtime test test-fast lint bench results
 install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -c requirements.lock -e ".[dev]"
+
+# To run the commands only: no test or lint tools (TensorFlow still comes, for tfds).
+install-runtime:
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install -c requirements.lock -e ".[data]"
 
 # Everything, end-to-end distillation on real data included (CI; under 15 minutes on 2 cores).
 test:
