@@ -37,8 +37,9 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                            "dsa: DSA/DM/MTT's; report: the MNIST/MHIST report's 50 epochs, "
                            "cosine; frepo: FRePo's; rfad: RFAD's, centred output, "
                            "decay to init, label scale 8)", choices=tuple(PROTOCOLS))
-  preset: str = f("cpu", "sizes: cpu (finishes in minutes on a 2-core CPU: kip width 64 and "
-                          "1,000 steps, frepo width 32; dc as published) or paper (every "
+  preset: str = f("cpu", "sizes: cpu (kip width 64 and 1,000 steps, frepo width 32; dc as "
+                          "published: on a 2-core CPU a 100-image set's rows take tens of "
+                          "minutes, the progress bar's ETA says how long) or paper (every "
                           "protocol as published: kip width 1024 and 5,000 steps, frepo 128)",
                   choices=("cpu", "paper"))
   seeds: int = f(5, "networks per row (seeds 0..N-1 offset by --seed), mean +- std reported",
@@ -185,17 +186,36 @@ def transfer(config: Config, workdir: str) -> dict:
                          labels_train=data.labels_train[keep])
     cli.log(f"--lr-grid {', '.join(_grid_name(*e) for e in grid)}: each row's rate chosen on "
             f"{config.val_size} validation images held out of the training split")
-  results = []
+  # The whole job, planned before it starts: one progress bar counts every training's steps, so
+  # its ETA is the job's (evaluations and compilation included once they happen).
+  at_once = config.seeds_at_once or len(seeds)
+  groups = -(-len(seeds) // at_once)
+  planned = {}
   for row in rows:
-    row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
     x, y, steps = _row_data(row, config, distilled, data, seeds)
     total_steps = resolve_schedule(protocol, x.shape[-4], steps=steps, augment=augment,
                                    dataset=config.dataset).steps
+    planned[row] = (x, y, steps, total_steps)
+  runs = (len(grid) + 1) * groups
+  job_steps = sum(runs * p[3] for p in planned.values())
+  evals = config.eval_every and "test evaluations every " + str(config.eval_every) + " steps"
+  cli.log(f"the job: {len(rows)} row{'s' * (len(rows) > 1)} ("
+          + ", ".join(f"{r} {p[3]:,} steps" for r, p in planned.items())
+          + f"), {len(seeds)} seeds each" + (f" in {groups} groups" if groups > 1 else "")
+          + (f", {len(grid)} validation runs and a final one per row" if grid else "")
+          + f": {job_steps:,} steps with {evals or '10 test evaluations per training'}; the "
+          "progress bar counts all of them (its ETA is the whole job's)")
+  done = [0]  # steps of the job's finished trainings
+
+  results = []
+  for index, row in enumerate(rows):
+    row_dir = os.path.join(workdir, row)  # the loop's workdir: a finished row is not redone
+    x, y, steps, total_steps = planned[row]
+    label = f"[{index + 1}/{len(rows)}] {row}" if len(rows) > 1 else row
 
     def train(lr, x_eval, labels_eval, folder, description, lr_scale=1.0, row=row, x=x, y=y,
               steps=steps, total_steps=total_steps):
       trained: list[TrainResult] = []
-      at_once = config.seeds_at_once or len(seeds)
       for start in range(0, len(seeds), at_once):
         group = seeds[start:start + at_once]
         part = (slice(start, start + len(group)),) if x.ndim == 5 else ()
@@ -206,17 +226,20 @@ def transfer(config: Config, workdir: str) -> dict:
             eval_every=config.eval_every or max(1, total_steps // 10),
             workdir=os.path.join(folder, suffix) if suffix else folder,
             progress=config.progress, log=cli.log, description=description,
-            seed_batching=config.seed_batching, dataset=config.dataset))
+            seed_batching=config.seed_batching, dataset=config.dataset,
+            span=(done[0], job_steps)))
+        done[0] += total_steps
       return trained
 
     own = config.lr or (set_lr if row == "distilled" else 0.0)  # 0: the protocol's or kip's NTK
-    search = []
+    search, search_wall = [], 0.0
     if grid:
       for rate, multiple in grid:
         name = _grid_name(rate, multiple)
         tried = train(rate or own, *validation, os.path.join(row_dir, f"lr{name}"),
-                      f"{row} lr {name}", lr_scale=multiple)
+                      f"{label} lr {name}", lr_scale=multiple)
         val_acc = np.concatenate([t.test_acc for t in tried])
+        search_wall += sum(t.wall_time for t in tried)
         search.append({"lr": tried[0].lr, "grid": name, "val_acc": [float(a) for a in val_acc],
                        "val_acc_mean": float(val_acc.mean())})
         cli.log(f"{row}, lr {tried[0].lr:.4g} ({name}): validation "
@@ -226,7 +249,7 @@ def transfer(config: Config, workdir: str) -> dict:
       own = rate or own
       cli.log(f"{row}: lr {search[best]['lr']:.4g} ({search[best]['grid']}) chosen on the "
               "validation split")
-    trained = train(own, data.x_test, data.labels_test, row_dir, row,
+    trained = train(own, data.x_test, data.labels_test, row_dir, label,
                     lr_scale=multiple if grid else 1.0)
     acc = np.concatenate([t.test_acc for t in trained])
     result = {
@@ -237,7 +260,7 @@ def transfer(config: Config, workdir: str) -> dict:
         "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,
         "train_time": float(sum(t.train_time for t in trained)),
-        "wall_time": float(sum(t.wall_time for t in trained)),
+        "wall_time": float(sum(t.wall_time for t in trained) + search_wall),
         "cpu_time": float(sum(t.cpu_time for t in trained)),
         "images_per_s": float(np.nanmean([t.images_per_s for t in trained])),
         "params": trained[0].params,
@@ -288,11 +311,15 @@ def _format_acc(result: dict) -> str:
 
 
 def format_table(report: dict) -> str:
+  # "updates": the training steps alone; "wall": the row's whole time (compilation, the test
+  # evaluations along the way, validation runs of an --lr-grid), the rows adding up to the job.
   return cli.format_table(
-      ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "train time", "img/s"),
+      ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "updates (s)",
+       "wall (s)", "img/s"),
       [(r["set"], str(r["n_images"]), f"{r['net']}-{r['width']}", r["protocol"],
         cli.percent(r["test_acc_mean"], r["test_acc_std"]), str(r["steps"]), f"{r['lr']:.3g}",
-        f"{r['train_time']:.0f} s", f"{r['images_per_s']:.0f}") for r in report["rows"]])
+        f"{r['train_time']:.0f}", f"{r['wall_time']:.0f}", f"{r['images_per_s']:.0f}")
+       for r in report["rows"]])
 
 
 def run(config: Config, workdir: str, devices) -> list[str]:

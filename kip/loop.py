@@ -161,6 +161,7 @@ def run(
     log: Callable[[str], None] = print,
     progress: bool = True,
     description: str = "distilling",
+    span: tuple[int, int] | None = None,
 ) -> RunResult:
   """Runs (or resumes) `config.steps` updates of `method` in `workdir`.
 
@@ -179,6 +180,9 @@ def run(
     save_best: writes the output of the best state so far by `config.select_metric` (e.g.
       `distilled_best.npz`), when it improves.
     description: the progress bar's label.
+    span: (steps of the whole job done before this run, the job's total steps), for a job of
+      several runs (`experiments.transfer`'s rows): the bar counts the whole job, so its ETA is
+      the job's. None: the bar counts this run.
   """
   writer = is_main_process()  # several processes (multi-host) run this loop; only one writes
   if writer:
@@ -187,11 +191,11 @@ def run(
     if writer:
       remove_temporaries(workdir)
     return _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best,
-                log, progress, description, writer)
+                log, progress, description, writer, span or (0, config.steps))
 
 
 def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, save_best, log,
-         progress, description, writer) -> RunResult:
+         progress, description, writer, span) -> RunResult:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   root_key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(root_key, 0)
@@ -271,7 +275,7 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
   if stopped:
     log(f"stopped early at step {start_step} before ({config.select_metric}: best {best_value:.5g} "
         f"at step {best_step})")
-  bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and writer),
+  bar = tqdm(total=span[1], initial=span[0] + start_step, disable=not (progress and writer),
              unit="step", dynamic_ncols=True)
   if start_step < config.steps:
     bar.set_description(f"{description}: compiling the step")

@@ -534,6 +534,7 @@ def train_and_evaluate(
     description: str = "training",
     seed_batching: str = "auto",
     memory_bytes: float = 2**30,
+    span: tuple[int, int] | None = None,
 ) -> TrainResult:
   """Trains one network per seed on (x_train, y_train) under `protocol`, in the one loop
   (`kip.loop.run`); returns their accuracy on the whole test split.
@@ -559,6 +560,7 @@ def train_and_evaluate(
       `loss` per seed every 100 steps) and checkpoints; a later call with the same workdir
       resumes (default: a temporary folder, no resume).
     memory_bytes: budget of the learning-rate estimate's Jacobian (see `max_stable_lr`).
+    span: the progress bar's place in a longer job (see `kip.loop.run`).
   """
   per_seed = x_train.ndim == 5
   if per_seed and (len(x_train) != len(seeds) or len(y_train) != len(seeds)):
@@ -616,7 +618,7 @@ def train_and_evaluate(
     folder = workdir or stack.enter_context(tempfile.TemporaryDirectory())
     result = run(trainer, workdir=folder, config=config, sampler=make_sampler(Data("none"), None),
                  evaluators=evaluators, log=log, progress=progress,
-                 description=description)
+                 description=description, span=span)
     records = read_metrics(os.path.join(folder, "metrics.jsonl"))
   curve = [r for r in records if "test_acc" in r]
   n_params = count_params(jax.tree_util.tree_map(lambda a: a[0], result.state.params))

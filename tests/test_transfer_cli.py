@@ -4,6 +4,7 @@ written, and user mistakes end in one line."""
 
 import json
 import os
+import re
 
 import matplotlib.image
 import nbformat
@@ -44,8 +45,14 @@ def transfer_args(support, workdir, manual_dir, data_dir, *extra):
 def test_transfer_trains_a_released_set_beside_the_random_baseline_and_resumes(
     sets, tmp_path, manual_dir, data_dir, run_in_process):
   args = transfer_args(sets["released"], tmp_path / "run", manual_dir, data_dir)
-  first = run_in_process("experiments.transfer", *args)
+  first = run_in_process("experiments.transfer", *args, "--progress")
   assert first.returncode == 0, first.stderr
+  # The whole job is announced first, and one bar counts it: its ETA is the job's.
+  assert ("the job: 2 rows (distilled 60 steps, random 60 steps), 2 seeds each: 120 steps with "
+          "test evaluations every 30 steps") in first.stderr
+  assert {int(n) for n in re.findall(r" (\d+)/(?:120)\b", first.stderr)} >= {60, 120}
+  assert not re.findall(r" \d+/60\b", first.stderr)  # no bar counts one row alone
+  assert "[1/2] distilled" in first.stderr and "[2/2] random" in first.stderr
   assert "ConvNet_ssize50_nozca_nol_noaug_ckpt0.npz" in first.stdout and "random" in first.stdout
   report = json.loads((tmp_path / "run" / "transfer.json").read_text())
   rows = {r["row"]: r for r in report["rows"]}
