@@ -50,6 +50,7 @@ __all__ = [
     "centered_one_hot",
     "class_balanced_indices",
     "sample_target_batch",
+    "unreachable_host",
 ]
 
 MANUAL_DIR_ENV = "KIP_MANUAL_DIR"
@@ -100,7 +101,7 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
     download_config = tfds.download.DownloadConfig(manual_dir=folder)
   else:
     # tfds retries a failed download for minutes before giving up; a quick probe fails at once.
-    unreachable = _unreachable_host(builder.url_infos or {})
+    unreachable = unreachable_host(builder.url_infos or {})
     if unreachable:
       raise _download_error(name, builder, f"no connection to {unreachable}")
   # Two processes sharing a data dir (parallel tests, two runs at once) build it once: the
@@ -299,7 +300,7 @@ def _download_error(name: str, builder, reason: str) -> DataError:
 PROBE_TIMEOUT_S = 3.0
 
 
-def _unreachable_host(urls: Iterable[str], timeout: float = PROBE_TIMEOUT_S) -> str | None:
+def unreachable_host(urls: Iterable[str], timeout: float = PROBE_TIMEOUT_S) -> str | None:
   """The host (or proxy) that the first download URL needs, if no TCP connection to it opens within
   `timeout` seconds; None when it opens or there is nothing to download."""
   url = next(iter(urls), None)

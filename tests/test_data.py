@@ -147,9 +147,9 @@ def test_connectivity_probe_targets_the_download_host_or_its_proxy(url, proxies,
     monkeypatch.setenv(name, value)
   probes = []
   monkeypatch.setattr(kip.data, "_connect", lambda *args: probes.append(args))
-  assert kip.data._unreachable_host([url]) is None
+  assert kip.data.unreachable_host([url]) is None
   assert probes == [(*expected, kip.data.PROBE_TIMEOUT_S)]
-  assert kip.data._unreachable_host([]) is None and len(probes) == 1  # nothing to download
+  assert kip.data.unreachable_host([]) is None and len(probes) == 1  # nothing to download
 
 
 @pytest.mark.slow
