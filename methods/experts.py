@@ -34,6 +34,7 @@ from methods.trajectory import (
   curriculum_window,
   el2n_scores,
   epoch_plan,
+  expert_steps,
   train_expert,
 )
 
@@ -184,13 +185,21 @@ def build_buffer(config: Config, path: str) -> dict:
 
   t0 = time.perf_counter()
   records = []
+  # One progress bar over every expert still to train: its ETA is the whole store's.
+  each = expert_steps(plan, config.batch)
+  pending = sorted(to_train)
+  if len(pending) > 1:
+    cli.log(f"{len(pending)} experts to train, {each:,} steps each ({len(plan)} epochs): the "
+            "progress bar counts them all")
   for i in range(config.experts):
+    span = ((pending.index(i) * each, len(pending) * each) if i in pending and len(pending) > 1
+            else None)
     records.append(train_expert(
         store, i, model, x, labels, plan=plan, batch=config.batch, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay,
         augment="" if config.augment == "none" else config.augment,
         seed=config.seed * 10_000 + i, evaluate=test_accuracy, log=cli.log,
-        progress=config.progress))
+        progress=config.progress, span=span))
     acc = records[-1]["test_acc"]
     cli.log(f"expert {i}: {'' if acc is None else f'{100 * acc:.2f}% test accuracy, '}"
             f"{records[-1]['train_time']:.0f} s of training")

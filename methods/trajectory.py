@@ -58,6 +58,7 @@ from kip.method import Batch, Data, Method, Trainer
 from kip.store import Store, StoreMismatch
 
 __all__ = ["ExpertStore", "StoreMismatch", "curriculum_window", "epoch_plan", "el2n_scores",
+           "expert_steps",
            "make_expert", "train_expert", "trajectory_loss", "depth_mask", "smallest_error_mask",
            "make_student", "make_trajectory_matching", "TrajectoryState"]
 
@@ -213,6 +214,11 @@ def make_expert(model, image_shape: tuple[int, int, int], *, lr: float = 0.01,
   return Trainer(init, update, Data("none"))
 
 
+def expert_steps(plan: list[np.ndarray], batch: int) -> int:
+  """The steps of one expert trained through `plan` at `batch` (as `_epoch_sampler` runs them)."""
+  return sum(-(-len(p) // min(batch, len(p))) for p in plan)
+
+
 def _epoch_sampler(x: np.ndarray, labels: np.ndarray, plan: list[np.ndarray], batch: int,
                    seed: int) -> tuple[Callable[[int], Batch], np.ndarray]:
   """step (1-based) -> the step's batch, and the last step of every epoch. Each epoch is
@@ -240,11 +246,13 @@ def train_expert(store: ExpertStore, i: int, model, x_train: np.ndarray,
                  labels_train: np.ndarray, *, plan: list[np.ndarray], batch: int, lr: float,
                  momentum: float = 0.0, weight_decay: float = 0.0, augment: str = "",
                  seed: int = 0, evaluate: Callable[[Any], float] | None = None,
-                 log: Callable[[str], None] = print, progress: bool = True) -> dict:
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 span: tuple[int, int] | None = None) -> dict:
   """Trains expert `i` (if the store lacks it) in the one loop, resumably, in
   `store.work_dir(i)`, writing its parameters after every epoch of `plan`; then stores the
   trajectory and removes the work folder. `evaluate(params) -> test accuracy` runs at the end.
-  Returns the expert's record."""
+  `span`: the progress bar's place among all the experts (see `kip.loop.run`). Returns the
+  expert's record."""
   if i in store.experts():
     return store.record(i)
   image_shape = x_train.shape[1:]
@@ -271,7 +279,7 @@ def train_expert(store: ExpertStore, i: int, model, x_train: np.ndarray,
                       checkpoint_every=int(ends[0]), log_every=50, seed=seed)
   result = run(method, workdir=workdir, config=config, sampler=sampler,
                evaluators=[Evaluator("trajectory", record_epoch, 1)], log=log, progress=progress,
-               description=f"expert {i}")
+               description=f"expert {i}", span=span)
   trajectory = np.stack([np.load(os.path.join(rows, f"epoch_{e:03d}.npy"))
                          for e in range(len(plan) + 1)])
   record = {"expert": i, "seed": seed, "steps": int(ends[-1]), "epochs": len(plan),

@@ -22,6 +22,7 @@ from methods.trajectory import (
   curriculum_window,
   depth_mask,
   epoch_plan,
+  expert_steps,
   make_student,
   make_trajectory_matching,
   smallest_error_mask,
@@ -327,3 +328,18 @@ def test_experts_take_pytorchs_init_on_request_and_old_stores_keep_their_folder(
   params = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
   for name in ("kernel", "bias"):  # fan_in 32 x 4 x 4; the standard bias is N(0, 0.1^2)
     assert np.abs(np.asarray(params["readout"][name])).max() <= 1 / np.sqrt(512)
+
+
+def test_one_bar_counts_every_expert_of_the_store(tmp_path, capsys):
+  """`experiments.buffer`'s experts share one progress bar (`span`): the second expert's bar
+  starts where the first ended and ends at the store's total, so its ETA is the whole store's."""
+  store = ExpertStore.create(str(tmp_path / "store"), {"dataset": "test"}, P, 2)
+  plan = epoch_plan(LABELS, 2)
+  each = expert_steps(plan, 16)
+  for i in range(2):
+    train_expert(store, i, MODEL, X, LABELS, plan=plan, batch=16, lr=0.05, seed=i,
+                 log=lambda _: None, progress=True, span=(i * each, 2 * each))
+  assert store.record(0)["steps"] == store.record(1)["steps"] == each  # as the sampler ran them
+  bars = capsys.readouterr().err
+  assert f" {each}/{2 * each} " in bars and f" {2 * each}/{2 * each} " in bars, bars
+  assert f"/{each} " not in bars  # no bar counts one expert alone
