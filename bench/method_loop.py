@@ -144,9 +144,16 @@ def main(argv=None) -> None:
     first, extra = METHODS[method]
     bare, command = [], []
     t0 = time.perf_counter()
-    for _ in range(args.rounds):
-      bare.append(bare_seconds(method, first, extra) / first)
-      command.append(command_seconds(method, first, extra) / first)
+    try:
+      for _ in range(args.rounds):
+        bare.append(bare_seconds(method, first, extra) / first)
+        command.append(command_seconds(method, first, extra) / first)
+    except (RuntimeError, subprocess.CalledProcessError, StopIteration, KeyError) as e:
+      detail = getattr(e, "stderr", "") or str(e)
+      print(f"{method:<9} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}",
+            flush=True)
+      rows.append({"method": method, "error": str(detail)[-2000:]})
+      continue
     ratios = [b / c for b, c in zip(bare, command, strict=True)]
     row = {"method": method, "steps": [first, 2 * first], "extra_args": extra,
            "bare_ms_per_step": [1e3 * v for v in bare],
