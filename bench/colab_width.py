@@ -92,8 +92,11 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=5000, help="the colab's schedule: 5000")
   parser.add_argument("--peak", default="bench/results/cpu_peak.json",
                       help="the machine's measured matmul peak (python -m bench.cpu_peak)")
-  parser.add_argument("--out", default="bench/results/colab_width.json")
+  parser.add_argument("--out", default="", help="default: bench/results/colab_width.json "
+                      "(another width: colab_width_w<width>.json)")
   args = parser.parse_args(argv)
+  args.out = args.out or ("bench/results/colab_width.json" if args.width == 1024
+                          else f"bench/results/colab_width_w{args.width}.json")
   result = measure(args.width)
   peak = json.loads(Path(args.peak).read_text())["peak_gflops"] / 1e3 if Path(args.peak).exists() \
       else float("nan")

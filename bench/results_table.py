@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from experiments import benchmark
 
-RECORD = Path("bench/results/benchmark/benchmark.json")
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "bench" / "results" / "benchmark" / "benchmark.json"
 
 
 def recorded_argv(record: Path = RECORD) -> list[str]:
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   recorded = recorded_argv(Path(args.record))
   sys.argv = ["experiments.benchmark", *recorded]  # the table records the command it ran
+  os.chdir(ROOT)  # the recorded paths are relative to the repository
   return benchmark.main(recorded) or 0
 
 

@@ -16,6 +16,7 @@ printed, so `--support "$(python -m experiments.fetch NAME)"` works.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
 import shutil
 import tempfile
@@ -81,8 +82,8 @@ def fetch(name: str, cache: str = "") -> str:
       with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
         shutil.copyfileobj(response, out)
       load_distilled(part, name.split("/")[1])
-    except (urllib.error.URLError, OSError, FileFormatError) as e:
-      reason = getattr(e, "reason", None) or e
+    except (urllib.error.URLError, http.client.HTTPException, OSError, FileFormatError) as e:
+      reason = str(getattr(e, "reason", None) or e).replace(part, "the file")
       raise cli.UserError(f"could not fetch {url}: {reason}") from e
     os.replace(part, path)
   return path

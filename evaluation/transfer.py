@@ -187,7 +187,8 @@ def transfer(config: Config, workdir: str) -> dict:
     cli.log(f"--lr-grid {', '.join(_grid_name(*e) for e in grid)}: each row's rate chosen on "
             f"{config.val_size} validation images held out of the training split")
   # The whole job, planned before it starts: one progress bar counts every training's steps, so
-  # its ETA is the job's (evaluations and compilation included once they happen).
+  # its ETA is the job's remaining steps at the current step rate (the evaluations and the
+  # compilation still to come are not foreseen).
   at_once = config.seeds_at_once or len(seeds)
   groups = -(-len(seeds) // at_once)
   planned = {}
@@ -204,7 +205,8 @@ def transfer(config: Config, workdir: str) -> dict:
           + f"), {len(seeds)} seeds each" + (f" in {groups} groups" if groups > 1 else "")
           + (f", {len(grid)} validation runs and a final one per row" if grid else "")
           + f": {job_steps:,} steps with {evals or '10 test evaluations per training'}; the "
-          "progress bar counts all of them (its ETA is the whole job's)")
+          "progress bar counts all of them (its ETA: the job's remaining steps at the current "
+          "rate)")
   done = [0]  # steps of the job's finished trainings
 
   results = []
@@ -311,8 +313,8 @@ def _format_acc(result: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-  # "updates": the training steps alone; "wall": the row's whole time (compilation, the test
-  # evaluations along the way, validation runs of an --lr-grid), the rows adding up to the job.
+  # "updates": the final trainings' steps alone; "wall": the row's whole time (compilation, the
+  # test evaluations along the way, and the validation runs of an --lr-grid).
   return cli.format_table(
       ("set", "images", "net", "protocol", "test acc (%)", "steps", "lr", "updates (s)",
        "wall (s)", "img/s"),

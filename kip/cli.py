@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable, Sequence
 
@@ -207,7 +208,8 @@ def parse_config(config_cls: type, argv: Sequence[str] | None, description: str,
       kwargs["type"] = kind if kind in (int, float, str) else str
       if f.metadata.get("choices"):
         kwargs["choices"] = f.metadata["choices"]
-    parser.add_argument(name, **kwargs)
+    action = parser.add_argument(name, **kwargs)
+    action.help = kwargs["help"]  # Python 3.10's BooleanOptionalAction appends its own default
   given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
   values = {}
   if presets:
@@ -509,8 +511,18 @@ def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
   and SIGTERM (exit 143) say where the finished work is and how to resume. A failure of any kind
   first removes the workdirs this command created that hold no finished work; unexpected errors
   then go on with their traceback."""
-  if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a command's own handler stays
-    signal.signal(signal.SIGTERM, _terminate)
+  previous = None
+  if (threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):  # a command's own handler stays
+    previous = signal.signal(signal.SIGTERM, _terminate)
+  try:
+    _run_main(main)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
   try:
     sys.exit(main(None) or 0)
   except USER_ERRORS as e:
@@ -518,11 +530,14 @@ def run_main(main: Callable[[Sequence[str] | None], int | None]) -> None:
   except MemoryError as e:
     _fail(f"error: out of host memory ({e}); lower --memory-mb or the batch sizes", 3)
   except KeyboardInterrupt as e:
-    hint = f"--workdir {_WORKDIR}" if _WORKDIR else "the same --workdir"
     terminated = isinstance(e, Terminated)
-    where = f"; its finished work is kept in {_WORKDIR}" if _WORKDIR else ""
-    print(f"{'stopped by SIGTERM' if terminated else 'interrupted'}{where}: re-run the same "
-          f"command with {hint} to resume", file=sys.stderr)
+    what = "stopped by SIGTERM" if terminated else "interrupted"
+    if _WORKDIR and _holds_work(_WORKDIR):
+      what += (f"; its finished work is kept in {_WORKDIR}: re-run the same command with "
+               f"--workdir {_WORKDIR} to resume")
+    else:
+      _remove_unfinished_workdirs()  # nothing finished: nothing to resume
+    print(what, file=sys.stderr)
     sys.exit(128 + signal.SIGTERM if terminated else 130)
   except Exception as e:
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:

@@ -122,6 +122,7 @@ def prepare_dataset(name: str, *, data_dir: str | None = None, manual_dir: str |
           quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(
               open(os.devnull, "w"))))
           tfds.disable_progress_bar()
+          quiet.callback(tfds.enable_progress_bar)
         builder.download_and_prepare(
             download_dir=os.path.join(builder.data_dir_root, "downloads", name),
             download_config=download_config)

@@ -321,7 +321,8 @@ def _check(images: np.ndarray, labels: np.ndarray | None, path: str, dataset: st
                             f"{num_classes} classes")
     if images.shape[1:] != shape:
       # A file that names no dataset meets the command's default one (mnist): say which fit.
-      fits = [name for name, (other, _) in DATASETS.items() if other == images.shape[1:]]
+      fits = [name for name, (other, classes) in DATASETS.items() if other == images.shape[1:]
+              and (labels is None or labels.shape[1] == classes)]
       hint = f"; give --dataset ({', '.join(fits)} have such images)" if fits else ""
       raise FileFormatError(f"{path}: images are {images.shape[1:]}, {dataset} images are "
                             f"{shape}{hint}")

@@ -103,7 +103,7 @@ def make_image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 
 
 
 CAPTION_NOTE = ("number above an image: its label's value for its row's class "
-                "(one-hot 1, our centred one-hot 0.9; learned labels differ)")
+                "(one-hot 1, centred one-hot 1 - 1/classes; learned labels differ)")
 
 
 def _image_grid(images, labels, per_class, title, class_names, captions):

@@ -325,7 +325,7 @@ def test_a_flag_added_with_a_new_default_reads_old_runs_as_they_ran():
 
 def test_sigterm_says_where_the_work_is_and_how_to_resume(tmp_path, manual_dir, data_dir):
   """SIGTERM (a scheduler's stop) mid-run: exit 143, one line naming the workdir and the resume,
-  and the re-run resumes from the checkpoint it left."""
+  and the checkpoint it left is there (test_ctrl_c_... shows that a re-run resumes from one)."""
   import signal
   import subprocess
   import sys

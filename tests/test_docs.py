@@ -12,7 +12,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Flags whose value is a path the command writes to.
-WRITES = ("--out", "--workdir", "--root", "--archive", "--readme", "--projection", "--slurm")
+WRITES = ("--out", "--workdir", "--root", "--archive", "--readme", "--projection", "--slurm",
+          "--buffer", "--cache")
 
 
 def commands(text: str, inline: bool = True) -> list[str]:

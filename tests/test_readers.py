@@ -77,7 +77,7 @@ def test_files_written_by_the_dc_and_mtt_code():
   with pytest.raises(FileFormatError, match="does not say its dataset; give --dataset"):
     load_distilled(str(SHARED / "mtt" / "images_best.pt"))
   with pytest.raises(FileFormatError, match=r"mnist images are \(28, 28, 1\); give --dataset "
-                     r"\(cifar10, cifar100, svhn_cropped have such images\)$"):
+                     r"\(cifar10, svhn_cropped have such images\)$"):  # 10 classes
     load_distilled(str(SHARED / "mtt" / "images_best.pt"), "mnist")  # evaluate's default
   mtt = load_distilled(str(SHARED / "mtt" / "images_best.pt"), "cifar10")
   assert mtt.images.shape == (10, 32, 32, 3) and mtt.source.zca == "kornia_zca"
