@@ -1,5 +1,7 @@
-"""Speed of the pooled ConvNet NTK through `kip._compat`'s shifted-sum convolution patch against
-neural-tangents' own depthwise convolutions, on CPU.
+"""Speed of the pooled ConvNet NTK through one of `kip._compat`'s CPU speed patches against
+neural-tangents' own code: `--patch conv` (default), the shifted-sum convolution against its
+depthwise convolutions; `--patch arctan2`, the polynomial angle of the ReLU kernels against XLA's
+arctan2. The other patch stays in place on both sides.
 
 KIP differentiates the kernel in the support images, so the number that matters is the reverse-
 mode gradient of a KRR-style loss of `K(x_target, x_support)` and `K(x_support, x_support)` in
@@ -9,6 +11,7 @@ alternating between the two implementations so that load from other processes hi
 
   python -m bench.compat_conv                    # 4 support x 4 target 28x28x1 images
   python -m bench.compat_conv --n 8 --repeats 7
+  python -m bench.compat_conv --patch arctan2
 Prints one line per implementation and quantity (milliseconds).
 """
 
@@ -23,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kip.kernels import make_kernel
+
+PATCHES = {"conv": ("neural_tangents._src.stax.linear", "_conv_kernel_full_spatial_shared"),
+           "arctan2": ("neural_tangents._src.stax.elementwise", "_arctan2")}
 
 
 def _time_ms(fn, args) -> float:
@@ -51,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--n", type=int, default=4, help="support and target images")
   parser.add_argument("--side", type=int, default=28, help="image side")
   parser.add_argument("--repeats", type=int, default=5, help="timed runs per quantity")
+  parser.add_argument("--patch", default="conv", choices=tuple(PATCHES))
   args = parser.parse_args(argv)
 
-  linear = sys.modules["neural_tangents._src.stax.linear"]
-  patched = linear._conv_kernel_full_spatial_shared
+  module_name, attribute = PATCHES[args.patch]
+  module = sys.modules[module_name]
+  patched = getattr(module, attribute)
   rng = np.random.default_rng(0)
   shape = (args.n, args.side, args.side, 1)
   x_support, x_target, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -66,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             "jvp": (x_support, x_target, v)}
   compiled, errors = {}, {}
   for name, conv in (("patched", patched), ("original", patched.original)):
-    # The stax layers look the convolution up when traced, so compile with it in place.
-    linear._conv_kernel_full_spatial_shared = conv
+    # The stax layers look the function up when traced, so compile with it in place.
+    setattr(module, attribute, conv)
     try:
       fns = dict(zip(inputs, make_functions(make_kernel("convnet").kernel_fn), strict=True))
       for label, fn in fns.items():
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # noqa: BLE001  (a bench reports what does not run)
           errors[name, label] = type(e).__name__
     finally:
-      linear._conv_kernel_full_spatial_shared = patched
+      setattr(module, attribute, patched)
 
   best = {key: float("inf") for key in compiled}
   for _ in range(args.repeats):  # alternate, so that load from other processes hits both alike

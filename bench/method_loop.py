@@ -16,7 +16,8 @@ preset (10 images per class; KRR-ST 100 images), evaluations off (`--eval-every`
   nothing fetched; timed from step N to step 2N (waiting for the device at both).
 The ratio bare / command is at least 0.95 when the loop adds under 5%. N is per method (steps of
 about 0.1 s: 100; the trajectory methods' iterations of about 2 s: 5). Prints a table and writes
-bench/results/method_loop.json.
+bench/results/method_loop.json (rows measured now replace the same methods' rows; the others
+are kept, each with the command that measured it).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ METHODS = {
     "rfad": (100, ["--ipc", "10"]),
     "dm": (100, ["--ipc", "10"]),
     "datadam": (100, ["--ipc", "10"]),
-    "moments": (100, ["--ipc", "10"]),
+    "moments": (100, ["--ipc", "10"]),  # evaluates only at its end: no --eval-every
     "krr_st": (50, ["--size", "100"]),
     "mtt": (5, ["--ipc", "10", "--buffer", TRAJECTORY_BUFFER]),
     "datm": (5, ["--ipc", "10", "--buffer", TRAJECTORY_BUFFER]),
 }
+
+NO_EVAL_EVERY = ("moments",)  # commands that evaluate only at the end
 
 # The bare side: run the command with `distill` replaced; prints the seconds of steps N+1..2N.
 BARE = r"""
@@ -82,8 +85,9 @@ runpy.run_module(module, run_name="__main__")
 
 
 def _common(method: str, first: int, extra: list[str], workdir: str) -> list[str]:
+  evaluations = [] if method in NO_EVAL_EVERY else ["--eval-every", str(10 * first)]
   return ["--dataset", "mnist", *extra, "--steps", str(3 * first), "--checkpoint-every",
-          str(first), "--eval-every", str(10 * first), "--workdir", workdir, "--no-progress"]
+          str(first), *evaluations, "--workdir", workdir, "--no-progress"]
 
 
 def command_seconds(method: str, first: int, extra: list[str]) -> float:
@@ -156,6 +160,8 @@ def main(argv=None) -> None:
       continue
     ratios = [b / c for b, c in zip(bare, command, strict=True)]
     row = {"method": method, "steps": [first, 2 * first], "extra_args": extra,
+           "command": " ".join(["python -m bench.method_loop", *(argv or sys.argv[1:])]),
+           "date": time.strftime("%Y-%m-%d"),
            "bare_ms_per_step": [1e3 * v for v in bare],
            "command_ms_per_step": [1e3 * v for v in command],
            "ratio_bare_over_command": ratios, "median_ratio": statistics.median(ratios),
@@ -166,6 +172,12 @@ def main(argv=None) -> None:
           f"{', '.join(f'{r:.2f}' for r in ratios)}", flush=True)
   import jax  # noqa: PLC0415  (only for the machine line)
 
+  # Rows measured now replace the same methods' rows of an earlier file; the others are kept.
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      kept = [r for r in json.load(f).get("rows", []) if r["method"] not in methods]
+    rows = sorted(kept + rows, key=lambda r: list(METHODS).index(r["method"])
+                  if r["method"] in METHODS else len(METHODS))
   result = {
       "command": " ".join(["python -m bench.method_loop", *(argv or sys.argv[1:])]),
       "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "

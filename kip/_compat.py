@@ -10,10 +10,12 @@ current API (`_patch_empirical`, `_patch_predict`); each is listed below with th
 needed. Use `from kip._compat import nt, stax` everywhere instead of importing neural-tangents
 directly.
 
-One patch is for speed, not compatibility: on CPU, the covariance of a convolution with full
-spatial covariances (the pooled ConvNet kernels) is computed by summing shifted slices instead of
-neural-tangents' depthwise convolutions with a diagonal filter; same numbers, same layout, about
-10x faster, differentiable in both autodiff modes (see `_shifted_full_spatial_conv`). Every
+Two patches are for speed, not compatibility, both on CPU only: the covariance of a convolution
+with full spatial covariances (the pooled ConvNet kernels) is computed by summing shifted slices
+instead of neural-tangents' depthwise convolutions with a diagonal filter (same numbers, same
+layout, about 10x faster, differentiable in both autodiff modes: `_shifted_full_spatial_conv`);
+and the ReLU kernels' angle, `arctan2`, comes from a polynomial, 5x faster than XLA's
+(`_fast_arctan2`). Every
 neural-tangents internal we touch is here."""
 
 from __future__ import annotations
@@ -403,3 +405,69 @@ def _patch_full_spatial_conv() -> None:
 
 
 _patch_full_spatial_conv()
+
+
+# atan(u) = u + u^3 Q(u^2) on |u| <= tan(pi/8): Q's coefficients, lowest first, fitted here by
+# least squares on Chebyshev nodes in float64 (relative error under 3e-9 there; float32 rounding
+# dominates what is left).
+_ATAN_Q = (-0.3333333262, 0.1999963649, -0.1426630981, 0.1076372946, -0.06506835526)
+_TAN_PI_8 = math.tan(math.pi / 8)
+
+
+def _polynomial_arctan2(x, y):
+  """`jnp.arctan2(x, y)` (the angle of the point (y, x)) from a polynomial: reduced to
+  t = min(|x|, |y|) / max(|x|, |y|) in [0, 1], then to |u| <= tan(pi/8) by
+  atan(t) = pi/4 + atan((t - 1) / (t + 1)), and unfolded by octant. Float32 error as jnp's
+  (about 2.5e-7 absolute, and relative for small angles); 0 at the origin, as jnp's."""
+  jnp = jax.numpy
+  ax, ay = jnp.abs(x), jnp.abs(y)
+  low, high = jnp.minimum(ax, ay), jnp.maximum(ax, ay)
+  t = low / jnp.where(high > 0, high, 1)
+  folded = t > _TAN_PI_8
+  u = jnp.where(folded, (t - 1) / (t + 1), t)
+  z = u * u
+  q = _ATAN_Q[-1]
+  for c in _ATAN_Q[-2::-1]:
+    q = q * z + c
+  angle = u + u * z * q
+  angle = jnp.where(folded, angle + math.pi / 4, angle)
+  angle = jnp.where(ax > ay, math.pi / 2 - angle, angle)
+  angle = jnp.where(y < 0, math.pi - angle, angle)
+  return jnp.where(x < 0, -angle, angle)
+
+
+def _fast_arctan2(original):
+  """neural-tangents' `_arctan2` (the angle in every ReLU kernel: one per covariance entry),
+  by `_polynomial_arctan2` on CPU, where XLA's arctan2 costs about 29 ns an element against 6
+  (measured on 16M float32 pairs): the arc-cosine maps were a third of the pooled ConvNet
+  kernel's time. The derivative rule is neural-tangents' own (the original's custom JVP), so
+  values agree to float32 rounding and gradients are unchanged in form."""
+
+  @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+  def arctan2(x, y, fill_zero=None):
+    if jax.default_backend() != "cpu":
+      return original(x, y, fill_zero)
+    angle = _polynomial_arctan2(x, y)
+    if fill_zero is not None:
+      angle = jax.numpy.where((x == 0.0) & (y == 0.0), fill_zero, angle)
+    return angle
+
+  @arctan2.defjvp
+  def _(fill_zero, primals, tangents):
+    (x, y), (x_dot, y_dot) = primals, tangents
+    denominator = jax.numpy.maximum(x**2 + y**2, 1e-30)  # the original's rule
+    return arctan2(x, y, fill_zero), x_dot * (y / denominator) - y_dot * (x / denominator)
+
+  arctan2.original = original
+  return arctan2
+
+
+def _patch_arctan2() -> None:
+  elementwise = sys.modules["neural_tangents._src.stax.elementwise"]
+  original = elementwise._arctan2
+  if getattr(original, "original", None) is None:
+    elementwise._arctan2 = _fast_arctan2(original)
+    PATCHED.append("neural_tangents._src.stax.elementwise._arctan2 (speed)")
+
+
+_patch_arctan2()

@@ -433,3 +433,48 @@ def test_pooled_convnet_kernel_unchanged_by_the_speed_patch(monkeypatch):
   theirs = value_and_grad()
   for a, b in zip(ours, theirs, strict=True):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+
+
+def test_polynomial_arctan2_against_float64_numpy():
+  """The ReLU kernels' angle: every quadrant, the axes, the origin, and angles from 1e-30 up,
+  against NumPy's float64 arctan2: as close as XLA's own float32 arctan2, relative for small
+  angles."""
+  from kip._compat import _polynomial_arctan2
+
+  rng = np.random.default_rng(0)
+  n = 200_000
+  x = rng.standard_normal(n) * np.exp(rng.uniform(-30, 5, n))
+  y = rng.standard_normal(n) * np.exp(rng.uniform(-30, 5, n))
+  x[:100], y[50:150] = 0.0, 0.0  # axes and the origin
+  x, y = x.astype(np.float32), y.astype(np.float32)
+  exact = np.arctan2(x.astype(np.float64), y.astype(np.float64))
+  ours = np.asarray(jax.jit(_polynomial_arctan2)(x, y), np.float64)
+  xla = np.asarray(jax.jit(jnp.arctan2)(x, y), np.float64)
+  for got in (ours, xla):
+    assert np.max(np.abs(got - exact)) < 4e-7
+  small = (np.abs(exact) > 0) & (np.abs(exact) < 1e-3)
+  assert small.sum() > 1000
+  assert np.max(np.abs(ours[small] - exact[small]) / np.abs(exact[small])) < 4e-7
+  assert ours[50] == 0.0 and np.array_equal(np.sign(ours), np.sign(exact))
+
+
+def test_pooled_convnet_kernel_unchanged_by_the_arctan2_patch(monkeypatch):
+  """The pooled ConvNet NTK and its gradient in the images, with the polynomial angle and with
+  neural-tangents' own (XLA's arctan2): equal to float32 rounding."""
+  from kip.kernels import make_kernel
+
+  rng = np.random.default_rng(2)
+  x1 = jnp.asarray(rng.standard_normal((3, 8, 8, 1)), jnp.float32)
+  x2 = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
+  kernel = make_kernel("convnet", width=1)
+
+  def value_and_grad():  # a new program each call: traced with the angle as patched now
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(kernel.kernel_fn(x1, x)))))(x2)
+
+  ours = value_and_grad()
+  elementwise = sys.modules["neural_tangents._src.stax.elementwise"]
+  assert getattr(elementwise._arctan2, "original", None) is not None  # the patch is in place
+  monkeypatch.setattr(elementwise, "_arctan2", elementwise._arctan2.original)
+  theirs = value_and_grad()
+  for a, b in zip(ours, theirs, strict=True):
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
