@@ -440,12 +440,15 @@ def _fast_arctan2(original):
   """neural-tangents' `_arctan2` (the angle in every ReLU kernel: one per covariance entry),
   by `_polynomial_arctan2` on CPU, where XLA's arctan2 costs about 29 ns an element against 6
   (measured on 16M float32 pairs): the arc-cosine maps were a third of the pooled ConvNet
-  kernel's time. The derivative rule is neural-tangents' own (the original's custom JVP), so
-  values agree to float32 rounding and gradients are unchanged in form."""
+  kernel's time. Float32 only (its error is float32's): float64 inputs, and other platforms,
+  take the original. The derivative rule is neural-tangents' own (the original's custom JVP),
+  so values agree to float32 rounding and gradients are unchanged in form."""
 
   @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
   def arctan2(x, y, fill_zero=None):
-    if jax.default_backend() != "cpu":
+    # The polynomial is exact to float32 only: float64 kernels (`--float64`) keep XLA's.
+    if (jax.default_backend() != "cpu"
+        or jax.numpy.result_type(x, y) != jax.numpy.float32):
       return original(x, y, fill_zero)
     angle = _polynomial_arctan2(x, y)
     if fill_zero is not None:
