@@ -29,6 +29,7 @@ from kip.train import (
   linear_probe,
   make_optimizer,
   over_seeds,
+  resolve_schedule,
   train_and_evaluate,
 )
 from methods.barlow import load_teacher
@@ -131,6 +132,21 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
   report = {"config": dataclasses.asdict(config), "source": source, "target": config.dataset,
             "labelled": len(x_tgt), "rows": []}
 
+  # The whole job, planned first: one progress bar counts every pre-training and fine-tuning
+  # step of every row, so its ETA is the job's remaining steps at the current rate (the linear
+  # probes' short fits are not counted).
+  tune_steps = resolve_schedule(PROTOCOLS["krr_st_finetune"], len(x_tgt), steps=finetune_steps,
+                                dataset=config.dataset).steps
+  plan = {row: (_pretraining_steps(row, distilled, config), tune_steps) for row in rows}
+  job_steps = sum(pre + tune for pre, tune in plan.values())
+  cli.log(f"the job: {len(rows)} row{'s' * (len(rows) > 1)} ("
+          + ", ".join(f"{row} {pre:,} + {tune:,} steps" for row, (pre, tune) in plan.items())
+          + f", pre-training + fine-tuning), {len(seeds)} seed{'s' * (len(seeds) > 1)} each: "
+          f"{job_steps:,} steps; the "
+          "progress bar counts all of them (its ETA: the job's remaining steps at the current "
+          "rate)")
+  done = 0
+
   for row in rows:
     folder = os.path.join(workdir, row.replace(":", "-").replace("/", "_"))
     net_name, row_width = config.net, width
@@ -153,7 +169,8 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
                                steps=steps, dataset=source or "",
                                workdir=os.path.join(folder, "pretrain"),
                                progress=config.progress, log=cli.log,
-                               description=f"{row}: pre-training")
+                               description=f"{row}: pre-training", span=(done, job_steps))
+      done += steps
       init_from, pretrain_time = pre.states, pre.train_time
     net = make_net(net_name, target.num_classes, width=row_width,
                    norm="batch" if net_name != "mlp" else "none", image_shape=x_tgt.shape[1:])
@@ -168,7 +185,8 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
                               init_from=None if row == "none" else init_from,
                               dataset=config.dataset, workdir=os.path.join(folder, "finetune"),
                               progress=config.progress, log=cli.log,
-                              description=f"{row}: fine-tuning")
+                              description=f"{row}: fine-tuning", span=(done, job_steps))
+    done += fine.steps
     result = {"row": row, "net": f"{net_name}-{row_width}", "seeds": seeds,
               "probe_acc": probe, "probe_acc_mean": float(np.mean(probe)),
               "probe_acc_std": float(np.std(probe)),
@@ -209,6 +227,17 @@ def _probe(net, states, x_tgt, labels_tgt, target, config: Config, seeds, path: 
            for a, b in zip(f_train, f_test, strict=True)]
   write_json(path, {"settings": settings, "probe_acc": probe})
   return probe
+
+
+def _pretraining_steps(row: str, distilled, config: Config) -> int:
+  """The pre-training steps of `row` (as the row runs them), before its set is built."""
+  if row in ("none", "teacher"):
+    return 0
+  if row.startswith("supervised:"):
+    n, protocol = len(load_distilled(row.split(":", 1)[1]).images), "frepo"
+  else:  # distilled, or a random real subset of the same size
+    n, protocol = len(distilled.images), "krr_st_pretrain"
+  return config.pretrain_epochs * -(-n // PROTOCOLS[protocol].batch_size)
 
 
 def _pretraining_set(row: str, distilled, teacher, config: Config, seeds):

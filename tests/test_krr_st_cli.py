@@ -88,6 +88,8 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
                data_dir, "--no-progress"]
   evaluation = run_in_process("experiments.pretrain", *eval_args)
   assert evaluation.returncode == 0, evaluation.stderr
+  assert ("the job: 2 rows (none 0 + 20 steps, distilled 20 + 20 steps, pre-training + "
+          "fine-tuning), 1 seed each: 60 steps") in evaluation.stderr  # the whole job, first
   report = json.loads((tmp_path / "eval" / "pretrain.json").read_text())
   assert [r["row"] for r in report["rows"]] == ["none", "distilled"]
   for row in report["rows"]:
