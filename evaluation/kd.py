@@ -31,6 +31,7 @@ from kip.train import (
   make_optimizer,
   make_predict,
   over_seeds,
+  resolve_schedule,
   train_and_evaluate,
 )
 from methods.nets import make_net
@@ -124,6 +125,15 @@ def run_kd(config: Config, workdir: str) -> dict:
                         f"{image_shape}")
   net = make_net("krr_st_convnet", target.num_classes, width=config.width, norm="batch",
                  image_shape=image_shape)
+  # The whole job, planned first: one progress bar counts the teacher's steps and every row's
+  # student steps, so its ETA is the job's remaining steps at the current rate.
+  teacher_steps = resolve_schedule(PROTOCOLS["krr_st_finetune"], len(target.x_train),
+                                   steps=config.teacher_steps, dataset=config.dataset).steps
+  job_steps = teacher_steps + len(rows) * config.steps
+  cli.log(f"the job: the teacher classifier {teacher_steps:,} steps, then {len(rows)} "
+          f"student row{'s' * (len(rows) > 1)} of {config.steps:,} steps: {job_steps:,} steps; "
+          "the progress bar counts all of them (its ETA: the job's remaining steps at the "
+          "current rate)")
   cli.log(f"teacher classifier: krr_st_convnet-{config.width} on {len(target.x_train)} "
           f"{config.dataset} images, {config.teacher_steps} steps")
   teacher = train_and_evaluate(net, PROTOCOLS["krr_st_finetune"], target.x_train,
@@ -131,7 +141,7 @@ def run_kd(config: Config, workdir: str) -> dict:
                                seeds=[config.seed], steps=config.teacher_steps,
                                dataset=config.dataset, workdir=os.path.join(workdir, "teacher"),
                                progress=config.progress, log=cli.log,
-                               description="teacher classifier")
+                               description="teacher classifier", span=(0, job_steps))
   teacher_state = jax.tree_util.tree_map(lambda a: a[0], teacher.states)
   report = {"config": dataclasses.asdict(config), "source": distilled.dataset,
             "target": config.dataset, "teacher_test_acc": float(teacher.test_acc[0]),
@@ -140,7 +150,7 @@ def run_kd(config: Config, workdir: str) -> dict:
   seeds = [config.seed + i for i in range(config.seeds)]
   predict = make_predict(net, choose_seed_batching(net))
   augment = "" if config.augment == "none" else config.augment
-  for row in rows:
+  for index, row in enumerate(rows):
     inputs = None
     if row == "distilled":
       inputs = distilled.images
@@ -164,7 +174,8 @@ def run_kd(config: Config, workdir: str) -> dict:
                                         seed=config.seed),
                       sampler=make_sampler(Data("none"), None),
                       evaluators=[Evaluator("test", test_accuracy)], log=cli.log,
-                      progress=config.progress, description=f"{row}: student")
+                      progress=config.progress, description=f"{row}: student",
+                      span=(teacher_steps + index * config.steps, job_steps))
     acc = np.asarray(result.evals["test_acc"])
     report["rows"].append({"row": row, "seeds": seeds, "test_acc": acc.tolist(),
                            "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std()),

@@ -100,3 +100,28 @@ def test_teacher_then_krr_st_then_pretraining_on_real_mnist(tmp_path, manual_dir
   assert again.returncode == 0 and again.stderr.count("resuming from step 20") == 3
   assert again.stderr.count("linear probe read back") == 2  # not recomputed on all 70,000 images
   assert json.loads((tmp_path / "eval" / "pretrain.json").read_text())["rows"] == report["rows"]
+
+
+def test_kd_announces_the_whole_job_and_one_bar_counts_it(tmp_path, mnist, manual_dir, data_dir,
+                                                          run_in_process):
+  """`experiments.kd`: the teacher's steps and every student row's, announced first and counted
+  by one progress bar (its ETA is the job's)."""
+  import re
+
+  from kip.data import fit_preprocessor
+  from kip.io import DistilledSet, save_distilled
+
+  pre = fit_preprocessor(mnist["train"].images)
+  images = pre.apply(mnist["train"].images[:20])
+  support = tmp_path / "set.npz"
+  save_distilled(str(support), DistilledSet(images, None, {"dataset": "mnist", "step": 0}, pre,
+                                            targets=np.zeros((20, 4), np.float32)))
+  out = run_in_process("experiments.kd", "--support", str(support), "--dataset", "mnist",
+                       "--rows", "distilled,gaussian", "--width", "4", "--teacher-steps", "10",
+                       "--steps", "10", "--seeds", "1", "--workdir", str(tmp_path / "kd"),
+                       "--manual-dir", manual_dir, "--data-dir", data_dir, "--progress")
+  assert out.returncode == 0, out.stderr
+  assert ("the job: the teacher classifier 10 steps, then 2 student rows of 10 steps: 30 steps"
+          in out.stderr)
+  assert {int(n) for n in re.findall(r" (\d+)/30\b", out.stderr)} >= {10, 20, 30}
+  assert not re.findall(r" \d+/10\b", out.stderr)  # no bar counts one part alone
