@@ -783,7 +783,11 @@ def run_cells(todo: list[Cell], cells: list[Cell], config: Config, run: Runner,
   A cell that fails does not stop the others: the failures are reported together at the end."""
   if not config.runs_nothing:
     os.makedirs(config.root, exist_ok=True)
+    cli.log(f"the benchmark: {len(todo)} of {len(cells)} cells to run, {config.workers} at a "
+            "time; after each, the cells done and an estimate of the time left (from the "
+            "cells so far: cells differ, so it firms up as they finish)")
   failed = []
+  start, finished, lock = time.perf_counter(), [0], threading.Lock()
 
   def one(cell: Cell) -> None:
     if not config.dry_run:
@@ -795,6 +799,13 @@ def run_cells(todo: list[Cell], cells: list[Cell], config: Config, run: Runner,
       if not run.stopped:
         cli.log(f"error in {cell.workdir}: {e}")
         failed.append(f"{cell.workdir}: {e}")
+    if not config.dry_run and not run.stopped:
+      with lock:
+        finished[0] += 1
+        elapsed = time.perf_counter() - start
+        left = elapsed / finished[0] * (len(todo) - finished[0])
+        cli.log(f"{finished[0]} of {len(todo)} cells done in {_duration(elapsed)}; about "
+                f"{_duration(left)} left")
 
   if config.workers == 1 or config.dry_run:
     for cell in todo:
@@ -810,6 +821,10 @@ def run_cells(todo: list[Cell], cells: list[Cell], config: Config, run: Runner,
         pool.shutdown(wait=False, cancel_futures=True)
   if failed:
     raise cli.UserError(f"{len(failed)} of {len(todo)} cells failed: " + "; ".join(failed))
+
+
+def _duration(seconds: float) -> str:
+  return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def command_line(config: Config, **changes) -> list[str]:

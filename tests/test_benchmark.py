@@ -368,6 +368,9 @@ def test_workers_run_cells_at_once(tmp_path, manual_dir, data_dir):
     bench.kill()
   assert bench.returncode == 0, (tmp_path / "log").read_text()
   assert most == 2  # both cells' evaluations ran at the same time
+  log = (tmp_path / "log").read_text()
+  assert "the benchmark: 2 of 2 cells to run, 2 at a time" in log  # announced first
+  assert "1 of 2 cells done in " in log and "2 of 2 cells done in " in log  # the ETA kept current
   rows = json.loads((root / "benchmark.json").read_text())["rows"]
   assert [(r["method"], r["evaluation_status"]) for r in rows] == [("a", "made"), ("b", "made")]
 
