@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from kip.files import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "cpu_peak.json")
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -97,10 +99,7 @@ def main(argv=None) -> None:
       "peak_gflops_one_core": max(r["gflops"] for r in rows if r["threads"] == "one")}
   print(f"peak: {result['peak_gflops']:.1f} GFLOP/s (every core), "
         f"{result['peak_gflops_one_core']:.1f} (one core)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(args.out + ".tmp", args.out)
+  write_json(args.out, result)
   print(f"written {args.out}")
 
 

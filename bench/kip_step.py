@@ -13,7 +13,6 @@ memory analysis: arguments + outputs + temporaries). Prints a table, writes JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -24,6 +23,7 @@ import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 
+from kip.files import write_json
 from kip.kernels import make_kernel
 from kip.method import Batch
 from methods.kip import make_kip
@@ -162,10 +162,7 @@ def main(argv=None):
                         "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
                         "jax": jax.__version__},
             "rows": rows}
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(args.out + ".tmp", args.out)
+  write_json(args.out, result)
   print(f"wrote {args.out}")
 
 

@@ -35,6 +35,8 @@ import time
 
 import jax
 
+from kip.files import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "loop_overhead.json")
 KIP_ARGS = ["--dataset", "mnist", "--ipc", "10", "--kernel", "fc", "--depth", "1",
@@ -125,10 +127,7 @@ def main(argv=None) -> None:
         f"colab {1e3 * statistics.median(per_step['colab']):.2f}, "
         f"ours {1e3 * statistics.median(per_step['ours']):.2f}; colab / ours "
         f"{result['median_ratio']:.2f} (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(args.out + ".tmp", args.out)
+  write_json(args.out, result)
   print(f"written {args.out}")
 
 

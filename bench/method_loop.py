@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from kip.files import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "method_loop.json")
 TRAJECTORY_BUFFER = os.path.join(ROOT, "runs", "peers", "mtt", "experts", "ours")
@@ -183,10 +185,7 @@ def main(argv=None) -> None:
       "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
                  f"JAX {jax.__version__} on {jax.default_backend()}",
       "date": time.strftime("%Y-%m-%d"), "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(args.out + ".tmp", args.out)
+  write_json(args.out, result)
   print(f"written {args.out}")
 
 
