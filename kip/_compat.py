@@ -292,17 +292,24 @@ def _on_own_trace(fn):
   return wrapped
 
 
+def _wrap_once(module: str, name: str, wrap, why: str) -> None:
+  """Replaces `module.name` by `wrap(original)`, a function that keeps the original as its
+  `.original` (so a second import finds it wrapped and leaves it), and lists it in PATCHED."""
+  owner = sys.modules[module]
+  original = getattr(owner, name)
+  if getattr(original, "original", None) is None:
+    setattr(owner, name, wrap(original))
+    PATCHED.append(f"{module}.{name} ({why})")
+
+
 def _patch_predict() -> None:
   from jax._src import core  # noqa: PLC0415
 
   if not hasattr(core, "eval_trace"):  # a JAX from before the stackless rewrite
     return
-  predict = sys.modules["neural_tangents._src.predict"]
   for name in ("_get_cho_solve", "_get_fns_in_eigenbasis"):
-    fn = getattr(predict, name)
-    if getattr(fn, "original", None) is None:
-      setattr(predict, name, _on_own_trace(fn))
-      PATCHED.append(f"neural_tangents._src.predict.{name} (traced kernels in eval_context)")
+    _wrap_once("neural_tangents._src.predict", name, _on_own_trace,
+               "traced kernels in eval_context")
 
 
 _patch_empirical()
@@ -396,15 +403,8 @@ def _shifted_full_spatial_conv(original):
   return conv
 
 
-def _patch_full_spatial_conv() -> None:
-  linear = sys.modules["neural_tangents._src.stax.linear"]
-  original = linear._conv_kernel_full_spatial_shared
-  if getattr(original, "original", None) is None:
-    linear._conv_kernel_full_spatial_shared = _shifted_full_spatial_conv(original)
-    PATCHED.append("neural_tangents._src.stax.linear._conv_kernel_full_spatial_shared (speed)")
-
-
-_patch_full_spatial_conv()
+_wrap_once("neural_tangents._src.stax.linear", "_conv_kernel_full_spatial_shared",
+           _shifted_full_spatial_conv, "speed")
 
 
 # atan(u) = u + u^3 Q(u^2) on |u| <= tan(pi/8): Q's coefficients, lowest first, fitted here by
@@ -465,12 +465,4 @@ def _fast_arctan2(original):
   return arctan2
 
 
-def _patch_arctan2() -> None:
-  elementwise = sys.modules["neural_tangents._src.stax.elementwise"]
-  original = elementwise._arctan2
-  if getattr(original, "original", None) is None:
-    elementwise._arctan2 = _fast_arctan2(original)
-    PATCHED.append("neural_tangents._src.stax.elementwise._arctan2 (speed)")
-
-
-_patch_arctan2()
+_wrap_once("neural_tangents._src.stax.elementwise", "_arctan2", _fast_arctan2, "speed")

@@ -415,22 +415,29 @@ def test_shifted_full_spatial_conv_equals_neural_tangents_convolutions(filter_sh
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_pooled_convnet_kernel_unchanged_by_the_speed_patch(monkeypatch):
+def _patched_and_original(monkeypatch, module: str, name: str, channels: int, seed: int):
+  """The pooled ConvNet NTK of 8x8 images and its gradient in the images, with the speed patch
+  `module.name` in place and then with neural-tangents' original restored."""
   from kip.kernels import make_kernel
 
-  rng = np.random.default_rng(1)
-  x1 = jnp.asarray(rng.standard_normal((3, 8, 8, 2)), jnp.float32)
-  x2 = jnp.asarray(rng.standard_normal((2, 8, 8, 2)), jnp.float32)
+  rng = np.random.default_rng(seed)
+  x1 = jnp.asarray(rng.standard_normal((3, 8, 8, channels)), jnp.float32)
+  x2 = jnp.asarray(rng.standard_normal((2, 8, 8, channels)), jnp.float32)
   kernel = make_kernel("convnet", width=1)
 
-  def value_and_grad():  # a new program each call: traced with the kernel as patched now
+  def value_and_grad():  # a new program each call: traced with the function as patched now
     return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(kernel.kernel_fn(x1, x)))))(x2)
 
   ours = value_and_grad()
-  linear = _nt_linear()
-  monkeypatch.setattr(linear, "_conv_kernel_full_spatial_shared",
-                      linear._conv_kernel_full_spatial_shared.original)
-  theirs = value_and_grad()
+  owner = sys.modules[module]
+  assert getattr(getattr(owner, name), "original", None) is not None  # the patch is in place
+  monkeypatch.setattr(owner, name, getattr(owner, name).original)
+  return ours, value_and_grad()
+
+
+def test_pooled_convnet_kernel_unchanged_by_the_speed_patch(monkeypatch):
+  ours, theirs = _patched_and_original(monkeypatch, "neural_tangents._src.stax.linear",
+                                       "_conv_kernel_full_spatial_shared", channels=2, seed=1)
   for a, b in zip(ours, theirs, strict=True):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
 
@@ -461,20 +468,7 @@ def test_polynomial_arctan2_against_float64_numpy():
 def test_pooled_convnet_kernel_unchanged_by_the_arctan2_patch(monkeypatch):
   """The pooled ConvNet NTK and its gradient in the images, with the polynomial angle and with
   neural-tangents' own (XLA's arctan2): equal to float32 rounding."""
-  from kip.kernels import make_kernel
-
-  rng = np.random.default_rng(2)
-  x1 = jnp.asarray(rng.standard_normal((3, 8, 8, 1)), jnp.float32)
-  x2 = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
-  kernel = make_kernel("convnet", width=1)
-
-  def value_and_grad():  # a new program each call: traced with the angle as patched now
-    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(kernel.kernel_fn(x1, x)))))(x2)
-
-  ours = value_and_grad()
-  elementwise = sys.modules["neural_tangents._src.stax.elementwise"]
-  assert getattr(elementwise._arctan2, "original", None) is not None  # the patch is in place
-  monkeypatch.setattr(elementwise, "_arctan2", elementwise._arctan2.original)
-  theirs = value_and_grad()
+  ours, theirs = _patched_and_original(monkeypatch, "neural_tangents._src.stax.elementwise",
+                                       "_arctan2", channels=1, seed=2)
   for a, b in zip(ours, theirs, strict=True):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
