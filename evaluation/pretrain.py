@@ -161,8 +161,7 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
       net = make_net(net_name, y_pre.shape[-1], width=row_width,
                      norm=PROTOCOLS["krr_st_pretrain"].norm if net_name != "mlp" else "none",
                      image_shape=x_pre.shape[-3:])
-      n = x_pre.shape[-4]
-      steps = config.pretrain_epochs * -(-n // PROTOCOLS[protocol].batch_size)
+      n, steps = x_pre.shape[-4], plan[row][0]  # the planned steps: the same epochs of n images
       cli.log(f"{row}: pre-training {net_name}-{row_width} on {n} images ({protocol}, {steps} "
               "steps)")
       pre = train_and_evaluate(net, PROTOCOLS[protocol], x_pre, y_pre, None, None, seeds=seeds,
