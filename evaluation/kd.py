@@ -130,10 +130,8 @@ def run_kd(config: Config, workdir: str) -> dict:
   teacher_steps = resolve_schedule(PROTOCOLS["krr_st_finetune"], len(target.x_train),
                                    steps=config.teacher_steps, dataset=config.dataset).steps
   job_steps = teacher_steps + len(rows) * config.steps
-  cli.log(f"the job: the teacher classifier {teacher_steps:,} steps, then {len(rows)} "
-          f"student row{'s' * (len(rows) > 1)} of {config.steps:,} steps: {job_steps:,} steps; "
-          "the progress bar counts all of them (its ETA: the job's remaining steps at the "
-          "current rate)")
+  cli.log_job(f"the teacher classifier {teacher_steps:,} steps, then {len(rows)} student "
+              f"row{'s' * (len(rows) > 1)} of {config.steps:,} steps", job_steps)
   cli.log(f"teacher classifier: krr_st_convnet-{config.width} on {len(target.x_train)} "
           f"{config.dataset} images, {config.teacher_steps} steps")
   teacher = train_and_evaluate(net, PROTOCOLS["krr_st_finetune"], target.x_train,

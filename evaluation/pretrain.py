@@ -139,12 +139,10 @@ def pretrain_and_transfer(config: Config, workdir: str) -> dict:
                                 dataset=config.dataset).steps
   plan = {row: (_pretraining_steps(row, distilled, config), tune_steps) for row in rows}
   job_steps = sum(pre + tune for pre, tune in plan.values())
-  cli.log(f"the job: {len(rows)} row{'s' * (len(rows) > 1)} ("
-          + ", ".join(f"{row} {pre:,} + {tune:,} steps" for row, (pre, tune) in plan.items())
-          + f", pre-training + fine-tuning), {len(seeds)} seed{'s' * (len(seeds) > 1)} each: "
-          f"{job_steps:,} steps; the "
-          "progress bar counts all of them (its ETA: the job's remaining steps at the current "
-          "rate)")
+  cli.log_job(f"{len(rows)} row{'s' * (len(rows) > 1)} ("
+              + ", ".join(f"{row} {pre:,} + {tune:,} steps" for row, (pre, tune) in plan.items())
+              + f", pre-training + fine-tuning), {len(seeds)} seed{'s' * (len(seeds) > 1)} each",
+              job_steps)
   done = 0
 
   for row in rows:

@@ -200,13 +200,11 @@ def transfer(config: Config, workdir: str) -> dict:
   runs = (len(grid) + 1) * groups
   job_steps = sum(runs * p[3] for p in planned.values())
   evals = config.eval_every and "test evaluations every " + str(config.eval_every) + " steps"
-  cli.log(f"the job: {len(rows)} row{'s' * (len(rows) > 1)} ("
-          + ", ".join(f"{r} {p[3]:,} steps" for r, p in planned.items())
-          + f"), {len(seeds)} seeds each" + (f" in {groups} groups" if groups > 1 else "")
-          + (f", {len(grid)} validation runs and a final one per row" if grid else "")
-          + f": {job_steps:,} steps with {evals or '10 test evaluations per training'}; the "
-          "progress bar counts all of them (its ETA: the job's remaining steps at the current "
-          "rate)")
+  cli.log_job(f"{len(rows)} row{'s' * (len(rows) > 1)} ("
+              + ", ".join(f"{r} {p[3]:,} steps" for r, p in planned.items())
+              + f"), {len(seeds)} seeds each" + (f" in {groups} groups" if groups > 1 else "")
+              + (f", {len(grid)} validation runs and a final one per row" if grid else ""),
+              job_steps, f" with {evals or '10 test evaluations per training'}")
   done = [0]  # steps of the job's finished trainings
 
   results = []

@@ -228,6 +228,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def log_job(what: str, steps: int, detail: str = "") -> None:
+  """The first line of a command made of several trainings sharing one progress bar (`span` of
+  `kip.loop.run`): what they are and how many steps in all."""
+  log(f"the job: {what}: {steps:,} steps{detail}; the progress bar counts all of them (its ETA: "
+      "the job's remaining steps at the current rate)")
+
+
 def is_writer() -> bool:
   """Whether this process writes files (the first process of a multi-host run)."""
   return not _QUIET

@@ -142,20 +142,18 @@ def _image_grid(images, labels, per_class, title, class_names, captions):
                 ha="center", va="bottom")
   ax.imshow(canvas, interpolation="nearest")
   ax.axis("off")
-  top, bottom = 1.0, 0.0
   pad = 0.08 / fig.get_figheight()  # inches, as a fraction of the height
-  if captions:
-    note = fig.text(0.5, pad, CAPTION_NOTE, fontsize=7, ha="center", va="bottom", color="0.3")
-    extent = note.get_window_extent(fig.canvas.get_renderer())
-    fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
-    bottom = 2 * pad + extent.height / fig.dpi / fig.get_figheight()
-  if title:
-    text = fig.suptitle(title, fontsize=9, y=1.0 - pad, va="top")
+
+  def room(text) -> float:
+    """Widens the figure to `text` and returns the fraction of its height the text and its
+    padding take (tight_layout alone lets a title overlap the first row's captions)."""
     extent = text.get_window_extent(fig.canvas.get_renderer())
-    # At least as wide as the title, and the grid laid out below it (tight_layout alone lets the
-    # title overlap the first row's captions).
     fig.set_figwidth(max(fig.get_figwidth(), extent.width / fig.dpi + 0.3))
-    top = 1.0 - 2 * pad - extent.height / fig.dpi / fig.get_figheight()
+    return 2 * pad + extent.height / fig.dpi / fig.get_figheight()
+
+  bottom = room(fig.text(0.5, pad, CAPTION_NOTE, fontsize=7, ha="center", va="bottom",
+                         color="0.3")) if captions else 0.0
+  top = 1.0 - room(fig.suptitle(title, fontsize=9, y=1.0 - pad, va="top")) if title else 1.0
   fig.tight_layout(rect=(0, bottom, 1, top))
   return fig, placed
 

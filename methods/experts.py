@@ -189,8 +189,8 @@ def build_buffer(config: Config, path: str) -> dict:
   each = expert_steps(plan, config.batch)
   pending = sorted(to_train)
   if len(pending) > 1:
-    cli.log(f"{len(pending)} experts to train, {each:,} steps each ({len(plan)} epochs): the "
-            "progress bar counts them all")
+    cli.log_job(f"{len(pending)} experts to train, {each:,} steps each ({len(plan)} epochs)",
+                len(pending) * each)
   for i in range(config.experts):
     span = ((pending.index(i) * each, len(pending) * each) if i in pending and len(pending) > 1
             else None)
