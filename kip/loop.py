@@ -320,8 +320,8 @@ def _run(method, workdir, config, sampler, x_init, y_init, evaluators, save, sav
     if step % config.log_every == 0 or synced(step):
       pending_records.append(
           {"step": step, **{k: _to_json(v) for k, v in metrics.items()},
-           "wall_time": round(now - t0, 3), "train_time": round(train_time, 3),
-           "cpu_time": round(time.process_time() - cpu0, 3)})
+           "wall_time": round(now - t0, 6), "train_time": round(train_time, 6),
+           "cpu_time": round(time.process_time() - cpu0, 6)})
     if not bar.disable and (step % 10 == 0 or step == last):
       bar.set_postfix({k: f"{np.mean(v):.4g}" for k, v in metrics.items()
                        if k == "loss" or k.endswith("acc") or k.endswith("acc_mean")},
