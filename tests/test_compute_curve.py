@@ -33,3 +33,11 @@ def test_a_budget_reads_the_record_of_its_own_step():
   assert compute_curve._at(records, 1000)["cpu_time"] == 40.0
   assert compute_curve._at(records, 1500) is None  # not logged there: not finished
   assert compute_curve._at(records[:2], 1000) is None
+
+
+def test_the_own_evaluation_is_read_at_the_budgets_step():
+  records = [{"step": 0, "test_acc": 0.1}, {"step": 200, "loss": 1.0, "cpu_time": 9.0},
+             {"step": 200, "test_acc": 0.8}, {"step": 400, "finite_test_acc": 0.9}]
+  assert compute_curve._own(records, 200) == ("test_acc", 0.8)
+  assert compute_curve._own(records, 400) == ("finite_test_acc", 0.9)
+  assert compute_curve._own(records, 300) == (None, None)
