@@ -51,11 +51,11 @@ def _seconds(fn) -> float:
 _NORM, _PATCH_CHANNELS = kip.nets._norm, kip.conv.PATCH_CHANNELS  # what kip does now
 
 
-def _flax_norm(kind, train, name):
+def _flax_norm(kind, train, name, *args):
   """kip.nets' norms as before PerImageNorm: flax's GroupNorm for the instance norm."""
   if kind == "instance":
     return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, name=name)
-  return _NORM(kind, train, name)
+  return _NORM(kind, train, name, *args)
 
 
 VARIANTS = {"xla": dict(shifted=False, patch_channels=0, flax_norm=True),

@@ -69,6 +69,13 @@ def rows_of(method: str, records: list[dict], settings: dict) -> list[dict]:
   return rows
 
 
+def record_files(folder: str) -> dict[str, str]:
+  """{method: path} of the comparisons' records in `folder` (`<method>_mnist.json`; a method's
+  name may hold underscores: krr_st)."""
+  return {os.path.basename(f)[:-len("_mnist.json")]: f
+          for f in sorted(glob.glob(os.path.join(folder, "*_mnist.json")))}
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,8 +83,7 @@ def main(argv=None) -> None:
                  help="read METHOD's records from PATH instead of bench/results/peers/")
   p.add_argument("--out", default=OUT)
   args = p.parse_args(argv)
-  files = {os.path.basename(f).split("_")[0]: f
-           for f in sorted(glob.glob(os.path.join(PEERS, "*_mnist.json")))}
+  files = record_files(PEERS)
   for item in args.records:
     method, sep, path = item.partition("=")
     if not sep or not os.path.exists(path):
@@ -90,7 +96,7 @@ def main(argv=None) -> None:
   if not rows:
     sys.exit("bench.peer_steps: no records with both sides' times")
   print(cli.format_table(
-      ("method", "ipc", "ours (side)", "official CPU-s/step", "ours CPU-s/step", "official/ours",
+      ("method", "ipc (KRR-ST: images)", "ours (side)", "official CPU-s/step", "ours CPU-s/step", "official/ours",
        "measured", "seeds"),
       [(r["method"], str(r["ipc"]), r["ours_side"], f"{r['official_cpu_s_per_step']:.3f}",
         f"{r['ours_cpu_s_per_step']:.3f}", f"{r['official_over_ours']:.2f}", r["measured"],

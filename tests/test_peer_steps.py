@@ -1,6 +1,7 @@
 """bench.peer_steps: official / ours per step from hand-made records, by a measure both sides
 have."""
 
+from bench import peer_steps
 from bench.peer_steps import rows_of
 
 
@@ -27,3 +28,10 @@ def test_a_steady_rate_is_never_compared_with_a_whole_run():
 def test_a_side_without_any_time_gives_no_row():
   records = [{"side": "official", "ipc": 1, "distill_cpu_s": 3.0}, {"side": "ours", "ipc": 1}]
   assert rows_of("dm", records, {"steps": 100}) == []
+
+
+def test_record_files_keep_a_method_name_with_underscores(tmp_path):
+  for name in ("krr_st_mnist.json", "dm_mnist.json", "dm_mnist.md", "notes.json"):
+    (tmp_path / name).write_text("{}")
+  files = peer_steps.record_files(str(tmp_path))
+  assert sorted(files) == ["dm", "krr_st"]
