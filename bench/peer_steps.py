@@ -96,8 +96,8 @@ def main(argv=None) -> None:
   if not rows:
     sys.exit("bench.peer_steps: no records with both sides' times")
   print(cli.format_table(
-      ("method", "ipc (KRR-ST: images)", "ours (side)", "official CPU-s/step", "ours CPU-s/step", "official/ours",
-       "measured", "seeds"),
+      ("method", "ipc (KRR-ST: images)", "ours (side)", "official CPU-s/step", "ours CPU-s/step",
+       "official/ours", "measured", "seeds"),
       [(r["method"], str(r["ipc"]), r["ours_side"], f"{r['official_cpu_s_per_step']:.3f}",
         f"{r['ours_cpu_s_per_step']:.3f}", f"{r['official_over_ours']:.2f}", r["measured"],
         r["seeds"]) for r in rows]))
