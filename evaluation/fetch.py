@@ -20,6 +20,7 @@ import http.client
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -60,6 +61,22 @@ def _check_name(name: str) -> None:
         "the authors' kip.csv and ls.csv list them")
 
 
+STALE_S = 3600  # a download's folder untouched this long belongs to a killed fetch
+
+
+def sweep_stale(folder: str, max_age_s: float = STALE_S) -> None:
+  """Removes the temporary folders of downloads killed before they could clean up (SIGKILL):
+  those untouched for `max_age_s`, so a download still running beside this one is left alone."""
+  now = time.time()
+  for entry in os.scandir(folder):
+    if entry.name.startswith(".fetch-") and entry.is_dir(follow_symlinks=False):
+      try:
+        if now - entry.stat(follow_symlinks=False).st_mtime > max_age_s:
+          shutil.rmtree(entry.path, ignore_errors=True)
+      except OSError:
+        pass  # gone already
+
+
 def fetch(name: str, cache: str = "") -> str:
   """The local path of the released set `name`, downloaded first when it is not in the cache."""
   _check_name(name)
@@ -73,6 +90,7 @@ def fetch(name: str, cache: str = "") -> str:
     raise cli.UserError(f"cannot reach {offline} to download {url}; offline, download it "
                         f"elsewhere and put it at {path}")
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  sweep_stale(os.path.dirname(path))
   cli.log(f"downloading {url}")
   # Into a temporary folder beside the cache entry, under the file's own name (its preprocessing
   # is read from the name), checked, then moved: only a complete, readable file takes the name.

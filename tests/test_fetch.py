@@ -3,11 +3,12 @@ mirror of the bucket here: file://), checked before it takes its name; offline a
 one line."""
 
 import os
+import time
 
 import numpy as np
 import pytest
 
-from evaluation.fetch import fetch, release_url
+from evaluation.fetch import STALE_S, fetch, release_url, sweep_stale
 from kip import cli
 from kip.io import load_distilled
 
@@ -59,3 +60,15 @@ def test_offline_and_bad_names_are_one_line(tmp_path, monkeypatch, run_in_proces
               "kip/mnist_x/ConvNet_ssize20_nozca_l_noaug_ckpt0.npz"):
     out = run_in_process("experiments.fetch", bad, "--cache", str(tmp_path))
     assert out.returncode == 2 and "is not a released set's name" in out.stderr, out.stderr
+
+
+def test_a_killed_downloads_folder_is_swept_but_not_a_running_one(tmp_path):
+  old, new = tmp_path / ".fetch-old", tmp_path / ".fetch-new"
+  for folder in (old, new):
+    folder.mkdir()
+    (folder / "part.npz").write_bytes(b"x")
+  (tmp_path / "kept.npz").write_bytes(b"x")
+  hours_ago = time.time() - 2 * STALE_S
+  os.utime(old, (hours_ago, hours_ago))
+  sweep_stale(str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch-new", "kept.npz"]
