@@ -191,9 +191,7 @@ def build_buffer(config: Config, path: str) -> dict:
   if len(pending) > 1:
     cli.log_job(f"{len(pending)} experts to train, {each:,} steps each ({len(plan)} epochs)",
                 len(pending) * each)
-  for i in range(config.experts):
-    span = ((pending.index(i) * each, len(pending) * each) if i in pending and len(pending) > 1
-            else None)
+  for i, span in enumerate(bar_spans(to_train, config.experts, each)):
     records.append(train_expert(
         store, i, model, x, labels, plan=plan, batch=config.batch, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay,
@@ -208,6 +206,17 @@ def build_buffer(config: Config, path: str) -> dict:
           "expert_train_time": [r["train_time"] for r in records],
           "this_call_s": time.perf_counter() - t0,
           "epoch_images": [len(p) for p in plan] if to_train else None}
+
+
+def bar_spans(to_train: set[int], experts: int, each: int) -> list[tuple[int, int] | None]:
+  """Expert i's place on the one progress bar over the experts still to train (`kip.loop.run`'s
+  `span`: the steps done before it, the bar's total), `each` steps an expert; None for an expert
+  already in the store or one trained alone (its own bar)."""
+  pending = sorted(to_train)
+  if len(pending) < 2:
+    return [None] * experts
+  return [(pending.index(i) * each, len(pending) * each) if i in to_train else None
+          for i in range(experts)]
 
 
 def run(config: Config, workdir: str, devices) -> list[str]:

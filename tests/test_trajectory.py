@@ -343,3 +343,14 @@ def test_one_bar_counts_every_expert_of_the_store(tmp_path, capsys):
   bars = capsys.readouterr().err
   assert f" {each}/{2 * each} " in bars and f" {2 * each}/{2 * each} " in bars, bars
   assert f"/{each} " not in bars  # no bar counts one expert alone
+
+
+def test_a_resumed_stores_bar_counts_only_the_experts_left():
+  """Experts 0 and 2 of 4 in the store: 1 and 3 train, one after the other, on one bar of
+  2 x 50 steps; a lone expert keeps its own bar."""
+  from methods.experts import bar_spans
+
+  assert bar_spans({1, 3}, 4, 50) == [None, (0, 100), None, (50, 100)]
+  assert bar_spans({0, 1, 2}, 3, 10) == [(0, 30), (10, 30), (20, 30)]
+  assert bar_spans({2}, 4, 50) == [None] * 4
+  assert bar_spans(set(), 2, 50) == [None, None]
