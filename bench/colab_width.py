@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from kip.io import write_json
 from kip.nets import ConvNet, count_params
+from kip.train import ntk_logit_product
 
 
 def _compiled(fn, *args):
@@ -61,9 +62,7 @@ def measure(width: int, seed: int = 0) -> dict:
     return 0.5 * jnp.mean(f(p, x) ** 2)
 
   def one_logit(p, x, v):  # one of the 10 NTK-vector products of an iteration (logit 0)
-    _, vjp = jax.vjp(lambda q: f(q, x), p)
-    (u,) = vjp(jnp.zeros((len(x), 10), v.dtype).at[:, 0].set(v))
-    return jax.jvp(lambda q: f(q, x), (p,), (u,))[1][:, 0]
+    return ntk_logit_product(f, p, x, v, 0, 10)
 
   forward, forward_flops = _compiled(f, params, images[:50])
   step, step_flops = _compiled(jax.value_and_grad(loss), params, images)

@@ -289,6 +289,14 @@ def _ntk_by_logit(f: Callable, params, x: jax.Array, k: int) -> float:
   return float(np.linalg.eigvalsh(ntk)[-1])
 
 
+def ntk_logit_product(f: Callable, params, x: jax.Array, v: jax.Array, o, k: int) -> jax.Array:
+  """J_o J_o^T v for logit `o` of `k`: a VJP then a JVP (J_o, the (m, params) Jacobian of `f`'s
+  logit o at x; v, (m,))."""
+  _, vjp = jax.vjp(lambda p: f(p, x), params)
+  (u,) = vjp(jnp.zeros((len(x), k), v.dtype).at[:, o].set(v))
+  return jax.jvp(lambda p: f(p, x), (params,), (u,))[1][:, o]
+
+
 def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: int,
                         log: Callable[[str], None]) -> float:
   """Power iteration for the top eigenvalue of (1/k) sum_o J_o J_o^T, J_o the (m, params)
@@ -298,12 +306,8 @@ def _ntk_top_eigenvalue(f: Callable, params, x: jax.Array, k: int, iterations: i
   # width 1024, and XLA constant-folded convolutions over them).
   @jax.jit
   def ntk_vector(params, x, v):
-    _, vjp = jax.vjp(lambda p: f(p, x), params)
-
     def one_logit(total, o):
-      (u,) = vjp(jnp.zeros((len(x), k), v.dtype).at[:, o].set(v))
-      _, out = jax.jvp(lambda p: f(p, x), (params,), (u,))
-      return total + out[:, o], None
+      return total + ntk_logit_product(f, params, x, v, o, k), None
 
     total, _ = jax.lax.scan(one_logit, jnp.zeros_like(v), jnp.arange(k))
     return total / k
