@@ -48,6 +48,7 @@ KERNEL_TYPES = ("ntk", "nngp")
 # (conv without pooling), one per pair of pixels (full spatial covariances: pooled ConvNets).
 # `features`: a finite feature map, sharded by images.
 COVARIANCES = ("none", "diagonal", "full", "features")
+IMPLEMENTATIONS = ("offsets", "neural-tangents")  # of the pooled ConvNets' analytic kernels
 W_STD = math.sqrt(2.0)
 B_STD = 0.1
 
@@ -116,7 +117,7 @@ def _layers(arch: str, depth: int, width: int) -> tuple[list, str]:
 def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: int = 0,
                 num_outputs: int = 1, image_shape: tuple[int, int, int] = (28, 28, 1),
                 num_classes: int = 10, make_net: Callable[..., Any] | None = None,
-                nets: Sequence[str] | None = None) -> Kernel:
+                nets: Sequence[str] | None = None, implementation: str = "offsets") -> Kernel:
   """The named kernel (one of KERNELS).
 
   Args:
@@ -132,7 +133,13 @@ def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: i
     image_shape, num_classes: of the data, for the finite nets of `nfk-`/`entk-` kernels.
     make_net, nets: how the finite net is built by name (`kip.nets.make_net`'s signature) and
       the names it knows (default: `kip.nets`' own).
+    implementation: of the pooled ConvNets' analytic kernels: `offsets` (kip.convnet_kernel:
+      the same numbers on the pixel offsets the readout needs, 10-20x faster on a CPU) or
+      `neural-tangents` (stax's kernel_fn, every pair of pixels).
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown implementation {implementation!r}; choose one of "
+                     f"{', '.join(IMPLEMENTATIONS)}")
   if arch.startswith(("nfk-", "entk-")):
     if make_net is None:
       from kip import nets as core  # noqa: PLC0415  (flax only when a finite kernel is used)
@@ -155,6 +162,11 @@ def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: i
   body, covariance = _layers(arch, depth, width)
   init_fn, apply_fn, kernel_fn = stax.serial(
       *body, stax.Dense(num_outputs, W_std=W_STD, b_std=B_STD))
+  if arch in ("convnet", "convnet3") and implementation == "offsets":
+    from kip.convnet_kernel import convnet_kernel  # noqa: PLC0415
+
+    def kernel_fn(x1, x2, get):
+      return convnet_kernel(x1, x2, arch=arch, get=get, w_std=W_STD, b_std=B_STD)
   return from_stax(kernel_fn, kernel_type, name=arch, init_fn=init_fn, apply_fn=apply_fn,
                    covariance=covariance)
 

@@ -423,7 +423,7 @@ def _patched_and_original(monkeypatch, module: str, name: str, channels: int, se
   rng = np.random.default_rng(seed)
   x1 = jnp.asarray(rng.standard_normal((3, 8, 8, channels)), jnp.float32)
   x2 = jnp.asarray(rng.standard_normal((2, 8, 8, channels)), jnp.float32)
-  kernel = make_kernel("convnet", width=1)
+  kernel = make_kernel("convnet", width=1, implementation="neural-tangents")
 
   def value_and_grad():  # a new program each call: traced with the function as patched now
     return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(kernel.kernel_fn(x1, x)))))(x2)

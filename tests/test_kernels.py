@@ -68,3 +68,58 @@ def test_every_named_kernel_is_known_and_unknown_names_are_refused():
   assert "nfk-frepo_convnet" in KERNELS and "entk-resnet18" in KERNELS
   with pytest.raises(ValueError, match="choose one of"):
     make_kernel("nfk-vgg")
+
+
+@pytest.mark.parametrize("arch", ["convnet", "convnet3"])
+def test_offset_convnet_kernel_equals_neural_tangents(arch):
+  """kip.convnet_kernel (the pixel offsets the readout needs) against neural-tangents' stax
+  kernel (every pair of pixels), an independent implementation: NNGP and NTK of 12x12 images
+  (pools 12 -> 6 -> 3 -> 1: an odd size on the way), 2 channels, more second images than first
+  (the swapped path), the first among them (an image with itself: cos t = 1)."""
+  from kip import kernels
+
+  rng = np.random.default_rng(1)
+  x1 = jnp.asarray(rng.normal(size=(1, 12, 12, 2)), jnp.float32)
+  x2 = jnp.concatenate([x1, jnp.asarray(rng.normal(size=(1, 12, 12, 2)), jnp.float32)])
+  for get in ("nngp", "ntk"):
+    ours = kernels.make_kernel(arch, kernel_type=get).kernel_fn
+    theirs = kernels.make_kernel(arch, kernel_type=get, implementation="neural-tangents").kernel_fn
+    np.testing.assert_allclose(ours(x1, x2), theirs(x1, x2), rtol=2e-5)
+
+
+def test_offset_convnet_kernel_gradient_equals_neural_tangents():
+  """The NTK's gradient in the second images (8x8, one of them the first image itself: the
+  angle's infinite derivative at cos t = 1 must not turn into NaN)."""
+  from kip import kernels
+
+  rng = np.random.default_rng(3)
+  y1 = jnp.asarray(rng.normal(size=(1, 8, 8, 1)), jnp.float32)
+  y2 = jnp.concatenate([y1, jnp.asarray(rng.normal(size=(1, 8, 8, 1)), jnp.float32)])
+
+  def grad(kernel):
+    return jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(kernel.kernel_fn(y1, x)))))(y2)
+
+  ours = grad(kernels.make_kernel("convnet3"))
+  theirs = grad(kernels.make_kernel("convnet3", implementation="neural-tangents"))
+  assert rel(ours, np.asarray(theirs)) < 1e-4
+
+
+def test_offset_convnet_kernel_at_28_pixels_equals_neural_tangents():
+  """MNIST's size: offsets within 7, 3, 1 and 0 pixels at 28, 14, 7 and 3."""
+  from kip import kernels
+  from kip.convnet_kernel import offset_radii
+
+  assert offset_radii(28, 3) == [7, 3, 1, 0]
+  rng = np.random.default_rng(2)
+  x1 = jnp.asarray(rng.normal(size=(1, 28, 28, 1)), jnp.float32)
+  x2 = jnp.asarray(rng.normal(size=(1, 28, 28, 1)), jnp.float32)
+  ours = kernels.make_kernel("convnet").kernel_fn(x1, x2)
+  theirs = kernels.make_kernel("convnet", implementation="neural-tangents").kernel_fn(x1, x2)
+  np.testing.assert_allclose(ours, theirs, rtol=2e-5)
+
+
+def test_polynomial_arccos_against_float64_numpy():
+  from kip.convnet_kernel import _arccos
+
+  x = np.concatenate([np.linspace(-1, 1, 100_001), [-1.0, -0.0, 0.0, 1.0]]).astype(np.float32)
+  np.testing.assert_allclose(_arccos(jnp.asarray(x)), np.arccos(x.astype(np.float64)), atol=1e-6)
