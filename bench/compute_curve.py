@@ -111,21 +111,27 @@ def step(entry: dict, eval_seeds: int, dataset: str, data_flags: list[str]) -> d
     shutil.copyfile(os.path.join(entry["workdir"], "distilled.npz"), entry["snapshot"] + ".tmp")
     os.replace(entry["snapshot"] + ".tmp", entry["snapshot"])
   report = os.path.join(entry["eval_dir"], "transfer.json")
+  own_metric, own = _own(_metrics(entry["workdir"]), entry["steps"])
+  summary = {k: entry[k] for k in ("method", "ipc", "multiple", "steps", "protocol")} | {
+      "own_metric": own_metric, "own_acc": own, "distill_cpu_s": record["cpu_time"],
+      "distill_wall_s": record["wall_time"]}
   if not os.path.exists(report):
-    _run(["experiments.transfer", "--support", entry["snapshot"], "--dataset", dataset,
+    try:
+      _run(["experiments.transfer", "--support", entry["snapshot"], "--dataset", dataset,
           "--protocol", entry["protocol"], "--seeds", str(eval_seeds), "--baselines", "none",
           "--workdir", entry["eval_dir"], "--no-progress",
           # Only the end's test accuracy is plotted: no evaluations along the way (they cost
           # more than the training at 10 images).
           "--eval-every", str(10**9), *EVAL_EXTRA.get(entry["method"], []), *data_flags])
+    except subprocess.CalledProcessError:
+      # A network that diverges (the `kip` protocol's largest stable rate) is a result too: the
+      # curve keeps the distillation's own number and says the evaluation failed.
+      return summary | {"test_acc": None, "test_acc_mean": None, "net": "-", "eval_steps": None,
+                        "evaluation": "failed (see its workdir)"}
   with open(report) as f:
     row = json.load(f)["rows"][0]
-  own_metric, own = _own(_metrics(entry["workdir"]), entry["steps"])
-  return {k: entry[k] for k in ("method", "ipc", "multiple", "steps", "protocol")} | {
-      "own_metric": own_metric, "own_acc": own,
-      "distill_cpu_s": record["cpu_time"], "distill_wall_s": record["wall_time"],
-      "test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
-      "net": f"{row['net']}-{row['width']}", "eval_steps": row["steps"]}
+  return summary | {"test_acc": row["test_acc"], "test_acc_mean": row["test_acc_mean"],
+                    "net": f"{row['net']}-{row['width']}", "eval_steps": row["steps"]}
 
 
 def figure(rows: list[dict], path: str) -> None:
@@ -141,7 +147,8 @@ def figure(rows: list[dict], path: str) -> None:
   for ax, ipc in zip(axes[0], ipcs, strict=True):
     for method in METHODS:
       points = sorted((r["distill_cpu_s"], 100 * r["test_acc_mean"]) for r in rows
-                      if r["method"] == method and r["ipc"] == ipc)
+                      if r["method"] == method and r["ipc"] == ipc
+                      and r["test_acc_mean"] is not None)
       if points:
         protocol = next(r["protocol"] for r in rows if r["method"] == method)
         line, = ax.plot(*zip(*points, strict=True), marker="o", label=f"{method} ({protocol})")
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
        "own evaluation (%)"),
       [(r["method"], str(r["ipc"]), str(r["multiple"]), str(r["steps"]),
         f"{r['distill_cpu_s']:.0f}", r["protocol"], r["net"],
-        f"{100 * r['test_acc_mean']:.2f}",
+        f"{100 * r['test_acc_mean']:.2f}" if r["test_acc_mean"] is not None else
+        r.get("evaluation", "-"),
         f"{100 * r['own_acc']:.2f} ({r['own_metric']})" if r.get("own_acc") is not None else "-")
        for r in rows]))
   if left:
