@@ -47,7 +47,7 @@ KERNEL_TYPES = ("ntk", "nngp")
 # What a kernel keeps per entry, which sets its memory and cost: one number (fc), one per pixel
 # (conv without pooling), one per pair of pixels (full spatial covariances: pooled ConvNets).
 # `features`: a finite feature map, sharded by images.
-COVARIANCES = ("none", "diagonal", "full", "features")
+COVARIANCES = ("none", "diagonal", "full", "offsets", "features")
 IMPLEMENTATIONS = ("offsets", "neural-tangents")  # of the pooled ConvNets' analytic kernels
 W_STD = math.sqrt(2.0)
 B_STD = 0.1
@@ -167,6 +167,7 @@ def make_kernel(arch: str, *, depth: int = 1, kernel_type: str = "ntk", width: i
 
     def kernel_fn(x1, x2, get):
       return convnet_kernel(x1, x2, arch=arch, get=get, w_std=W_STD, b_std=B_STD)
+    covariance = "offsets"
   return from_stax(kernel_fn, kernel_type, name=arch, init_fn=init_fn, apply_fn=apply_fn,
                    covariance=covariance)
 

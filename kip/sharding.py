@@ -47,6 +47,9 @@ AXIS = "devices"
 # covariances), for the forward pass and for forward + backward. Upper bounds of XLA's own
 # temp-buffer sizes on CPU (`compiled.memory_analysis()`; tested in tests/test_sharding.py).
 _FLOATS_PER_UNIT = {"forward": 12, "backward": 24}
+# The same for kip.convnet_kernel's entries (a unit: a pixel's 225 offsets), measured 2.0-2.7 and
+# 5.8-14.0 at 8, 16 and 28 pixels (one row of entries at a time, so larger tiles use less).
+_OFFSET_FLOATS = {"forward": 4, "backward": 16}
 
 
 class Tiles(NamedTuple):
@@ -124,10 +127,13 @@ def entry_bytes(covariance: str, image_shape: tuple[int, ...], backward: bool,
   """Estimated bytes of intermediates per kernel entry (see `_FLOATS_PER_UNIT`).
 
   covariance: what the kernel keeps per entry: `none` (fc), `diagonal` (per-pixel variances:
-  conv without pooling) or `full` (full spatial covariances: pooled ConvNets).
+  conv without pooling), `full` (full spatial covariances: pooled ConvNets in neural-tangents)
+  or `offsets` (kip.convnet_kernel's pixel offsets).
   itemsize: bytes per number (4 for float32, 8 for float64).
   """
   pixels = math.prod(image_shape[:-1]) if len(image_shape) > 1 else 1
+  if covariance == "offsets":  # kip.convnet_kernel: 15 x 15 offsets a pixel (three pools)
+    return int(itemsize * pixels * 225 * _OFFSET_FLOATS["backward" if backward else "forward"])
   unit = {"none": 1, "diagonal": pixels, "full": pixels**2}[covariance]
   return int(itemsize * unit * _FLOATS_PER_UNIT["backward" if backward else "forward"])
 
