@@ -14,6 +14,7 @@ from kip import cli
 from kip.command import Job
 from kip.data import centered_one_hot, class_balanced_indices, validation_split
 from kip.io import write_json
+from kip.loop import NonFiniteLossError
 from kip.nets import NORMS, PARAMETERIZATIONS, default_depth
 from kip.train import TrainResult, resolve_schedule, train_and_evaluate
 from methods.flags import SetPreprocessConfig, data_for_set
@@ -236,15 +237,25 @@ def transfer(config: Config, workdir: str) -> dict:
     if grid:
       for rate, multiple in grid:
         name = _grid_name(rate, multiple)
-        tried = train(rate or own, *validation, os.path.join(row_dir, f"lr{name}"),
-                      f"{label} lr {name}", lr_scale=multiple)
+        try:
+          tried = train(rate or own, *validation, os.path.join(row_dir, f"lr{name}"),
+                        f"{label} lr {name}", lr_scale=multiple)
+        except NonFiniteLossError as e:
+          # A rate whose networks diverge is a candidate that lost, not the end of the job.
+          search.append({"lr": None, "grid": name, "val_acc": None, "val_acc_mean": None,
+                         "diverged": str(e).split(";")[0]})
+          cli.log(f"{row}, lr {name}: diverged ({search[-1]['diverged']}); not chosen")
+          continue
         val_acc = np.concatenate([t.test_acc for t in tried])
         search_wall += sum(t.wall_time for t in tried)
         search.append({"lr": tried[0].lr, "grid": name, "val_acc": [float(a) for a in val_acc],
                        "val_acc_mean": float(val_acc.mean())})
         cli.log(f"{row}, lr {tried[0].lr:.4g} ({name}): validation "
                 f"{cli.percent(val_acc.mean(), val_acc.std())}%")
-      best = max(range(len(grid)), key=lambda i: search[i]["val_acc_mean"])  # ties: the first
+      finished = [i for i in range(len(grid)) if search[i]["val_acc_mean"] is not None]
+      if not finished:
+        raise cli.UserError(f"{row}: every rate of --lr-grid diverged; try smaller ones")
+      best = max(finished, key=lambda i: search[i]["val_acc_mean"])  # ties: the first
       rate, multiple = grid[best]
       own = rate or own
       cli.log(f"{row}: lr {search[best]['lr']:.4g} ({search[best]['grid']}) chosen on the "

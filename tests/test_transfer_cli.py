@@ -181,19 +181,21 @@ def test_hard_labels_are_each_images_largest_label():
 
 def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, manual_dir,
                                                               data_dir, run_in_process):
-  """A rate too small to move the weights (1e-5 times the row's own rate), the row's own and a
-  working one (0.1): each row keeps the one
-  whose networks score higher on 1,000 validation images held out of the training split, and is
-  then trained again at it and tested on the test split."""
+  """A rate too small to move the weights (1e-5 times the row's own rate), the row's own, a
+  working one (0.1) and one whose networks diverge (1e6): each row keeps the one whose networks
+  score higher on 1,000 validation images held out of the training split (the diverging one is
+  recorded as such and does not stop the job), and is then trained again at it and tested on the
+  test split."""
   args = transfer_args(sets["ours"], tmp_path / "grid", manual_dir, data_dir)
-  result = run_in_process("experiments.transfer", *args, "--lr-grid", "0.1,x1e-5,x1",
+  result = run_in_process("experiments.transfer", *args, "--lr-grid", "0.1,x1e-5,x1,1e6",
                           "--val-size", "1000")
   assert result.returncode == 0, result.stderr
   assert "chosen on the validation split" in result.stderr + result.stdout
   rows = json.loads((tmp_path / "grid" / "transfer.json").read_text())["rows"]
   for row in rows:
     search = {r["grid"]: r for r in row["lr_search"]}
-    assert set(search) == {"x1e-05", "x1", "0.1"} and row["val_size"] == 1000
+    assert set(search) == {"x1e-05", "x1", "0.1", "1e+06"} and row["val_size"] == 1000
+    assert search.pop("1e+06")["diverged"].startswith("a non-finite value")
     # xM: M times the rate the row trains at without a grid (the kip protocol's NTK estimate)
     assert search["x1e-05"]["lr"] == pytest.approx(1e-5 * search["x1"]["lr"])
     assert search["0.1"]["lr"] == 0.1
