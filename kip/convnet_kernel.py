@@ -32,10 +32,9 @@ import jax.numpy as jnp
 __all__ = ["convnet_kernel", "offset_radii"]
 
 
-def offset_radii(size: int, pools: int) -> list[int]:
+def offset_radii(pools: int) -> list[int]:
   """The offset radius needed at each resolution, input first: 0 after the last pool, 2r + 1
   before a pool that leaves radius r (offsets past the image's size are zero entries)."""
-  del size
   radii = [0]
   for _ in range(pools):
     radii.append(2 * radii[-1] + 1)
@@ -185,8 +184,7 @@ def _pair(x1, x2s, q1s, q2_offs, layers, radii, w_var, b_var):
 def _variances(x, layers, w_var, b_var):
   """An image's own variance at every pixel before each ReLU ((H, W) per ReLU), from the
   recursion of the pair (x, x) (a pool mixes neighbouring pixels, so offsets are needed)."""
-  size = x.shape[0]
-  radii = offset_radii(size, layers.count("pool"))
+  radii = offset_radii(layers.count("pool"))
   h, w = x.shape[:2]
   level, mask = 0, _mask(h, w, radii[0])
   k = _input(x, _offsets(jnp.moveaxis(x, -1, 0), radii[0])) * mask
@@ -220,7 +218,7 @@ def convnet_kernel(x1: jax.Array, x2: jax.Array, *, arch: str = "convnet", get: 
     raise ValueError(f"square images only, got {x1.shape[1:3]}")
   layers = _layers(arch)
   w_var, b_var = w_std ** 2, b_std ** 2
-  radii = offset_radii(x1.shape[1], layers.count("pool"))
+  radii = offset_radii(layers.count("pool"))
   v1 = jax.vmap(lambda x: _variances(x, layers, w_var, b_var))(x1)
   v2 = jax.vmap(lambda x: _variances(x, layers, w_var, b_var))(x2)
 

@@ -109,7 +109,7 @@ def test_offset_convnet_kernel_at_28_pixels_equals_neural_tangents():
   from kip import kernels
   from kip.convnet_kernel import offset_radii
 
-  assert offset_radii(28, 3) == [7, 3, 1, 0]
+  assert offset_radii(3) == [7, 3, 1, 0]
   rng = np.random.default_rng(2)
   x1 = jnp.asarray(rng.normal(size=(1, 28, 28, 1)), jnp.float32)
   x2 = jnp.asarray(rng.normal(size=(1, 28, 28, 1)), jnp.float32)
