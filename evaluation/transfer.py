@@ -32,8 +32,9 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   support: str = f("", "the distilled set in any format kip.io reads: ours, KIP/LS, "
                        "RFAD best.npz, FRePo dumps, DC/DSA/DM res_*.pt, MTT/DATM/PAD "
                        "images_best.pt, DC-Bench pairs")
-  net: str = f("auto", "finite network to train (auto: the protocol's: kip convnet, dc, dsa and "
-                       "rfad convnet3, frepo frepo_convnet)", choices=("auto", *NETS))
+  net: str = f("auto", "finite network to train (auto: the protocol's: kip the architecture of "
+                       "the set's kernel, fc -> mlp, conv, convnet, convnet3, else convnet; dc, "
+                       "dsa and rfad convnet3; frepo frepo_convnet)", choices=("auto", *NETS))
   protocol: str = f("kip", "training protocol (kip: KIP authors' colab; dc: DC's own evaluation; "
                            "dsa: DSA/DM/MTT's; report: the MNIST/MHIST report's 50 epochs, "
                            "cosine; frepo: FRePo's; rfad: RFAD's, centred output, "
@@ -55,7 +56,8 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   full_steps: int = f(2000, "step budget of the full-training-set baseline", minimum=1)
   width: int = f(0, "channels / hidden units (0: the protocol's; resnet18: 64)", minimum=0)
   depth: int = f(0, "conv blocks of convnet/convnet3 (0: by image size, 3 up to 32 pixels, 7 "
-                    "for 224x224 MHIST)", minimum=0)
+                    "for 224x224 MHIST); conv layers of conv, hidden layers of mlp (0: the "
+                    "set's kernel's, else 1 and 2)", minimum=0)
   norm: str = f("auto", "normalisation (auto: the protocol's; resnet18: batch)",
                 choices=("auto", *NORMS))
   parameterization: str = f("standard", "weight parameterisation", choices=PARAMETERIZATIONS)
@@ -78,6 +80,11 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
   augment: str = f("auto", "augmentation: a DSA strategy (e.g. "
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
+  center: str = f("auto", "train and predict with f(x) - f_init(x), the network's output at "
+                          "initialisation subtracted: auto (the protocol's: rfad on, others "
+                          "off), on or off. With a few images under MSE the initial output's "
+                          "noise can outweigh what they teach (docs/transfer.md)",
+                  choices=("auto", "on", "off"))
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
   distilled: bool = f(True, "train the set's own row (--no-distilled: the baselines only, e.g. "
                             "the random row beside a set measured before; the set then gives "
@@ -133,18 +140,49 @@ def _grid_name(rate: float, multiple: float) -> str:
   return f"x{multiple:g}" if rate == 0 else f"{rate:g}"
 
 
-def _net_settings(config: Config) -> tuple[str, int, str]:
-  """(net, width, norm): the protocol's defaults where the flags say auto/0."""
+# The finite net of each analytic kernel: a set distilled with a kernel trains, under the `kip`
+# protocol's `--net auto`, on the architecture it was distilled for (as the KIP papers transfer).
+KERNEL_NET = {"fc": "mlp", "conv": "conv", "convnet": "convnet", "convnet3": "convnet3"}
+
+
+def _kernel_net(distilled) -> tuple[str, int] | None:
+  """(net, depth) of the analytic kernel the set was distilled with (ours: its recorded config;
+  a KIP/LS release: the architecture its name says), None when it names none."""
+  recorded = (distilled.meta.get("config") or {}) if distilled is not None else {}
+  kernel = recorded.get("kernel") if isinstance(recorded, dict) else None
+  if kernel in KERNEL_NET:
+    depth = int(recorded.get("depth") or 0) if kernel in ("fc", "conv") else 0
+    return KERNEL_NET[kernel], depth
+  release = getattr(distilled, "release", None)
+  arch = (release.arch or "").lower() if release is not None else ""
+  return (arch, 0) if arch in ("convnet", "convnet3") else None
+
+
+def _net_settings(config: Config, distilled=None) -> tuple[str, int, str, int, str]:
+  """(net, width, norm, depth, why): the protocol's defaults where the flags say auto/0; under
+  the `kip` protocol `--net auto` is the architecture of the set's kernel (`why` says so)."""
   protocol = PROTOCOLS[config.protocol]
-  net = protocol.net if config.net == "auto" else config.net
+  net, depth, why = protocol.net, config.depth, ""
+  if config.net != "auto":
+    net = config.net
+  elif config.protocol == "kip" and (own := _kernel_net(distilled)) is not None:
+    net, depth, why = own[0], config.depth or own[1], " (the architecture of the set's kernel)"
   cpu = config.preset == "cpu" and cpu_preset(config.protocol).width
   width = config.width or (64 if net == "resnet18" else
                            cpu_preset(config.protocol).width if cpu else protocol.width)
   if config.norm != "auto":
     norm = config.norm
   else:
-    norm = {"resnet18": "batch", "mlp": "none"}.get(net, protocol.norm)
-  return net, width, norm
+    norm = {"resnet18": "batch", "mlp": "none", "conv": "none"}.get(net, protocol.norm)
+  return net, width, norm, depth, why
+
+
+def _protocol(config: Config):
+  """The protocol as configured: `--center on/off` overrides its own output centring."""
+  protocol = PROTOCOLS[config.protocol]
+  if config.center == "auto":
+    return protocol
+  return dataclasses.replace(protocol, center_output=config.center == "on")
 
 
 def transfer(config: Config, workdir: str) -> dict:
@@ -153,19 +191,23 @@ def transfer(config: Config, workdir: str) -> dict:
   distilled = config.load(config.support, config.dataset)
   data = data_for_set(distilled, config.dataset, preprocess=config.preprocessing(),
                       data_dir=config.data_dir, manual_dir=config.manual_dir)
-  protocol = PROTOCOLS[config.protocol]
-  net_name, width, norm = _net_settings(config)
+  protocol = _protocol(config)
+  net_name, width, norm, depth, why = _net_settings(config, distilled)
   image_shape = distilled.images.shape[1:]
-  depth = config.depth or default_depth(image_shape)
+  if net_name in ("convnet", "convnet3"):
+    depth = depth or default_depth(image_shape)
   net = make_net(net_name, data.num_classes, width=width, norm=norm,
                  parameterization=config.parameterization, image_shape=image_shape,
-                 dc_padding=protocol.dc_padding, depth=depth)
+                 dc_padding=protocol.dc_padding, depth=depth or None)
+  depth = getattr(net, "depth", 0)
   seeds = [config.seed + i for i in range(config.seeds)]
   n_support = len(distilled.images)
   cli.log(f"{config.support}: {n_support} images; test split: {len(data.x_test)} images, "
-          f"{data.preprocessor.name}; net {net_name} (width {width}, "
-          f"{f'depth {depth}, ' if net_name.startswith('convnet') else ''}norm {norm}, "
-          f"{config.parameterization}); protocol {config.protocol} ({protocol.source})")
+          f"{data.preprocessor.name}; net {net_name}{why} (width {width}, "
+          f"{f'depth {depth}, ' if depth else ''}"
+          f"norm {norm}, "
+          f"{config.parameterization}); protocol {config.protocol} ({protocol.source})"
+          f"{'; output at initialisation subtracted' if protocol.center_output else ''}")
   augment = None if config.augment == "auto" else config.augment
   set_lr = float(np.asarray(distilled.extras["lr"])) if "lr" in distilled.extras else 0.0
   grid = _lr_grid(config)
@@ -266,7 +308,7 @@ def transfer(config: Config, workdir: str) -> dict:
     result = {
         "row": row, "set": os.path.basename(config.support) if row == "distilled" else row,
         "n_images": int(x.shape[-4]), "net": net_name, "width": width, "norm": norm,
-        "protocol": config.protocol, "seeds": seeds,
+        "protocol": config.protocol, "seeds": seeds, "centered": protocol.center_output,
         "labels": config.labels if row == "distilled" else "hard",
         "test_acc": [float(a) for a in acc], "test_acc_mean": float(acc.mean()),
         "test_acc_std": float(acc.std()), "steps": trained[0].steps, "lr": trained[0].lr,

@@ -7,7 +7,9 @@
   parameterisation (and without normalisation) the empirical NTK tends to `kip.kernels`' kernel of
   the same name as the width grows. `torch`: standard parameterisation initialised as PyTorch's
   layers are (weights and biases uniform in +-1/sqrt(fan_in)), as the DC family's official code.
-- `MLP`: flatten, `depth` x [dense, ReLU], dense.
+- `PlainConvNet` (`conv`): `depth` x [3x3 conv, ReLU] without pooling, flatten, dense: the finite
+  net of `kip.kernels`' `conv` kernel.
+- `MLP`: flatten, `depth` x [dense, ReLU], dense (the finite net of the `fc` kernel).
 - `ResNet18`: the ResNet-18 layout for small images (3x3 stem, four stages of two basic blocks,
   global average pooling), for cross-architecture checks.
 
@@ -31,12 +33,12 @@ import jax.numpy as jnp
 
 from kip.conv import conv
 
-__all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "MLP", "ResNet18",
-           "PerImageNorm", "make_net", "check_net_options", "default_depth", "count_params"]
+__all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "PlainConvNet", "MLP",
+           "ResNet18", "PerImageNorm", "make_net", "check_net_options", "default_depth", "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
 # The generic nets; the variants a paper defines are built from `ConvNet` in methods/nets.py.
-NETS = ("convnet", "convnet3", "mlp", "resnet18")
+NETS = ("conv", "convnet", "convnet3", "mlp", "resnet18")
 NORMS = ("none", "instance", "layer", "batch")
 # torch: standard parameterisation drawn as PyTorch's nn.Linear / nn.Conv2d initialise (weights
 # and biases uniform in +-1/sqrt(fan_in)), the networks of the DC family's official code (MTT,
@@ -231,6 +233,29 @@ class ConvNet(nn.Module):
     return Dense(self.num_classes, parameterization=p, name="readout")(x)
 
 
+class PlainConvNet(nn.Module):
+  """`depth` x [3x3 conv, norm, ReLU] at full resolution, flatten, dense: the finite network whose
+  infinite-width limit is `kip.kernels`' `conv` kernel (no pooling), so a set distilled with that
+  kernel can be trained on the architecture it was distilled for."""
+
+  num_classes: int
+  width: int = 1024
+  depth: int = 1
+  norm: str = "none"
+  parameterization: str = "standard"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
+    for i in range(self.depth):
+      x = Conv(self.width, parameterization=self.parameterization, name=f"conv_{i}")(x)
+      x = nn.relu(_norm(self.norm, train, f"norm_{i}")(x))
+      self.sow("intermediates", f"block_{i}", x)
+    x = x.reshape(len(x), -1)
+    if features:
+      return x
+    return Dense(self.num_classes, parameterization=self.parameterization, name="readout")(x)
+
+
 class MLP(nn.Module):
   """Flatten, `depth` x [dense(width), ReLU], dense(num_classes)."""
 
@@ -299,12 +324,13 @@ class ResNet18(nn.Module):
 
 def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
              parameterization: str = "standard", image_shape: tuple[int, int, int] | None = None,
-             dc_padding: bool = False, depth: int = 3) -> nn.Module:
+             dc_padding: bool = False, depth: int | None = None) -> nn.Module:
   """The network `name` (one of `NETS`).
 
   Args:
     width: channels (convnets; the first stage of resnet18) or hidden units (mlp).
-    depth: conv blocks of `convnet` / `convnet3` (e.g. ConvNet-7 for 224x224 images).
+    depth: conv blocks of `convnet` / `convnet3` (default 3; e.g. ConvNet-7 for 224x224 images),
+      conv layers of `conv` (default 1), hidden layers of `mlp` (default 2).
     norm: one of `NORMS` (ignored by mlp).
     image_shape: (H, W, C) of the inputs, needed only with `dc_padding`.
     dc_padding: pad the first conv of a ConvNet by 3 on 28x28x1 images, as the DC ConvNet does.
@@ -312,10 +338,14 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
   check_net_options(norm, parameterization)
   if name in ("convnet", "convnet3"):
     first_padding = 3 if dc_padding and image_shape == (28, 28, 1) else None
-    return ConvNet(num_classes, width=width, depth=depth, extra_conv=name == "convnet", norm=norm,
-                   parameterization=parameterization, first_padding=first_padding)
+    return ConvNet(num_classes, width=width, depth=3 if depth is None else depth,
+                   extra_conv=name == "convnet", norm=norm, parameterization=parameterization,
+                   first_padding=first_padding)
+  if name == "conv":
+    return PlainConvNet(num_classes, width=width, depth=depth or 1, norm=norm,
+                        parameterization=parameterization)
   if name == "mlp":
-    return MLP(num_classes, width=width, parameterization=parameterization)
+    return MLP(num_classes, width=width, depth=depth or 2, parameterization=parameterization)
   if name == "resnet18":
     return ResNet18(num_classes, width=width, norm=norm, parameterization=parameterization)
   raise ValueError(f"unknown net {name!r}; choose one of {', '.join(NETS)}")

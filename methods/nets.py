@@ -61,7 +61,7 @@ NETS = tuple(sorted((*core.NETS, *METHOD_NETS)))
 
 def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
              parameterization: str = "standard", image_shape: tuple[int, int, int] | None = None,
-             dc_padding: bool = False, depth: int = 3,
+             dc_padding: bool = False, depth: int | None = None,
              bn_momentum: float | None = None) -> nn.Module:
   """The network `name` (one of `NETS`): a method's variant, or `kip.nets.make_net`'s (see there
   for the arguments). `bn_momentum` (a method net's batch-norm running-average weight; None: the
@@ -76,5 +76,5 @@ def make_net(name: str, num_classes: int, *, width: int, norm: str = "none",
                          parameterization=parameterization, image_shape=image_shape,
                          dc_padding=dc_padding, depth=depth)
   return METHOD_NETS[name](num_classes, width=width, norm=norm, parameterization=parameterization,
-                           image_shape=image_shape, dc_padding=dc_padding, depth=depth,
-                           bn_momentum=bn_momentum)
+                           image_shape=image_shape, dc_padding=dc_padding,
+                           depth=3 if depth is None else depth, bn_momentum=bn_momentum)

@@ -25,6 +25,16 @@ def test_the_plan_is_commands_their_commands_accept(tmp_path):
   kip = next(e for e in entries if e["method"] == "kip")
   assert kip["protocol"] == "kip" and "--learn-labels" in kip["distill"]
   assert {e["protocol"] for e in entries if e["method"] == "dm"} == {"dsa"}
+  # Each evaluation's extra flags are ones experiments.transfer accepts; its folder names them;
+  # the smallest budget alone has a random real subset beside it.
+  from evaluation.transfer import JOB as TRANSFER
+
+  for method, extra in compute_curve.EVAL_EXTRA.items():
+    cli.parse_config(TRANSFER.config, ["--support", "s.npz", *extra], "")
+    assert all(e["eval_dir"].endswith(compute_curve.EVAL_NAMES[method])
+               for e in entries if e["method"] == method)
+  assert {(e["multiple"], e["baselines"]) for e in entries} == {(1, "random"), (2, "none"),
+                                                              (20, "none")}
 
 
 def test_a_budget_reads_the_record_of_its_own_step():

@@ -179,6 +179,40 @@ def test_hard_labels_are_each_images_largest_label():
   assert steps == 7
 
 
+def test_the_kip_protocol_trains_the_architecture_of_the_sets_kernel():
+  """`--net auto` under `kip`: the finite net of the kernel the set was distilled with (fc ->
+  mlp, conv -> conv, each with the kernel's depth; a release named ConvNet3 -> convnet3), else
+  the protocol's convnet; other protocols keep their own net; `--net` and `--depth` win."""
+  import dataclasses
+
+  from evaluation.transfer import Config, _net_settings, _protocol
+  from kip.io import parse_release_name
+
+  def ours(kernel, depth):
+    return DistilledSet(np.zeros((1, 28, 28, 1), np.float32), np.zeros((1, 10), np.float32),
+                        {"config": {"kernel": kernel, "depth": depth}})
+
+  kip = Config(support="s.npz")
+  assert _net_settings(kip, ours("conv", 2))[:4] == ("conv", 64, "none", 2)
+  assert _net_settings(kip, ours("fc", 3))[:4] == ("mlp", 64, "none", 3)
+  assert _net_settings(kip, ours("convnet", 1))[:4] == ("convnet", 64, "none", 0)
+  assert "the set's kernel" in _net_settings(kip, ours("conv", 1))[4]
+  assert _net_settings(kip, ours("nfk-convnet", 1))[0] == "convnet"  # a finite kernel: as before
+  assert _net_settings(kip, DistilledSet(np.zeros((1, 28, 28, 1)), None))[0] == "convnet"
+  release = DistilledSet(np.zeros((1, 28, 28, 1)), None,
+                         release=parse_release_name("kip/mnist/ConvNet3_ssize10_nozca_l.npz"))
+  assert _net_settings(kip, release)[0] == "convnet3"
+  assert _net_settings(dataclasses.replace(kip, depth=4), ours("conv", 2))[3] == 4
+  assert _net_settings(dataclasses.replace(kip, net="convnet"), ours("conv", 2))[0] == "convnet"
+  dc = dataclasses.replace(kip, protocol="dc")
+  assert _net_settings(dc, ours("conv", 2))[:3] == ("convnet3", 128, "instance")
+  # --center: auto keeps each protocol's own (rfad centres), on / off override it.
+  assert not _protocol(kip).center_output
+  assert _protocol(dataclasses.replace(kip, center="on")).center_output
+  assert _protocol(dataclasses.replace(kip, protocol="rfad")).center_output
+  assert not _protocol(dataclasses.replace(kip, protocol="rfad", center="off")).center_output
+
+
 def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, manual_dir,
                                                               data_dir, run_in_process):
   """A rate too small to move the weights (1e-5 times the row's own rate), the row's own, a
