@@ -127,7 +127,8 @@ def step(entry: dict, eval_seeds: int, dataset: str, data_flags: list[str]) -> d
   if not os.path.exists(report):
     try:
       _run(["experiments.transfer", "--support", entry["snapshot"], "--dataset", dataset,
-          "--protocol", entry["protocol"], "--seeds", str(eval_seeds), "--baselines", entry["baselines"],
+          "--protocol", entry["protocol"], "--seeds", str(eval_seeds),
+          "--baselines", entry["baselines"],
           "--workdir", entry["eval_dir"], "--no-progress",
           # Only the end's test accuracy is plotted: no evaluations along the way (they cost
           # more than the training at 10 images).

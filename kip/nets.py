@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from kip.conv import conv
 
 __all__ = ["NETS", "NORMS", "PARAMETERIZATIONS", "Dense", "Conv", "ConvNet", "PlainConvNet", "MLP",
-           "ResNet18", "PerImageNorm", "make_net", "check_net_options", "default_depth", "count_params"]
+           "ResNet18", "PerImageNorm", "make_net", "check_net_options", "default_depth",
+           "count_params"]
 
 W_STD, B_STD = math.sqrt(2.0), 0.1
 # The generic nets; the variants a paper defines are built from `ConvNet` in methods/nets.py.
