@@ -81,9 +81,10 @@ class Config(cli.RunConfig, SetPreprocessConfig, cli.DataConfig):
                            "color_crop_cutout_flip_scale_rotate), DC's per-image "
                            "dc:crop_scale_rotate, or none (auto: the protocol's for the dataset)")
   center: str = f("auto", "train and predict with f(x) - f_init(x), the network's output at "
-                          "initialisation subtracted: auto (the protocol's: rfad on, others "
-                          "off), on or off. With a few images under MSE the initial output's "
-                          "noise can outweigh what they teach (docs/transfer.md)",
+                          "initialisation subtracted, and the weight penalty pulling toward the "
+                          "initial weights (as RFAD's evaluation): auto (the protocol's: rfad "
+                          "on, others off), on or off. With a few images under MSE the initial "
+                          "output's noise can outweigh what they teach (docs/transfer.md)",
                   choices=("auto", "on", "off"))
   baselines: str = f("random", "comma-separated baseline rows: random, full (or none)")
   distilled: bool = f(True, "train the set's own row (--no-distilled: the baselines only, e.g. "
@@ -178,11 +179,14 @@ def _net_settings(config: Config, distilled=None) -> tuple[str, int, str, int, s
 
 
 def _protocol(config: Config):
-  """The protocol as configured: `--center on/off` overrides its own output centring."""
+  """The protocol as configured: `--center on/off` overrides its own output centring and, with
+  it, where the weight penalty pulls (a penalty toward 0 would shrink the weights and bring the
+  subtracted initial output back as -f_init(x))."""
   protocol = PROTOCOLS[config.protocol]
   if config.center == "auto":
     return protocol
-  return dataclasses.replace(protocol, center_output=config.center == "on")
+  on = config.center == "on"
+  return dataclasses.replace(protocol, center_output=on, decay_to_init=on)
 
 
 def transfer(config: Config, workdir: str) -> dict:

@@ -208,9 +208,11 @@ def test_the_kip_protocol_trains_the_architecture_of_the_sets_kernel():
   assert _net_settings(dc, ours("conv", 2))[:3] == ("convnet3", 128, "instance")
   # --center: auto keeps each protocol's own (rfad centres), on / off override it.
   assert not _protocol(kip).center_output
-  assert _protocol(dataclasses.replace(kip, center="on")).center_output
+  centred = _protocol(dataclasses.replace(kip, center="on"))
+  assert centred.center_output and centred.decay_to_init  # the penalty pulls toward the init
   assert _protocol(dataclasses.replace(kip, protocol="rfad")).center_output
-  assert not _protocol(dataclasses.replace(kip, protocol="rfad", center="off")).center_output
+  off = _protocol(dataclasses.replace(kip, protocol="rfad", center="off"))
+  assert not off.center_output and not off.decay_to_init
 
 
 def test_lr_grid_chooses_each_rows_rate_on_a_validation_split(sets, tmp_path, manual_dir,
