@@ -9,9 +9,11 @@ pools needs offsets within 1, 3 and 7 pixels at 7x7, 14x14 and 28x28: 225 offset
 28x28 instead of 784, and the same arithmetic as neural-tangents on those entries. Each layer is
 a few shifted sums (XLA fuses them): `python -m bench.convnet_kernel` times both.
 
-Entries are laid out (..., H, W, D, D): pixel (y, x) and offset (dy, dx) in [-r, r]^2, the
-covariance of pixel (y, x) of the first image with pixel (y + dy, x + dx) of the second; entries
-whose second pixel falls outside the image are zero (SAME padding's zeros).
+Entries are laid out (..., D, D, P): offset (dy, dx) in [-r, r]^2 outermost, then the pixel
+(y, x) flattened to y * W + x, the covariance of pixel (y, x) of the first image with pixel
+(y + dy, x + dx) of the second; entries whose second pixel falls outside the image are zero (SAME
+padding's zeros). The long minor axis matters: XLA:CPU ran the same elementwise work 3-12x slower
+on a (H, W, D, D) layout, whose minor axis has 15 entries (`python -m bench.convnet_kernel`).
 
 The recursion (NTK parameterisation, as `neural_tangents.stax` with W_std, b_std):
   input:   K = x1 . x2 / C (per pixel pair), NTK 0;
@@ -24,6 +26,7 @@ The recursion (NTK parameterisation, as `neural_tangents.stax` with W_std, b_std
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -42,45 +45,79 @@ def offset_radii(pools: int) -> list[int]:
 
 
 def _mask(h: int, w: int, r: int) -> jax.Array:
-  """(h, w, D, D): 1 where pixel (y + dy, x + dx) lies in the image."""
+  """(D, D, h * w): 1 where pixel (y + dy, x + dx) lies in the image."""
   d = jnp.arange(-r, r + 1)
-  my = ((jnp.arange(h)[:, None] + d[None, :]) >= 0) & ((jnp.arange(h)[:, None] + d) < h)
-  mx = ((jnp.arange(w)[:, None] + d[None, :]) >= 0) & ((jnp.arange(w)[:, None] + d) < w)
-  return (my[:, None, :, None] & mx[None, :, None, :]).astype(jnp.float32)
+  my = ((jnp.arange(h)[None, :] + d[:, None]) >= 0) & ((jnp.arange(h)[None, :] + d[:, None]) < h)
+  mx = ((jnp.arange(w)[None, :] + d[:, None]) >= 0) & ((jnp.arange(w)[None, :] + d[:, None]) < w)
+  mask = my[:, None, :, None] & mx[None, :, None, :]  # (dy, dx, y, x)
+  return mask.reshape(2 * r + 1, 2 * r + 1, h * w).astype(jnp.float32)
 
 
 def _offsets(a: jax.Array, r: int) -> jax.Array:
-  """(..., H, W) -> (..., H, W, D, D): a at pixel (y + dy, x + dx), zero outside the image."""
+  """(..., H, W) -> (..., D, D, H * W): a at pixel (y + dy, x + dx), zero outside the image."""
   lead, (h, w), d = a.shape[:-2], a.shape[-2:], 2 * r + 1
   flat = a.reshape(-1, h, w, 1)
   # One patch extraction (a convolution with the identity filters) instead of D^2 slices, whose
   # stacked program took a minute to compile.
   patches = jax.lax.conv_general_dilated_patches(
       flat, (d, d), (1, 1), [(r, r), (r, r)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
-  return patches.reshape(*lead, h, w, d, d)
+      precision=jax.lax.Precision.HIGHEST)  # (N, H, W, D * D)
+  return jnp.moveaxis(patches.reshape(-1, h * w, d, d), 1, -1).reshape(*lead, d, d, h * w)
 
 
 def _input(x1: jax.Array, x2s: jax.Array) -> jax.Array:
-  """x1 (H, W, C), x2s (C, H, W, D, D) the second image at the offset pixels -> (H, W, D, D):
-  the per-pixel-pair products / C."""
-  return jnp.einsum("hwc,chwyx->hwyx", x1, x2s, precision="highest") / x1.shape[-1]
+  """x1 (H, W, C), x2s (C, D, D, P) the second image at the offset pixels -> (D, D, P): the
+  per-pixel-pair products / C."""
+  flat = x1.reshape(-1, x1.shape[-1]).T  # (C, P)
+  # A broadcast product and a sum over the few channels: as an einsum XLA made it a batched dot
+  # over the pixels and transposed the (D, D, P) tables around it, forward and backward.
+  return jnp.sum(flat[:, None, None, :] * x2s, axis=0) / x1.shape[-1]
 
 
-def _box(k: jax.Array) -> jax.Array:
-  """The mean over the 3x3 shifts of the pixel (zero padded), offsets kept: (H, W, D, D)."""
-  h, w = k.shape[:2]
-  p = jnp.pad(k, [(1, 1), (1, 1), (0, 0), (0, 0)])
-  rows = p[0:h] + p[1:h + 1] + p[2:h + 2]
-  return (rows[:, 0:w] + rows[:, 1:w + 1] + rows[:, 2:w + 2]) / 9.0
+def _box_sum(k: jax.Array, w: int) -> jax.Array:
+  """The mean over the 3x3 shifts of the pixel (zero padded), offsets kept: (..., P) with rows of
+  `w` pixels. Shifts along the flat pixel axis: a row above or below is a shift by w (the padding
+  of w + 1 zeros covers the first and last rows), a pixel left or right a shift by 1, whose
+  wrap-around into the neighbouring row the column masks remove."""
+  n = k.shape[-1]
+  p = jnp.pad(k, [(0, 0)] * (k.ndim - 1) + [(w + 1, w + 1)])
+
+  def column(dx):  # the three rows' sum at horizontal shift dx
+    return sum(jax.lax.slice_in_dim(p, w + 1 + dx + dy, w + 1 + dx + dy + n, axis=-1)
+               for dy in (-w, 0, w))
+
+  x = jnp.arange(n) % w
+  return (column(0) + jnp.where(x > 0, column(-1), 0.0)
+          + jnp.where(x < w - 1, column(1), 0.0)) / 9.0
 
 
-def _pool(k: jax.Array, r_out: int) -> jax.Array:
-  """2x2 average pool (stride 2, VALID) of both pixels: (H, W, D_in, D_in) -> (H//2, W//2,
-  D_out, D_out), D_in = 2 r_out + 3 (offset r_in = 2 r_out + 1)."""
-  h2, w2 = k.shape[0] // 2, k.shape[1] // 2
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _box(k: jax.Array, w: int) -> jax.Array:
+  """`_box_sum`, differentiated as itself: the 3x3 mean with zero padding is its own adjoint.
+  XLA otherwise fused the ReLU's backward expression into each of the nine shifted sums of the
+  box's backward and computed it nine times (25x slower than the two apart)."""
+  return _box_sum(k, w)
+
+
+def _box_fwd(k, w):
+  return _box_sum(k, w), None
+
+
+def _box_bwd(w, _, g):
+  return (_box_sum(jax.lax.optimization_barrier(g), w),)
+
+
+_box.defvjp(_box_fwd, _box_bwd)
+
+
+def _pool(k: jax.Array, w: int, r_out: int) -> jax.Array:
+  """2x2 average pool (stride 2, VALID) of both pixels: (D_in, D_in, P) with rows of `w` pixels
+  -> (D_out, D_out, P / 4), D_in = 2 r_out + 3 (offset r_in = 2 r_out + 1)."""
+  d_in, h = k.shape[0], k.shape[-1] // w
+  k = k.reshape(d_in, d_in, h, w)
+  h2, w2 = h // 2, w // 2
   d_out = 2 * r_out + 1
-  r_in = (k.shape[2] - 1) // 2
+  r_in = (d_in - 1) // 2
 
   def axis_pool(k, pixel_axis, offset_axis, n):
     total = 0.0
@@ -92,7 +129,7 @@ def _pool(k: jax.Array, r_out: int) -> jax.Array:
                                              axis=offset_axis)
     return total / 4.0
 
-  return axis_pool(axis_pool(k, 0, 2, h2), 1, 3, w2)
+  return axis_pool(axis_pool(k, 2, 0, h2), 3, 1, w2).reshape(d_out, d_out, h2 * w2)
 
 
 # arccos(x) = sqrt(1 - x) (a0 + a1 x + ... + a7 x^7) on [0, 1], error under 2e-8 (Abramowitz and
@@ -126,15 +163,16 @@ def _arccos(x: jax.Array) -> jax.Array:
   return jnp.where(x < 0, math.pi - angle, angle)
 
 
-def _relu(k, ntk, q1, q2_off, mask):
-  """ReLU's arc-cosine update of one pair's entries; q1 (H, W) the first image's variances,
-  q2_off (H, W, D, D) the second's at the offset pixel (1 outside the image)."""
-  norm = jnp.sqrt(q1[:, :, None, None] * q2_off)
+def _relu(k, ntk, q1, q2, mask):
+  """ReLU's arc-cosine update of one pair's entries (D, D, P): q1 the first image's variances at
+  its pixels (P,), q2 the second's at the offset pixels (D, D, P; 1 outside the image). cos t is
+  k / sqrt(q1 q2), which is exactly 1 for an image's own pixel (arccos is steepest there)."""
+  norm = jnp.sqrt(q1 * q2)
   cos = jnp.clip(k / norm, -1.0, 1.0)
   rest = (math.pi - _arccos(cos)) / (2 * math.pi)  # (pi - t) / 2pi
   sin = _sqrt(1.0 - cos * cos)
   k_out = norm * (sin / (2 * math.pi) + rest * cos)
-  return k_out * mask, ntk * rest * mask
+  return k_out * mask, None if ntk is None else ntk * rest * mask
 
 
 def _layers(arch: str) -> list[str]:
@@ -143,67 +181,64 @@ def _layers(arch: str) -> list[str]:
   return (["conv", "relu"] if arch == "convnet" else []) + ["conv", "relu", "pool"] * 3
 
 
+def _at_offsets(q: jax.Array, h: int, w: int, r: int, mask: jax.Array) -> jax.Array:
+  """An image's variances (P,) at the offset pixels (D, D, P), 1 outside the image."""
+  return jnp.where(mask > 0, _offsets(q.reshape(h, w), r), 1.0)
+
+
+def _walk(x1, x2s, layers, radii, w_var, b_var, first=None, second=None, ntk=True):
+  """The recursion of one pair from the input through `layers` to the readout's input: (nngp,
+  ntk or None, own) entries (D, D, P) at the last resolution. x2s: the second image at the
+  input's offset pixels (C, D, D, P). first / second: per ReLU, the images' own variances (the
+  first at its pixels, the second at the offset pixels, `_second`); None for an
+  image with itself, whose variances are read off offset 0 as the walk goes and returned in
+  `own` (the NNGP alone then: ntk=False)."""
+  h, w = x1.shape[:2]
+  level, relu, own = 0, 0, []
+  mask = _mask(h, w, radii[0])
+  k = _input(x1, x2s) * mask
+  t = jnp.zeros_like(k) if ntk else None
+  for layer in layers:
+    if layer == "conv":
+      k = (w_var * _box(k, w) + b_var) * mask
+      t = None if t is None else (w_var * _box(t, w)) * mask + k
+    elif layer == "relu":
+      if first is None:
+        r = radii[level]
+        own.append(k[r, r])
+        k, t = _relu(k, t, own[-1], _at_offsets(own[-1], h, w, r, mask), mask)
+      else:
+        k, t = _relu(k, t, first[relu], second[relu], mask)
+      relu += 1
+    else:
+      level += 1
+      k = _pool(k, w, radii[level])
+      t = None if t is None else _pool(t, w, radii[level])
+      h, w = h // 2, w // 2
+      mask = _mask(h, w, radii[level])
+      k, t = k * mask, None if t is None else t * mask
+  return k, t, own
+
+
+def _own(x, layers, radii, w_var, b_var):
+  """An image's own variance at every pixel before each ReLU ((P,) per ReLU), from the NNGP
+  recursion of the pair (x, x) (a pool mixes neighbouring pixels, so offsets are needed)."""
+  x_off = _offsets(jnp.moveaxis(x, -1, 0), radii[0])
+  return _walk(x, x_off, layers, radii, w_var, b_var, ntk=False)[2]
+
+
 def _second(x2, q2s, layers, radii):
   """What a pair needs of its second image, laid out on the offsets once for every first image:
-  its pixels (C, H, W, D, D) and its variances at every ReLU (H, W, D, D; 1 outside)."""
+  its pixels (C, D, D, P) and its variances at every ReLU (D, D, P; 1 outside)."""
   h, w = x2.shape[:2]
   level, offs = 0, []
   for layer in layers:
     if layer == "relu":
       mask = _mask(h, w, radii[level])
-      offs.append(jnp.where(mask > 0, _offsets(q2s[len(offs)], radii[level]), 1.0))
+      offs.append(_at_offsets(q2s[len(offs)], h, w, radii[level], mask))
     elif layer == "pool":
       level, h, w = level + 1, h // 2, w // 2
   return _offsets(jnp.moveaxis(x2, -1, 0), radii[0]), offs
-
-
-def _pair(x1, x2s, q1s, q2_offs, layers, radii, w_var, b_var):
-  """One pair's (nngp, ntk) before the readout; x2s, q2_offs: `_second`'s; q1s: the first
-  image's own variances at every ReLU ((H, W) per ReLU, in order)."""
-  h, w = x1.shape[:2]
-  level = 0
-  mask = _mask(h, w, radii[0])
-  k = _input(x1, x2s) * mask
-  ntk = jnp.zeros_like(k)
-  relu = 0
-  for layer in layers:
-    if layer == "conv":
-      k = (w_var * _box(k) + b_var) * mask
-      ntk = (w_var * _box(ntk)) * mask + k
-    elif layer == "relu":
-      k, ntk = _relu(k, ntk, q1s[relu], q2_offs[relu], mask)
-      relu += 1
-    else:
-      level += 1
-      h, w = k.shape[0] // 2, k.shape[1] // 2
-      mask = _mask(h, w, radii[level])
-      k, ntk = _pool(k, radii[level]) * mask, _pool(ntk, radii[level]) * mask
-  return k, ntk
-
-
-def _variances(x, layers, w_var, b_var):
-  """An image's own variance at every pixel before each ReLU ((H, W) per ReLU), from the
-  recursion of the pair (x, x) (a pool mixes neighbouring pixels, so offsets are needed)."""
-  radii = offset_radii(layers.count("pool"))
-  h, w = x.shape[:2]
-  level, mask = 0, _mask(h, w, radii[0])
-  k = _input(x, _offsets(jnp.moveaxis(x, -1, 0), radii[0])) * mask
-  out = []
-  for layer in layers:
-    if layer == "conv":
-      k = (w_var * _box(k) + b_var) * mask
-    elif layer == "relu":
-      r = radii[level]
-      q = k[:, :, r, r]
-      out.append(q)
-      q_off = jnp.where(mask > 0, _offsets(q, r), 1.0)
-      k, _ = _relu(k, jnp.zeros_like(k), q, q_off, mask)
-    else:
-      level += 1
-      h, w = k.shape[0] // 2, k.shape[1] // 2
-      mask = _mask(h, w, radii[level])
-      k = _pool(k, radii[level]) * mask
-  return out
 
 
 def convnet_kernel(x1: jax.Array, x2: jax.Array, *, arch: str = "convnet", get: str = "ntk",
@@ -219,20 +254,21 @@ def convnet_kernel(x1: jax.Array, x2: jax.Array, *, arch: str = "convnet", get: 
   layers = _layers(arch)
   w_var, b_var = w_std ** 2, b_std ** 2
   radii = offset_radii(layers.count("pool"))
-  v1 = jax.vmap(lambda x: _variances(x, layers, w_var, b_var))(x1)
-  v2 = jax.vmap(lambda x: _variances(x, layers, w_var, b_var))(x2)
+  v1 = jax.vmap(lambda x: _own(x, layers, radii, w_var, b_var))(x1)
+  v2 = jax.vmap(lambda x: _own(x, layers, radii, w_var, b_var))(x2)
+  r = radii[-1]
 
   def readout(k, ntk):
-    nngp = w_var * jnp.mean(k[:, :, radii[-1], radii[-1]]) + b_var
-    return nngp if get == "nngp" else nngp + w_var * jnp.mean(ntk[:, :, radii[-1], radii[-1]])
+    nngp = w_var * jnp.mean(k[r, r]) + b_var
+    return nngp if get == "nngp" else nngp + w_var * jnp.mean(ntk[r, r])
 
-  x2s, q2_offs = jax.vmap(lambda x, q: _second(x, q, layers, radii))(x2, v2)
+  x2s, seconds = jax.vmap(lambda x, q: _second(x, q, layers, radii))(x2, v2)
 
   # Checkpointed: a gradient recomputes each row's entries instead of keeping every row's.
   @jax.checkpoint
   def row(args):
     a, qa = args
-    return jax.vmap(lambda b, qb: readout(*_pair(a, b, qa, qb, layers, radii, w_var, b_var)))(
-        x2s, q2_offs)
+    return jax.vmap(lambda b, sb: readout(*_walk(a, b, layers, radii, w_var, b_var, qa, sb,
+                                                 ntk=get == "ntk")[:2]))(x2s, seconds)
 
   return jax.lax.map(row, (x1, v1))

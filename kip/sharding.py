@@ -47,9 +47,9 @@ AXIS = "devices"
 # covariances), for the forward pass and for forward + backward. Upper bounds of XLA's own
 # temp-buffer sizes on CPU (`compiled.memory_analysis()`; tested in tests/test_sharding.py).
 _FLOATS_PER_UNIT = {"forward": 12, "backward": 24}
-# The same for kip.convnet_kernel's entries (a unit: a pixel's 225 offsets), measured 2.0-2.7 and
-# 5.8-14.0 at 8, 16 and 28 pixels (one row of entries at a time, so larger tiles use less).
-_OFFSET_FLOATS = {"forward": 4, "backward": 16}
+# The same for kip.convnet_kernel's entries (a unit: a pixel's 225 offsets), measured 2.0-4.3 and
+# 6.1-14.3 at 8, 16 and 28 pixels (one row of entries at a time, so larger tiles use less).
+_OFFSET_FLOATS = {"forward": 5, "backward": 16}
 
 
 class Tiles(NamedTuple):
