@@ -123,3 +123,22 @@ def test_polynomial_arccos_against_float64_numpy():
 
   x = np.concatenate([np.linspace(-1, 1, 100_001), [-1.0, -0.0, 0.0, 1.0]]).astype(np.float32)
   np.testing.assert_allclose(_arccos(jnp.asarray(x)), np.arccos(x.astype(np.float64)), atol=1e-6)
+
+
+def test_offset_box_is_the_zero_padded_3x3_mean_and_its_own_adjoint():
+  """kip.convnet_kernel's box on the flattened pixel axis against a float64 NumPy 3x3 mean with
+  zero padding on an odd-shaped 5 x 7 image, and its hand-written VJP (the box itself behind a
+  barrier) against JAX's derivative of the shifted sums."""
+  from kip.convnet_kernel import _box, _box_sum
+
+  rng = np.random.default_rng(0)
+  k = rng.standard_normal((3, 3, 5 * 7))
+  padded = np.pad(k.reshape(3, 3, 5, 7), [(0, 0), (0, 0), (1, 1), (1, 1)])
+  expected = sum(padded[:, :, dy:dy + 5, dx:dx + 7] for dy in range(3) for dx in range(3)) / 9
+  np.testing.assert_allclose(_box(jnp.asarray(k, jnp.float32), 7), expected.reshape(3, 3, 35),
+                             atol=1e-6)
+  g = jnp.asarray(rng.standard_normal((3, 3, 35)), jnp.float32)
+  x = jnp.asarray(k, jnp.float32)
+  ours = jax.vjp(lambda a: _box(a, 7), x)[1](g)[0]
+  autodiff = jax.vjp(lambda a: _box_sum(a, 7), x)[1](g)[0]
+  np.testing.assert_allclose(ours, autodiff, atol=1e-6)
