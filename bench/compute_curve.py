@@ -104,6 +104,13 @@ def _own(records: list[dict], steps: int) -> tuple[str, float] | tuple[None, Non
   return None, None
 
 
+def finished(entry: dict) -> bool:
+  """Whether `entry`'s distillation and evaluation are both on disk."""
+  return (_at(_metrics(entry["workdir"]), entry["steps"]) is not None
+          and os.path.exists(entry["snapshot"])
+          and os.path.exists(os.path.join(entry["eval_dir"], "transfer.json")))
+
+
 def _run(args: list[str]) -> None:
   env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
   subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, check=True)
@@ -198,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--budget-s", type=float, default=float("inf"),
                       help="start nothing new after this many seconds")
   parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+  parser.add_argument("--report-only", action="store_true",
+                      help="tabulate and draw the finished budgets, start nothing (e.g. while "
+                           "another call still runs some)")
   args = parser.parse_args(argv)
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
       data_flags += [flag, os.environ[env]]
   start, rows, left = time.perf_counter(), [], []
   for entry in entries:
-    if time.perf_counter() - start > args.budget_s:
+    if (time.perf_counter() - start > args.budget_s
+        or (args.report_only and not finished(entry))):
       left.append(f"{entry['method']} ipc {entry['ipc']} x{entry['multiple']}")
       continue
     rows.append(step(entry, args.eval_seeds, args.dataset, data_flags))

@@ -51,3 +51,39 @@ def test_the_own_evaluation_is_read_at_the_budgets_step():
   assert compute_curve._own(records, 200) == ("test_acc", 0.8)
   assert compute_curve._own(records, 400) == ("finite_test_acc", 0.9)
   assert compute_curve._own(records, 300) == (None, None)
+
+
+def test_report_only_tabulates_the_finished_budgets_and_starts_nothing(tmp_path, monkeypatch):
+  """`--report-only`: a budget whose distillation record, snapshot and evaluation are on disk is
+  tabulated (its own and finite accuracies, the random row's); an unfinished one is listed as
+  not run, and no command is started."""
+  import json
+
+  def refuse(args):
+    raise AssertionError(f"started {args}")
+
+  monkeypatch.setattr(compute_curve, "_run", refuse)
+  first, _ = compute_curve.plan(["kip"], [1], [1, 2], str(tmp_path), "mnist")
+  import os
+
+  os.makedirs(first["workdir"])
+  with open(os.path.join(first["workdir"], "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 200, "cpu_time": 30.0, "wall_time": 31.0}) + "\n")
+    f.write(json.dumps({"step": 200, "test_acc": 0.87}) + "\n")
+  os.makedirs(os.path.dirname(first["snapshot"]))
+  open(first["snapshot"], "w").close()
+  os.makedirs(first["eval_dir"])
+  rows = [{"row": "distilled", "test_acc": [0.85, 0.86], "test_acc_mean": 0.855, "net": "conv",
+           "width": 128, "steps": 1000, "lr": 1e-4, "centered": True},
+          {"row": "random", "test_acc": [0.4], "test_acc_mean": 0.4, "net": "conv", "width": 128,
+           "steps": 1000, "lr": 1e-4}]
+  with open(os.path.join(first["eval_dir"], "transfer.json"), "w") as f:
+    json.dump({"rows": rows}, f)
+  out = tmp_path / "curve.json"
+  assert compute_curve.main(["--methods", "kip", "--ipc", "1", "--multiples", "1,2", "--root",
+                             str(tmp_path), "--out", str(out), "--report-only"]) == 0
+  report = json.loads(out.read_text())
+  (row,) = report["rows"]
+  assert (row["multiple"], row["own_acc"], row["test_acc_mean"], row["random_acc_mean"],
+          row["centered"], row["net"]) == (1, 0.87, 0.855, 0.4, True, "conv-128")
+  assert report["not_run"] == ["kip ipc 1 x2"]
