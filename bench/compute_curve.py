@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * r['own_acc']:.2f} ({r['own_metric']})" if r.get("own_acc") is not None else "-")
        for r in rows]))
   if left:
-    print(f"not run within --budget-s ({len(left)}): " + "; ".join(left))
+    why = "unfinished" if args.report_only else "not started within --budget-s"
+    print(f"{why} ({len(left)}): " + "; ".join(left))
   return 0
 
 
