@@ -27,7 +27,7 @@ def score(path: str, kernels: list[str], n_test: int, dataset: str, manual_dir: 
   import jax.numpy as jnp
   import numpy as np
 
-  from kip.data import centered_one_hot
+  from kip.data import centered_one_hot, class_balanced_indices
   from kip.io import load_distilled
   from kip.kernels import make_kernel
   from kip.krr import evaluate
@@ -39,8 +39,7 @@ def score(path: str, kernels: list[str], n_test: int, dataset: str, manual_dir: 
   test = rng.choice(len(data.x_test), min(n_test, len(data.x_test)), replace=False)
   classes = data.num_classes
   per_class = len(distilled.images) // classes
-  real = np.concatenate([rng.choice(np.flatnonzero(data.labels_train == c), per_class,
-                                    replace=False) for c in range(classes)])
+  real = class_balanced_indices(data.labels_train, per_class, rng, classes)
   supports = {
       "set": (distilled.images, distilled.labels),
       "set, hard labels": (distilled.images,
